@@ -1,0 +1,40 @@
+# Two commands: `make demo` and `make test`. Each sets itself up first and is
+# fast when already set up (the venv is rebuilt only when pyproject.toml changes).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/local.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: the CPU build of 2.13.0 that pip finds on local disk. The
+# project's range admits it, so no dependency can pull a CUDA build after.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) jobs/behaviour.py --config $(CONFIG)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	for b in bench/*.py; do $(PY) $$b || exit 1; done
+
+lint: setup
+	$(PY) -m ruff check engagesim tests jobs bench || $(PIP) install -q ruff && $(PY) -m ruff check engagesim tests jobs bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,233 @@
+"""One storage API for local paths and s3:// URIs, with atomic datasets.
+
+A dataset is a directory of Parquet parts plus a ``_SUCCESS`` manifest that
+lists them. Readers only trust parts named in the manifest, and the manifest
+is written last in one step (a rename locally, a single PUT on S3), so a
+writer killed midway leaves nothing a reader accepts, and a rewrite replaces
+the old data in one step. S3 has no rename; listing-by-manifest is what makes
+this work the same on both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from engagesim.config import StorageConfig
+from engagesim.schema import METADATA_KIND_KEY, METADATA_VERSION_KEY, SCHEMA_VERSION, schema_for, with_metadata
+
+SUCCESS = "_SUCCESS"
+REJECTS_DIR = "_rejects"
+
+
+class DatasetNotCommitted(FileNotFoundError):
+    """The dataset has no _SUCCESS manifest: it was never finished, or never written."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _s3_filesystem(storage: StorageConfig | None) -> pafs.S3FileSystem:
+    endpoint = (storage.s3_endpoint if storage else None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL"
+    )
+    region = (storage.s3_region if storage else None) or os.environ.get("AWS_REGION") or os.environ.get(
+        "AWS_DEFAULT_REGION", "us-east-1"
+    )
+    kwargs: dict[str, Any] = {"region": region}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    # Credentials: pyarrow reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / profiles / instance roles.
+    return pafs.S3FileSystem(**kwargs)
+
+
+_S3_CACHE: dict[tuple, pafs.FileSystem] = {}
+
+
+def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for a URI and the path inside it."""
+    if is_s3(uri):
+        key = (
+            storage.s3_endpoint if storage else None,
+            storage.s3_region if storage else None,
+            os.environ.get("AWS_ENDPOINT_URL_S3"),
+            os.environ.get("AWS_ENDPOINT_URL"),
+            os.environ.get("AWS_ACCESS_KEY_ID"),
+        )
+        if key not in _S3_CACHE:
+            _S3_CACHE[key] = _s3_filesystem(storage)
+        return _S3_CACHE[key], uri[len("s3://") :].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, storage)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    fs, path = filesystem(uri, storage)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    """Write a whole object; locally through a temp file and rename so readers never see half of it."""
+    fs, path = filesystem(uri, storage)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_json(uri: str, storage: StorageConfig | None = None) -> Any:
+    return json.loads(read_bytes(uri, storage))
+
+
+def write_json(uri: str, obj: Any, storage: StorageConfig | None = None) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), storage)
+
+
+def list_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    fs, path = filesystem(uri, storage)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
+@dataclass
+class DatasetWriter:
+    """Streams Parquet parts into a dataset directory and commits them atomically.
+
+    Parts carry a per-writer token so a concurrent or crashed writer's files
+    never collide with ours; ``commit`` publishes exactly the parts written
+    here and then removes stale parts left by earlier attempts.
+    """
+
+    uri: str
+    kind: str
+    storage: StorageConfig | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    files: list[str] = field(default_factory=list)
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.schema = with_metadata(schema_for(self.kind), self.kind)
+        self.fs, self.path = filesystem(self.uri, self.storage)
+        self.fs.create_dir(self.path, recursive=True)
+
+    def part_name(self, index: int) -> str:
+        return f"part-{self.token}-{index:05d}.parquet"
+
+    def write(self, table: pa.Table, name: str | None = None) -> str:
+        """Write one part; ``name`` lets parallel tasks choose deterministic part names."""
+        table = table.cast(self.schema)
+        name = name or self.part_name(len(self.files))
+        write_part(self.fs, f"{self.path}/{name}", table)
+        self.files.append(name)
+        self.rows += table.num_rows
+        return name
+
+    def add_written(self, name: str, rows: int) -> None:
+        """Register a part written elsewhere (a Ray task) under this dataset."""
+        self.files.append(name)
+        self.rows += rows
+
+    def commit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        if not self.files:
+            self.write(self.schema.empty_table())
+        manifest = {
+            "kind": self.kind,
+            "schema_version": SCHEMA_VERSION,
+            "files": sorted(self.files),
+            "rows": self.rows,
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra or {}),
+        }
+        write_bytes(join(self.uri, SUCCESS), json.dumps(manifest, indent=2).encode(), self.storage)
+        self._remove_stale(set(manifest["files"]))
+        return manifest
+
+    def _remove_stale(self, keep: set[str]) -> None:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        for info in infos:
+            name = info.base_name
+            if info.type == pafs.FileType.File and name.startswith("part-") and name not in keep:
+                self.fs.delete_file(info.path)
+
+
+def write_part(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    with fs.open_output_stream(path) as sink:
+        pq.write_table(table, sink, compression="zstd")
+
+
+def read_manifest(uri: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    try:
+        return read_json(join(uri, SUCCESS), storage)
+    except (FileNotFoundError, OSError) as exc:
+        if exists(join(uri, SUCCESS), storage):
+            raise
+        raise DatasetNotCommitted(f"{uri} is not a committed dataset (no {SUCCESS}); was its writer interrupted?") from exc
+
+
+def dataset_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    """Full paths (inside the filesystem) of a committed dataset's parts, for pyarrow or Ray Data."""
+    manifest = read_manifest(uri, storage)
+    _, path = filesystem(uri, storage)
+    return [f"{path}/{name}" for name in manifest["files"]]
+
+
+def read_table(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Read a committed dataset; refuses directories without a manifest and foreign schema versions."""
+    manifest = read_manifest(uri, storage)
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{uri}: schema version {manifest.get('schema_version')} != supported {SCHEMA_VERSION}")
+    fs, _ = filesystem(uri, storage)
+    files = dataset_files(uri, storage)
+    kind = manifest["kind"]
+    schema = with_metadata(schema_for(kind), kind)
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
+    tables = [pq.read_table(f, filesystem=fs, columns=columns, schema=None) for f in files]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([t.cast(schema) for t in tables])
+
+
+def iter_batches(uri: str, storage: StorageConfig | None = None, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+    """Stream a committed dataset part by part, so memory stays flat at any size."""
+    fs, _ = filesystem(uri, storage)
+    for f in dataset_files(uri, storage):
+        yield from pq.ParquetFile(fs.open_input_file(f)).iter_batches(batch_size=batch_size)
+
+
+def file_schema_version(uri: str, storage: StorageConfig | None = None) -> dict[str, str]:
+    """The contract tags a part carries in its Parquet metadata (first part)."""
+    fs, _ = filesystem(uri, storage)
+    first = dataset_files(uri, storage)[0]
+    meta = pq.read_schema(fs.open_input_file(first)).metadata or {}
+    return {"schema_version": meta.get(METADATA_VERSION_KEY, b"").decode(), "kind": meta.get(METADATA_KIND_KEY, b"").decode()}

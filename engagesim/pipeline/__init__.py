@@ -1,0 +1,1 @@
+"""Jobs that wire stages together; each stage is (config, input URIs) → output URIs."""

@@ -1,0 +1,130 @@
+"""Reports a person looks at: the EDA of a posts dataset (PNG plots + index.html).
+
+The EDA is the analysis the Adobe paper opens with: how heavy the likes tail
+is, the weekday/hour rhythm, which accounts dominate, what media is attached.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from engagesim.config import StorageConfig  # noqa: E402
+from engagesim.io import read_table  # noqa: E402
+
+WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+
+
+def _posts_frame(posts_uri: str, storage: StorageConfig | None) -> pl.DataFrame:
+    table = read_table(posts_uri, storage, columns=["post_id", "username", "created_at", "likes", "media"])
+    return pl.from_arrow(table).with_columns(
+        pl.col("likes").cast(pl.Float64).log1p().alias("log_likes"),
+        pl.col("created_at").dt.weekday().alias("weekday"),  # 1 = Monday
+        pl.col("created_at").dt.hour().alias("hour"),
+    )
+
+
+def _save(fig: plt.Figure, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def _likes_distribution(df: pl.DataFrame, out: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    likes = df["likes"].drop_nulls().to_numpy()
+    bins = np.logspace(0, np.log10(max(likes.max(), 10) + 1), 40)
+    ax.hist(likes + 1, bins=bins, color="#4477aa")
+    ax.set_xscale("log")
+    ax.set_xlabel("likes + 1 (log scale)")
+    ax.set_ylabel("posts")
+    ax.set_title("Likes per post")
+    return _save(fig, out / "likes_distribution.png")
+
+
+def _rhythm(df: pl.DataFrame, out: Path) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    by_day = df.group_by("weekday").agg(pl.col("log_likes").median(), pl.len().alias("posts")).sort("weekday")
+    by_hour = df.group_by("hour").agg(pl.col("log_likes").median(), pl.len().alias("posts")).sort("hour")
+    axes[0].bar([WEEKDAYS[d - 1] for d in by_day["weekday"]], by_day["log_likes"], color="#66ccee")
+    axes[0].set_title("Median log1p(likes) by weekday (UTC)")
+    axes[1].plot(by_hour["hour"], by_hour["log_likes"], marker="o", color="#228833")
+    axes[1].set_title("Median log1p(likes) by hour (UTC)")
+    axes[1].set_xlabel("hour")
+    return _save(fig, out / "likes_by_weekday_hour.png")
+
+
+def _top_accounts(df: pl.DataFrame, out: Path, top: int) -> str:
+    stats = df.group_by("username").agg(pl.len().alias("posts"), pl.col("likes").median().alias("median_likes"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.3 * top + 2))
+    by_posts = stats.sort("posts", descending=True).head(top).reverse()
+    axes[0].barh(by_posts["username"], by_posts["posts"], color="#ccbb44")
+    axes[0].set_title(f"Top {top} accounts by posts")
+    by_likes = stats.filter(pl.col("median_likes").is_not_null()).sort("median_likes", descending=True).head(top).reverse()
+    axes[1].barh(by_likes["username"], by_likes["median_likes"], color="#ee6677")
+    axes[1].set_xscale("log")
+    axes[1].set_title(f"Top {top} accounts by median likes")
+    return _save(fig, out / "top_accounts.png")
+
+
+def _media_kinds(df: pl.DataFrame, out: Path) -> tuple[str, dict[str, int]]:
+    kinds = df.select(pl.col("media").list.eval(pl.element().struct.field("kind")).alias("kinds"))
+    counts = {"none": int((df["media"].list.len() == 0).sum())}
+    exploded = kinds.explode("kinds").drop_nulls()
+    for kind, n in exploded.group_by("kinds").len().iter_rows():
+        counts[kind] = int(n)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(list(counts), list(counts.values()), color="#aa3377")
+    ax.set_title("Media items by kind ('none' = posts without media)")
+    return _save(fig, out / "media_kinds.png"), counts
+
+
+def eda(posts_uri: str, out_dir: str, storage: StorageConfig | None = None, top_accounts: int = 15) -> dict:
+    """Write the EDA plots and index.html for a posts dataset; return the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = _posts_frame(posts_uri, storage)
+    has_likes = df["likes"].drop_nulls().len() > 0
+    plots = []
+    if has_likes:
+        plots += [_likes_distribution(df, out), _rhythm(df, out)]
+    plots.append(_top_accounts(df, out, top_accounts))
+    media_plot, media_counts = _media_kinds(df, out)
+    plots.append(media_plot)
+    log_likes = df["log_likes"].drop_nulls()
+    summary = {
+        "posts": df.height,
+        "accounts": df["username"].n_unique(),
+        "first_post": str(df["created_at"].min()),
+        "last_post": str(df["created_at"].max()),
+        "posts_with_likes": log_likes.len(),
+        "median_likes": float(df["likes"].median()) if has_likes else None,
+        "max_likes": int(df["likes"].max()) if has_likes else None,
+        "std_log1p_likes": float(log_likes.std()) if has_likes else None,
+        "media_items": media_counts,
+        "plots": plots,
+        "out": str(out / "index.html"),
+    }
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(json.dumps(v) if isinstance(v, dict) else str(v))}</td></tr>"
+        for k, v in summary.items()
+        if k not in ("plots", "out")
+    )
+    note = "" if has_likes else "<p><b>No like counts in this dataset</b>: likes plots are omitted.</p>"
+    images = "".join(f'<figure><img src="{p}" alt="{p}"><figcaption>{p}</figcaption></figure>' for p in plots)
+    (out / "index.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>engagesim EDA</title>"
+        f"<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} th{{text-align:left}}</style></head>"
+        f"<body><h1>EDA of {html.escape(posts_uri)}</h1>{note}<table>{rows}</table>{images}</body></html>"
+    )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,89 @@
+"""Shared fixtures: one SeaweedFS S3 server and one local Ray cluster per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import free_port, stop, venv_bin, wait_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ADOBE = ROOT.parent / "shared" / "data" / "adobe"
+
+
+@pytest.fixture(scope="session")
+def adobe_dir() -> Path:
+    if not ADOBE.exists():
+        raise FileNotFoundError(f"the real Adobe data is expected at {ADOBE}")
+    return ADOBE
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 with random credentials; yields its env settings."""
+    data = tmp_path_factory.mktemp("seaweed")
+    key, secret = "AK" + secrets.token_hex(8), secrets.token_hex(16)
+    (data / "s3.json").write_text(
+        json.dumps({"identities": [{"name": "test", "credentials": [{"accessKey": key, "secretKey": secret}],
+                                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+    )
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "metrics")}
+    cmd = [
+        venv_bin("weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+        "-filer", f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+        f"-s3.config={data / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-metricsPort={ports['metrics']}", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+    ]
+    log = open(data / "weed.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(ports["s3"], 90, proc)
+        env = {
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}",
+            "AWS_REGION": "us-east-1",
+        }
+        yield env
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket; the S3 settings are in this process's environment for the test."""
+    import boto3
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    name = "engagesim-" + secrets.token_hex(4)
+    client = boto3.client("s3", endpoint_url=s3_server["AWS_ENDPOINT_URL"], region_name="us-east-1")
+    for attempt in range(30):
+        try:
+            client.create_bucket(Bucket=name)
+            break
+        except Exception:  # the filer may still be starting
+            if attempt == 29:
+                raise
+            import time
+
+            time.sleep(1)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray for the whole session (ray.init costs ~7 s and ~0.9 GB)."""
+    import ray
+
+    os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ctx
+    ray.shutdown()

@@ -1,0 +1,39 @@
+import pytest
+
+from engagesim.config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def test_local_default_loads():
+    cfg = load_config(DEFAULT_CONFIG)
+    assert cfg.ray.address is None
+    assert cfg.synth.users > 0
+
+
+def test_unknown_key_names_its_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("synth:\n  userz: 10\n")
+    with pytest.raises(ConfigError, match=r"synth\.userz: unknown key"):
+        load_config(path)
+
+
+def test_bad_value_names_its_path(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ingest:\n  max_text_chars: -3\n")
+    with pytest.raises(ConfigError, match=r"ingest\.max_text_chars"):
+        load_config(path)
+
+
+def test_cross_field_rule_is_explained():
+    with pytest.raises(ConfigError, match="images must not exceed posts"):
+        load_config(None, ["synth.posts=20", "synth.images=50"])
+
+
+def test_overrides_are_typed_and_merged():
+    cfg = load_config(DEFAULT_CONFIG, ["synth.seed=7", "storage.s3_endpoint=http://127.0.0.1:9"])
+    assert cfg.synth.seed == 7 and cfg.storage.s3_endpoint == "http://127.0.0.1:9"
+    assert cfg.synth.users == load_config(DEFAULT_CONFIG).synth.users
+
+
+def test_malformed_override_is_refused():
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["synth.seed"])
