@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, stop, venv_bin, wait_port
+from helpers import free_ports, stop, venv_bin, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADOBE = ROOT.parent / "shared" / "data" / "adobe"
@@ -32,11 +32,15 @@ def s3_server(tmp_path_factory):
         json.dumps({"identities": [{"name": "test", "credentials": [{"accessKey": key, "secretKey": secret}],
                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
     )
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "metrics")}
+    names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc", "metrics")
+    ports = dict(zip(names, free_ports(len(names))))
     cmd = [
         venv_bin("weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-        f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-        "-filer", f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+        # Every port explicit: SeaweedFS's default gRPC port is port + 10000, which may not exist.
+        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
+        "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
+        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}",
         f"-s3.config={data / 's3.json'}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-metricsPort={ports['metrics']}", "-volume.max=0", "-master.volumeSizeLimitMB=64",
     ]
