@@ -64,6 +64,9 @@ class SynthConfig(Section):
     rows_per_shard: int = Field(
         250_000, ge=1000, description="Impressions per shard (one Ray task, one Parquet file)."
     )
+    workers: int | None = Field(
+        None, ge=1, description="Concurrent generator tasks (None = as many as Ray schedules). Output does not depend on it."
+    )
     image_size: int = Field(128, ge=32, le=1024, description="Side of each generated square image, in pixels.")
     start: str = Field("2021-02-04T00:00:00+00:00", description="ISO start of the simulated period (UTC).")
 

@@ -78,12 +78,45 @@ REJECTS = pa.schema(
     ]
 )
 
-SCHEMAS: dict[str, pa.Schema] = {"posts": POSTS, "users": USERS, "interactions": INTERACTIONS, "rejects": REJECTS}
+# Ground truth of a synthetic world: what generated the data. Evaluation only, never a model input.
+IMAGE_PROPERTIES = ("brightness", "contrast", "hue_count", "colour_entropy", "off_centre")
+TRUTH_POSTS = pa.schema(
+    [
+        pa.field("post_id", pa.string(), nullable=False),
+        pa.field("expected_log1p_likes", pa.float64(), nullable=False),
+        pa.field("topic", pa.string(), nullable=False),
+        pa.field("account_effect", pa.float64(), nullable=False),
+        pa.field("quality", pa.float64(), nullable=False),
+        pa.field("image_effect", pa.float64(), nullable=False),
+        *[pa.field(f"image_{p}", pa.float64(), nullable=False) for p in IMAGE_PROPERTIES],
+    ]
+)
+TRUTH_INTERACTIONS = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("post_id", pa.string(), nullable=False),
+        pa.field("impression_at", TIMESTAMP, nullable=False),
+        *[pa.field(f"p_{e}", pa.float64(), nullable=False) for e in ENGAGEMENTS],
+        pa.field("popularity_group", pa.int8(), nullable=False),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "posts": POSTS,
+    "users": USERS,
+    "interactions": INTERACTIONS,
+    "rejects": REJECTS,
+    "truth_posts": TRUTH_POSTS,
+    "truth_interactions": TRUTH_INTERACTIONS,
+}
 ID_COLUMNS = {"posts": "post_id", "users": "user_id"}
 COUNT_COLUMNS = {
     "posts": ("likes", "retweets", "replies", "quotes"),
     "users": ("follower_count", "following_count"),
     "interactions": (),
+    "rejects": (),
+    "truth_posts": (),
+    "truth_interactions": (),
 }
 
 
