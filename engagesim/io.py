@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engagesim.config import StorageConfig
-from engagesim.schema import METADATA_KIND_KEY, METADATA_VERSION_KEY, SCHEMA_VERSION, schema_for, with_metadata
+from engagesim.schema import METADATA_KIND_KEY, METADATA_VERSION_KEY, SCHEMA_VERSION, SCHEMAS, schema_for, with_metadata
 
 SUCCESS = "_SUCCESS"
 REJECTS_DIR = "_rejects"
@@ -136,7 +136,8 @@ class DatasetWriter:
     rows: int = 0
 
     def __post_init__(self) -> None:
-        self.schema = with_metadata(schema_for(self.kind), self.kind)
+        # Contract kinds are cast to their schema; other kinds (feature tables) keep their own.
+        self.schema = with_metadata(schema_for(self.kind), self.kind) if self.kind in SCHEMAS else None
         self.fs, self.path = filesystem(self.uri, self.storage)
         self.fs.create_dir(self.path, recursive=True)
 
@@ -145,7 +146,9 @@ class DatasetWriter:
 
     def write(self, table: pa.Table, name: str | None = None) -> str:
         """Write one part; ``name`` lets parallel tasks choose deterministic part names."""
-        table = table.cast(self.schema)
+        table = table.cast(self.schema) if self.schema is not None else table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), METADATA_KIND_KEY: self.kind.encode(), METADATA_VERSION_KEY: SCHEMA_VERSION.encode()}
+        )
         name = name or self.part_name(len(self.files))
         write_part(self.fs, f"{self.path}/{name}", table)
         self.files.append(name)
@@ -158,7 +161,7 @@ class DatasetWriter:
         self.rows += rows
 
     def commit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        if not self.files:
+        if not self.files and self.schema is not None:
             self.write(self.schema.empty_table())
         manifest = {
             "kind": self.kind,
@@ -209,10 +212,12 @@ def read_table(uri: str, storage: StorageConfig | None = None, columns: list[str
     fs, _ = filesystem(uri, storage)
     files = dataset_files(uri, storage)
     kind = manifest["kind"]
+    tables = [pq.read_table(f, filesystem=fs, columns=columns) for f in files]
+    if kind not in SCHEMAS:
+        return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     schema = with_metadata(schema_for(kind), kind)
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
-    tables = [pq.read_table(f, filesystem=fs, columns=columns, schema=None) for f in files]
     if not tables:
         return schema.empty_table()
     return pa.concat_tables([t.cast(schema) for t in tables])

@@ -1,0 +1,1 @@
+"""Encoders as batch callables, the model registry, sketches and the embedding cache."""

@@ -1,0 +1,1 @@
+"""Pure feature transforms (pyarrow/polars/numpy in → out). No Ray import here, by rule."""

@@ -1,0 +1,140 @@
+"""Encodings: one-hot, target encoding (LAYER6), Fourier features (Synerise), signed log.
+
+Target encoding is where leakage hides. Two leak-free modes:
+
+- ``oof``: rows are split into K contiguous *time* folds; a row's value comes
+  only from the other folds' labels (out-of-fold), never its own.
+- ``past``: a row's value comes only from rows strictly earlier in time
+  (forward-in-time validation; the mode to use for serving-like evaluation).
+
+Rows scored later (validation, test, serving) use ``fit`` statistics from all
+training rows. Smoothing pulls rare keys to the global prior:
+TE = (sum + prior·m) / (count + m).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+Mode = Literal["oof", "past"]
+
+
+def signed_log1p(x: np.ndarray) -> np.ndarray:
+    """sign(x)·log1p(|x|): tames heavy-tailed counts but keeps sign and zero."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def fourier_features(x: np.ndarray, scales: int = 8) -> np.ndarray:
+    """Synerise's Fourier feature encoding: [sin(x / 2^s), cos(x / 2^s)] for s = 0..scales-1.
+
+    Returns shape (n, 2·scales). Large scales vary slowly (coarse magnitude),
+    small ones fast (fine detail), so an MLP can read both.
+    """
+    x = np.asarray(x, dtype=np.float64)[:, None] / (2.0 ** np.arange(scales))[None, :]
+    return np.concatenate([np.sin(x), np.cos(x)], axis=1).astype(np.float32)
+
+
+def one_hot(values: pl.Series, categories: list[str], prefix: str) -> pl.DataFrame:
+    """One column per known category (``prefix=value``); unknown values are all zeros."""
+    return pl.DataFrame({f"{prefix}={c}": (values == c).fill_null(False).cast(pl.Int8) for c in categories})
+
+
+@dataclass
+class TargetStats:
+    """Per-key label sums and counts from training rows, plus the prior."""
+
+    key: str
+    table: pl.DataFrame  # key, te_sum, te_count
+    prior: float
+    smoothing: float
+
+    def apply(self, keys: pl.Series) -> np.ndarray:
+        joined = pl.DataFrame({self.key: keys}).join(self.table, on=self.key, how="left", maintain_order="left")
+        s = joined["te_sum"].fill_null(0.0).to_numpy()
+        c = joined["te_count"].fill_null(0.0).to_numpy()
+        return (s + self.prior * self.smoothing) / (c + self.smoothing)
+
+
+def fit_target_stats(keys: pl.Series, target: np.ndarray, smoothing: float = 20.0) -> TargetStats:
+    name = keys.name or "key"
+    df = pl.DataFrame({name: keys, "y": np.asarray(target, dtype=np.float64)})
+    table = df.group_by(name).agg(pl.col("y").sum().alias("te_sum"), pl.len().cast(pl.Float64).alias("te_count"))
+    return TargetStats(name, table, float(np.mean(target)) if len(target) else 0.0, smoothing)
+
+
+def time_folds(times: np.ndarray, k: int) -> np.ndarray:
+    """Fold id 0..k-1 by time rank: contiguous periods, so a fold is a slice of time."""
+    order = np.argsort(np.asarray(times), kind="stable")
+    folds = np.empty(len(order), dtype=np.int64)
+    folds[order] = np.arange(len(order)) * k // max(len(order), 1)
+    return folds
+
+
+def target_encode_train(
+    keys: pl.Series,
+    target: np.ndarray,
+    times: np.ndarray,
+    mode: Mode = "oof",
+    folds: int = 5,
+    smoothing: float = 20.0,
+) -> np.ndarray:
+    """Target encoding of training rows in which no row ever sees its own label."""
+    target = np.asarray(target, dtype=np.float64)
+    name = keys.name or "key"
+    prior = float(target.mean()) if len(target) else 0.0
+    if mode == "oof":
+        fold = time_folds(times, folds)
+        df = pl.DataFrame({name: keys, "y": target, "fold": fold})
+        per = df.group_by(name, "fold").agg(pl.col("y").sum().alias("s"), pl.len().alias("c"))
+        tot = per.group_by(name).agg(pl.col("s").sum().alias("S"), pl.col("c").sum().alias("C"))
+        joined = (
+            df.with_row_index("_i")
+            .join(per, on=[name, "fold"], how="left")
+            .join(tot, on=name, how="left")
+            .sort("_i")
+        )
+        s = (joined["S"] - joined["s"]).to_numpy().astype(float)
+        c = (joined["C"] - joined["c"]).to_numpy().astype(float)
+        return (s + prior * smoothing) / (c + smoothing)
+    if mode == "past":
+        df = pl.DataFrame({name: keys, "y": target, "t": np.asarray(times)}).with_row_index("_i")
+        # Rows at the same instant must not see each other: aggregate per (key, t) first.
+        per_t = df.group_by(name, "t").agg(pl.col("y").sum().alias("s"), pl.len().alias("c")).sort(name, "t")
+        per_t = per_t.with_columns(
+            (pl.col("s").cum_sum().over(name) - pl.col("s")).alias("S"),
+            (pl.col("c").cum_sum().over(name) - pl.col("c")).alias("C"),
+        )
+        joined = df.join(per_t.select(name, "t", "S", "C"), on=[name, "t"], how="left").sort("_i")
+        s, c = joined["S"].to_numpy().astype(float), joined["C"].to_numpy().astype(float)
+        return (s + prior * smoothing) / (c + smoothing)
+    raise ValueError(f"target encoding mode must be 'oof' or 'past', not {mode!r}")
+
+
+def list_te_summary(row_ids: np.ndarray, values: np.ndarray, n_rows: int, prior: float, top: int = 3) -> np.ndarray:
+    """Per row from the TE values of its list elements: top-3 values (padded with the prior), sum, mean, count.
+
+    ``row_ids`` says which row each element belongs to (the exploded list). Shape (n_rows, top + 3).
+    """
+    out = np.zeros((n_rows, top + 3), dtype=np.float32)
+    out[:, :top] = prior
+    if len(values):
+        df = pl.DataFrame({"r": row_ids, "v": values})
+        agg = df.group_by("r").agg(
+            pl.col("v").sort(descending=True).head(top).alias("top"),
+            pl.col("v").sum().alias("sum"),
+            pl.col("v").mean().alias("mean"),
+            pl.len().alias("n"),
+        )
+        rows = agg["r"].to_numpy()
+        for k in range(top):
+            vals = agg["top"].list.get(k, null_on_oob=True).fill_null(prior).to_numpy()
+            out[rows, k] = vals
+        out[rows, top] = agg["sum"].to_numpy()
+        out[rows, top + 1] = agg["mean"].to_numpy()
+        out[rows, top + 2] = agg["n"].to_numpy()
+    return out

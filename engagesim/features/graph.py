@@ -1,0 +1,147 @@
+"""Graph features: CF similarity (LAYER6), Jaccard-similar creators and Leiden communities (Synerise).
+
+All are *fit* on training interactions and then *applied* to any (user, creator)
+pairs, so validation/serving rows never see their own labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import igraph as ig
+import leidenalg
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from engagesim.schema import ENGAGEMENTS
+
+
+@dataclass
+class Index:
+    """Dense integer ids for string keys (unknown keys → -1)."""
+
+    keys: pl.Series
+
+    def __post_init__(self) -> None:
+        self.table = pl.DataFrame({"key": self.keys, "idx": np.arange(len(self.keys), dtype=np.int64)})
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, values: pl.Series) -> np.ndarray:
+        joined = pl.DataFrame({"key": values}).join(self.table, on="key", how="left", maintain_order="left")
+        return joined["idx"].fill_null(-1).to_numpy()
+
+
+def _matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    m = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=shape)
+    m.data[:] = 1.0  # binary: repeated pairs count once
+    return m
+
+
+def _row_normalise(m: sp.csr_matrix) -> sp.csr_matrix:
+    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    return sp.diags(1.0 / norms) @ m
+
+
+@dataclass
+class GraphModel:
+    users: Index
+    creators: Index
+    engaged: sp.csr_matrix  # users × creators, binary: any engagement
+    creator_sim: sp.csr_matrix  # creators × creators cosine over engaging users (item-based CF)
+    jaccard_top: sp.csr_matrix  # creators × creators, top-k Jaccard of follower sets (binary)
+    communities: dict[str, np.ndarray] = field(default_factory=dict)  # per engagement: users+creators → community
+    community_sizes: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def features(self, user_ids: pl.Series, creator_ids: pl.Series) -> pl.DataFrame:
+        u = self.users.lookup(user_ids)
+        c = self.creators.lookup(creator_ids)
+        known = (u >= 0) & (c >= 0)
+        n = len(u)
+        cf = np.zeros(n, dtype=np.float32)
+        similar = np.zeros(n, dtype=np.float32)
+        if known.any():
+            uk, ck = u[known], c[known]
+            rows = self.engaged[uk]
+            # Item-based CF: how similar this creator is to the creators the user engaged with.
+            cf[known] = np.asarray(rows.multiply(self.creator_sim[ck]).sum(axis=1)).ravel() / np.maximum(
+                rows.getnnz(axis=1), 1
+            )
+            # Engagements of the user with creators whose audiences overlap this creator's.
+            similar[known] = np.asarray(rows.multiply(self.jaccard_top[ck]).sum(axis=1)).ravel()
+        cols = {"cf_similarity": cf, "similar_creators_engaged": similar}
+        n_users = len(self.users)
+        for e in ENGAGEMENTS:
+            labels = self.communities.get(e)
+            same = np.zeros(n, dtype=np.float32)
+            inv_size = np.zeros(n, dtype=np.float32)
+            if labels is not None:
+                cu = np.where(u >= 0, labels[np.maximum(u, 0)], -1)
+                cc = np.where(c >= 0, labels[n_users + np.maximum(c, 0)], -1)
+                same = ((cu >= 0) & (cu == cc)).astype(np.float32)
+                sizes = self.community_sizes[e]
+                inv_size = np.where(cu >= 0, 1.0 / sizes[np.maximum(cu, 0)], 0.0).astype(np.float32)
+            cols[f"same_community_{e}"] = same
+            cols[f"inv_community_size_{e}"] = inv_size
+        return pl.DataFrame(cols)
+
+
+def _top_k_jaccard(followers: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """creators × creators: 1 for each creator's k most Jaccard-similar creators (follower sets)."""
+    inter = (followers @ followers.T).tocsr()
+    sizes = np.asarray(followers.sum(axis=1)).ravel()
+    inter.setdiag(0)
+    inter.eliminate_zeros()
+    coo = inter.tocoo()
+    jac = coo.data / (sizes[coo.row] + sizes[coo.col] - coo.data)
+    df = pl.DataFrame({"r": coo.row, "c": coo.col, "j": jac})
+    top = df.sort("j", descending=True).group_by("r").head(k)
+    n = followers.shape[0]
+    return sp.csr_matrix((np.ones(top.height, np.float32), (top["r"].to_numpy(), top["c"].to_numpy())), shape=(n, n))
+
+
+def _leiden(users: np.ndarray, creators: np.ndarray, n_users: int, n_creators: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Communities of the bipartite engagement graph; nodes = users then creators. Isolated nodes → -1."""
+    edges = np.unique(np.column_stack([users, n_users + creators]), axis=0)
+    labels = np.full(n_users + n_creators, -1, dtype=np.int64)
+    if len(edges) == 0:
+        return labels, np.ones(1)
+    graph = ig.Graph(n=n_users + n_creators, edges=edges.tolist())
+    part = leidenalg.find_partition(graph, leidenalg.ModularityVertexPartition, seed=seed)
+    membership = np.asarray(part.membership)
+    sizes = np.bincount(membership).astype(np.float64)
+    degree = np.asarray(graph.degree())
+    labels[degree > 0] = membership[degree > 0]
+    return labels, sizes
+
+
+def fit_graph(train: pl.DataFrame, jaccard_k: int = 20, seed: int = 0) -> GraphModel:
+    """Fit on training impressions (with y_<engagement> columns and follows_creator)."""
+    users = Index(train["user_id"].unique(maintain_order=True))
+    creators = Index(train["creator_id"].unique(maintain_order=True))
+    u = users.lookup(train["user_id"])
+    c = creators.lookup(train["creator_id"])
+    any_engagement = np.zeros(train.height, dtype=bool)
+    for e in ENGAGEMENTS:
+        any_engagement |= train[f"y_{e}"].to_numpy() == 1
+    shape = (len(users), len(creators))
+    engaged = _matrix(u[any_engagement], c[any_engagement], shape)
+    creator_norm = _row_normalise(engaged.T.tocsr())
+    creator_sim = (creator_norm @ creator_norm.T).tocsr()
+    follows = train["follows_creator"].to_numpy().astype(bool)
+    followers = _matrix(c[follows], u[follows], (len(creators), len(users)))
+    model = GraphModel(users, creators, engaged, creator_sim, _top_k_jaccard(followers, jaccard_k))
+    for e in ENGAGEMENTS:
+        mask = train[f"y_{e}"].to_numpy() == 1
+        labels, sizes = _leiden(u[mask], c[mask], len(users), len(creators), seed)
+        model.communities[e] = labels
+        model.community_sizes[e] = sizes
+    return model
+
+
+GRAPH_COLUMNS = ["cf_similarity", "similar_creators_engaged"] + [
+    f"{p}_{e}" for e in ENGAGEMENTS for p in ("same_community", "inv_community_size")
+]

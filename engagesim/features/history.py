@@ -1,0 +1,138 @@
+"""Engagement history of the engaging user, the creator and the user–creator pair (LAYER6 / Synerise).
+
+Impressions are cut into non-overlapping windows (24 h by default). Three modes:
+
+- ``window``: a row's features come from every *other* window of the
+  training data (targets from one window, features from the rest — LAYER6's
+  scheme); its own window, and so its own label, never contributes.
+- ``past``: only windows strictly before the row's window (forward-in-time).
+- ``apply``: rows outside the training data (validation, test, serving) get
+  aggregates over all training events.
+
+"Time since last engagement" always looks strictly into earlier windows
+(or, in ``apply``, at training events before the row), so it never leaks.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from engagesim.schema import ENGAGEMENTS
+
+Mode = Literal["window", "past", "apply"]
+GROUPS = {"user": ["user_id"], "creator": ["creator_id"], "pair": ["user_id", "creator_id"]}
+HOUR_US = 3_600_000_000
+
+
+def with_labels_and_windows(impressions: pl.DataFrame, origin_us: int | None = None, hours: int = 24) -> pl.DataFrame:
+    """Add y_<engagement> (0/1), impression time in µs and the window index."""
+    t = pl.col("impression_at").dt.epoch("us")
+    df = impressions.with_columns(
+        *[pl.col(f"{e}_at").is_not_null().cast(pl.Int8).alias(f"y_{e}") for e in ENGAGEMENTS],
+        t.alias("t_us"),
+    )
+    origin = int(df["t_us"].min()) if origin_us is None else origin_us
+    return df.with_columns(((pl.col("t_us") - origin) // (hours * HOUR_US)).cast(pl.Int32).alias("window"))
+
+
+def window_aggregates(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Per (key, window): impressions, engagements per type, last engagement time.
+
+    Sums and maxima, so partial aggregates of separate blocks combine exactly
+    (``combine_aggregates``) — which is how the Ray pipeline streams billions of rows.
+    """
+    return {
+        prefix: events.group_by(*keys, "window").agg(
+            pl.len().cast(pl.Float64).alias("n"),
+            *[pl.col(f"y_{e}").cast(pl.Float64).sum().alias(f"c_{e}") for e in ENGAGEMENTS],
+            *[pl.col("t_us").filter(pl.col(f"y_{e}") == 1).max().alias(f"last_{e}") for e in ENGAGEMENTS],
+        )
+        for prefix, keys in GROUPS.items()
+    }
+
+
+SUMS = ["n", *[f"c_{e}" for e in ENGAGEMENTS]]
+LASTS = [f"last_{e}" for e in ENGAGEMENTS]
+
+
+def combine_aggregates(parts: list[dict[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
+    out = {}
+    for prefix, keys in GROUPS.items():
+        stacked = pl.concat([p[prefix] for p in parts])
+        out[prefix] = stacked.group_by(*keys, "window").agg(*[pl.col(c).sum() for c in SUMS],
+                                                            *[pl.col(c).max() for c in LASTS])
+    return out
+
+
+def feature_tables(aggregates: dict[str, pl.DataFrame], mode: Mode) -> dict[str, pl.DataFrame]:
+    """Lookup tables: keyed by (key, window) for window/past modes, by key for apply mode."""
+    tables = {}
+    for prefix, keys in GROUPS.items():
+        per = aggregates[prefix]
+        if mode == "apply":
+            tables[prefix] = per.group_by(keys).agg(*[pl.col(c).sum() for c in SUMS], *[pl.col(c).max() for c in LASTS])
+            continue
+        per = per.sort(*keys, "window")
+        if mode == "window":
+            totals = [(pl.col(c).sum().over(keys) - pl.col(c)).alias(c) for c in SUMS]
+        elif mode == "past":
+            totals = [(pl.col(c).cum_sum().over(keys) - pl.col(c)).alias(c) for c in SUMS]
+        else:
+            raise ValueError(f"history mode must be window, past or apply, not {mode!r}")
+        # Last engagement strictly before this window (never this window's own labels).
+        prev_last = [pl.col(c).fill_null(-1).cum_max().shift(1).over(keys).alias(c) for c in LASTS]
+        tables[prefix] = per.with_columns(*totals, *prev_last).with_columns(
+            *[pl.when(pl.col(c) < 0).then(None).otherwise(pl.col(c)).alias(c) for c in LASTS]
+        )
+    return tables
+
+
+def join_history(rows: pl.DataFrame, tables: dict[str, pl.DataFrame], mode: Mode) -> pl.DataFrame:
+    """History features for ``rows`` from ``feature_tables``; row-aligned with ``rows``."""
+    base = rows.select("user_id", "creator_id", "window", "t_us").with_row_index("_i")
+    out_cols = []
+    for prefix, keys in GROUPS.items():
+        on = keys if mode == "apply" else [*keys, "window"]
+        joined = base.join(tables[prefix], on=on, how="left").sort("_i")
+        out_cols.append(joined.select(_finish(prefix, pl.col("t_us"))))
+    return pl.concat(out_cols, how="horizontal").with_columns(pl.all().cast(pl.Float32))
+
+
+def _finish(prefix: str, now: pl.Expr) -> list[pl.Expr]:
+    exprs = [pl.col("n").fill_null(0).alias(f"{prefix}_n")]
+    for e in ENGAGEMENTS:
+        count = pl.col(f"c_{e}").fill_null(0)
+        exprs += [
+            count.alias(f"{prefix}_{e}_count"),
+            (count / pl.col("n").fill_null(0).clip(lower_bound=1)).alias(f"{prefix}_{e}_rate"),
+            ((now - pl.col(f"last_{e}")) / 1e6).alias(f"{prefix}_{e}_secs_since_last"),
+        ]
+    return exprs
+
+
+def history_features(rows: pl.DataFrame, mode: Mode = "window", events: pl.DataFrame | None = None) -> pl.DataFrame:
+    """History features for ``rows`` (already passed through ``with_labels_and_windows``).
+
+    ``events`` are the training impressions for ``apply`` mode; in the other
+    modes the rows are their own events. Output is row-aligned with ``rows``.
+    """
+    if mode == "apply" and events is None:
+        raise ValueError("apply mode needs the training events")
+    events = rows if events is None else events
+    return join_history(rows, feature_tables(window_aggregates(events), mode), mode)
+
+
+def history_feature_names() -> list[str]:
+    names = []
+    for prefix in GROUPS:
+        names.append(f"{prefix}_n")
+        for e in ENGAGEMENTS:
+            names += [f"{prefix}_{e}_count", f"{prefix}_{e}_rate", f"{prefix}_{e}_secs_since_last"]
+    return names
+
+
+def label_matrix(df: pl.DataFrame) -> np.ndarray:
+    return np.column_stack([df[f"y_{e}"].to_numpy() for e in ENGAGEMENTS]).astype(np.float32)

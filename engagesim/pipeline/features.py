@@ -1,0 +1,381 @@
+"""The feature stage: posts (+ users, impressions, media) → model-ready feature tables.
+
+(config, input URIs) → ``<out>/posts`` (post level), ``<out>/impressions``
+(impression level) and ``<out>/features.json`` (the feature manifest: name,
+dtype, source method, leak class).
+
+Row-local work streams through Ray Data (text statistics, embeddings and image
+statistics in actor pools, the final impression joins); what needs the whole
+training set — target-encoding statistics, history aggregates, the graph, PCA —
+is fit in the driver on narrow columns or on partial aggregates that the
+blocks produce, then broadcast to the streaming joins.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from engagesim import io
+from engagesim.config import AppConfig
+from engagesim.embed.actors import ImageFeaturizer, TextEmbedder
+from engagesim.features import encodings, history
+from engagesim.features.graph import GRAPH_COLUMNS, fit_graph
+from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
+from engagesim.features.post import MEDIA_COLUMNS, post_row_features
+from engagesim.features.temporal import TEMPORAL_COLUMNS, temporal_features
+from engagesim.features.text import TEXT_STAT_COLUMNS
+from engagesim.pipeline.runtime import ensure_ray
+from engagesim.schema import ENGAGEMENTS
+
+TE_SCALAR = ["author_id", "company", "language"]
+TE_LIST = ["hashtags", "domains"]
+USER_COLUMNS = ["follower_count", "following_count", "follower_ratio", "verified", "account_age_days"]
+
+
+def _read_ds(uri: str, cfg: AppConfig):
+    import ray
+
+    fs, _ = io.filesystem(uri, cfg.storage)
+    files = io.dataset_files(uri, cfg.storage)
+    return ray.data.read_parquet(files, filesystem=fs, override_num_blocks=max(cfg.features.blocks, 1))
+
+
+def _actor_args(cfg: AppConfig) -> dict[str, Any]:
+    import ray
+
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=cfg.embed.actors),
+        "num_cpus": cfg.embed.cpus_per_actor,
+        "num_gpus": cfg.embed.gpus_per_actor or None,
+        "batch_size": cfg.embed.batch_size,
+        "batch_format": "pyarrow",
+    }
+
+
+def _collect(ds) -> pa.Table:
+    """Materialise a (small, narrow) dataset in the driver as one Arrow table."""
+    import ray
+
+    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+
+# --- post level -------------------------------------------------------------------------------
+
+def _stream_post_rows(cfg: AppConfig, posts_uri: str) -> pa.Table:
+    """Text statistics, embeddings, sketches and image statistics, streamed through Ray Data."""
+    ds = _read_ds(posts_uri, cfg).map_batches(post_row_features, batch_format="pyarrow", batch_size=4096)
+    if cfg.embed.text:
+        ds = ds.map_batches(
+            TextEmbedder,
+            fn_constructor_kwargs={"model": cfg.embed.text_model, "cache_dir": cfg.embed.cache_dir,
+                                   "storage": cfg.storage, "sketch": cfg.embed.sketch},
+            **_actor_args(cfg),
+        )
+    if cfg.embed.image:
+        ds = ds.map_batches(
+            ImageFeaturizer,
+            fn_constructor_kwargs={"model": cfg.embed.image_model, "cache_dir": cfg.embed.cache_dir,
+                                   "storage": cfg.storage, "fetch_http": cfg.embed.fetch_http,
+                                   "stat_size": cfg.embed.image_stat_size},
+            **_actor_args(cfg),
+        )
+    return _collect(ds)
+
+
+def _matrix(df: pl.DataFrame, column: str) -> np.ndarray:
+    arr = df[column].to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    width = arr.type.list_size
+    flat = arr.flatten().to_numpy(zero_copy_only=False) if arr.null_count == 0 else None
+    if flat is not None:
+        return flat.reshape(-1, width).astype(np.float32)
+    rows = [np.zeros(width, np.float32) if v is None else np.asarray(v, np.float32) for v in arr.to_pylist()]
+    return np.stack(rows)
+
+
+def _pca(block: np.ndarray, fit_rows: np.ndarray, k: int, prefix: str) -> tuple[pl.DataFrame, dict]:
+    from sklearn.decomposition import PCA
+
+    k = max(1, min(k, block.shape[1], int(fit_rows.sum()) - 1 if fit_rows.sum() > 1 else 1))
+    pca = PCA(n_components=k, random_state=0).fit(block[fit_rows])
+    comps = pca.transform(block).astype(np.float32)
+    return (pl.DataFrame({f"{prefix}_pca_{i}": comps[:, i] for i in range(k)}),
+            {"components": k, "explained_variance": float(pca.explained_variance_ratio_.sum())})
+
+
+def _target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, cfg: AppConfig) -> pl.DataFrame:
+    """LAYER6 target encoding of accounts, companies, languages, hashtags and domains; leak-free by mode."""
+    f = cfg.features
+    times = df["created_at"].dt.epoch("us").to_numpy()
+    train_idx, valid_idx = np.flatnonzero(train), np.flatnonzero(~train)
+    cols: dict[str, np.ndarray] = {}
+    for key in TE_SCALAR:
+        keys = df[key].fill_null("<none>").cast(pl.String)
+        out = np.zeros(df.height, dtype=np.float32)
+        out[train_idx] = encodings.target_encode_train(keys[train_idx], y[train_idx], times[train_idx], f.te_mode,
+                                                       f.te_folds, f.te_smoothing)
+        stats = encodings.fit_target_stats(keys[train_idx], y[train_idx], f.te_smoothing)
+        out[valid_idx] = stats.apply(keys[valid_idx])
+        cols[f"te_{key}"] = out
+    prior = float(y[train_idx].mean())
+    for key in TE_LIST:
+        exploded = df.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
+        rows = exploded["row"].to_numpy()
+        elems = exploded[key]
+        in_train = train[rows]
+        values = np.zeros(len(rows), dtype=np.float64)
+        tr = np.flatnonzero(in_train)
+        if len(tr):
+            values[tr] = encodings.target_encode_train(elems[tr], y[rows[tr]], times[rows[tr]], f.te_mode,
+                                                       f.te_folds, f.te_smoothing)
+            stats = encodings.fit_target_stats(elems[tr], y[rows[tr]], f.te_smoothing)
+            va = np.flatnonzero(~in_train)
+            values[va] = stats.apply(elems[va])
+        summary = encodings.list_te_summary(rows, values, df.height, prior)
+        for k, name in enumerate(["top1", "top2", "top3", "sum", "mean", "count"]):
+            cols[f"te_{key}_{name}"] = summary[:, k]
+    return pl.DataFrame(cols)
+
+
+def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | None) -> tuple[pl.DataFrame, dict]:
+    """Global post features (split, temporal, target encoding, one-hots, PCA) on the streamed rows."""
+    df = pl.from_arrow(rows).sort("created_at", "post_id")
+    n = df.height
+    cut = int(np.floor(n * (1 - cfg.features.valid_fraction)))
+    split = np.where(np.arange(n) < cut, "train", "valid")
+    train = split == "train"
+    has_likes = df["likes"].null_count() < n
+    y = np.log1p(df["likes"].fill_null(0).to_numpy().astype(np.float64))
+    parts = [
+        df.select("post_id", "author_id", "username", "created_at", "likes"),
+        pl.DataFrame({"split": split, "label_log1p_likes": np.where(df["likes"].is_null().to_numpy(), np.nan, y)}),
+        df.select(TEXT_STAT_COLUMNS + MEDIA_COLUMNS),
+        temporal_features(df.select("post_id", "author_id", "created_at"), users).drop("post_id"),
+    ]
+    info: dict[str, Any] = {"rows": n, "train_rows": int(train.sum()), "valid_rows": int((~train).sum())}
+    if has_likes:
+        parts.append(_target_encodings(df, y, train, cfg))
+    top_langs = df.filter(pl.Series(train))["language"].drop_nulls().value_counts(sort=True).head(8)["language"].to_list()
+    parts.append(encodings.one_hot(df["language"], top_langs, "lang"))
+    if "clarity_contrast" in df.columns:
+        parts.append(df.select(IMAGE_STAT_COLUMNS).with_columns(pl.col(IMAGE_STAT_COLUMNS).cast(pl.Float32)))
+        parts.append(pl.DataFrame({"has_image": df["image_error"].is_null() & df["photo_uri"].is_not_null()})
+                     .cast(pl.Float32))
+        info["image_errors"] = int(df["image_error"].is_not_null().sum())
+        info["images_embedded_now"] = int(df["image_emb_computed"].sum())
+    blocks = []
+    for column, prefix in (("text_emb", "text"), ("text_sketch", "sketch"), ("image_emb", "image")):
+        if column in df.columns:
+            block = _matrix(df, column)
+            fit_rows = train & df[column].is_not_null().to_numpy()
+            if fit_rows.sum() >= 2:
+                pca_df, pca_info = _pca(block, fit_rows, cfg.embed.pca_components, prefix)
+                parts.append(pca_df)
+                info[f"{prefix}_pca"] = pca_info
+            blocks.append(column)
+    if "text_emb_computed" in df.columns:
+        info["texts_embedded_now"] = int(df["text_emb_computed"].sum())
+    parts.append(df.select(blocks))
+    return pl.concat(parts, how="horizontal"), info
+
+
+# --- impression level --------------------------------------------------------------------------
+
+def _user_attributes(users: pl.DataFrame) -> pl.DataFrame:
+    return users.select(
+        "user_id",
+        pl.col("follower_count").cast(pl.Float32),
+        pl.col("following_count").cast(pl.Float32),
+        (pl.col("follower_count") / (pl.col("following_count") + 1)).cast(pl.Float32).alias("follower_ratio"),
+        pl.col("verified").cast(pl.Float32),
+        pl.col("created_at").alias("_user_created"),
+    )
+
+
+def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int) -> pa.Table:
+    df = history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours)
+    aggs = history.window_aggregates(df.filter(pl.col("t_us") < cutoff_us))
+    sink = []
+    for prefix, frame in aggs.items():
+        buf = pa.BufferOutputStream()
+        with pa.ipc.new_stream(buf, frame.to_arrow().schema) as writer:
+            writer.write_table(frame.to_arrow())
+        sink.append(buf.getvalue().to_pybytes())
+    return pa.table({"prefix": list(aggs), "ipc": pa.array(sink, type=pa.binary())})
+
+
+def _join_impressions(batch: pa.Table, refs: dict, origin_us: int, cutoff_us: int, window_hours: int,
+                      history_mode: str) -> pa.Table:
+    import ray
+
+    ctx = {k: ray.get(v) for k, v in refs.items()}
+    df = history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours).with_row_index("_i")
+    is_valid = df["t_us"] >= cutoff_us
+    parts = []
+    for mask, mode, tables in ((~is_valid, history_mode, ctx["train_tables"]), (is_valid, "apply", ctx["apply_tables"])):
+        rows = df.filter(mask)
+        if rows.height:
+            parts.append(pl.concat([rows.select("_i"), history.join_history(rows, tables, mode)], how="horizontal"))
+    hist = pl.concat(parts).sort("_i").drop("_i")
+    graph = ctx["graph"].features(df["user_id"], df["creator_id"])
+    users = ctx["users"]
+    impression_t = df.select("_i", "impression_at", "user_id", "creator_id")
+    engaging = impression_t.join(users.rename({c: f"user_{c}" for c in users.columns if c != "user_id"}),
+                                 on="user_id", how="left").sort("_i")
+    creator = impression_t.join(users.rename({"user_id": "creator_id", **{c: f"creator_{c}" for c in users.columns
+                                                                           if c != "user_id"}}),
+                                on="creator_id", how="left").sort("_i")
+    attrs = []
+    for prefix, frame in (("user", engaging), ("creator", creator)):
+        attrs.append(frame.select(
+            *[pl.col(f"{prefix}_{c}") for c in ("follower_count", "following_count", "follower_ratio", "verified")],
+            ((pl.col("impression_at") - pl.col(f"{prefix}__user_created")).dt.total_seconds() / 86400.0)
+            .cast(pl.Float32).alias(f"{prefix}_account_age_days"),
+        ))
+    posts = df.select("_i", "post_id").join(ctx["posts"], on="post_id", how="left").sort("_i").drop("_i", "post_id")
+    out = pl.concat(
+        [
+            df.select("user_id", "post_id", "creator_id", "impression_at",
+                      pl.when(is_valid).then(pl.lit("valid")).otherwise(pl.lit("train")).alias("split"),
+                      *[pl.col(f"y_{e}") for e in ENGAGEMENTS],
+                      pl.col("follows_creator").cast(pl.Float32)),
+            hist, graph, *attrs, posts,
+        ],
+        how="horizontal",
+    )
+    return out.to_arrow()
+
+
+def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
+                              post_table: pl.DataFrame, out_uri: str) -> dict:
+    import ray
+
+    f = cfg.features
+    ds = _read_ds(interactions_uri, cfg)
+    t_min = ds.min("impression_at")
+    t_max = ds.max("impression_at")
+    origin_us = int(pl.Series([t_min]).dt.epoch("us")[0])
+    max_us = int(pl.Series([t_max]).dt.epoch("us")[0])
+    cutoff_us = max_us - int(f.valid_hours * 3600 * 1e6)
+
+    partial = _collect(ds.map_batches(_partial_aggregates, batch_format="pyarrow", batch_size=None,
+                                      fn_kwargs={"origin_us": origin_us, "cutoff_us": cutoff_us,
+                                                 "window_hours": f.window_hours}))
+    frames: dict[str, list[pl.DataFrame]] = {}
+    for prefix, payload in zip(partial.column("prefix").to_pylist(), partial.column("ipc").to_pylist()):
+        frames.setdefault(prefix, []).append(pl.from_arrow(pa.ipc.open_stream(payload).read_all()))
+    aggregates = history.combine_aggregates([{k: pl.concat(v) for k, v in frames.items()}])
+    train_tables = history.feature_tables(aggregates, f.history_mode)
+    apply_tables = history.feature_tables(aggregates, "apply")
+
+    narrow = ds.select_columns(["user_id", "creator_id", "impression_at", "follows_creator",
+                                *[f"{e}_at" for e in ENGAGEMENTS]])
+    train_rows = history.with_labels_and_windows(pl.from_arrow(_collect(narrow)), origin_us, f.window_hours)
+    train_rows = train_rows.filter(pl.col("t_us") < cutoff_us)
+    graph = fit_graph(train_rows, f.jaccard_k, seed=cfg.synth.seed)
+    users = _user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
+        schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
+                "follower_ratio": pl.Float32, "verified": pl.Float32,
+                "_user_created": pl.Datetime("us", "UTC")})
+    post_cols = [c for c in post_table.columns if c not in ("author_id", "username", "created_at", "likes", "split",
+                                                            "label_log1p_likes", "text_emb", "text_sketch",
+                                                            "image_emb")]
+    refs = {"train_tables": ray.put(train_tables), "apply_tables": ray.put(apply_tables), "graph": ray.put(graph),
+            "users": ray.put(users), "posts": ray.put(post_table.select(post_cols).rename(
+                {c: f"post_{c}" for c in post_cols if c != "post_id"}))}
+    joined = ds.map_batches(_join_impressions, batch_format="pyarrow", batch_size=100_000,
+                            fn_kwargs={"refs": refs, "origin_us": origin_us, "cutoff_us": cutoff_us,
+                                       "window_hours": f.window_hours, "history_mode": f.history_mode})
+    rows = write_streaming(joined, out_uri, "impression_features", cfg, {"cutoff": cutoff_us, "origin": origin_us})
+    split_rows = pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=["split"]))["split"].value_counts()
+    return {"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us}
+
+
+def write_streaming(ds, out_uri: str, kind: str, cfg: AppConfig, extra: dict | None = None) -> int:
+    """Ray Data writes the parts in parallel as blocks stream by; then one manifest commits them."""
+    fs, path = io.filesystem(out_uri, cfg.storage)
+    token = io.DatasetWriter(out_uri, kind, cfg.storage).token
+    ds.write_parquet(path, filesystem=fs, filename_provider=_names(token))
+    writer = io.DatasetWriter(out_uri, kind, cfg.storage, token=token)
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.base_name.startswith(f"part-{token}") and info.base_name.endswith(".parquet"):
+            writer.add_written(info.base_name, pq.ParquetFile(fs.open_input_file(info.path)).metadata.num_rows)
+    writer.commit(extra)
+    return writer.rows
+
+
+def _names(token: str):
+    """Ray Data file names that carry the writer's token, so the commit can tell ours from stale ones."""
+    from ray.data.datasource import FilenameProvider
+
+    class Names(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{token}-{write_uuid}-{task_index:05d}.parquet"
+
+    return Names(file_format="parquet")
+
+
+# --- manifest and entry point ------------------------------------------------------------------
+
+def _leak_class(name: str) -> tuple[str, str]:
+    """(source method, leak class) of a feature column, for the manifest."""
+    if name.startswith("te_"):
+        return "LAYER6 target encoding", "label-derived: out-of-fold (time folds) or past-only on train; train stats on valid"
+    if any(name.startswith(p) for p in ("user_n", "creator_n", "pair_n")) or (
+            name.split("_")[0] in ("user", "creator", "pair") and any(e in name for e in ENGAGEMENTS)):
+        return "LAYER6/Synerise engagement history", "label-derived: other windows or past-only on train; train totals on valid"
+    if name in GRAPH_COLUMNS:
+        return "CF / Jaccard / Leiden on training interactions", "label-derived: fit on train split only"
+    if "_pca_" in name:
+        return "PCA of embeddings (fit on train rows)", "unsupervised: no labels"
+    if name in TEMPORAL_COLUMNS or name.endswith(TEMPORAL_COLUMNS[-1]):
+        return "Adobe date-time features", "row/account-local: no labels"
+    if name in IMAGE_STAT_COLUMNS or name.startswith("post_") and name[5:] in IMAGE_STAT_COLUMNS:
+        return "SMP 2019 high-level image features", "row-local: no labels"
+    return "row-local statistics / attributes", "no labels"
+
+
+def manifest(tables: dict[str, pa.Schema]) -> list[dict]:
+    out = []
+    for table, schema in tables.items():
+        for field in schema:
+            source, leak = _leak_class(field.name)
+            out.append({"table": table, "name": field.name, "dtype": str(field.type), "source": source, "leak": leak})
+    return out
+
+
+def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | None = None,
+                 interactions_uri: str | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
+    ensure_ray(cfg.ray)
+    started = time.perf_counter()
+    rows = _stream_post_rows(cfg, posts_uri)
+    log(f"post rows streamed: {rows.num_rows:,}")
+    users = pl.from_arrow(io.read_table(users_uri, cfg.storage)) if users_uri else None
+    post_table, post_info = build_post_features(cfg, rows, users)
+    writer = io.DatasetWriter(io.join(out_uri, "posts"), "post_features", cfg.storage)
+    for lo in range(0, post_table.height, 200_000):
+        writer.write(post_table.slice(lo, 200_000).to_arrow())
+    writer.commit(post_info)
+    schemas = {"posts": post_table.to_arrow().schema}
+    summary: dict[str, Any] = {"posts": post_info, "out": out_uri}
+    log(f"post features: {post_table.height:,} rows × {post_table.width} columns")
+    if interactions_uri:
+        imp = build_impression_features(cfg, interactions_uri, users_uri, post_table, io.join(out_uri, "impressions"))
+        summary["impressions"] = imp
+        schemas["impressions"] = pq.read_schema(
+            io.dataset_files(io.join(out_uri, "impressions"), cfg.storage)[0],
+            filesystem=io.filesystem(out_uri, cfg.storage)[0])
+        log(f"impression features: {imp['rows']}")
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    io.write_json(io.join(out_uri, "features.json"), {"summary": summary, "features": manifest(schemas)}, cfg.storage)
+    return summary
