@@ -168,6 +168,65 @@ def synth(
     finish(result, as_json, "synthetic world")
 
 
+@app.command()
+def features(
+    posts_uri: str = typer.Option(..., "--posts", help="Posts dataset (contract)."),
+    out_uri: str = typer.Option(..., "--out", "-o", help="Output directory or s3:// URI for the feature tables."),
+    users_uri: Optional[str] = typer.Option(None, "--users", help="Users dataset (account ages, follower counts)."),
+    impressions_uri: Optional[str] = typer.Option(None, "--impressions", help="Interactions dataset (impression level)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build post-level (and, with --impressions, impression-level) feature tables on Ray Data.
+
+    Writes OUT/posts, OUT/impressions and OUT/features.json (every feature's dtype, source method and
+    leak class). Embeddings are cached by content hash under embed.cache_dir, so re-runs embed nothing twice.
+
+    Example: `engagesim features --posts data/world/posts --users data/world/users --impressions data/world/interactions --out data/features`
+    """
+    from engagesim.pipeline.features import run_features
+
+    cfg = _config(config, overrides)
+    quiet_ray()
+    summary = run_features(cfg, posts_uri, out_uri, users_uri, impressions_uri,
+                           log=lambda m: err.print(f"[green]✓[/green] {m}"))
+    finish(summary, as_json, "features")
+
+
+@pipeline_app.command("behaviour")
+def pipeline_behaviour(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    run_id: Optional[str] = typer.Option(None, help="Run directory name (default: generated)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """data → EDA → features → XGBoost / NN / kNN → ensemble → evaluation, in one run directory.
+
+    The same code as `jobs/behaviour.py` (which `ray job submit` runs on a cluster).
+    """
+    from engagesim.pipeline.behaviour import run
+    from engagesim.report import metric_rows
+
+    cfg = _config(config, overrides)
+    quiet_ray()
+    job = run(cfg, run_id, log=lambda m: err.print(m))
+    if not as_json:
+        print_metrics(metric_rows(job.manifest["metrics"]))
+    finish({"run": job.uri, "status": job.manifest["status"],
+            "report": job.manifest["stages"].get("report", {}).get("outputs", {}).get("report")}, as_json, "behaviour run")
+
+
+def print_metrics(rows: list[dict]) -> None:
+    table = Table(title="validation metrics (later in time than training)")
+    for column in ("level", "model", "metric", "value", "oracle"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["level"], r["model"], r["metric"], f"{r['value']:.4f}",
+                      "" if r["oracle"] is None else f"{r['oracle']:.4f}")
+    out.print(table)
+
+
 def quiet_ray() -> None:
     """Keep Ray Data's per-operator logging out of the terminal; progress bars stay."""
     import logging

@@ -114,10 +114,51 @@ class FeaturesConfig(Section):
     window_hours: int = Field(24, ge=1, description="Width of the non-overlapping history windows.")
     te_mode: Literal["oof", "past"] = Field("oof", description="Target encoding of training rows: time folds or past-only.")
     te_folds: int = Field(5, ge=2, description="Time folds for out-of-fold target encoding.")
-    te_smoothing: float = Field(20.0, ge=0, description="Pseudo-count pulling rare keys towards the prior.")
+    te_smoothing: float = Field(5.0, ge=0, description="Pseudo-count pulling rare keys towards the prior.")
     fourier_scales: int = Field(8, ge=1, description="Scales of the Fourier encoding of numeric features.")
     jaccard_k: int = Field(20, ge=1, description="Jaccard-similar creators kept per creator.")
     blocks: int = Field(8, ge=1, description="Parallel blocks for the Ray Data stages (and output files).")
+
+
+class XGBConfig(Section):
+    preset: Literal["adobe", "layer6"] = Field(
+        "adobe", description="Parameter preset: adobe (max_depth 8, subsample 0.8, colsample_bytree 0.6) or layer6."
+    )
+    params: dict[str, float | int | str] = Field(default_factory=dict, description="xgboost parameters over the preset.")
+    rounds: int = Field(300, ge=1, description="Maximum boosting rounds.")
+    early_stopping: int = Field(30, ge=1, description="Stop after this many rounds without validation improvement.")
+    checkpoint_every: int = Field(50, ge=1, description="Report/checkpoint every K rounds (each report costs ~2 s).")
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel shards).")
+    cpus_per_worker: int = Field(2, ge=1, description="CPUs (and xgboost threads) per Ray Train worker.")
+
+
+class NNConfig(Section):
+    arch: Literal["layer6_mlp", "synerise_ffn"] = Field("layer6_mlp", description="Network family.")
+    layer6_preset: int = Field(0, ge=0, le=2, description="LAYER6 block widths: 0 = [400,800,500,250,100], 1, 2.")
+    width: int = Field(1500, ge=8, description="Synerise residual FFN width.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each block.")
+    epochs: int = Field(4, ge=1, description="Training epochs.")
+    batch_size: int | None = Field(None, ge=2, description="Mini-batch size (None: large, ≥ 50 steps per epoch).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
+
+
+class KNNConfig(Section):
+    k: int = Field(20, ge=1, description="Neighbours that vote.")
+    embedding: Literal["text_emb", "image_emb"] = Field("text_emb", description="Embedding space to search.")
+    ivf_threshold: int = Field(200_000, ge=1, description="Use an IVF index from this many rows (flat below).")
+
+
+class TrainConfig(Section):
+    models: list[Literal["xgb", "nn", "knn"]] = Field(
+        default_factory=lambda: ["xgb", "nn", "knn"], description="Model families to train (knn: post level only)."
+    )
+    ensemble: Literal["loss_weighted", "stacked"] = Field(
+        "stacked", description="How the served ensemble combines models (both are always evaluated)."
+    )
+    xgb: XGBConfig = Field(default_factory=XGBConfig)
+    nn: NNConfig = Field(default_factory=NNConfig)
+    knn: KNNConfig = Field(default_factory=KNNConfig)
 
 
 class ReportConfig(Section):
@@ -143,6 +184,7 @@ class AppConfig(Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

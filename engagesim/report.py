@@ -128,3 +128,79 @@ def eda(posts_uri: str, out_dir: str, storage: StorageConfig | None = None, top_
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# --- behaviour models ---------------------------------------------------------------------------
+
+def metric_rows(metrics: dict) -> list[dict]:
+    """Flat rows (level, model, metric, value, oracle) for tables: one place that reads the metrics layout."""
+    rows: list[dict] = []
+    post = metrics.get("post_level", {})
+    oracle_rmse = post.get("oracle", {}).get("rmse")
+    for group in ("baselines", "models"):
+        for name, values in post.get(group, {}).items():
+            rows.append({"level": "post", "model": name, "metric": "rmse", "value": values["rmse"], "oracle": oracle_rmse})
+    for name, values in post.get("ensemble", {}).items():
+        if isinstance(values, dict):
+            rows.append({"level": "post", "model": f"ensemble:{name}", "metric": "rmse", "value": values["rmse"],
+                         "oracle": oracle_rmse})
+    imp = metrics.get("impression_level", {})
+    oracle = imp.get("oracle", {})
+    members = {**imp.get("models", {}), **{f"ensemble:{k}": v for k, v in imp.get("ensemble", {}).items()
+                                           if k in ("loss_weighted", "stacked")}}
+    for name, per in members.items():
+        for engagement, values in per.items():
+            for metric in ("ap", "rce"):
+                rows.append({"level": "impression", "model": name, "metric": f"{metric}_{engagement}",
+                             "value": values[metric], "oracle": oracle.get(engagement, {}).get(metric)})
+    return rows
+
+
+def behaviour_report(metrics: dict, out_dir: str) -> str:
+    """metrics.json, bar charts against baselines/oracle, and index.html."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    rows = metric_rows(metrics)
+    plots = []
+    post = [r for r in rows if r["level"] == "post"]
+    if post:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.barh([r["model"] for r in post], [r["value"] for r in post], color="#4477aa")
+        if post[0]["oracle"] is not None:
+            ax.axvline(post[0]["oracle"], color="#ee6677", linestyle="--", label="oracle")
+            ax.legend()
+        ax.set_xlabel("RMSE on log1p(likes) — validation (later in time)")
+        plots.append(_save(fig, out / "post_rmse.png"))
+    imp = [r for r in rows if r["level"] == "impression" and r["metric"].startswith("rce_")]
+    if imp:
+        models = list(dict.fromkeys(r["model"] for r in imp))
+        engagements = list(dict.fromkeys(r["metric"][4:] for r in imp))
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        width = 0.8 / (len(models) + 1)
+        for i, m in enumerate(models):
+            vals = [next(r["value"] for r in imp if r["model"] == m and r["metric"] == f"rce_{e}") for e in engagements]
+            ax.bar(np.arange(len(engagements)) + i * width, vals, width, label=m)
+        oracle = [next((r["oracle"] for r in imp if r["metric"] == f"rce_{e}"), None) for e in engagements]
+        if all(o is not None for o in oracle):
+            ax.bar(np.arange(len(engagements)) + len(models) * width, oracle, width, label="oracle", color="#bbbbbb")
+        ax.set_xticks(np.arange(len(engagements)) + 0.4 - width / 2, engagements)
+        ax.set_ylabel("RCE (validation)")
+        ax.legend(fontsize=7)
+        plots.append(_save(fig, out / "impression_rce.png"))
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    table = "".join(
+        f"<tr><td>{r['level']}</td><td>{html.escape(r['model'])}</td><td>{r['metric']}</td>"
+        f"<td>{cell(r['value'])}</td><td>{cell(r['oracle'])}</td></tr>"
+        for r in rows
+    )
+    images = "".join(f'<figure><img src="{p}" alt="{p}"></figure>' for p in plots)
+    (out / "index.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>engagesim behaviour models</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto} td{padding:2px 8px}</style></head>"
+        f"<body><h1>Behaviour models — validation metrics</h1>{images}<table><tr><th>level</th><th>model</th>"
+        f"<th>metric</th><th>value</th><th>oracle</th></tr>{table}</table></body></html>"
+    )
+    return str(out / "index.html")

@@ -1,4 +1,4 @@
-"""Ray job entrypoint: the behaviour pipeline.
+"""Ray job entrypoint: the behaviour pipeline (data → EDA → features → models → evaluation).
 
 Locally: `python jobs/behaviour.py --config configs/local.yaml` (what `make demo` runs).
 On a cluster: `ray job submit --working-dir . -- python jobs/behaviour.py --config configs/cluster.yaml`.
@@ -8,8 +8,10 @@ import argparse
 import json
 import sys
 
+from engagesim.cli import print_metrics, quiet_ray
 from engagesim.config import ConfigError, load_config
 from engagesim.pipeline.behaviour import run
+from engagesim.report import metric_rows
 
 
 def main() -> int:
@@ -23,8 +25,12 @@ def main() -> int:
     except ConfigError as exc:
         print(f"config error:\n{exc}", file=sys.stderr)
         return 2
+    quiet_ray()
     job = run(config, args.run_id)
-    print(json.dumps({"run": job.uri, "status": job.manifest["status"], "metrics": job.manifest["metrics"]}, default=str))
+    print_metrics(metric_rows(job.manifest["metrics"]))
+    report = job.manifest["stages"].get("report", {}).get("outputs", {}).get("report")
+    print(f"run directory: {job.uri}\nreport: {report}")
+    print(json.dumps({"run": job.uri, "status": job.manifest["status"], "report": report}))
     return 0
 
 

@@ -86,7 +86,6 @@ def target_encode_train(
     """Target encoding of training rows in which no row ever sees its own label."""
     target = np.asarray(target, dtype=np.float64)
     name = keys.name or "key"
-    prior = float(target.mean()) if len(target) else 0.0
     if mode == "oof":
         fold = time_folds(times, folds)
         df = pl.DataFrame({name: keys, "y": target, "fold": fold})
@@ -100,6 +99,10 @@ def target_encode_train(
         )
         s = (joined["S"] - joined["s"]).to_numpy().astype(float)
         c = (joined["C"] - joined["c"]).to_numpy().astype(float)
+        # The prior, too, comes from the other folds only: a global mean would carry the row's own label.
+        fold_sum = np.bincount(fold, weights=target, minlength=folds)
+        fold_n = np.bincount(fold, minlength=folds).astype(float)
+        prior = ((target.sum() - fold_sum) / np.maximum(len(target) - fold_n, 1))[fold]
         return (s + prior * smoothing) / (c + smoothing)
     if mode == "past":
         df = pl.DataFrame({name: keys, "y": target, "t": np.asarray(times)}).with_row_index("_i")
@@ -111,6 +114,12 @@ def target_encode_train(
         )
         joined = df.join(per_t.select(name, "t", "S", "C"), on=[name, "t"], how="left").sort("_i")
         s, c = joined["S"].to_numpy().astype(float), joined["C"].to_numpy().astype(float)
+        # Prior: the mean of every strictly earlier row (0 before the first).
+        by_t = pl.DataFrame({"t": np.asarray(times), "y": target}).group_by("t").agg(
+            pl.col("y").sum().alias("s"), pl.len().alias("c")).sort("t").with_columns(
+            (pl.col("s").cum_sum() - pl.col("s")).alias("S"), (pl.col("c").cum_sum() - pl.col("c")).alias("C"))
+        prior_t = pl.DataFrame({"t": np.asarray(times)}).join(by_t, on="t", how="left", maintain_order="left")
+        prior = (prior_t["S"] / prior_t["C"].clip(lower_bound=1)).to_numpy().astype(float)
         return (s + prior * smoothing) / (c + smoothing)
     raise ValueError(f"target encoding mode must be 'oof' or 'past', not {mode!r}")
 

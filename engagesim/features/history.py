@@ -23,7 +23,8 @@ import polars as pl
 from engagesim.schema import ENGAGEMENTS
 
 Mode = Literal["window", "past", "apply"]
-GROUPS = {"user": ["user_id"], "creator": ["creator_id"], "pair": ["user_id", "creator_id"]}
+# "post": how this post has done with other viewers (other windows) — Synerise-style item history.
+GROUPS = {"user": ["user_id"], "creator": ["creator_id"], "pair": ["user_id", "creator_id"], "post": ["post_id"]}
 HOUR_US = 3_600_000_000
 
 
@@ -92,7 +93,7 @@ def feature_tables(aggregates: dict[str, pl.DataFrame], mode: Mode) -> dict[str,
 
 def join_history(rows: pl.DataFrame, tables: dict[str, pl.DataFrame], mode: Mode) -> pl.DataFrame:
     """History features for ``rows`` from ``feature_tables``; row-aligned with ``rows``."""
-    base = rows.select("user_id", "creator_id", "window", "t_us").with_row_index("_i")
+    base = rows.select("user_id", "creator_id", "post_id", "window", "t_us").with_row_index("_i")
     out_cols = []
     for prefix, keys in GROUPS.items():
         on = keys if mode == "apply" else [*keys, "window"]

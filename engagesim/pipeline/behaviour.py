@@ -43,18 +43,52 @@ def data_stage(run: Run) -> dict[str, str]:
 
 
 def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None] = print) -> Run:
+    """data → EDA → features → models → evaluation, each stage recorded in the run manifest."""
+    from engagesim.pipeline.features import run_features
+    from engagesim.pipeline.runtime import ensure_ray
+    from engagesim.pipeline.train import train_impression_level, train_post_level
+    from engagesim.report import behaviour_report
+
     job = Run.create(config, "behaviour", run_id)
     log(f"run directory: {job.uri}")
     try:
+        ensure_ray(config.ray)
         with Timer() as t:
             datasets = data_stage(job)
         job.stage("data", datasets, t.seconds)
-        log(f"data: {datasets} ({t.seconds:.1f}s)")
+        log(f"data ({t.seconds:.1f}s): {', '.join(datasets)}")
+
         with Timer() as t:
             summary: dict[str, Any] = eda(datasets["posts"], job.path("reports", "eda"), config.storage,
                                           config.report.top_accounts)
         job.stage("eda", {"report": summary["out"]}, t.seconds)
-        log(f"eda report: {summary['out']} ({t.seconds:.1f}s)")
+        log(f"eda report ({t.seconds:.1f}s): {summary['out']}")
+
+        with Timer() as t:
+            feats = run_features(config, datasets["posts"], job.path("features"), datasets.get("users"),
+                                 datasets.get("interactions"), log=lambda m: log(f"  {m}"))
+        job.stage("features", {"posts": job.path("features", "posts"),
+                               **({"impressions": job.path("features", "impressions")} if "impressions" in feats else {}),
+                               "manifest": job.path("features", "features.json")}, t.seconds)
+        log(f"features ({t.seconds:.1f}s)")
+
+        models_dir = job.path("models")
+        with Timer() as t:
+            post = train_post_level(config, job.path("features", "posts"), models_dir, datasets.get("truth/posts"),
+                                    log=lambda m: log(f"  {m}"))
+        job.metrics("post_level", post)
+        job.stage("train_post_level", {"models": job.path("models", "post")}, t.seconds)
+        log(f"post-level models ({t.seconds:.1f}s)")
+        if "impressions" in feats:
+            with Timer() as t:
+                impression = train_impression_level(config, job.path("features", "impressions"), models_dir,
+                                                    datasets.get("truth/interactions"), log=lambda m: log(f"  {m}"))
+            job.metrics("impression_level", impression)
+            job.stage("train_impression_level", {"models": job.path("models", "impression")}, t.seconds)
+            log(f"impression-level models ({t.seconds:.1f}s)")
+        with Timer() as t:
+            report = behaviour_report(job.manifest["metrics"], job.path("reports", "behaviour"))
+        job.stage("report", {"report": report}, t.seconds)
     except BaseException:
         job.finish("failed")
         raise

@@ -165,6 +165,11 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
     info: dict[str, Any] = {"rows": n, "train_rows": int(train.sum()), "valid_rows": int((~train).sum())}
     if has_likes:
         parts.append(_target_encodings(df, y, train, cfg))
+    if users is not None:
+        author = df.select("author_id").join(
+            _user_attributes(users).rename({"user_id": "author_id"}), on="author_id", how="left", maintain_order="left")
+        parts.append(author.select(pl.col(c).alias(f"author_{c}")
+                                   for c in ("follower_count", "following_count", "follower_ratio", "verified")))
     top_langs = df.filter(pl.Series(train))["language"].drop_nulls().value_counts(sort=True).head(8)["language"].to_list()
     parts.append(encodings.one_hot(df["language"], top_langs, "lang"))
     if "clarity_contrast" in df.columns:
@@ -278,7 +283,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     train_tables = history.feature_tables(aggregates, f.history_mode)
     apply_tables = history.feature_tables(aggregates, "apply")
 
-    narrow = ds.select_columns(["user_id", "creator_id", "impression_at", "follows_creator",
+    narrow = ds.select_columns(["user_id", "creator_id", "post_id", "impression_at", "follows_creator",
                                 *[f"{e}_at" for e in ENGAGEMENTS]])
     train_rows = history.with_labels_and_windows(pl.from_arrow(_collect(narrow)), origin_us, f.window_hours)
     train_rows = train_rows.filter(pl.col("t_us") < cutoff_us)
@@ -329,18 +334,21 @@ def _names(token: str):
 
 def _leak_class(name: str) -> tuple[str, str]:
     """(source method, leak class) of a feature column, for the manifest."""
-    if name.startswith("te_"):
-        return "LAYER6 target encoding", "label-derived: out-of-fold (time folds) or past-only on train; train stats on valid"
-    if any(name.startswith(p) for p in ("user_n", "creator_n", "pair_n")) or (
-            name.split("_")[0] in ("user", "creator", "pair") and any(e in name for e in ENGAGEMENTS)):
-        return "LAYER6/Synerise engagement history", "label-derived: other windows or past-only on train; train totals on valid"
-    if name in GRAPH_COLUMNS:
+    head = name.split("_")[0]
+    if head in history.GROUPS and (name == f"{head}_n" or any(f"_{e}_" in name for e in ENGAGEMENTS)):
+        return ("LAYER6/Synerise engagement history",
+                "label-derived: other windows or past-only on train; train totals on valid")
+    base = name[len("post_"):] if name.startswith("post_") else name
+    if base.startswith("te_"):
+        return ("LAYER6 target encoding",
+                "label-derived: out-of-fold (time folds) or past-only on train; train stats on valid")
+    if base in GRAPH_COLUMNS:
         return "CF / Jaccard / Leiden on training interactions", "label-derived: fit on train split only"
-    if "_pca_" in name:
+    if "_pca_" in base:
         return "PCA of embeddings (fit on train rows)", "unsupervised: no labels"
-    if name in TEMPORAL_COLUMNS or name.endswith(TEMPORAL_COLUMNS[-1]):
+    if base in TEMPORAL_COLUMNS or base.endswith("account_age_days"):
         return "Adobe date-time features", "row/account-local: no labels"
-    if name in IMAGE_STAT_COLUMNS or name.startswith("post_") and name[5:] in IMAGE_STAT_COLUMNS:
+    if base in IMAGE_STAT_COLUMNS:
         return "SMP 2019 high-level image features", "row-local: no labels"
     return "row-local statistics / attributes", "no labels"
 

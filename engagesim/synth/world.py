@@ -184,7 +184,9 @@ class World:
         offset = (rng.random(n) * np.maximum(size, 1)).astype(np.int64)
         users[pick] = self.community_order[start[pick] + offset[pick]]
         delay = rng.exponential(8 * US_PER_HOUR, n).astype(np.int64)
-        impression = np.minimum(self.post_created_us[posts] + delay, self.end_us - US_PER_SECOND)
+        # Wrap (not clip) delays that run past the period, so impression times stay distinct.
+        remaining = np.maximum(self.end_us - self.post_created_us[posts], 1)
+        impression = self.post_created_us[posts] + delay % remaining
         creators = self.author_user(posts)
         follows = self.follows(users, creators)
         hour = (impression // US_PER_HOUR) % 24
@@ -306,7 +308,7 @@ def build_world(cfg: SynthConfig) -> World:
         + 0.05 * n_hashtags
         + 0.15 * (sentiment > 0)
         - 0.1 * (sentiment < 0)
-        + 0.8 * quality
+        + 0.3 * quality  # the part of a post's appeal no feature can see
     )
     post_weight = np.exp(0.5 * (mu - mu.max()))
     post_cdf = np.cumsum(post_weight) / post_weight.sum()

@@ -1,0 +1,44 @@
+"""Ensembles: weights from validation loss (Adobe team 83) or a stacked linear model.
+
+Loss-weighted: w_i ∝ 1 / loss_i over the models, normalised to sum to 1 —
+a model twice as good on validation gets twice the say. Stacked: a ridge
+(regression) or logistic (binary) model on the members' validation
+predictions, fit with cross-validation so its score is honest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.model_selection import cross_val_predict
+
+
+def loss_weights(losses: dict[str, float]) -> dict[str, float]:
+    inv = {k: 1.0 / max(v, 1e-12) for k, v in losses.items()}
+    total = sum(inv.values())
+    return {k: v / total for k, v in inv.items()}
+
+
+def weighted(preds: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    return sum(weights[k] * preds[k] for k in weights)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def stacked_cv(preds: dict[str, np.ndarray], y: np.ndarray, task: str, folds: int = 5):
+    """Out-of-fold stacked predictions on the validation rows, and the stacker fit on all of them."""
+    names = sorted(preds)
+    x = np.column_stack([_logit(preds[n]) if task == "binary" else preds[n] for n in names])
+    model = LogisticRegression(C=1.0, max_iter=1000) if task == "binary" else Ridge(alpha=1.0)
+    method = "predict_proba" if task == "binary" else "predict"
+    oof = cross_val_predict(model, x, y, cv=folds, method=method)
+    model.fit(x, y)
+    return (oof[:, 1] if task == "binary" else oof), model, names
+
+
+def stacked_apply(model, names: list[str], preds: dict[str, np.ndarray], task: str) -> np.ndarray:
+    x = np.column_stack([_logit(preds[n]) if task == "binary" else preds[n] for n in names])
+    return model.predict_proba(x)[:, 1] if task == "binary" else model.predict(x)

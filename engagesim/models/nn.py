@@ -1,0 +1,246 @@
+"""Neural classifiers of the RecSys 2021 winners, trained with Ray Train's ``TorchTrainer``.
+
+- ``layer6_mlp``: LAYER6's 5 ReLU blocks (presets [400,800,500,250,100], [500,900,600,250,100],
+  [512,1024,500,250,100]) with dropout, a sigmoid head per engagement, BCE, and a
+  sign·log1p input transform.
+- ``synerise_ffn``: Synerise's 3-layer residual feed-forward net (width 1500, leaky ReLU,
+  batch norm) on Fourier-encoded numerics.
+
+The model, its input normaliser and the training step are plain torch (a test
+calls ``train_epochs`` directly); ``fit_ray`` wraps them for data-parallel DDP
+(or DeepSpeed ZeRO-2 when configured) across Ray workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LAYER6_PRESETS = [[400, 800, 500, 250, 100], [500, 900, 600, 250, 100], [512, 1024, 500, 250, 100]]
+
+
+@dataclass
+class NNSpec:
+    arch: str = "layer6_mlp"  # layer6_mlp | synerise_ffn
+    n_inputs: int = 0
+    n_outputs: int = 4
+    task: str = "binary"  # binary (sigmoid + BCE) | regression (identity + MSE)
+    hidden: list[int] = field(default_factory=lambda: list(LAYER6_PRESETS[0]))
+    dropout: float = 0.1
+    width: int = 1500
+    fourier_scales: int = 8
+    mean: list[float] = field(default_factory=list)  # input normaliser, fit on training rows
+    std: list[float] = field(default_factory=list)
+
+
+class InputTransform(nn.Module):
+    """NaN → 0, sign·log1p(|x|) (LAYER6), then standardise with training statistics."""
+
+    def __init__(self, mean: list[float], std: list[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    @staticmethod
+    def raw(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.sign(x) * torch.log1p(torch.abs(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.raw(x) - self.mean) / self.std
+
+
+class FourierEncoding(nn.Module):
+    """Synerise: [sin(x / 2^s), cos(x / 2^s)] for s = 0..scales-1, concatenated with x."""
+
+    def __init__(self, scales: int):
+        super().__init__()
+        self.register_buffer("div", 2.0 ** torch.arange(scales, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.unsqueeze(-1) / self.div
+        return torch.cat([x, torch.sin(z).flatten(1), torch.cos(z).flatten(1)], dim=1)
+
+
+class Layer6MLP(nn.Module):
+    def __init__(self, spec: NNSpec):
+        super().__init__()
+        layers, width = [], spec.n_inputs
+        for h in spec.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(spec.dropout)]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, spec.n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.LeakyReLU(), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class SyneriseFFN(nn.Module):
+    def __init__(self, spec: NNSpec):
+        super().__init__()
+        self.fourier = FourierEncoding(spec.fourier_scales)
+        n_in = spec.n_inputs * (1 + 2 * spec.fourier_scales)
+        self.input = nn.Sequential(nn.Linear(n_in, spec.width), nn.BatchNorm1d(spec.width), nn.LeakyReLU())
+        self.blocks = nn.Sequential(*[ResidualBlock(spec.width, spec.dropout) for _ in range(3)])
+        self.head = nn.Linear(spec.width, spec.n_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.input(self.fourier(x))))
+
+
+class EngagementNet(nn.Module):
+    """Input transform + body; ``forward`` returns logits (binary) or values (regression)."""
+
+    def __init__(self, spec: NNSpec):
+        super().__init__()
+        self.spec = spec
+        self.transform = InputTransform(spec.mean, spec.std)
+        self.body = Layer6MLP(spec) if spec.arch == "layer6_mlp" else SyneriseFFN(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.transform(x))
+
+    @torch.inference_mode()
+    def predict(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+        self.eval()
+        outs = []
+        for lo in range(0, len(x), batch_size):
+            out = self(torch.from_numpy(np.ascontiguousarray(x[lo:lo + batch_size])))
+            outs.append(torch.sigmoid(out) if self.spec.task == "binary" else out)
+        return torch.cat(outs).numpy() if outs else np.zeros((0, self.spec.n_outputs), np.float32)
+
+
+def fit_normaliser(x: np.ndarray) -> tuple[list[float], list[float]]:
+    raw = InputTransform.raw(torch.from_numpy(x)).numpy()
+    mean, std = raw.mean(axis=0), raw.std(axis=0)
+    return mean.tolist(), np.where(std < 1e-6, 1.0, std).tolist()
+
+
+def loss_fn(task: str):
+    return nn.BCEWithLogitsLoss() if task == "binary" else nn.MSELoss()
+
+
+def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: float,
+                 seed: int = 0, optimizer: torch.optim.Optimizer | None = None) -> list[float]:
+    """Plain mini-batch training; returns the mean loss per epoch."""
+    torch.manual_seed(seed)
+    spec = model.module.spec if hasattr(model, "module") else model.spec
+    criterion = loss_fn(spec.task)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
+    rng = np.random.default_rng(seed)
+    history = []
+    for _ in range(epochs):
+        model.train()
+        order = rng.permutation(len(x))
+        total, count = 0.0, 0
+        for lo in range(0, len(x), batch_size):
+            idx = order[lo:lo + batch_size]
+            if len(idx) < 2:
+                continue
+            xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+            optimizer.zero_grad()
+            loss = criterion(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(idx)
+            count += len(idx)
+        history.append(total / max(count, 1))
+    return history
+
+
+def _train_fn_per_worker(config: dict) -> None:
+    """Each Ray worker: its shard of rows, DDP-wrapped model, a checkpoint (safetensors) per epoch."""
+    import tempfile
+
+    import pyarrow as pa
+    import ray.train
+    import ray.train.torch
+
+    from engagesim.models.data import matrix
+
+    spec = NNSpec(**config["spec"])
+    shard = ray.train.get_dataset_shard("train")
+    table = pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=None)))
+    x = matrix(table, config["features"])
+    y = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in config["labels"]]).astype(np.float32)
+    model = EngagementNet(spec)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+            start_epoch = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-5)
+    for epoch in range(start_epoch, config["epochs"]):
+        losses = train_epochs(model, x, y, 1, config["batch_size"], config["lr"], seed=epoch, optimizer=optimizer)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if ray.train.get_context().get_world_rank() == 0:
+                inner = model.module if hasattr(model, "module") else model
+                save_file(inner.state_dict(), str(Path(d) / "model.safetensors"))
+                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"epoch": epoch, "loss": losses[-1]}, checkpoint=ckpt)
+
+
+def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, storage_path: str, name: str,
+            epochs: int = 3, batch_size: int = 4096, lr: float = 1e-3, workers: int = 1,
+            use_gpu: bool = False, max_failures: int = 2) -> EngagementNet:
+    """Data-parallel training on Ray (DDP over gloo on CPU, NCCL on GPU); returns the trained model."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _train_fn_per_worker,
+        train_loop_config={"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": epochs,
+                           "batch_size": batch_size, "lr": lr},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+        datasets={"train": ray.data.from_arrow(train.select(features + label_columns))},
+    )
+    result = trainer.fit()
+    model = EngagementNet(spec)
+    with result.checkpoint.as_directory() as d:
+        model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+    return model.eval()
+
+
+def save(model: EngagementNet, directory: str, features: list[str]) -> None:
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"spec": asdict(model.spec), "features": features}, indent=2))
+
+
+def load(directory: str) -> tuple[EngagementNet, list[str]]:
+    path = Path(directory)
+    meta = json.loads((path / "config.json").read_text())
+    model = EngagementNet(NNSpec(**meta["spec"]))
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model.eval(), meta["features"]
+
+
+def default_batch(n_rows: int, workers: int) -> int:
+    """Large batches (LAYER6 used large ones) but at least ~50 steps per epoch per worker."""
+    return int(max(256, min(8192, 2 ** math.floor(math.log2(max(n_rows // (50 * workers), 1))))))

@@ -1,0 +1,188 @@
+"""XGBoost boosters trained with Ray Train's ``XGBoostTrainer`` (the maintained successor of xgboost_ray).
+
+The per-worker function is ordinary xgboost code; Ray adds data sharding,
+the collective between workers, checkpoints every K rounds (reporting every
+round costs ~2 s each on this machine) and restarts from the last checkpoint
+after a worker failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import xgboost as xgb
+
+from engagesim.models.data import matrix
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Adobe Behaviour Simulation, team 83.
+    "adobe": {"max_depth": 8, "subsample": 0.8, "colsample_bytree": 0.6, "eta": 0.05, "min_child_weight": 1},
+    # RecSys 2021, LAYER6 (one binary booster per engagement).
+    "layer6": {"max_depth": 8, "subsample": 0.8, "colsample_bytree": 0.8, "eta": 0.1, "min_child_weight": 10},
+}
+
+
+def params_for(preset: str, objective: str, overrides: dict[str, Any] | None = None, gpu: bool = False) -> dict:
+    params = {**PRESETS[preset], "objective": objective, "tree_method": "hist", "nthread": 1}
+    params["eval_metric"] = "rmse" if objective.startswith("reg") else "logloss"
+    if gpu:
+        params["device"] = "cuda"
+    params.update(overrides or {})
+    return params
+
+
+def dmatrix(table: pa.Table, features: list[str], label: str | None) -> xgb.DMatrix:
+    y = None if label is None else table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
+    return xgb.DMatrix(matrix(table, features), label=y, feature_names=features, missing=np.nan)
+
+
+def train_booster(dtrain: xgb.DMatrix, dvalid: xgb.DMatrix | None, params: dict, rounds: int,
+                  early_stopping: int | None = None, callbacks: list | None = None,
+                  xgb_model: xgb.Booster | None = None) -> xgb.Booster:
+    """Plain xgboost.train — what each Ray worker runs, and what the benchmark's baseline runs."""
+    evals = [(dtrain, "train")] + ([(dvalid, "valid")] if dvalid is not None else [])
+    return xgb.train(params, dtrain, num_boost_round=rounds, evals=evals, verbose_eval=False,
+                     early_stopping_rounds=early_stopping if dvalid is not None else None,
+                     callbacks=callbacks or [], xgb_model=xgb_model)
+
+
+class CheckpointEveryK(xgb.callback.TrainingCallback):
+    """Report to Ray Train, with a checkpoint, every K rounds and at the end — never every round.
+
+    Ray's own RayTrainReportCallback reports metrics after *every* round
+    (``frequency`` only thins the checkpoints), and each report costs ~2 s here.
+    The checkpoint file name matches Ray's, so ``RayTrainReportCallback.get_model`` reads it.
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.last_reported = -1
+
+    def _report(self, model: xgb.Booster, evals_log: dict, iteration: int) -> None:
+        import tempfile
+
+        import ray.train
+
+        metrics = {f"{data}-{metric}": float(values[-1]) for data, per in evals_log.items()
+                   for metric, values in per.items() if values}
+        metrics["round"] = iteration + 1
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if ray.train.get_context().get_world_rank() == 0:
+                model.save_model(str(Path(d) / "model.ubj"))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        self.last_reported = iteration
+
+    def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict) -> bool:
+        if (epoch + 1) % self.every == 0:
+            self._report(model, evals_log, epoch)
+        return False
+
+    def after_training(self, model: xgb.Booster) -> xgb.Booster:
+        rounds = model.num_boosted_rounds()
+        if self.last_reported != rounds - 1:
+            self._report(model, {}, rounds - 1)
+        return model
+
+
+class CrashOnce(xgb.callback.TrainingCallback):
+    """Chaos testing: kill this worker process at a given round, once (a marker file remembers)."""
+
+    def __init__(self, at_round: int, marker: str):
+        self.at_round, self.marker = at_round, marker
+
+    def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict) -> bool:
+        import os
+
+        if model.num_boosted_rounds() >= self.at_round and not Path(self.marker).exists():
+            Path(self.marker).write_text(str(model.num_boosted_rounds()))
+            os._exit(1)
+        return False
+
+
+def _shard_table(name: str) -> pa.Table | None:
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard(name)
+    except KeyError:  # no such dataset was given to the trainer
+        return None
+    tables = [b for b in shard.iter_batches(batch_format="pyarrow", batch_size=None)]
+    return pa.concat_tables(tables) if tables else None
+
+
+def _train_fn_per_worker(config: dict) -> None:
+    import ray.train
+    from ray.train.xgboost import RayTrainReportCallback
+
+    train = _shard_table("train")
+    valid = _shard_table("valid")
+    dtrain = dmatrix(train, config["features"], config["label"])
+    dvalid = dmatrix(valid, config["features"], config["label"]) if valid is not None else None
+    start_model, rounds = None, config["rounds"]
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resumed after a failure: continue from the last checkpointed round
+        start_model = RayTrainReportCallback.get_model(checkpoint)
+        rounds -= start_model.num_boosted_rounds()
+    callbacks = [CheckpointEveryK(config["checkpoint_every"])]
+    if config.get("inject_failure"):
+        callbacks.append(CrashOnce(**config["inject_failure"]))
+    if start_model is not None and config.get("inject_failure"):
+        Path(config["inject_failure"]["marker"] + ".resumed").write_text(str(start_model.num_boosted_rounds()))
+    train_booster(dtrain, dvalid, config["params"], max(rounds, 0), config.get("early_stopping"),
+                  callbacks=callbacks, xgb_model=start_model)
+
+
+def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label: str, params: dict, rounds: int,
+            storage_path: str, name: str, workers: int = 1, checkpoint_every: int = 50,
+            early_stopping: int | None = 30, max_failures: int = 2, use_gpu: bool = False,
+            cpus_per_worker: int = 1, inject_failure: dict | None = None) -> xgb.Booster:
+    """Fit one booster on Ray Train; returns the final model (from the last checkpoint).
+
+    ``inject_failure={"at_round": N, "marker": path}`` kills the worker once at round N (chaos tests).
+    """
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
+
+    datasets = {"train": ray.data.from_arrow(train.select(features + [label]))}
+    if valid is not None and valid.num_rows:
+        datasets["valid"] = ray.data.from_arrow(valid.select(features + [label]))
+    trainer = XGBoostTrainer(
+        _train_fn_per_worker,
+        train_loop_config={"features": features, "label": label, "params": params, "rounds": rounds,
+                           "checkpoint_every": checkpoint_every, "early_stopping": early_stopping,
+                           "inject_failure": inject_failure},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    return RayTrainReportCallback.get_model(result.checkpoint)
+
+
+def save(booster: xgb.Booster, path: str, features: list[str], meta: dict | None = None) -> None:
+    """xgboost's own UBJSON format (never pickle) + a JSON sidecar with the feature order."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    booster.save_model(path)
+    Path(path + ".json").write_text(json.dumps({"features": features, **(meta or {})}, indent=2))
+
+
+def load(path: str) -> tuple[xgb.Booster, dict]:
+    booster = xgb.Booster()
+    booster.load_model(path)
+    return booster, json.loads(Path(path + ".json").read_text())
+
+
+def predict(booster: xgb.Booster, table: pa.Table, features: list[str]) -> np.ndarray:
+    best = getattr(booster, "best_iteration", None)
+    kwargs = {"iteration_range": (0, best + 1)} if best is not None else {}
+    return booster.predict(dmatrix(table, features, None), **kwargs)

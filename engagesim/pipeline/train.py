@@ -1,0 +1,214 @@
+"""The training stage: feature tables → fitted models, validation predictions, metrics.
+
+(config, features URI[, truth URI]) → ``<run>/models/...`` and metrics. Post level:
+XGBoost regression on log1p(likes), the FAISS kNN regressor, an MLP; impression
+level: one XGBoost booster per engagement and a multi-task network. Every
+family is scored on the held-out (later-in-time) split against baselines and,
+on synthetic data, against the oracle; then ensembled by validation loss and
+by a cross-validated stacker.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engagesim import io
+from engagesim.config import AppConfig
+from engagesim.metrics import (
+    average_precision,
+    cross_entropy_sum,
+    grouped,
+    popularity_groups,
+    quantile_edges,
+    rce,
+    rmse,
+)
+from engagesim.models import ensemble, knn, nn, xgb
+from engagesim.models.data import LABELS, feature_columns, matrix
+from engagesim.schema import ENGAGEMENTS
+
+
+def _split(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    is_train = pc.equal(table.column("split"), "train")
+    return table.filter(is_train), table.filter(pc.invert(is_train))
+
+
+def _vectors(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    col = table.column(column).combine_chunks()
+    ok = col.is_valid().to_numpy(zero_copy_only=False)
+    width = col.type.list_size
+    flat = pc.fill_null(col, pa.scalar([0.0] * width, type=col.type)).flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, width).astype(np.float32), ok
+
+
+def _nn_spec(cfg: AppConfig, x: np.ndarray, n_outputs: int, task: str) -> nn.NNSpec:
+    mean, std = nn.fit_normaliser(x)
+    c = cfg.train.nn
+    return nn.NNSpec(arch=c.arch, n_inputs=x.shape[1], n_outputs=n_outputs, task=task,
+                     hidden=list(nn.LAYER6_PRESETS[c.layer6_preset]), dropout=c.dropout, width=c.width,
+                     fourier_scales=cfg.features.fourier_scales, mean=mean, std=std)
+
+
+def _fit_nn(cfg: AppConfig, train: pa.Table, features: list[str], labels: list[str], task: str, storage: str,
+            name: str) -> nn.EngagementNet:
+    x = matrix(train, features)
+    spec = _nn_spec(cfg, x, len(labels), task)
+    c = cfg.train.nn
+    batch = c.batch_size or nn.default_batch(train.num_rows, c.workers)
+    return nn.fit_ray(train, features, labels, spec, storage, name, epochs=c.epochs, batch_size=batch, lr=c.lr,
+                      workers=c.workers, use_gpu=_gpu())
+
+
+def _gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --- post level ---------------------------------------------------------------------------------
+
+def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri: str | None = None,
+                     log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    table = io.read_table(posts_uri, cfg.storage)
+    labelled = table.filter(pc.invert(pc.is_nan(table.column("label_log1p_likes"))))
+    train, valid = _split(labelled)
+    if train.num_rows < 10 or valid.num_rows < 2:
+        return {"skipped": f"too few labelled posts (train {train.num_rows}, valid {valid.num_rows})"}
+    y_tr = train.column("label_log1p_likes").to_numpy()
+    y_va = valid.column("label_log1p_likes").to_numpy()
+    features = feature_columns(table.schema)
+    result: dict[str, Any] = {"rows": {"train": train.num_rows, "valid": valid.num_rows}, "features": len(features)}
+
+    baselines = {"global_mean": np.full(len(y_va), y_tr.mean())}
+    acct = pl.DataFrame({"a": train.column("author_id").to_pylist(), "y": y_tr}).group_by("a").agg(pl.col("y").mean())
+    per = pl.DataFrame({"a": valid.column("author_id").to_pylist()}).join(acct, on="a", how="left", maintain_order="left")
+    baselines["account_mean"] = per["y"].fill_null(y_tr.mean()).to_numpy()
+    result["baselines"] = {k: {"rmse": rmse(y_va, v)} for k, v in baselines.items()}
+
+    preds: dict[str, np.ndarray] = {}
+    timings = {}
+    if "xgb" in cfg.train.models:
+        t = time.perf_counter()
+        params = xgb.params_for(cfg.train.xgb.preset, "reg:squarederror",
+                                {"nthread": cfg.train.xgb.cpus_per_worker, **cfg.train.xgb.params}, _gpu())
+        booster = xgb.fit_ray(train, valid, features, "label_log1p_likes", params, cfg.train.xgb.rounds,
+                              io.join(models_dir, "ray"), "post_xgb", cfg.train.xgb.workers,
+                              cfg.train.xgb.checkpoint_every, cfg.train.xgb.early_stopping, use_gpu=_gpu(),
+                              cpus_per_worker=cfg.train.xgb.cpus_per_worker)
+        xgb.save(booster, io.join(models_dir, "post", "xgb.ubj"), features, {"task": "regression"})
+        preds["xgb"] = xgb.predict(booster, valid, features)
+        timings["xgb"] = time.perf_counter() - t
+        importance = booster.get_score(importance_type="gain")
+        result["xgb_top_features"] = dict(sorted(importance.items(), key=lambda kv: -kv[1])[:15])
+        log(f"post xgb: rmse {rmse(y_va, preds['xgb']):.4f}")
+    if "knn" in cfg.train.models and cfg.train.knn.embedding in table.column_names:
+        t = time.perf_counter()
+        vec_tr, ok_tr = _vectors(train, cfg.train.knn.embedding)
+        vec_va, ok_va = _vectors(valid, cfg.train.knn.embedding)
+        if ok_tr.sum() >= cfg.train.knn.k:
+            model = knn.KNNRegressor(cfg.train.knn.k, cfg.train.knn.ivf_threshold).fit(vec_tr[ok_tr], y_tr[ok_tr])
+            model.save(io.join(models_dir, "post", "knn"))
+            p = np.full(len(y_va), y_tr.mean())
+            p[ok_va] = model.predict(vec_va[ok_va])
+            preds["knn"] = p
+            timings["knn"] = time.perf_counter() - t
+            log(f"post knn: rmse {rmse(y_va, preds['knn']):.4f}")
+    if "nn" in cfg.train.models:
+        t = time.perf_counter()
+        model = _fit_nn(cfg, train, features, ["label_log1p_likes"], "regression", io.join(models_dir, "ray"), "post_nn")
+        nn.save(model, io.join(models_dir, "post", "nn"), features)
+        preds["nn"] = model.predict(matrix(valid, features))[:, 0]
+        timings["nn"] = time.perf_counter() - t
+        log(f"post nn: rmse {rmse(y_va, preds['nn']):.4f}")
+
+    result["models"] = {k: {"rmse": rmse(y_va, v), "seconds": round(timings[k], 1)} for k, v in preds.items()}
+    if len(preds) >= 2:
+        weights = ensemble.loss_weights({k: rmse(y_va, v) for k, v in preds.items()})
+        stacked, _, _ = ensemble.stacked_cv(preds, y_va, "regression")
+        result["ensemble"] = {"loss_weighted": {"rmse": rmse(y_va, ensemble.weighted(preds, weights)),
+                                                "weights": weights},
+                              "stacked": {"rmse": rmse(y_va, stacked)}, "served": cfg.train.ensemble}
+    if truth_uri:
+        truth = pl.from_arrow(io.read_table(truth_uri, cfg.storage, columns=["post_id", "expected_log1p_likes"]))
+        joined = pl.DataFrame({"post_id": valid.column("post_id").to_pylist()}).join(truth, on="post_id", how="left",
+                                                                                    maintain_order="left")
+        result["oracle"] = {"rmse": rmse(y_va, joined["expected_log1p_likes"].to_numpy())}
+    return result
+
+
+# --- impression level ---------------------------------------------------------------------------
+
+def _impression_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
+    out = {}
+    for k, e in enumerate(ENGAGEMENTS):
+        out[e] = {"ap": average_precision(y[:, k], p[:, k]), "rce": rce(y[:, k], p[:, k]),
+                  "rce_by_popularity": grouped(rce, y[:, k], p[:, k], groups)["mean"],
+                  "ap_by_popularity": grouped(average_precision, y[:, k], p[:, k], groups)["mean"]}
+    return out
+
+
+def train_impression_level(cfg: AppConfig, impressions_uri: str, models_dir: str, truth_uri: str | None = None,
+                           log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    table = io.read_table(impressions_uri, cfg.storage)
+    train, valid = _split(table)
+    if train.num_rows < 100 or valid.num_rows < 10:
+        return {"skipped": f"too few impressions (train {train.num_rows}, valid {valid.num_rows})"}
+    features = feature_columns(table.schema)
+    y_va = np.column_stack([valid.column(c).to_numpy(zero_copy_only=False) for c in LABELS]).astype(np.float32)
+    creator_followers = valid.column("creator_follower_count").to_numpy(zero_copy_only=False)
+    edges = quantile_edges(train.column("creator_follower_count").to_numpy(zero_copy_only=False), 5)
+    groups = popularity_groups(np.nan_to_num(creator_followers), edges)
+    result: dict[str, Any] = {"rows": {"train": train.num_rows, "valid": valid.num_rows}, "features": len(features)}
+
+    preds: dict[str, np.ndarray] = {}
+    if "xgb" in cfg.train.models:
+        t = time.perf_counter()
+        params = xgb.params_for(cfg.train.xgb.preset, "binary:logistic",
+                                {"nthread": cfg.train.xgb.cpus_per_worker, **cfg.train.xgb.params}, _gpu())
+        out = np.zeros_like(y_va)
+        for k, e in enumerate(ENGAGEMENTS):
+            booster = xgb.fit_ray(train, valid, features, f"y_{e}", params, cfg.train.xgb.rounds,
+                                  io.join(models_dir, "ray"), f"impression_xgb_{e}", cfg.train.xgb.workers,
+                                  cfg.train.xgb.checkpoint_every, cfg.train.xgb.early_stopping, use_gpu=_gpu(),
+                                  cpus_per_worker=cfg.train.xgb.cpus_per_worker)
+            xgb.save(booster, io.join(models_dir, "impression", f"xgb_{e}.ubj"), features, {"engagement": e})
+            out[:, k] = xgb.predict(booster, valid, features)
+        preds["xgb"] = out
+        log(f"impression xgb: {time.perf_counter() - t:.1f}s")
+    if "nn" in cfg.train.models:
+        t = time.perf_counter()
+        model = _fit_nn(cfg, train, features, LABELS, "binary", io.join(models_dir, "ray"), "impression_nn")
+        nn.save(model, io.join(models_dir, "impression", "nn"), features)
+        preds["nn"] = model.predict(matrix(valid, features))
+        log(f"impression nn: {time.perf_counter() - t:.1f}s")
+
+    result["models"] = {name: _impression_metrics(y_va, p, groups) for name, p in preds.items()}
+    if len(preds) >= 2:
+        weighted = np.zeros_like(y_va)
+        stacked = np.zeros_like(y_va)
+        weights_by_engagement = {}
+        for k, e in enumerate(ENGAGEMENTS):
+            member = {name: p[:, k] for name, p in preds.items()}
+            losses = {name: cross_entropy_sum(y_va[:, k], v) / len(v) for name, v in member.items()}
+            w = ensemble.loss_weights(losses)
+            weights_by_engagement[e] = w
+            weighted[:, k] = ensemble.weighted(member, w)
+            stacked[:, k], _, _ = ensemble.stacked_cv(member, y_va[:, k], "binary")
+        result["ensemble"] = {"loss_weighted": _impression_metrics(y_va, weighted, groups),
+                              "stacked": _impression_metrics(y_va, stacked, groups),
+                              "weights": weights_by_engagement, "served": cfg.train.ensemble}
+    if truth_uri:
+        truth = pl.from_arrow(io.read_table(truth_uri, cfg.storage,
+                                            columns=["user_id", "post_id", "impression_at",
+                                                     *[f"p_{e}" for e in ENGAGEMENTS]]))
+        keys = pl.from_arrow(valid.select(["user_id", "post_id", "impression_at"]))
+        joined = keys.join(truth, on=["user_id", "post_id", "impression_at"], how="left", maintain_order="left")
+        p_true = np.column_stack([joined[f"p_{e}"].to_numpy() for e in ENGAGEMENTS])
+        result["oracle"] = _impression_metrics(y_va, p_true, groups)
+    return result

@@ -1,0 +1,98 @@
+"""Features and training on the shared local Ray cluster, on a small synthetic world."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from engagesim import io
+from engagesim.config import SynthConfig, load_config
+from engagesim.models import xgb
+from engagesim.models.data import feature_columns
+from engagesim.pipeline.features import run_features
+from engagesim.pipeline.train import train_impression_level, train_post_level
+from engagesim.synth import generate
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def world(ray_local, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("world"))
+    generate(SynthConfig(users=400, posts=1200, impressions=40_000, images=20, rows_per_shard=10_000, days=6, seed=5), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return load_config(None, [f"embed.cache_dir={cache}", "features.valid_hours=24", "embed.pca_components=4",
+                              "train.xgb.rounds=30", "train.xgb.checkpoint_every=10", "train.nn.epochs=2",
+                              "train.nn.layer6_preset=0"])
+
+
+@pytest.fixture(scope="module")
+def features(world, config, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("features"))
+    summary = run_features(config, io.join(world, "posts"), out, io.join(world, "users"), io.join(world, "interactions"))
+    return out, summary
+
+
+def test_feature_tables_and_manifest(features):
+    out, summary = features
+    posts = io.read_table(io.join(out, "posts"))
+    imps = io.read_table(io.join(out, "impressions"))
+    assert posts.num_rows == 1200 and imps.num_rows == 40_000
+    cols = set(imps.column_names)
+    for family in ("n_hashtags", "mean_word_len", "day_of_week", "secs_since_prev_post", "te_author_id",
+                   "te_hashtags_top1", "text_pca_0", "sketch_pca_0", "clarity_contrast", "hue_count"):
+        assert f"post_{family}" in cols, family
+    for family in ("user_like_rate", "pair_reply_count", "creator_n", "post_like_rate", "user_like_secs_since_last",
+                   "cf_similarity", "similar_creators_engaged", "same_community_like", "inv_community_size_quote",
+                   "user_follower_count", "creator_account_age_days", "follows_creator"):
+        assert family in cols, family
+    manifest = json.load(open(os.path.join(out, "features.json")))
+    leak = {f["name"]: f["leak"] for f in manifest["features"] if f["table"] == "impressions"}
+    assert leak["post_te_author_id"].startswith("label-derived") and leak["post_n_words"] == "no labels"
+    split = pc.value_counts(imps.column("split")).to_pylist()
+    assert {s["values"] for s in split} == {"train", "valid"}
+    assert summary["posts"]["images_embedded_now"] > 0
+
+
+def test_second_run_embeds_nothing(features, world, config, tmp_path):
+    summary = run_features(config, io.join(world, "posts"), str(tmp_path / "again"))
+    assert summary["posts"]["texts_embedded_now"] == 0
+    assert summary["posts"]["images_embedded_now"] == 0
+
+
+def test_post_and_impression_models_beat_baselines(features, world, config, tmp_path):
+    out, _ = features
+    post = train_post_level(config, io.join(out, "posts"), str(tmp_path), io.join(world, "truth/posts"))
+    assert post["models"]["xgb"]["rmse"] < post["baselines"]["global_mean"]["rmse"]
+    assert post["oracle"]["rmse"] < post["models"]["xgb"]["rmse"]
+    assert (tmp_path / "post" / "xgb.ubj").exists() and (tmp_path / "post" / "knn" / "index.faiss").exists()
+    imp = train_impression_level(config, io.join(out, "impressions"), str(tmp_path), io.join(world, "truth/interactions"))
+    for name in ("xgb", "nn"):
+        assert imp["models"][name]["like"]["rce"] > 5
+        assert imp["models"][name]["like"]["ap"] > 0.45  # like rate is ~0.4
+    assert imp["oracle"]["like"]["rce"] > imp["models"]["xgb"]["like"]["rce"]
+    assert "stacked" in imp["ensemble"]
+
+
+def test_xgb_worker_killed_resumes_from_checkpoint(features, tmp_path):
+    out, _ = features
+    table = io.read_table(io.join(out, "impressions"))
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    f = feature_columns(table.schema)[:20]
+    marker = str(tmp_path / "crashed")
+    params = xgb.params_for("layer6", "binary:logistic", {"nthread": 1})
+    booster = xgb.fit_ray(train, None, f, "y_like", params, 40, str(tmp_path), "chaos", checkpoint_every=10,
+                          early_stopping=None, inject_failure={"at_round": 25, "marker": marker})
+    assert open(marker).read() == "25"  # the worker really died at round 25...
+    resumed = int(open(marker + ".resumed").read())
+    # ...the retry started from a checkpoint (every 10 rounds; the newest may not be registered yet)...
+    assert 0 < resumed < 25 and resumed % 10 == 0
+    assert booster.num_boosted_rounds() == 40  # ...and finished the job
+    assert np.isfinite(xgb.predict(booster, train.slice(0, 10), f)).all()

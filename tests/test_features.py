@@ -1,0 +1,142 @@
+"""Pure feature transforms on small hand-checked tables (no Ray)."""
+
+import datetime as dt
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engagesim.features import encodings, history
+from engagesim.features.graph import fit_graph
+from engagesim.features.image_stats import image_stats
+from engagesim.features.temporal import temporal_features
+from engagesim.features.text import text_features
+from engagesim.synth.images import draw_image
+
+UTC = dt.timezone.utc
+
+
+def T(hours: float) -> dt.datetime:
+    return dt.datetime(2021, 1, 4, tzinfo=UTC) + dt.timedelta(hours=hours)  # a Monday
+
+
+def test_text_counts_lists_and_cleaning():
+    df = pl.DataFrame({
+        "post_id": ["1", "2"],
+        "text": ["Watch rapper <mention> freestyle for over an HOUR <hyperlink> <hyperlink>",
+                 "Hello @Bob! Is THIS great? #Fun #Tech https://www.x.com/a/b and https://y.org"],
+        "company": ["independent", None],
+    })
+    out = text_features(df).to_dicts()
+    a, b = out
+    assert (a["n_mentions"], a["n_urls"], a["n_hashtags"], a["n_caps_words"]) == (1, 2, 0, 1)
+    assert a["n_words"] == 7  # placeholders are not words
+    assert a["clean_text"] == "watch rapper freestyle over hour independent"  # company appended (Adobe)
+    assert (b["n_questions"], b["n_exclaims"], b["n_hashtags"]) == (1, 1, 2)
+    assert b["hashtags"] == ["fun", "tech"] and b["mentions"] == ["bob"] and b["domains"] == ["x.com", "y.org"]
+    assert b["clean_text"] == "hello great fun tech"  # stop words, urls, mentions, punctuation gone
+
+
+def test_temporal_features():
+    posts = pl.DataFrame({"post_id": ["a", "b", "c"], "author_id": ["x", "x", "y"],
+                          "created_at": [T(30), T(26), T(0)]})
+    users = pl.DataFrame({"user_id": ["x", "y"], "created_at": [T(-48), T(-24)]})
+    out = temporal_features(posts, users).to_dicts()
+    assert [r["post_id"] for r in out] == ["a", "b", "c"]  # caller's order kept
+    assert out[0]["secs_since_prev_post"] == 4 * 3600 and out[1]["secs_since_prev_post"] is None
+    assert out[0]["day_of_week"] == 1 and out[0]["hour"] == 6 and out[2]["day_of_week"] == 0
+    assert out[0]["account_age_days"] == pytest.approx(78 / 24)
+
+
+def test_fourier_and_signed_log():
+    f = encodings.fourier_features(np.array([0.0, np.pi]), scales=2)
+    assert f.shape == (2, 4)
+    np.testing.assert_allclose(f[1], [0, 1, -1, 0], atol=1e-6)  # sin(pi), sin(pi/2), cos(pi), cos(pi/2)
+    np.testing.assert_allclose(encodings.signed_log1p(np.array([-3.0, 0, np.e - 1])), [-np.log(4), 0, 1])
+
+
+def test_one_hot_unknown_is_zero():
+    out = encodings.one_hot(pl.Series(["en", "fr", None]), ["en", "es"], "lang")
+    assert out.to_dicts() == [{"lang=en": 1, "lang=es": 0}, {"lang=en": 0, "lang=es": 0}, {"lang=en": 0, "lang=es": 0}]
+
+
+@pytest.mark.parametrize("mode", ["oof", "past"])
+def test_target_encoding_never_uses_own_label(mode):
+    rng = np.random.default_rng(0)
+    n = 400
+    keys = pl.Series("k", rng.choice(["a", "b", "c"], n))
+    y = rng.random(n)
+    times = np.arange(n)
+    base = encodings.target_encode_train(keys, y, times, mode, folds=4, smoothing=5)
+    for i in (0, 57, 399):
+        flipped = y.copy()
+        flipped[i] = 1000.0
+        # Changing row i's label may change other rows' encodings, never its own.
+        assert encodings.target_encode_train(keys, flipped, times, mode, folds=4, smoothing=5)[i] == pytest.approx(base[i])
+
+
+def test_past_target_encoding_ignores_the_future():
+    keys = pl.Series("k", ["a"] * 4)
+    te = encodings.target_encode_train(keys, np.array([1.0, 0, 0, 0]), np.arange(4), "past", smoothing=0.0001)
+    assert te[1] == pytest.approx(1.0, rel=1e-3) and te[2] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_list_summary_top3_sum_mean():
+    out = encodings.list_te_summary(np.array([0, 0, 0, 0, 2]), np.array([0.1, 0.4, 0.3, 0.2, 0.9]), 3, prior=0.5)
+    np.testing.assert_allclose(out[0], [0.4, 0.3, 0.2, 1.0, 0.25, 4], rtol=1e-6)
+    np.testing.assert_allclose(out[1], [0.5, 0.5, 0.5, 0, 0, 0])  # no list elements → prior, zeros
+    np.testing.assert_allclose(out[2][:4], [0.9, 0.5, 0.5, 0.9], rtol=1e-6)
+
+
+def _impressions(rows):
+    df = pl.DataFrame(rows, schema=["user_id", "creator_id", "impression_at", "like_at"], orient="row")
+    df = df.with_columns(pl.concat_str(pl.lit("p_"), pl.col("creator_id")).alias("post_id"))
+    df = df.with_columns(pl.lit(None, dtype=pl.Datetime("us", "UTC")).alias(c) for c in ("reply_at", "retweet_at", "quote_at"))
+    df = df.with_columns(pl.col("impression_at", "like_at").cast(pl.Datetime("us", "UTC")), pl.lit(True).alias("follows_creator"))
+    return history.with_labels_and_windows(df)
+
+
+def test_history_windows_and_past_mode():
+    rows = [("a", "x", T(1), T(1.1)), ("a", "x", T(25), None), ("a", "x", T(49), T(49.1)), ("b", "x", T(2), None)]
+    d = _impressions(rows)
+    window = history.history_features(d, "window").to_dicts()
+    past = history.history_features(d, "past").to_dicts()
+    # window mode: every other 24h window of the same user (its own window never counts)
+    assert [r["user_like_count"] for r in window] == [1, 2, 1, 0]
+    assert [r["user_n"] for r in window] == [2, 2, 2, 0]
+    # past mode: only earlier windows
+    assert [r["user_like_count"] for r in past] == [0, 1, 1, 0]
+    assert past[2]["user_like_secs_since_last"] == 48 * 3600
+    assert past[0]["user_like_secs_since_last"] is None
+
+
+def test_planted_future_engagement_does_not_change_past_features():
+    rows = [("a", "x", T(1), None), ("a", "x", T(30), T(30.1)), ("a", "y", T(50), None)]
+    before = history.history_features(_impressions(rows), "past")
+    planted = rows + [("a", "x", T(80), T(80.5))]  # a future like
+    after = history.history_features(_impressions(planted), "past").head(3)
+    assert before.equals(after)
+
+
+def test_graph_features():
+    rows = []
+    # users u0,u1 engage with creators c0,c1; u2 with c2 only
+    for u, c in [("u0", "c0"), ("u0", "c1"), ("u1", "c0"), ("u1", "c1"), ("u2", "c2"), ("u1", "c2")]:
+        rows.append((u, c, T(1), T(1.1)))
+    d = _impressions(rows)
+    model = fit_graph(d, jaccard_k=5)
+    f = model.features(pl.Series(["u0", "u2", "zz"]), pl.Series(["c1", "c0", "c0"])).to_dicts()
+    assert f[0]["cf_similarity"] > f[1]["cf_similarity"]  # c1 is like what u0 engages with; c0 less so for u2
+    assert f[2]["cf_similarity"] == 0 and f[2]["same_community_like"] == 0  # unknown user: cold start, no crash
+    assert f[0]["same_community_like"] == 1 and 0 < f[0]["inv_community_size_like"] <= 1
+
+
+def test_image_stats_follow_latents():
+    rng = np.random.default_rng(1)
+    props = rng.random((80, 5))
+    feats = np.array([image_stats(draw_image(p, 96, np.random.default_rng(i))) for i, p in enumerate(props)])
+    corr = lambda a, b: np.corrcoef(a, b)[0, 1]  # noqa: E731
+    assert corr(props[:, 1], feats[:, 2]) > 0.4  # contrast → brightness contrast
+    assert corr(props[:, 2], feats[:, 1]) > 0.3  # hue latent → hue count
+    assert corr(props[:, 3], feats[:, 0]) > 0.4  # clutter/texture → clarity (high frequencies)
+    assert feats[:, 3].min() >= 0 and feats[:, 3].max() <= 9  # entropy of 512 bins, in bits
