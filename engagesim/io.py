@@ -183,6 +183,20 @@ class DatasetWriter:
                 self.fs.delete_file(info.path)
 
 
+def write_named_part(uri: str, name: str, table: pa.Table, kind: str, storage: StorageConfig | None = None) -> int:
+    """Write one part of a dataset from any process (a Ray task); the driver commits it later.
+
+    Contract kinds are cast to their schema; every part carries the kind and version tags.
+    """
+    fs, path = filesystem(uri, storage)
+    fs.create_dir(path, recursive=True)
+    schema = with_metadata(schema_for(kind), kind) if kind in SCHEMAS else None
+    table = table.cast(schema) if schema is not None else table.replace_schema_metadata(
+        {METADATA_KIND_KEY: kind.encode(), METADATA_VERSION_KEY: SCHEMA_VERSION.encode()})
+    write_part(fs, f"{path}/{name}", table)
+    return table.num_rows
+
+
 def write_part(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     with fs.open_output_stream(path) as sink:
         pq.write_table(table, sink, compression="zstd")

@@ -70,9 +70,13 @@ def _top_accounts(df: pl.DataFrame, out: Path, top: int) -> str:
     axes[0].barh(by_posts["username"], by_posts["posts"], color="#ccbb44")
     axes[0].set_title(f"Top {top} accounts by posts")
     by_likes = stats.filter(pl.col("median_likes").is_not_null()).sort("median_likes", descending=True).head(top).reverse()
-    axes[1].barh(by_likes["username"], by_likes["median_likes"], color="#ee6677")
-    axes[1].set_xscale("log")
-    axes[1].set_title(f"Top {top} accounts by median likes")
+    if by_likes.height:
+        axes[1].barh(by_likes["username"], by_likes["median_likes"], color="#ee6677")
+        axes[1].set_xscale("log")
+        axes[1].set_title(f"Top {top} accounts by median likes")
+    else:
+        axes[1].set_axis_off()
+        axes[1].set_title("no like counts in this dataset")
     return _save(fig, out / "top_accounts.png")
 
 

@@ -36,6 +36,12 @@ def data_stage(run: Run) -> dict[str, str]:
     if not sources:
         raise ValueError(f"data.paths: no input files for data.source={cfg.data.source!r}")
     run.add_inputs(sources)
+    if cfg.data.source == "recsys":
+        from engagesim.pipeline.recsys_ingest import ingest_recsys
+
+        summary = ingest_recsys(sources, run.path("data"), cfg, cfg.ingest.tokenizer)
+        run.metrics("ingest", {k: summary[k] for k in ("read", "written", "rejected", "posts", "users")})
+        return {k: v for k, v in summary["datasets"].items() if k in ("users", "posts", "interactions")}
     fmt = "adobe" if cfg.data.source == "adobe" else "parquet"
     summary = ingest(sources, fmt, run.path("data", "posts"), cfg)
     run.metrics("ingest", {"read": summary.read, "written": summary.written, "rejected": summary.rejected})

@@ -219,11 +219,13 @@ def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_
     return pa.table({"prefix": list(aggs), "ipc": pa.array(sink, type=pa.binary())})
 
 
-def _join_impressions(batch: pa.Table, refs: dict, origin_us: int, cutoff_us: int, window_hours: int,
-                      history_mode: str) -> pa.Table:
-    import ray
+def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int, window_hours: int,
+                     history_mode: str) -> pa.Table:
+    """Impression rows + everything fit on the training data (``ctx``) → the impression feature table.
 
-    ctx = {k: ray.get(v) for k, v in refs.items()}
+    Pure: ``ctx`` holds plain objects (history lookup tables, the graph model, user attributes, post
+    features), so the benchmark's single-process baseline calls exactly this on the whole table.
+    """
     df = history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours).with_row_index("_i")
     is_valid = df["t_us"] >= cutoff_us
     parts = []
@@ -259,6 +261,13 @@ def _join_impressions(batch: pa.Table, refs: dict, origin_us: int, cutoff_us: in
         how="horizontal",
     )
     return out.to_arrow()
+
+
+def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
+    """The Ray Data side: fetch the broadcast context once per call and join."""
+    import ray
+
+    return join_impressions(batch, {k: ray.get(v) for k, v in refs.items()}, **kwargs)
 
 
 def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
@@ -298,7 +307,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     refs = {"train_tables": ray.put(train_tables), "apply_tables": ray.put(apply_tables), "graph": ray.put(graph),
             "users": ray.put(users), "posts": ray.put(post_table.select(post_cols).rename(
                 {c: f"post_{c}" for c in post_cols if c != "post_id"}))}
-    joined = ds.map_batches(_join_impressions, batch_format="pyarrow", batch_size=100_000,
+    joined = ds.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
                             fn_kwargs={"refs": refs, "origin_us": origin_us, "cutoff_us": cutoff_us,
                                        "window_hours": f.window_hours, "history_mode": f.history_mode})
     rows = write_streaming(joined, out_uri, "impression_features", cfg, {"cutoff": cutoff_us, "origin": origin_us})

