@@ -23,19 +23,21 @@ def test_minilm_is_real(text_encoder):
     assert text_encoder.model_ref.random_weights is False
 
 
-def _scene(seed):
-    rng = np.random.default_rng(seed)
-    im = Image.new("RGB", (224, 224), tuple(int(c) for c in rng.integers(0, 255, 3)))
-    draw = ImageDraw.Draw(im)
-    for _ in range(6):
-        x, y = rng.integers(0, 180, 2)
-        draw.ellipse((int(x), int(y), int(x) + 60, int(y) + 60), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+def _ball() -> np.ndarray:
+    """A yellow ball on blue: an unambiguous scene (ImageNet top class: ping-pong ball)."""
+    im = Image.new("RGB", (224, 224), (30, 120, 200))
+    ImageDraw.Draw(im).ellipse((60, 60, 160, 160), fill=(250, 200, 0))
     return np.asarray(im)
+
+
+def _checkerboard() -> np.ndarray:
+    tiles = (np.indices((224, 224)) // 28).sum(axis=0) % 2
+    return np.where(tiles[..., None] == 1, [220, 30, 30], [245, 245, 245]).astype(np.uint8)
 
 
 def test_efficientnet_is_real():
     enc = ImageEncoder()
-    a, b = _scene(1), _scene(2)
+    a, b = _ball(), _checkerboard()
     a_small = np.asarray(Image.fromarray(a).resize((200, 200)))
     logits = enc.classify([a, a_small, b])
     assert logits.argmax(1)[0] == logits.argmax(1)[1]  # same top ImageNet class after a resize
