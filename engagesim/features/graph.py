@@ -55,6 +55,7 @@ class GraphModel:
     jaccard_top: sp.csr_matrix  # creators × creators, top-k Jaccard of follower sets (binary)
     communities: dict[str, np.ndarray] = field(default_factory=dict)  # per engagement: users+creators → community
     community_sizes: dict[str, np.ndarray] = field(default_factory=dict)
+    chunk: int = 5_000  # pairs per sparse selection (bounds memory)
 
     def features(self, user_ids: pl.Series, creator_ids: pl.Series) -> pl.DataFrame:
         u = self.users.lookup(user_ids)
@@ -64,14 +65,22 @@ class GraphModel:
         cf = np.zeros(n, dtype=np.float32)
         similar = np.zeros(n, dtype=np.float32)
         if known.any():
-            uk, ck = u[known], c[known]
-            rows = self.engaged[uk]
-            # Item-based CF: how similar this creator is to the creators the user engaged with.
-            cf[known] = np.asarray(rows.multiply(self.creator_sim[ck]).sum(axis=1)).ravel() / np.maximum(
-                rows.getnnz(axis=1), 1
-            )
-            # Engagements of the user with creators whose audiences overlap this creator's.
-            similar[known] = np.asarray(rows.multiply(self.jaccard_top[ck]).sum(axis=1)).ravel()
+            # Each distinct (user, creator) pair once, in bounded chunks: a sparse row selection of
+            # creator_sim costs memory per selected row, and impressions repeat pairs a lot.
+            pairs = np.unique(np.column_stack([u[known], c[known]]), axis=0, return_inverse=True)
+            unique, inverse = pairs[0], pairs[1].ravel()
+            cf_u = np.zeros(len(unique), dtype=np.float32)
+            sim_u = np.zeros(len(unique), dtype=np.float32)
+            for lo in range(0, len(unique), self.chunk):
+                uk, ck = unique[lo:lo + self.chunk, 0], unique[lo:lo + self.chunk, 1]
+                rows = self.engaged[uk]
+                # Item-based CF: how similar this creator is to the creators the user engaged with.
+                cf_u[lo:lo + len(uk)] = np.asarray(rows.multiply(self.creator_sim[ck]).sum(axis=1)).ravel() / np.maximum(
+                    rows.getnnz(axis=1), 1)
+                # Engagements of the user with creators whose audiences overlap this creator's.
+                sim_u[lo:lo + len(uk)] = np.asarray(rows.multiply(self.jaccard_top[ck]).sum(axis=1)).ravel()
+            cf[known] = cf_u[inverse]
+            similar[known] = sim_u[inverse]
         cols = {"cf_similarity": cf, "similar_creators_engaged": similar}
         n_users = len(self.users)
         for e in ENGAGEMENTS:

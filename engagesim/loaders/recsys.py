@@ -199,3 +199,197 @@ def latest_per_key(table: pa.Table, key: str, order: str) -> pa.Table:
 
 def row_numbers(n: int, start: int) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.int64)
+
+
+# --- vectorised fast path ------------------------------------------------------------------------
+
+_DIGITS = r"^[0-9]+$"
+
+
+def _split_list(col: pa.ChunkedArray | pa.Array) -> pa.ListArray:
+    """Tab-separated list field → list<string> (empty string → empty list)."""
+    import pyarrow.compute as pc
+
+    col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+    lists = pc.split_pattern(col, "\t")
+    return pc.if_else(pc.is_null(lists), pa.scalar([], pa.list_(pa.string())), lists).combine_chunks() \
+        if isinstance(lists, pa.ChunkedArray) else pc.if_else(pc.is_null(lists), pa.scalar([], pa.list_(pa.string())), lists)
+
+
+def _bad_elements(lists: pa.ListArray, ok_element) -> np.ndarray:
+    """Rows with at least one list element failing ``ok_element`` (a pyarrow boolean kernel)."""
+    import pyarrow.compute as pc
+
+    n = len(lists)
+    flat = pc.list_flatten(lists)
+    bad = np.zeros(n, dtype=bool)
+    if len(flat):
+        failing = ~ok_element(flat).to_numpy(zero_copy_only=False)
+        bad[pc.list_parent_indices(lists).to_numpy()[failing]] = True
+    return bad
+
+
+def _valid_mask(t: pa.Table) -> np.ndarray:
+    """True where a row passes every rule ``parse_line`` enforces (used to route rows: fast or exact path)."""
+    import pyarrow.compute as pc
+
+    def digits(name: str, allow_empty: bool = False) -> np.ndarray:
+        col = t.column(name)
+        ok = pc.match_substring_regex(col, _DIGITS)
+        if allow_empty:
+            ok = pc.or_(ok, pc.equal(col, ""))
+        return ok.to_numpy(zero_copy_only=False)
+
+    def boolean(name: str) -> np.ndarray:
+        return pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(t.column(name))),
+                        pa.array(["true", "false", "1", "0"])).to_numpy(zero_copy_only=False)
+
+    ok = np.ones(t.num_rows, dtype=bool)
+    for name in ("tweet_id", "engaged_with_user_id", "engaging_user_id"):
+        ok &= pc.not_equal(t.column(name), "").to_numpy(zero_copy_only=False)
+    ok &= pc.is_in(t.column("tweet_type"), pa.array(sorted(TWEET_TYPES))).to_numpy(zero_copy_only=False)
+    ok &= ~_bad_elements(_split_list(t.column("present_media")), lambda f: pc.is_in(f, pa.array(sorted(MEDIA))))
+    ok &= ~_bad_elements(_split_list(t.column("text_tokens")), lambda f: pc.match_substring_regex(f, _DIGITS))
+    for name in ("engaged_with_user_follower_count", "engaged_with_user_following_count",
+                 "engaging_user_follower_count", "engaging_user_following_count", "tweet_timestamp"):
+        ok &= digits(name)
+    for name in ("engaged_with_user_account_creation", "engaging_user_account_creation",
+                 *ENGAGEMENT_COLUMNS.values()):
+        ok &= digits(name, allow_empty=True)
+    for name in ("engaged_with_user_is_verified", "engaging_user_is_verified", "engagee_follows_engager"):
+        ok &= boolean(name)
+    limit = 4_102_444_800
+    tweet = _seconds(t.column("tweet_timestamp"), ok)
+    ok &= tweet <= limit
+    for name in ("engaged_with_user_account_creation", "engaging_user_account_creation"):
+        ok &= np.nan_to_num(_seconds(t.column(name), ok), nan=0) <= limit
+    for name in ENGAGEMENT_COLUMNS.values():
+        at = _seconds(t.column(name), ok)
+        ok &= np.isnan(at) | ((at >= tweet) & (at <= limit))
+    return ok
+
+
+def _seconds(col, ok: np.ndarray) -> np.ndarray:
+    """Digit strings → float seconds (NaN where empty or not a number); only rows in ``ok`` are read."""
+    import pyarrow.compute as pc
+
+    valid = pc.and_(pa.array(ok), pc.match_substring_regex(col, _DIGITS))
+    cleaned = pc.if_else(valid, col, pa.scalar(None, pa.string()))
+    return pc.cast(cleaned, pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _us(col, mask_empty: bool = True) -> pa.Array:
+    import pyarrow.compute as pc
+
+    col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col) if mask_empty else col
+    return pc.multiply(pc.cast(col, pa.int64()), 1_000_000).cast(TIMESTAMP)
+
+
+def _bool_array(col) -> pa.Array:
+    import pyarrow.compute as pc
+
+    return pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(col)), pa.array(["true", "1"]))
+
+
+def fast_tables(t: pa.Table, decode) -> dict[str, pa.Table]:
+    """Valid rows (all string columns, as read by pyarrow CSV) → the same tables as ``tables``."""
+    import pyarrow.compute as pc
+
+    arrays = {name: t.column(name).combine_chunks() for name in t.column_names}
+    n = t.num_rows
+    tokens = pc.cast(_split_list(arrays["text_tokens"]), pa.list_(pa.int32()))
+    texts = decode(tokens.to_pylist()) if n else []
+    media = _split_list(arrays["present_media"])
+    tweet = arrays["tweet_id"]
+    tweet_at = _us(arrays["tweet_timestamp"])
+    kinds = pc.list_flatten(media)
+    parents = pc.list_parent_indices(media).to_numpy()
+    position = np.arange(len(parents)) - np.searchsorted(parents, parents)  # index within each list
+    uris = pc.binary_join_element_wise(
+        "https://media.engagesim.invalid/recsys/", pc.take(tweet, pa.array(parents, type=pa.int64())), "/",
+        pa.array(position.astype(str)), "")
+    kind_names = pc.replace_substring_regex(pc.utf8_lower(kinds), "^gif$", "gif")
+    items = pa.StructArray.from_arrays([kind_names, uris], fields=list(MEDIA_ITEM))
+    media_items = pa.ListArray.from_arrays(media.offsets, items)
+    interactions = pa.table({
+        "user_id": arrays["engaging_user_id"], "post_id": tweet, "creator_id": arrays["engaged_with_user_id"],
+        "impression_at": tweet_at,
+        **{f"{e}_at": _us(arrays[c]) for e, c in (("like", "like_timestamp"), ("reply", "reply_timestamp"),
+                                                    ("retweet", "retweet_timestamp"),
+                                                    ("quote", "retweet_with_comment_timestamp"))},
+        "follows_creator": _bool_array(arrays["engagee_follows_engager"]),
+    }, schema=INTERACTIONS)
+    language = pc.if_else(pc.equal(arrays["language"], ""), pa.scalar(None, pa.string()), arrays["language"])
+    posts = pa.table({
+        "post_id": tweet, "author_id": arrays["engaged_with_user_id"], "username": arrays["engaged_with_user_id"],
+        "company": pa.nulls(n, pa.string()), "text": pa.array(texts, type=pa.string()), "media": media_items,
+        "created_at": tweet_at, "language": language,
+        **{c: pa.nulls(n, pa.int64()) for c in ("likes", "retweets", "replies", "quotes")},
+    }, schema=POSTS)
+    meta = pa.table({
+        "post_id": tweet, "token_ids": tokens, "hashtags": _split_list(arrays["hashtags"]),
+        "links": _split_list(arrays["present_links"]), "domains": _split_list(arrays["present_domains"]),
+        "tweet_type": arrays["tweet_type"],
+    }, schema=POST_META)
+
+    def role(prefix: str) -> pa.Table:
+        created = pc.if_else(pc.equal(arrays[f"{prefix}_account_creation"], ""), "0",
+                             arrays[f"{prefix}_account_creation"])
+        return pa.table({
+            "user_id": arrays[f"{prefix}_id"],
+            "follower_count": pc.cast(arrays[f"{prefix}_follower_count"], pa.int64()),
+            "following_count": pc.cast(arrays[f"{prefix}_following_count"], pa.int64()),
+            "verified": _bool_array(arrays[f"{prefix}_is_verified"]),
+            "created_at": _us(created, mask_empty=False),
+            "language": pa.nulls(n, pa.string()),
+        }, schema=USERS).append_column("_seen_at", tweet_at)
+
+    users = pa.concat_tables([role("engaged_with_user"), role("engaging_user")])
+    return {"interactions": interactions, "posts": posts, "post_meta": meta, "users": users}
+
+
+def parse_chunk(lines: list[str], decode) -> tuple[dict[str, pa.Table] | None, list[tuple[int, str]]]:
+    """Many lines at once: vectorised checks and conversion; exact per-line reasons for the rejects.
+
+    Returns the tables of the valid lines and ``(index, reason)`` for each rejected line.
+    """
+    import io as pyio
+
+    import pyarrow.csv as pcsv
+
+    rejects: list[tuple[int, str]] = []
+    shaped, shaped_idx = [], []
+    for i, line in enumerate(lines):
+        line = line.rstrip("\r\n")
+        fields = line.count("\x01") + 1
+        if fields not in (20, 24):
+            rejects.append((i, f"expected 20 or 24 fields, got {fields}"))
+            continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            rejects.append((i, "invalid UTF-8"))
+            continue
+        shaped.append(line if fields == 24 else line + "\x01" * 4)
+        shaped_idx.append(i)
+    if not shaped:
+        return None, rejects
+    table = pcsv.read_csv(
+        pyio.BytesIO(("\n".join(shaped) + "\n").encode("utf-8")),
+        read_options=pcsv.ReadOptions(column_names=COLUMNS, block_size=1 << 26),
+        parse_options=pcsv.ParseOptions(delimiter="\x01", quote_char=False, newlines_in_values=False),
+        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
+                                            strings_can_be_null=False, quoted_strings_can_be_null=False),
+    )
+    ok = _valid_mask(table)
+    slow = []
+    for j in np.flatnonzero(~ok):
+        try:
+            slow.append(parse_line(shaped[j]))  # stricter vectorised rule than needed: exact path decides
+        except LineError as exc:
+            rejects.append((shaped_idx[j], str(exc)))
+    good = fast_tables(table.filter(pa.array(ok)), decode)
+    if slow:
+        exact = tables(slow, decode)
+        good = {k: pa.concat_tables([good[k], exact[k]]) for k in good}
+    return good, sorted(rejects)

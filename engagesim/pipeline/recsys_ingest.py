@@ -58,22 +58,15 @@ def parse_file(index: int, uri: str, out: str, cfg: AppConfig, tokenizer: str, c
     counts = {"read": 0, "written": 0, "rejected": 0, "parts": []}
 
     def flush(chunk: list[tuple[int, str]], number: int) -> None:
-        parsed, bad_rows, bad_reasons, bad_raw = [], [], [], []
-        for line_no, line in chunk:
-            try:
-                line.encode("utf-8")  # undecodable bytes were kept as surrogates: refuse them here
-                parsed.append(recsys.parse_line(line))
-            except UnicodeEncodeError:
-                bad_rows.append(line_no)
-                bad_reasons.append("invalid UTF-8")
-                bad_raw.append(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:2000])
-            except recsys.LineError as exc:
-                bad_rows.append(line_no)
-                bad_reasons.append(str(exc))
-                bad_raw.append(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:2000])
+        good, bad = recsys.parse_chunk([line for _, line in chunk], decode)
+        bad_rows = [chunk[i][0] for i, _ in bad]
+        bad_reasons = [reason for _, reason in bad]
+        bad_raw = [chunk[i][1].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")[:2000].rstrip("\n")
+                   for i, _ in bad]
+        n_good = good["interactions"].num_rows if good else 0
         name = f"part-f{index:05d}-c{number:05d}.parquet"
-        if parsed:
-            for dataset, table in recsys.tables(parsed, decode).items():
+        if good:
+            for dataset, table in good.items():
                 if dataset == "interactions":
                     io.write_named_part(io.join(out, dataset), name, table, "interactions", cfg.storage)
                     continue
@@ -82,13 +75,13 @@ def parse_file(index: int, uri: str, out: str, cfg: AppConfig, tokenizer: str, c
                 for bucket, part in _buckets(table, key, buckets):
                     io.write_named_part(io.join(out, "_staging", dataset, f"b{bucket:04d}"), name, part,
                                         f"staging_{dataset}", cfg.storage)
-            counts["parts"].append([name, len(parsed)])
+            counts["parts"].append([name, n_good])
         if bad_rows:
             io.write_named_part(io.join(out, io.REJECTS_DIR), name, make_rejects(source, bad_rows, bad_reasons, bad_raw),
                                 "rejects", cfg.storage)
             counts["reject_parts"] = counts.get("reject_parts", []) + [[name, len(bad_rows)]]
         counts["read"] += len(chunk)
-        counts["written"] += len(parsed)
+        counts["written"] += n_good
         counts["rejected"] += len(bad_rows)
 
     chunk: list[tuple[int, str]] = []
