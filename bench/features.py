@@ -43,6 +43,10 @@ def single_process(cfg, world: str, post_table: pl.DataFrame) -> float:
     start = time.perf_counter()
     inter = io.read_table(io.join(world, "interactions"))
     df = history.with_labels_and_windows(pl.from_arrow(inter), None, f.window_hours)
+    topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
+              if "text_cluster" in post_table.columns else None)
+    if topics is not None:
+        df = df.join(topics, on="post_id", how="left", maintain_order="left")
     origin = int(df["t_us"].min())
     cutoff = int(df["t_us"].max()) - int(f.valid_hours * 3600 * 1e6)
     train = df.filter(pl.col("t_us") < cutoff)
@@ -52,7 +56,8 @@ def single_process(cfg, world: str, post_table: pl.DataFrame) -> float:
     ctx = {"train_tables": history.feature_tables(aggregates, f.history_mode),
            "apply_tables": history.feature_tables(aggregates, "apply"),
            "graph": fit_graph(train, f.jaccard_k), "users": users,
-           "posts": posts.rename({c: f"post_{c}" for c in posts.columns if c != "post_id"})}
+           "posts": posts.rename({c: f"post_{c}" for c in posts.columns if c != "post_id"}),
+           **({"topics": topics} if topics is not None else {})}
     out = join_impressions(inter, ctx, origin, cutoff, f.window_hours, f.history_mode)
     assert out.num_rows == inter.num_rows
     return inter.num_rows / (time.perf_counter() - start)

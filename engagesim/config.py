@@ -121,6 +121,9 @@ class FeaturesConfig(Section):
     te_smoothing: float = Field(5.0, ge=0, description="Pseudo-count pulling rare keys towards the prior.")
     fourier_scales: int = Field(8, ge=1, description="Scales of the Fourier encoding of numeric features.")
     jaccard_k: int = Field(20, ge=1, description="Jaccard-similar creators kept per creator.")
+    text_clusters: int = Field(
+        24, ge=2, description="k-means clusters of post text embeddings: the 'topic' of the user × topic history."
+    )
     blocks: int = Field(8, ge=1, description="Parallel blocks for the Ray Data stages (and output files).")
 
 

@@ -24,7 +24,15 @@ from engagesim.schema import ENGAGEMENTS
 
 Mode = Literal["window", "past", "apply"]
 # "post": how this post has done with other viewers (other windows) — Synerise-style item history.
-GROUPS = {"user": ["user_id"], "creator": ["creator_id"], "pair": ["user_id", "creator_id"], "post": ["post_id"]}
+# "topic": the viewer's history with this kind of content (``topic`` = the post's text cluster), the
+# closest observable stand-in for a user's interest in a subject.
+GROUPS = {"user": ["user_id"], "creator": ["creator_id"], "pair": ["user_id", "creator_id"], "post": ["post_id"],
+          "topic": ["user_id", "topic"]}
+
+
+def groups_for(df: pl.DataFrame) -> dict[str, list[str]]:
+    """The history groups whose key columns the frame has (``topic`` only when posts were clustered)."""
+    return {prefix: keys for prefix, keys in GROUPS.items() if all(k in df.columns for k in keys)}
 HOUR_US = 3_600_000_000
 
 
@@ -51,7 +59,7 @@ def window_aggregates(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
             *[pl.col(f"y_{e}").cast(pl.Float64).sum().alias(f"c_{e}") for e in ENGAGEMENTS],
             *[pl.col("t_us").filter(pl.col(f"y_{e}") == 1).max().alias(f"last_{e}") for e in ENGAGEMENTS],
         )
-        for prefix, keys in GROUPS.items()
+        for prefix, keys in groups_for(events).items()
     }
 
 
@@ -62,6 +70,8 @@ LASTS = [f"last_{e}" for e in ENGAGEMENTS]
 def combine_aggregates(parts: list[dict[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
     out = {}
     for prefix, keys in GROUPS.items():
+        if prefix not in parts[0]:
+            continue
         stacked = pl.concat([p[prefix] for p in parts])
         out[prefix] = stacked.group_by(*keys, "window").agg(*[pl.col(c).sum() for c in SUMS],
                                                             *[pl.col(c).max() for c in LASTS])
@@ -72,6 +82,8 @@ def feature_tables(aggregates: dict[str, pl.DataFrame], mode: Mode) -> dict[str,
     """Lookup tables: keyed by (key, window) for window/past modes, by key for apply mode."""
     tables = {}
     for prefix, keys in GROUPS.items():
+        if prefix not in aggregates:
+            continue
         per = aggregates[prefix]
         if mode == "apply":
             tables[prefix] = per.group_by(keys).agg(*[pl.col(c).sum() for c in SUMS], *[pl.col(c).max() for c in LASTS])
@@ -93,9 +105,12 @@ def feature_tables(aggregates: dict[str, pl.DataFrame], mode: Mode) -> dict[str,
 
 def join_history(rows: pl.DataFrame, tables: dict[str, pl.DataFrame], mode: Mode) -> pl.DataFrame:
     """History features for ``rows`` from ``feature_tables``; row-aligned with ``rows``."""
-    base = rows.select("user_id", "creator_id", "post_id", "window", "t_us").with_row_index("_i")
+    keys_needed = sorted({k for prefix in tables for k in GROUPS[prefix]})
+    base = rows.select(*keys_needed, "window", "t_us").with_row_index("_i")
     out_cols = []
     for prefix, keys in GROUPS.items():
+        if prefix not in tables:
+            continue
         on = keys if mode == "apply" else [*keys, "window"]
         joined = base.join(tables[prefix], on=on, how="left").sort("_i")
         out_cols.append(joined.select(_finish(prefix, pl.col("t_us"))))
@@ -124,16 +139,3 @@ def history_features(rows: pl.DataFrame, mode: Mode = "window", events: pl.DataF
         raise ValueError("apply mode needs the training events")
     events = rows if events is None else events
     return join_history(rows, feature_tables(window_aggregates(events), mode), mode)
-
-
-def history_feature_names() -> list[str]:
-    names = []
-    for prefix in GROUPS:
-        names.append(f"{prefix}_n")
-        for e in ENGAGEMENTS:
-            names += [f"{prefix}_{e}_count", f"{prefix}_{e}_rate", f"{prefix}_{e}_secs_since_last"]
-    return names
-
-
-def label_matrix(df: pl.DataFrame) -> np.ndarray:
-    return np.column_stack([df[f"y_{e}"].to_numpy() for e in ENGAGEMENTS]).astype(np.float32)

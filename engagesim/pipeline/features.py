@@ -188,6 +188,12 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
                 parts.append(pca_df)
                 info[f"{prefix}_pca"] = pca_info
             blocks.append(column)
+    if "text_emb" in df.columns and train.sum() >= cfg.features.text_clusters:
+        from sklearn.cluster import MiniBatchKMeans
+
+        block = _matrix(df, "text_emb")
+        kmeans = MiniBatchKMeans(n_clusters=cfg.features.text_clusters, random_state=0, n_init=3).fit(block[train])
+        parts.append(pl.DataFrame({"text_cluster": kmeans.predict(block).astype(np.int32)}))
     if "text_emb_computed" in df.columns:
         info["texts_embedded_now"] = int(df["text_emb_computed"].sum())
     parts.append(df.select(blocks))
@@ -207,8 +213,18 @@ def _user_attributes(users: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int) -> pa.Table:
-    df = history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours)
+def _with_topic(df: pl.DataFrame, topics: pl.DataFrame | None) -> pl.DataFrame:
+    """Attach each impression's post topic (text cluster) so the user × topic history can be built."""
+    if topics is None:
+        return df
+    return df.join(topics, on="post_id", how="left", maintain_order="left")
+
+
+def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, topics=None) -> pa.Table:
+    import ray
+
+    topics = ray.get(topics) if topics is not None else None
+    df = _with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
     aggs = history.window_aggregates(df.filter(pl.col("t_us") < cutoff_us))
     sink = []
     for prefix, frame in aggs.items():
@@ -226,7 +242,8 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
     Pure: ``ctx`` holds plain objects (history lookup tables, the graph model, user attributes, post
     features), so the benchmark's single-process baseline calls exactly this on the whole table.
     """
-    df = history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours).with_row_index("_i")
+    df = _with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours),
+                     ctx.get("topics")).with_row_index("_i")
     is_valid = df["t_us"] >= cutoff_us
     parts = []
     for mask, mode, tables in ((~is_valid, history_mode, ctx["train_tables"]), (is_valid, "apply", ctx["apply_tables"])):
@@ -282,9 +299,12 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     max_us = int(pl.Series([t_max]).dt.epoch("us")[0])
     cutoff_us = max_us - int(f.valid_hours * 3600 * 1e6)
 
+    topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
+              if "text_cluster" in post_table.columns else None)
+    topics_ref = ray.put(topics) if topics is not None else None
     partial = _collect(ds.map_batches(_partial_aggregates, batch_format="pyarrow", batch_size=None,
                                       fn_kwargs={"origin_us": origin_us, "cutoff_us": cutoff_us,
-                                                 "window_hours": f.window_hours}))
+                                                 "window_hours": f.window_hours, "topics": topics_ref}))
     frames: dict[str, list[pl.DataFrame]] = {}
     for prefix, payload in zip(partial.column("prefix").to_pylist(), partial.column("ipc").to_pylist()):
         frames.setdefault(prefix, []).append(pl.from_arrow(pa.ipc.open_stream(payload).read_all()))
@@ -305,6 +325,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
                                                             "label_log1p_likes", "text_emb", "text_sketch",
                                                             "image_emb")]
     refs = {"train_tables": ray.put(train_tables), "apply_tables": ray.put(apply_tables), "graph": ray.put(graph),
+            **({"topics": topics_ref} if topics_ref is not None else {}),
             "users": ray.put(users), "posts": ray.put(post_table.select(post_cols).rename(
                 {c: f"post_{c}" for c in post_cols if c != "post_id"}))}
     joined = ds.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
