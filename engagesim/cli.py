@@ -232,6 +232,32 @@ def pipeline_behaviour(
             "report": job.manifest["stages"].get("report", {}).get("outputs", {}).get("report")}, as_json, "behaviour run")
 
 
+@app.command()
+def tune(
+    features_uri: str = typer.Option(..., "--features", help="A features directory (from `engagesim features`)."),
+    out_yaml: Path = typer.Option(..., "--out", "-o", help="Where to write the best config (a YAML overlay)."),
+    level: str = typer.Option("impression", help="impression (one engagement) | post (log1p likes)."),
+    engagement: str = typer.Option("like", help="Engagement to tune for (impression level)."),
+    samples: int = typer.Option(8, help="Trials (the preset is always the first)."),
+    rounds: int = typer.Option(200, help="Maximum boosting rounds per trial."),
+    storage: Path = typer.Option(Path("runs/tune"), help="Experiment directory (re-running resumes it)."),
+    name: str = typer.Option("tune_xgb", help="Experiment name."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Search XGBoost parameters with Ray Tune (ASHA early stopping); write the best as a config overlay.
+
+    Use the result directly: `engagesim pipeline behaviour --config OUT.yaml` (or merge it into yours).
+    """
+    from engagesim.tune import tune_xgb
+
+    cfg = _config(config, overrides)
+    quiet_ray()
+    result = tune_xgb(cfg, features_uri, str(out_yaml), str(storage), name, level, engagement, samples, rounds)
+    finish({k: v for k, v in result.items() if k != "scores"}, as_json, "tune")
+
+
 def print_metrics(rows: list[dict]) -> None:
     table = Table(title="validation metrics (later in time than training)")
     for column in ("level", "model", "metric", "value", "oracle"):

@@ -100,3 +100,20 @@ def test_xgb_worker_killed_resumes_from_checkpoint(features, tmp_path):
     assert 0 < resumed < 25 and resumed % 10 == 0
     assert booster.num_boosted_rounds() == 40  # ...and finished the job
     assert np.isfinite(xgb.predict(booster, train.slice(0, 10), f)).all()
+
+
+def test_tune_matches_or_beats_default_and_train_accepts_it(features, config, tmp_path):
+    from engagesim.config import load_config as load
+    from engagesim.tune import tune_xgb
+
+    out, _ = features
+    yaml_path = str(tmp_path / "best.yaml")
+    result = tune_xgb(config, out, yaml_path, str(tmp_path / "tune"), level="post", num_samples=4, rounds=40,
+                      report_every=10)
+    assert result["trials"] == 4
+    default_score = result["scores"][0]  # the preset is the first trial
+    assert result["best_score"] <= default_score
+    tuned = load(yaml_path, ["train.models=['xgb']", "train.xgb.checkpoint_every=20"])
+    assert tuned.train.xgb.params == result["best"]
+    post = train_post_level(tuned, io.join(out, "posts"), str(tmp_path / "models"))
+    assert np.isfinite(post["models"]["xgb"]["rmse"])

@@ -221,9 +221,7 @@ def _with_topic(df: pl.DataFrame, topics: pl.DataFrame | None) -> pl.DataFrame:
 
 
 def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, topics=None) -> pa.Table:
-    import ray
-
-    topics = ray.get(topics) if topics is not None else None
+    topics = _broadcast({"topics": topics})["topics"] if topics is not None else None
     df = _with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
     aggs = history.window_aggregates(df.filter(pl.col("t_us") < cutoff_us))
     sink = []
@@ -280,11 +278,23 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
     return out.to_arrow()
 
 
-def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
-    """The Ray Data side: fetch the broadcast context once per call and join."""
+_CONTEXTS: dict[tuple, dict] = {}
+
+
+def _broadcast(refs: dict) -> dict:
+    """The broadcast context, fetched and deserialised once per worker process (not once per batch)."""
     import ray
 
-    return join_impressions(batch, {k: ray.get(v) for k, v in refs.items()}, **kwargs)
+    key = tuple(sorted((k, v.hex()) for k, v in refs.items()))
+    if key not in _CONTEXTS:
+        _CONTEXTS.clear()
+        _CONTEXTS[key] = {k: ray.get(v) for k, v in refs.items()}
+    return _CONTEXTS[key]
+
+
+def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
+    """The Ray Data side: the same pure join, with the context from the per-process cache."""
+    return join_impressions(batch, _broadcast(refs), **kwargs)
 
 
 def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
