@@ -129,22 +129,37 @@ def _leiden(users: np.ndarray, creators: np.ndarray, n_users: int, n_creators: i
 
 def fit_graph(train: pl.DataFrame, jaccard_k: int = 20, seed: int = 0) -> GraphModel:
     """Fit on training impressions (with y_<engagement> columns and follows_creator)."""
-    users = Index(train["user_id"].unique(maintain_order=True))
-    creators = Index(train["creator_id"].unique(maintain_order=True))
-    u = users.lookup(train["user_id"])
-    c = creators.lookup(train["creator_id"])
-    any_engagement = np.zeros(train.height, dtype=bool)
+    from engagesim.features.history import window_aggregates
+
+    return fit_graph_from_pairs(window_aggregates(train.select(
+        "user_id", "creator_id", "window", "t_us", "follows_creator", *[f"y_{e}" for e in ENGAGEMENTS]))["pair"],
+        jaccard_k, seed)
+
+
+def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0) -> GraphModel:
+    """Fit from the (user, creator[, window]) aggregates of the history stage: no pass over raw rows.
+
+    ``pairs`` has user_id, creator_id, c_<engagement> counts and ``follows`` (0/1).
+    """
+    per_pair = pairs.group_by("user_id", "creator_id").agg(
+        *[pl.col(f"c_{e}").sum() for e in ENGAGEMENTS], pl.col("follows").max()).sort("user_id", "creator_id")  # deterministic
+    users = Index(per_pair["user_id"].unique(maintain_order=True))
+    creators = Index(per_pair["creator_id"].unique(maintain_order=True))
+    u = users.lookup(per_pair["user_id"])
+    c = creators.lookup(per_pair["creator_id"])
+    counts = {e: per_pair[f"c_{e}"].to_numpy() for e in ENGAGEMENTS}
+    any_engagement = np.zeros(per_pair.height, dtype=bool)
     for e in ENGAGEMENTS:
-        any_engagement |= train[f"y_{e}"].to_numpy() == 1
+        any_engagement |= counts[e] > 0
     shape = (len(users), len(creators))
     engaged = _matrix(u[any_engagement], c[any_engagement], shape)
     creator_norm = _row_normalise(engaged.T.tocsr())
     creator_sim = (creator_norm @ creator_norm.T).tocsr()
-    follows = train["follows_creator"].to_numpy().astype(bool)
+    follows = per_pair["follows"].fill_null(0).to_numpy().astype(bool)
     followers = _matrix(c[follows], u[follows], (len(creators), len(users)))
     model = GraphModel(users, creators, engaged, creator_sim, _top_k_jaccard(followers, jaccard_k))
     for e in ENGAGEMENTS:
-        mask = train[f"y_{e}"].to_numpy() == 1
+        mask = counts[e] > 0
         labels, sizes = _leiden(u[mask], c[mask], len(users), len(creators), seed)
         model.communities[e] = labels
         model.community_sizes[e] = sizes

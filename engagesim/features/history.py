@@ -53,11 +53,14 @@ def window_aggregates(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
     Sums and maxima, so partial aggregates of separate blocks combine exactly
     (``combine_aggregates``) — which is how the Ray pipeline streams billions of rows.
     """
+    follows = "follows_creator" in events.columns
     return {
         prefix: events.group_by(*keys, "window").agg(
             pl.len().cast(pl.Float64).alias("n"),
             *[pl.col(f"y_{e}").cast(pl.Float64).sum().alias(f"c_{e}") for e in ENGAGEMENTS],
             *[pl.col("t_us").filter(pl.col(f"y_{e}") == 1).max().alias(f"last_{e}") for e in ENGAGEMENTS],
+            # The pair table also carries the follow edge, so the graph can be fit from aggregates alone.
+            *([pl.col("follows_creator").cast(pl.Int8).max().alias("follows")] if follows and prefix == "pair" else []),
         )
         for prefix, keys in groups_for(events).items()
     }
@@ -73,8 +76,9 @@ def combine_aggregates(parts: list[dict[str, pl.DataFrame]]) -> dict[str, pl.Dat
         if prefix not in parts[0]:
             continue
         stacked = pl.concat([p[prefix] for p in parts])
+        extra = [pl.col("follows").max()] if "follows" in stacked.columns else []
         out[prefix] = stacked.group_by(*keys, "window").agg(*[pl.col(c).sum() for c in SUMS],
-                                                            *[pl.col(c).max() for c in LASTS])
+                                                            *[pl.col(c).max() for c in LASTS], *extra)
     return out
 
 

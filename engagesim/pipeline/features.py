@@ -26,7 +26,7 @@ from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.embed.actors import ImageFeaturizer, TextEmbedder
 from engagesim.features import encodings, history
-from engagesim.features.graph import GRAPH_COLUMNS, fit_graph
+from engagesim.features.graph import GRAPH_COLUMNS, fit_graph_from_pairs
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
 from engagesim.features.post import MEDIA_COLUMNS, post_row_features
 from engagesim.features.temporal import TEMPORAL_COLUMNS, temporal_features
@@ -322,11 +322,8 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     train_tables = history.feature_tables(aggregates, f.history_mode)
     apply_tables = history.feature_tables(aggregates, "apply")
 
-    narrow = ds.select_columns(["user_id", "creator_id", "post_id", "impression_at", "follows_creator",
-                                *[f"{e}_at" for e in ENGAGEMENTS]])
-    train_rows = history.with_labels_and_windows(pl.from_arrow(_collect(narrow)), origin_us, f.window_hours)
-    train_rows = train_rows.filter(pl.col("t_us") < cutoff_us)
-    graph = fit_graph(train_rows, f.jaccard_k, seed=cfg.synth.seed)
+    # The graph is fit from the pair aggregates (training rows only), not from another pass over the rows.
+    graph = fit_graph_from_pairs(aggregates["pair"], f.jaccard_k, seed=cfg.synth.seed)
     users = _user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
         schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
                 "follower_ratio": pl.Float32, "verified": pl.Float32,
