@@ -157,8 +157,9 @@ class KNNConfig(Section):
 
 
 class TrainConfig(Section):
-    models: list[Literal["xgb", "nn", "knn"]] = Field(
-        default_factory=lambda: ["xgb", "nn", "knn"], description="Model families to train (knn: post level only)."
+    models: list[Literal["xgb", "nn", "knn", "stacked_mlp"]] = Field(
+        default_factory=lambda: ["xgb", "nn", "knn", "stacked_mlp"],
+        description="Model families to train (knn and the SMP stacked MLP: post level only).",
     )
     ensemble: Literal["loss_weighted", "stacked"] = Field(
         "stacked", description="How the served ensemble combines models (both are always evaluated)."

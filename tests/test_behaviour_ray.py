@@ -77,6 +77,9 @@ def test_post_and_impression_models_beat_baselines(features, world, config, tmp_
     assert post["models"]["xgb"]["rmse"] < post["baselines"]["global_mean"]["rmse"]
     assert post["oracle"]["rmse"] < post["models"]["xgb"]["rmse"]
     assert (tmp_path / "post" / "xgb.ubj").exists() and (tmp_path / "post" / "knn" / "index.faiss").exists()
+    # SMP's stacked MLP on [out-of-fold XGBoost prediction, image vector + image features]
+    assert post["models"]["stacked_mlp"]["rmse"] < post["baselines"]["global_mean"]["rmse"]
+    assert (tmp_path / "post" / "stacked_mlp" / "model.safetensors").exists()
     imp = train_impression_level(config, io.join(out, "impressions"), str(tmp_path), io.join(world, "truth/interactions"))
     for name in ("xgb", "nn"):
         assert imp["models"][name]["like"]["rce"] > 5

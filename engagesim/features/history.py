@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import polars as pl
 
 from engagesim.schema import ENGAGEMENTS

@@ -107,6 +107,11 @@ def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri:
         importance = booster.get_score(importance_type="gain")
         result["xgb_top_features"] = dict(sorted(importance.items(), key=lambda kv: -kv[1])[:15])
         log(f"post xgb: rmse {rmse(y_va, preds['xgb']):.4f}")
+    if "stacked_mlp" in cfg.train.models and "xgb" in preds:
+        t = time.perf_counter()
+        preds["stacked_mlp"] = _smp_stacked_mlp(cfg, train, valid, features, y_tr, preds["xgb"], models_dir)
+        timings["stacked_mlp"] = time.perf_counter() - t
+        log(f"post stacked mlp: rmse {rmse(y_va, preds['stacked_mlp']):.4f}")
     if "knn" in cfg.train.models and cfg.train.knn.embedding in table.column_names:
         t = time.perf_counter()
         vec_tr, ok_tr = _vectors(train, cfg.train.knn.embedding)
@@ -140,6 +145,38 @@ def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri:
                                                                                     maintain_order="left")
         result["oracle"] = {"rmse": rmse(y_va, joined["expected_log1p_likes"].to_numpy())}
     return result
+
+
+def _smp_stacked_mlp(cfg: AppConfig, train: pa.Table, valid: pa.Table, features: list[str], y_tr: np.ndarray,
+                     xgb_valid: np.ndarray, models_dir: str) -> np.ndarray:
+    """SMP 2019: an MLP on [XGBoost prediction, image embedding (PCA) + the five image features].
+
+    The XGBoost input of the training rows is out-of-fold (3 time-ordered folds, in-process boosters),
+    so the MLP never learns from predictions made on rows the booster was fit on.
+    """
+    image_cols = [c for c in features if c.startswith("image_pca_") or c in
+                  ("clarity_contrast", "hue_count", "brightness_contrast", "colour_entropy", "composition_offset",
+                   "has_image")]
+    params = xgb.params_for(cfg.train.xgb.preset, "reg:squarederror",
+                            {"nthread": cfg.train.xgb.cpus_per_worker, **cfg.train.xgb.params})
+    folds = np.arange(train.num_rows) * 3 // max(train.num_rows, 1)
+    oof = np.zeros(train.num_rows, dtype=np.float32)
+    for k in range(3):
+        fit_idx, out_idx = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+        fit_t, out_t = train.take(pa.array(fit_idx)), train.take(pa.array(out_idx))
+        booster = xgb.train_booster(xgb.dmatrix(fit_t, features, "label_log1p_likes"), None, params,
+                                    min(cfg.train.xgb.rounds, 150))
+        oof[out_idx] = xgb.predict(booster, out_t, features)
+    x_tr = np.column_stack([oof, matrix(train, image_cols)]) if image_cols else oof[:, None]
+    x_va = np.column_stack([xgb_valid, matrix(valid, image_cols)]) if image_cols else xgb_valid[:, None]
+    mean, std = nn.fit_normaliser(x_tr)
+    spec = nn.NNSpec(arch="layer6_mlp", n_inputs=x_tr.shape[1], n_outputs=1, task="regression",
+                     hidden=[64, 32], dropout=0.1, mean=mean, std=std)
+    model = nn.EngagementNet(spec)
+    nn.train_epochs(model, x_tr.astype(np.float32), y_tr.reshape(-1, 1).astype(np.float32), epochs=30,
+                    batch_size=256, lr=1e-3)
+    nn.save(model, io.join(models_dir, "post", "stacked_mlp"), ["xgb_prediction", *image_cols])
+    return model.predict(x_va.astype(np.float32))[:, 0]
 
 
 # --- impression level ---------------------------------------------------------------------------
