@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -235,13 +235,6 @@ def read_table(uri: str, storage: StorageConfig | None = None, columns: list[str
     if not tables:
         return schema.empty_table()
     return pa.concat_tables([t.cast(schema) for t in tables])
-
-
-def iter_batches(uri: str, storage: StorageConfig | None = None, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
-    """Stream a committed dataset part by part, so memory stays flat at any size."""
-    fs, _ = filesystem(uri, storage)
-    for f in dataset_files(uri, storage):
-        yield from pq.ParquetFile(fs.open_input_file(f)).iter_batches(batch_size=batch_size)
 
 
 def file_schema_version(uri: str, storage: StorageConfig | None = None) -> dict[str, str]:

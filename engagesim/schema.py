@@ -136,10 +136,6 @@ def schema_for(kind: str) -> pa.Schema:
         raise SchemaError(f"unknown dataset kind {kind!r}; expected one of {sorted(SCHEMAS)}") from None
 
 
-def empty_rejects() -> pa.Table:
-    return REJECTS.empty_table()
-
-
 def make_rejects(source: str, rows: list[int], reasons: list[str], raws: list[str]) -> pa.Table:
     return pa.table(
         {"source": [source] * len(rows), "row": rows, "reason": reasons, "raw": raws}, schema=REJECTS

@@ -197,10 +197,6 @@ def latest_per_key(table: pa.Table, key: str, order: str) -> pa.Table:
     return df.sort(key).to_arrow()
 
 
-def row_numbers(n: int, start: int) -> np.ndarray:
-    return np.arange(start, start + n, dtype=np.int64)
-
-
 # --- vectorised fast path ------------------------------------------------------------------------
 
 _DIGITS = r"^[0-9]+$"

@@ -18,7 +18,7 @@ from typing import Any
 
 from engagesim import __version__
 from engagesim.config import AppConfig
-from engagesim.io import exists, filesystem, join, read_json, write_json
+from engagesim.io import filesystem, join, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,12 +79,6 @@ class Run:
         run.save()
         return run
 
-    @classmethod
-    def load(cls, uri: str, config: AppConfig | None = None) -> Run:
-        manifest = read_json(join(uri, "manifest.json"))
-        cfg = config or AppConfig.model_validate(manifest["config"])
-        return cls(uri, cfg, manifest["job"], manifest)
-
     def path(self, *parts: str) -> str:
         return join(self.uri, *parts)
 
@@ -107,9 +101,6 @@ class Run:
 
     def save(self) -> None:
         write_json(self.path("manifest.json"), self.manifest, self.config.storage)
-
-    def has(self, *parts: str) -> bool:
-        return exists(self.path(*parts), self.config.storage)
 
 
 class Timer:
