@@ -146,9 +146,7 @@ class DatasetWriter:
 
     def write(self, table: pa.Table, name: str | None = None) -> str:
         """Write one part; ``name`` lets parallel tasks choose deterministic part names."""
-        table = table.cast(self.schema) if self.schema is not None else table.replace_schema_metadata(
-            {**(table.schema.metadata or {}), METADATA_KIND_KEY: self.kind.encode(), METADATA_VERSION_KEY: SCHEMA_VERSION.encode()}
-        )
+        table = tagged(table, self.kind)
         name = name or self.part_name(len(self.files))
         write_part(self.fs, f"{self.path}/{name}", table)
         self.files.append(name)
@@ -190,11 +188,17 @@ def write_named_part(uri: str, name: str, table: pa.Table, kind: str, storage: S
     """
     fs, path = filesystem(uri, storage)
     fs.create_dir(path, recursive=True)
-    schema = with_metadata(schema_for(kind), kind) if kind in SCHEMAS else None
-    table = table.cast(schema) if schema is not None else table.replace_schema_metadata(
-        {METADATA_KIND_KEY: kind.encode(), METADATA_VERSION_KEY: SCHEMA_VERSION.encode()})
+    table = tagged(table, kind)
     write_part(fs, f"{path}/{name}", table)
     return table.num_rows
+
+
+def tagged(table: pa.Table, kind: str) -> pa.Table:
+    """A part as written: contract kinds cast to their schema, every kind tagged with kind and version."""
+    if kind in SCHEMAS:
+        return table.cast(with_metadata(schema_for(kind), kind))
+    return table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), METADATA_KIND_KEY: kind.encode(), METADATA_VERSION_KEY: SCHEMA_VERSION.encode()})
 
 
 def write_part(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:

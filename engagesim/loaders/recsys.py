@@ -206,10 +206,10 @@ def _split_list(col: pa.ChunkedArray | pa.Array) -> pa.ListArray:
     """Tab-separated list field → list<string> (empty string → empty list)."""
     import pyarrow.compute as pc
 
-    col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
-    lists = pc.split_pattern(col, "\t")
-    return pc.if_else(pc.is_null(lists), pa.scalar([], pa.list_(pa.string())), lists).combine_chunks() \
-        if isinstance(lists, pa.ChunkedArray) else pc.if_else(pc.is_null(lists), pa.scalar([], pa.list_(pa.string())), lists)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    lists = pc.split_pattern(pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col), "\t")
+    return pc.if_else(pc.is_null(lists), pa.scalar([], pa.list_(pa.string())), lists)
 
 
 def _bad_elements(lists: pa.ListArray, ok_element) -> np.ndarray:

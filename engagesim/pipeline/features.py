@@ -345,12 +345,11 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
 
 def write_streaming(ds, out_uri: str, kind: str, cfg: AppConfig, extra: dict | None = None) -> int:
     """Ray Data writes the parts in parallel as blocks stream by; then one manifest commits them."""
-    fs, path = io.filesystem(out_uri, cfg.storage)
-    token = io.DatasetWriter(out_uri, kind, cfg.storage).token
-    ds.write_parquet(path, filesystem=fs, filename_provider=_names(token))
-    writer = io.DatasetWriter(out_uri, kind, cfg.storage, token=token)
+    writer = io.DatasetWriter(out_uri, kind, cfg.storage)
+    fs, path = writer.fs, writer.path
+    ds.write_parquet(path, filesystem=fs, filename_provider=_names(writer.token))
     for info in fs.get_file_info(pafs.FileSelector(path)):
-        if info.base_name.startswith(f"part-{token}") and info.base_name.endswith(".parquet"):
+        if info.base_name.startswith(f"part-{writer.token}") and info.base_name.endswith(".parquet"):
             writer.add_written(info.base_name, pq.ParquetFile(fs.open_input_file(info.path)).metadata.num_rows)
     writer.commit(extra)
     return writer.rows
