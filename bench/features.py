@@ -1,7 +1,7 @@
 """Impression feature throughput: the Ray Data pipeline vs the same transforms in one process.
 
 Both sides run the same pure functions (history windows, graph features,
-user/post joins — ``engagesim.pipeline.features.join_impressions``) on the same
+user/post joins — ``engagesim.features.impression.join_impressions``) on the same
 synthetic impressions; the baseline does it in this process with polars on
 the whole table. Prints JSON lines: rows/s of each, their ratio, and the
 peak memory (driver + Ray workers) of the Ray pipeline at two sizes.
@@ -25,11 +25,11 @@ from engagesim import io  # noqa: E402
 from engagesim.config import SynthConfig, load_config  # noqa: E402
 from engagesim.features import history  # noqa: E402
 from engagesim.features.graph import fit_graph  # noqa: E402
+from engagesim.features.impression import join_impressions  # noqa: E402
+from engagesim.features.state import user_attributes  # noqa: E402
 from engagesim.pipeline.features import (  # noqa: E402
-    _user_attributes,
     build_impression_features,
     build_post_features,
-    join_impressions,
     post_row_features,
 )
 from engagesim.synth import generate  # noqa: E402
@@ -51,7 +51,7 @@ def single_process(cfg, world: str, post_table: pl.DataFrame) -> float:
     cutoff = int(df["t_us"].max()) - int(f.valid_hours * 3600 * 1e6)
     train = df.filter(pl.col("t_us") < cutoff)
     aggregates = history.window_aggregates(train)
-    users = _user_attributes(pl.from_arrow(io.read_table(io.join(world, "users"))))
+    users = user_attributes(pl.from_arrow(io.read_table(io.join(world, "users"))))
     posts = post_table.drop("author_id", "username", "created_at", "likes", "split", "label_log1p_likes")
     ctx = {"train_tables": history.feature_tables(aggregates, f.history_mode),
            "apply_tables": history.feature_tables(aggregates, "apply"),
@@ -77,7 +77,7 @@ def main() -> None:
             world = f"{tmp}/world{n}"
             generate(SynthConfig(**WORLD, impressions=n), world)
             rows = post_row_features(io.read_table(io.join(world, "posts")))
-            post_table, _ = build_post_features(cfg, rows, pl.from_arrow(io.read_table(io.join(world, "users"))))
+            post_table, _, _ = build_post_features(cfg, rows, pl.from_arrow(io.read_table(io.join(world, "users"))))
             with PeakMemory() as mem:
                 start = time.perf_counter()
                 build_impression_features(cfg, io.join(world, "interactions"), io.join(world, "users"), post_table,

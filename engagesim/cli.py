@@ -258,6 +258,66 @@ def tune(
     finish({k: v for k, v in result.items() if k != "scores"}, as_json, "tune")
 
 
+@app.command()
+def evaluate(
+    run_dir: str = typer.Argument(..., help="A run directory (runs/<id> or s3://…/runs/<id>)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Re-score a run's validation rows with its saved models; write predictions, metrics.json and plots.
+
+    Output: RUN/predictions/{posts,impressions} and RUN/reports/evaluation/ (calibration and PR curves,
+    feature importance, error by author-popularity quintile, metrics.json, index.html). On synthetic data
+    the oracle scores and the gap to them are included.
+    """
+    from engagesim.pipeline.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(run_dir)
+    if not as_json:
+        _print_evaluation(result)
+    finish({"run": run_dir, "report": result["report"]}, as_json, "evaluation")
+
+
+def _print_evaluation(result: dict) -> None:
+    table = Table(title="evaluation (validation rows, saved models)")
+    for column in ("level", "model", "metric", "value", "oracle"):
+        table.add_column(column)
+    post = result.get("post_level") or {}
+    for name, values in post.get("models", {}).items():
+        oracle = post.get("oracle", {}).get("rmse")
+        table.add_row("post", name, "rmse", f"{values['rmse']:.4f}", "" if oracle is None else f"{oracle:.4f}")
+    imp = result.get("impression_level") or {}
+    for name, per in imp.get("models", {}).items():
+        for e, values in per.items():
+            oracle = imp.get("oracle", {}).get(e, {}).get("rce")
+            table.add_row("impression", name, f"rce_{e}", f"{values['rce']:.3f}",
+                          "" if oracle is None else f"{oracle:.3f}")
+    out.print(table)
+
+
+@app.command()
+def score(
+    run_dir: str = typer.Option(..., "--run", help="The run whose models score the rows."),
+    in_uri: str = typer.Option(..., "--in", help="A posts or interactions dataset (contract Parquet)."),
+    out_uri: str = typer.Option(..., "--out", "-o", help="Where OUT/predictions and OUT/_rejects go."),
+    posts_uri: Optional[str] = typer.Option(None, "--posts", help="Posts for impressions of posts the run never saw."),
+    actors: int = typer.Option(1, help="Scoring actors (each holds the models; one per GPU on GPU nodes)."),
+    batch_size: int = typer.Option(4096, help="Rows per batch."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Batch-score a table with a run's ensemble on Ray Data (the code Ray Serve runs, offline).
+
+    Posts get expected likes with an 80 % interval; impressions get P(like/reply/retweet/quote).
+    Invalid rows go to OUT/_rejects with the reason; read = scored + rejected is checked.
+
+    Example: `engagesim score --run runs/behaviour-… --in data/new_posts --out runs/scores`
+    """
+    from engagesim.pipeline.score import score as run_score
+
+    quiet_ray()
+    result = run_score(run_dir, in_uri, out_uri, posts_uri=posts_uri, actors=actors, batch_size=batch_size)
+    finish(result, as_json, "score")
+
+
 def print_metrics(rows: list[dict]) -> None:
     table = Table(title="validation metrics (later in time than training)")
     for column in ("level", "model", "metric", "value", "oracle"):

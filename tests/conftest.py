@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import free_ports, stop, venv_bin, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,3 +90,18 @@ def ray_local(tmp_path_factory):
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ctx
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def behaviour_run(ray_local, tmp_path_factory):
+    """One finished behaviour run on a tiny synthetic world, shared by the run-API, scoring and Serve tests."""
+    from engagesim.config import load_config
+    from engagesim.pipeline import behaviour
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, [
+        f"output_root={root}", f"embed.cache_dir={root / 'cache'}", "synth.users=300", "synth.posts=900",
+        "synth.impressions=30000", "synth.images=12", "synth.rows_per_shard=10000", "synth.days=6", "synth.seed=7",
+        "features.valid_hours=24", "embed.pca_components=4", "train.xgb.rounds=20", "train.xgb.checkpoint_every=10",
+        "train.nn.epochs=2", "train.nn.layer6_preset=0"])
+    return behaviour.run(cfg, "tiny", log=lambda _: None)

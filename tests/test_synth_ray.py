@@ -3,13 +3,13 @@
 import json
 
 import pytest
+from helpers import run_cli
 
 from engagesim import io
 from engagesim.config import SynthConfig
 from engagesim.report import eda
 from engagesim.schema import SCHEMAS, validate
 from engagesim.synth import generate
-from helpers import run_cli
 
 pytestmark = pytest.mark.ray
 

@@ -13,7 +13,9 @@ import leidenalg
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
+from safetensors.numpy import load as load_arrays
 
+from engagesim import io
 from engagesim.schema import ENGAGEMENTS
 
 
@@ -56,6 +58,39 @@ class GraphModel:
     communities: dict[str, np.ndarray] = field(default_factory=dict)  # per engagement: users+creators → community
     community_sizes: dict[str, np.ndarray] = field(default_factory=dict)
     chunk: int = 5_000  # pairs per sparse selection (bounds memory)
+
+    def save(self, uri: str, storage=None) -> None:
+        """Keys as Parquet, sparse matrices and community labels as safetensors arrays (no pickle)."""
+        from engagesim.features.state import safe_bytes, write_parquet
+
+        arrays: dict[str, np.ndarray] = {}
+        for name in ("engaged", "creator_sim", "jaccard_top"):
+            m = getattr(self, name).tocsr()
+            arrays.update({f"{name}.data": m.data.astype(np.float32), f"{name}.indices": m.indices.astype(np.int64),
+                           f"{name}.indptr": m.indptr.astype(np.int64), f"{name}.shape": np.asarray(m.shape, np.int64)})
+        for e in self.communities:
+            arrays[f"communities.{e}"] = np.asarray(self.communities[e], np.int64)
+            arrays[f"community_sizes.{e}"] = np.asarray(self.community_sizes[e], np.float64)
+        io.write_bytes(io.join(uri, "graph.safetensors"), safe_bytes(arrays), storage)
+        write_parquet(io.join(uri, "users.parquet"), pl.DataFrame({"key": self.users.keys}), storage)
+        write_parquet(io.join(uri, "creators.parquet"), pl.DataFrame({"key": self.creators.keys}), storage)
+
+    @classmethod
+    def load(cls, uri: str, storage=None) -> GraphModel:
+        from engagesim.features.state import read_parquet
+
+        arrays = load_arrays(io.read_bytes(io.join(uri, "graph.safetensors"), storage))
+
+        def csr(name: str) -> sp.csr_matrix:
+            return sp.csr_matrix((arrays[f"{name}.data"], arrays[f"{name}.indices"], arrays[f"{name}.indptr"]),
+                                 shape=tuple(int(v) for v in arrays[f"{name}.shape"]))
+
+        engagements = [k.split(".", 1)[1] for k in arrays if k.startswith("communities.")]
+        return cls(Index(read_parquet(io.join(uri, "users.parquet"), storage)["key"]),
+                   Index(read_parquet(io.join(uri, "creators.parquet"), storage)["key"]),
+                   csr("engaged"), csr("creator_sim"), csr("jaccard_top"),
+                   {e: arrays[f"communities.{e}"] for e in engagements},
+                   {e: arrays[f"community_sizes.{e}"] for e in engagements})
 
     def features(self, user_ids: pl.Series, creator_ids: pl.Series) -> pl.DataFrame:
         u = self.users.lookup(user_ids)

@@ -159,7 +159,7 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, ba
             loss = criterion(model(xb), yb)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         history.append(total / max(count, 1))
     return history

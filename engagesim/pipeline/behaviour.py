@@ -50,6 +50,7 @@ def data_stage(run: Run) -> dict[str, str]:
 
 def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None] = print) -> Run:
     """data → EDA → features → models → evaluation, each stage recorded in the run manifest."""
+    from engagesim.pipeline.evaluate import evaluate
     from engagesim.pipeline.features import run_features
     from engagesim.pipeline.runtime import ensure_ray
     from engagesim.pipeline.train import train_impression_level, train_post_level
@@ -92,6 +93,11 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
             job.metrics("impression_level", impression)
             job.stage("train_impression_level", {"models": job.path("models", "impression")}, t.seconds)
             log(f"impression-level models ({t.seconds:.1f}s)")
+        with Timer() as t:
+            evaluation = evaluate(job.uri, config.storage)
+        job.metrics("evaluation", {k: v for k, v in evaluation.items() if k != "report"})
+        job.stage("evaluate", {"predictions": job.path("predictions"), "report": evaluation["report"]}, t.seconds)
+        log(f"evaluation ({t.seconds:.1f}s): {evaluation['report']}")
         with Timer() as t:
             report = behaviour_report(job.manifest["metrics"], job.path("reports", "behaviour"))
         job.stage("report", {"report": report}, t.seconds)

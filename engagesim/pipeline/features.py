@@ -28,15 +28,12 @@ from engagesim.embed.actors import ImageFeaturizer, TextEmbedder
 from engagesim.features import encodings, history
 from engagesim.features.graph import GRAPH_COLUMNS, fit_graph_from_pairs
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.post import MEDIA_COLUMNS, post_row_features
-from engagesim.features.temporal import TEMPORAL_COLUMNS, temporal_features
-from engagesim.features.text import TEXT_STAT_COLUMNS
+from engagesim.features.impression import join_impressions, with_topic
+from engagesim.features.post import post_row_features
+from engagesim.features.state import LIST_SUMMARY, TE_LIST, TE_SCALAR, ImpressionState, PostState, user_attributes
+from engagesim.features.temporal import TEMPORAL_COLUMNS
 from engagesim.pipeline.runtime import ensure_ray
 from engagesim.schema import ENGAGEMENTS
-
-TE_SCALAR = ["author_id", "company", "language"]
-TE_LIST = ["hashtags", "domains"]
-USER_COLUMNS = ["follower_count", "following_count", "follower_ratio", "verified", "account_age_days"]
 
 
 def _read_ds(uri: str, cfg: AppConfig):
@@ -91,64 +88,39 @@ def _stream_post_rows(cfg: AppConfig, posts_uri: str) -> pa.Table:
     return _collect(ds)
 
 
-def _matrix(df: pl.DataFrame, column: str) -> np.ndarray:
-    arr = df[column].to_arrow()
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    width = arr.type.list_size
-    flat = arr.flatten().to_numpy(zero_copy_only=False) if arr.null_count == 0 else None
-    if flat is not None:
-        return flat.reshape(-1, width).astype(np.float32)
-    rows = [np.zeros(width, np.float32) if v is None else np.asarray(v, np.float32) for v in arr.to_pylist()]
-    return np.stack(rows)
+def _train_target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, cfg: AppConfig) -> pl.DataFrame:
+    """LAYER6 target encoding of the *training* rows: out-of-fold (time folds) or past-only by mode.
 
-
-def _pca(block: np.ndarray, fit_rows: np.ndarray, k: int, prefix: str) -> tuple[pl.DataFrame, dict]:
-    from sklearn.decomposition import PCA
-
-    k = max(1, min(k, block.shape[1], int(fit_rows.sum()) - 1 if fit_rows.sum() > 1 else 1))
-    pca = PCA(n_components=k, random_state=0).fit(block[fit_rows])
-    comps = pca.transform(block).astype(np.float32)
-    return (pl.DataFrame({f"{prefix}_pca_{i}": comps[:, i] for i in range(k)}),
-            {"components": k, "explained_variance": float(pca.explained_variance_ratio_.sum())})
-
-
-def _target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, cfg: AppConfig) -> pl.DataFrame:
-    """LAYER6 target encoding of accounts, companies, languages, hashtags and domains; leak-free by mode."""
+    Validation and new rows get the training statistics instead (``PostState.transform``).
+    """
     f = cfg.features
     times = df["created_at"].dt.epoch("us").to_numpy()
-    train_idx, valid_idx = np.flatnonzero(train), np.flatnonzero(~train)
+    tr = np.flatnonzero(train)
+    sub = df[tr]
     cols: dict[str, np.ndarray] = {}
     for key in TE_SCALAR:
-        keys = df[key].fill_null("<none>").cast(pl.String)
-        out = np.zeros(df.height, dtype=np.float32)
-        out[train_idx] = encodings.target_encode_train(keys[train_idx], y[train_idx], times[train_idx], f.te_mode,
-                                                       f.te_folds, f.te_smoothing)
-        stats = encodings.fit_target_stats(keys[train_idx], y[train_idx], f.te_smoothing)
-        out[valid_idx] = stats.apply(keys[valid_idx])
-        cols[f"te_{key}"] = out
-    prior = float(y[train_idx].mean())
+        keys = sub[key].fill_null("<none>").cast(pl.String)
+        cols[f"te_{key}"] = encodings.target_encode_train(keys, y[tr], times[tr], f.te_mode, f.te_folds,
+                                                          f.te_smoothing).astype(np.float32)
+    prior = float(y[tr].mean())
     for key in TE_LIST:
-        exploded = df.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
+        exploded = sub.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
         rows = exploded["row"].to_numpy()
-        elems = exploded[key]
-        in_train = train[rows]
         values = np.zeros(len(rows), dtype=np.float64)
-        tr = np.flatnonzero(in_train)
-        if len(tr):
-            values[tr] = encodings.target_encode_train(elems[tr], y[rows[tr]], times[rows[tr]], f.te_mode,
-                                                       f.te_folds, f.te_smoothing)
-            stats = encodings.fit_target_stats(elems[tr], y[rows[tr]], f.te_smoothing)
-            va = np.flatnonzero(~in_train)
-            values[va] = stats.apply(elems[va])
-        summary = encodings.list_te_summary(rows, values, df.height, prior)
-        for k, name in enumerate(["top1", "top2", "top3", "sum", "mean", "count"]):
+        if len(rows):
+            values = encodings.target_encode_train(exploded[key], y[tr][rows], times[tr][rows], f.te_mode,
+                                                   f.te_folds, f.te_smoothing)
+        summary = encodings.list_te_summary(rows, values, sub.height, prior)
+        for k, name in enumerate(LIST_SUMMARY):
             cols[f"te_{key}_{name}"] = summary[:, k]
     return pl.DataFrame(cols)
 
 
-def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | None) -> tuple[pl.DataFrame, dict]:
-    """Global post features (split, temporal, target encoding, one-hots, PCA) on the streamed rows."""
+def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | None
+                        ) -> tuple[pl.DataFrame, dict, PostState]:
+    """Fit the post state on the training split, featurise every row with it, then give the training
+    rows their out-of-fold target encodings. Validation rows are thus featurised exactly as a new post
+    is at scoring time."""
     df = pl.from_arrow(rows).sort("created_at", "post_id")
     n = df.height
     cut = int(np.floor(n * (1 - cfg.features.valid_fraction)))
@@ -156,126 +128,45 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
     train = split == "train"
     has_likes = df["likes"].null_count() < n
     y = np.log1p(df["likes"].fill_null(0).to_numpy().astype(np.float64))
-    parts = [
-        df.select("post_id", "author_id", "username", "created_at", "likes"),
-        pl.DataFrame({"split": split, "label_log1p_likes": np.where(df["likes"].is_null().to_numpy(), np.nan, y)}),
-        df.select(TEXT_STAT_COLUMNS + MEDIA_COLUMNS),
-        temporal_features(df.select("post_id", "author_id", "created_at"), users).drop("post_id"),
-    ]
+    state = PostState.fit(df, y, train, users, cfg.features.te_smoothing, cfg.embed.pca_components,
+                          cfg.features.text_clusters, has_likes)
+    table = state.transform(df)
+    if has_likes and train.any():
+        oof = _train_target_encodings(df, y, train, cfg)
+        replaced = []
+        for c in oof.columns:
+            values = table[c].to_numpy().astype(np.float32)  # a copy: the apply version for every row
+            values[train] = oof[c].to_numpy()
+            replaced.append(pl.Series(c, values))
+        table = table.with_columns(replaced)
+    table = table.with_columns(
+        pl.Series("split", split),
+        pl.Series("label_log1p_likes", np.where(df["likes"].is_null().to_numpy(), np.nan, y)),
+    )
     info: dict[str, Any] = {"rows": n, "train_rows": int(train.sum()), "valid_rows": int((~train).sum())}
-    if has_likes:
-        parts.append(_target_encodings(df, y, train, cfg))
-    if users is not None:
-        author = df.select("author_id").join(
-            _user_attributes(users).rename({"user_id": "author_id"}), on="author_id", how="left", maintain_order="left")
-        parts.append(author.select(pl.col(c).alias(f"author_{c}")
-                                   for c in ("follower_count", "following_count", "follower_ratio", "verified")))
-    top_langs = df.filter(pl.Series(train))["language"].drop_nulls().value_counts(sort=True).head(8)["language"].to_list()
-    parts.append(encodings.one_hot(df["language"], top_langs, "lang"))
-    if "clarity_contrast" in df.columns:
-        parts.append(df.select(IMAGE_STAT_COLUMNS).with_columns(pl.col(IMAGE_STAT_COLUMNS).cast(pl.Float32)))
-        parts.append(pl.DataFrame({"has_image": df["image_error"].is_null() & df["photo_uri"].is_not_null()})
-                     .cast(pl.Float32))
+    info.update({f"{k}_pca": {"components": int(p.components.shape[0]), "explained_variance": p.explained_variance}
+                 for k, p in state.projections.items()})
+    if "image_error" in df.columns:
         info["image_errors"] = int(df["image_error"].is_not_null().sum())
         info["images_embedded_now"] = int(df["image_emb_computed"].sum())
-    blocks = []
-    for column, prefix in (("text_emb", "text"), ("text_sketch", "sketch"), ("image_emb", "image")):
-        if column in df.columns:
-            block = _matrix(df, column)
-            fit_rows = train & df[column].is_not_null().to_numpy()
-            if fit_rows.sum() >= 2:
-                pca_df, pca_info = _pca(block, fit_rows, cfg.embed.pca_components, prefix)
-                parts.append(pca_df)
-                info[f"{prefix}_pca"] = pca_info
-            blocks.append(column)
-    if "text_emb" in df.columns and train.sum() >= cfg.features.text_clusters:
-        from sklearn.cluster import MiniBatchKMeans
-
-        block = _matrix(df, "text_emb")
-        kmeans = MiniBatchKMeans(n_clusters=cfg.features.text_clusters, random_state=0, n_init=3).fit(block[train])
-        parts.append(pl.DataFrame({"text_cluster": kmeans.predict(block).astype(np.int32)}))
     if "text_emb_computed" in df.columns:
         info["texts_embedded_now"] = int(df["text_emb_computed"].sum())
-    parts.append(df.select(blocks))
-    return pl.concat(parts, how="horizontal"), info
+    return table, info, state
 
 
 # --- impression level --------------------------------------------------------------------------
 
-def _user_attributes(users: pl.DataFrame) -> pl.DataFrame:
-    return users.select(
-        "user_id",
-        pl.col("follower_count").cast(pl.Float32),
-        pl.col("following_count").cast(pl.Float32),
-        (pl.col("follower_count") / (pl.col("following_count") + 1)).cast(pl.Float32).alias("follower_ratio"),
-        pl.col("verified").cast(pl.Float32),
-        pl.col("created_at").alias("_user_created"),
-    )
-
-
-def _with_topic(df: pl.DataFrame, topics: pl.DataFrame | None) -> pl.DataFrame:
-    """Attach each impression's post topic (text cluster) so the user × topic history can be built."""
-    if topics is None:
-        return df
-    return df.join(topics, on="post_id", how="left", maintain_order="left")
-
-
 def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, topics=None) -> pa.Table:
     topics = _broadcast({"topics": topics})["topics"] if topics is not None else None
-    df = _with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
+    df = with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
     aggs = history.window_aggregates(df.filter(pl.col("t_us") < cutoff_us))
     sink = []
-    for prefix, frame in aggs.items():
+    for frame in aggs.values():
         buf = pa.BufferOutputStream()
         with pa.ipc.new_stream(buf, frame.to_arrow().schema) as writer:
             writer.write_table(frame.to_arrow())
         sink.append(buf.getvalue().to_pybytes())
     return pa.table({"prefix": list(aggs), "ipc": pa.array(sink, type=pa.binary())})
-
-
-def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int, window_hours: int,
-                     history_mode: str) -> pa.Table:
-    """Impression rows + everything fit on the training data (``ctx``) → the impression feature table.
-
-    Pure: ``ctx`` holds plain objects (history lookup tables, the graph model, user attributes, post
-    features), so the benchmark's single-process baseline calls exactly this on the whole table.
-    """
-    df = _with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours),
-                     ctx.get("topics")).with_row_index("_i")
-    is_valid = df["t_us"] >= cutoff_us
-    parts = []
-    for mask, mode, tables in ((~is_valid, history_mode, ctx["train_tables"]), (is_valid, "apply", ctx["apply_tables"])):
-        rows = df.filter(mask)
-        if rows.height:
-            parts.append(pl.concat([rows.select("_i"), history.join_history(rows, tables, mode)], how="horizontal"))
-    hist = pl.concat(parts).sort("_i").drop("_i")
-    graph = ctx["graph"].features(df["user_id"], df["creator_id"])
-    users = ctx["users"]
-    impression_t = df.select("_i", "impression_at", "user_id", "creator_id")
-    engaging = impression_t.join(users.rename({c: f"user_{c}" for c in users.columns if c != "user_id"}),
-                                 on="user_id", how="left").sort("_i")
-    creator = impression_t.join(users.rename({"user_id": "creator_id", **{c: f"creator_{c}" for c in users.columns
-                                                                           if c != "user_id"}}),
-                                on="creator_id", how="left").sort("_i")
-    attrs = []
-    for prefix, frame in (("user", engaging), ("creator", creator)):
-        attrs.append(frame.select(
-            *[pl.col(f"{prefix}_{c}") for c in ("follower_count", "following_count", "follower_ratio", "verified")],
-            ((pl.col("impression_at") - pl.col(f"{prefix}__user_created")).dt.total_seconds() / 86400.0)
-            .cast(pl.Float32).alias(f"{prefix}_account_age_days"),
-        ))
-    posts = df.select("_i", "post_id").join(ctx["posts"], on="post_id", how="left").sort("_i").drop("_i", "post_id")
-    out = pl.concat(
-        [
-            df.select("user_id", "post_id", "creator_id", "impression_at",
-                      pl.when(is_valid).then(pl.lit("valid")).otherwise(pl.lit("train")).alias("split"),
-                      *[pl.col(f"y_{e}") for e in ENGAGEMENTS],
-                      pl.col("follows_creator").cast(pl.Float32)),
-            hist, graph, *attrs, posts,
-        ],
-        how="horizontal",
-    )
-    return out.to_arrow()
 
 
 _CONTEXTS: dict[tuple, dict] = {}
@@ -298,7 +189,8 @@ def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
 
 
 def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
-                              post_table: pl.DataFrame, out_uri: str) -> dict:
+                              post_table: pl.DataFrame, out_uri: str) -> tuple[dict, ImpressionState]:
+    """Impression features for every row, and the snapshot (``ImpressionState``) new rows are joined to."""
     import ray
 
     f = cfg.features
@@ -324,23 +216,32 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
 
     # The graph is fit from the pair aggregates (training rows only), not from another pass over the rows.
     graph = fit_graph_from_pairs(aggregates["pair"], f.jaccard_k, seed=cfg.synth.seed)
-    users = _user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
+    users = user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
         schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
                 "follower_ratio": pl.Float32, "verified": pl.Float32,
                 "_user_created": pl.Datetime("us", "UTC")})
-    post_cols = [c for c in post_table.columns if c not in ("author_id", "username", "created_at", "likes", "split",
-                                                            "label_log1p_likes", "text_emb", "text_sketch",
-                                                            "image_emb")]
+    state = ImpressionState(origin_us, cutoff_us, f.window_hours, apply_tables, graph, users,
+                            impression_post_columns(post_table), topics)
     refs = {"train_tables": ray.put(train_tables), "apply_tables": ray.put(apply_tables), "graph": ray.put(graph),
             **({"topics": topics_ref} if topics_ref is not None else {}),
-            "users": ray.put(users), "posts": ray.put(post_table.select(post_cols).rename(
-                {c: f"post_{c}" for c in post_cols if c != "post_id"}))}
+            "users": ray.put(users), "posts": ray.put(state.posts)}
     joined = ds.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
                             fn_kwargs={"refs": refs, "origin_us": origin_us, "cutoff_us": cutoff_us,
                                        "window_hours": f.window_hours, "history_mode": f.history_mode})
     rows = write_streaming(joined, out_uri, "impression_features", cfg, {"cutoff": cutoff_us, "origin": origin_us})
     split_rows = pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=["split"]))["split"].value_counts()
-    return {"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us}
+    return ({"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us},
+            state)
+
+
+POST_ONLY = ("author_id", "username", "created_at", "likes", "split", "label_log1p_likes", "text_emb", "text_sketch",
+             "image_emb")
+
+
+def impression_post_columns(post_table: pl.DataFrame) -> pl.DataFrame:
+    """The post features an impression row carries: everything but ids, labels and raw vectors, as post_*."""
+    cols = [c for c in post_table.columns if c not in POST_ONLY]
+    return post_table.select(cols).rename({c: f"post_{c}" for c in cols if c != "post_id"})
 
 
 def write_streaming(ds, out_uri: str, kind: str, cfg: AppConfig, extra: dict | None = None) -> int:
@@ -405,7 +306,8 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     rows = _stream_post_rows(cfg, posts_uri)
     log(f"post rows streamed: {rows.num_rows:,}")
     users = pl.from_arrow(io.read_table(users_uri, cfg.storage)) if users_uri else None
-    post_table, post_info = build_post_features(cfg, rows, users)
+    post_table, post_info, post_state = build_post_features(cfg, rows, users)
+    post_state.save(io.join(out_uri, "state", "posts"), cfg.storage)
     writer = io.DatasetWriter(io.join(out_uri, "posts"), "post_features", cfg.storage)
     for lo in range(0, post_table.height, 200_000):
         writer.write(post_table.slice(lo, 200_000).to_arrow())
@@ -414,7 +316,9 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     summary: dict[str, Any] = {"posts": post_info, "out": out_uri}
     log(f"post features: {post_table.height:,} rows × {post_table.width} columns")
     if interactions_uri:
-        imp = build_impression_features(cfg, interactions_uri, users_uri, post_table, io.join(out_uri, "impressions"))
+        imp, imp_state = build_impression_features(cfg, interactions_uri, users_uri, post_table,
+                                                   io.join(out_uri, "impressions"))
+        imp_state.save(io.join(out_uri, "state", "impressions"), cfg.storage)
         summary["impressions"] = imp
         schemas["impressions"] = pq.read_schema(
             io.dataset_files(io.join(out_uri, "impressions"), cfg.storage)[0],

@@ -30,6 +30,7 @@ from engagesim.metrics import (
     rmse,
 )
 from engagesim.models import ensemble, knn, nn, xgb
+from engagesim.models.bundle import embedding_matrix, ensemble_spec, knn_predict, stack_image_columns
 from engagesim.models.data import LABELS, feature_columns, matrix
 from engagesim.schema import ENGAGEMENTS
 
@@ -37,14 +38,6 @@ from engagesim.schema import ENGAGEMENTS
 def _split(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     is_train = pc.equal(table.column("split"), "train")
     return table.filter(is_train), table.filter(pc.invert(is_train))
-
-
-def _vectors(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    col = table.column(column).combine_chunks()
-    ok = col.is_valid().to_numpy(zero_copy_only=False)
-    width = col.type.list_size
-    flat = pc.fill_null(col, pa.scalar([0.0] * width, type=col.type)).flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(-1, width).astype(np.float32), ok
 
 
 def _nn_spec(cfg: AppConfig, x: np.ndarray, n_outputs: int, task: str) -> nn.NNSpec:
@@ -114,14 +107,12 @@ def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri:
         log(f"post stacked mlp: rmse {rmse(y_va, preds['stacked_mlp']):.4f}")
     if "knn" in cfg.train.models and cfg.train.knn.embedding in table.column_names:
         t = time.perf_counter()
-        vec_tr, ok_tr = _vectors(train, cfg.train.knn.embedding)
-        vec_va, ok_va = _vectors(valid, cfg.train.knn.embedding)
+        vec_tr, ok_tr = embedding_matrix(train, cfg.train.knn.embedding)
         if ok_tr.sum() >= cfg.train.knn.k:
             model = knn.KNNRegressor(cfg.train.knn.k, cfg.train.knn.ivf_threshold).fit(vec_tr[ok_tr], y_tr[ok_tr])
             model.save(io.join(models_dir, "post", "knn"))
-            p = np.full(len(y_va), y_tr.mean())
-            p[ok_va] = model.predict(vec_va[ok_va])
-            preds["knn"] = p
+            io.write_json(io.join(models_dir, "post", "knn", "column.json"), {"column": cfg.train.knn.embedding})
+            preds["knn"] = knn_predict(model, valid, cfg.train.knn.embedding)
             timings["knn"] = time.perf_counter() - t
             log(f"post knn: rmse {rmse(y_va, preds['knn']):.4f}")
     if "nn" in cfg.train.models:
@@ -133,12 +124,23 @@ def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri:
         log(f"post nn: rmse {rmse(y_va, preds['nn']):.4f}")
 
     result["models"] = {k: {"rmse": rmse(y_va, v), "seconds": round(timings[k], 1)} for k, v in preds.items()}
-    if len(preds) >= 2:
+    if preds:
         weights = ensemble.loss_weights({k: rmse(y_va, v) for k, v in preds.items()})
-        stacked, _, _ = ensemble.stacked_cv(preds, y_va, "regression")
-        result["ensemble"] = {"loss_weighted": {"rmse": rmse(y_va, ensemble.weighted(preds, weights)),
-                                                "weights": weights},
-                              "stacked": {"rmse": rmse(y_va, stacked)}, "served": cfg.train.ensemble}
+        if len(preds) >= 2:
+            stacked, stacker, names = ensemble.stacked_cv(preds, y_va, "regression")
+            result["ensemble"] = {"loss_weighted": {"rmse": rmse(y_va, ensemble.weighted(preds, weights)),
+                                                    "weights": weights},
+                                  "stacked": {"rmse": rmse(y_va, stacked)}, "served": cfg.train.ensemble}
+            spec = ensemble_spec(cfg.train.ensemble, weights, stacker, names, "regression")
+            served = stacked if cfg.train.ensemble == "stacked" else ensemble.weighted(preds, weights)
+        else:
+            spec = {"method": "loss_weighted", "task": "regression", "members": list(preds), "weights": weights}
+            served = next(iter(preds.values()))
+        # An 80 % interval from the (out-of-fold) validation residuals of what is served.
+        residual = y_va - served
+        spec["residual_quantiles"] = {"q10": float(np.quantile(residual, 0.1)),
+                                      "q90": float(np.quantile(residual, 0.9))}
+        io.write_json(io.join(models_dir, "post", "ensemble.json"), spec)
     if truth_uri:
         truth = pl.from_arrow(io.read_table(truth_uri, cfg.storage, columns=["post_id", "expected_log1p_likes"]))
         joined = pl.DataFrame({"post_id": valid.column("post_id").to_pylist()}).join(truth, on="post_id", how="left",
@@ -154,9 +156,7 @@ def _smp_stacked_mlp(cfg: AppConfig, train: pa.Table, valid: pa.Table, features:
     The XGBoost input of the training rows is out-of-fold (3 time-ordered folds, in-process boosters),
     so the MLP never learns from predictions made on rows the booster was fit on.
     """
-    image_cols = [c for c in features if c.startswith("image_pca_") or c in
-                  ("clarity_contrast", "hue_count", "brightness_contrast", "colour_entropy", "composition_offset",
-                   "has_image")]
+    image_cols = stack_image_columns(features)
     params = xgb.params_for(cfg.train.xgb.preset, "reg:squarederror",
                             {"nthread": cfg.train.xgb.cpus_per_worker, **cfg.train.xgb.params})
     folds = np.arange(train.num_rows) * 3 // max(train.num_rows, 1)
@@ -229,17 +229,19 @@ def train_impression_level(cfg: AppConfig, impressions_uri: str, models_dir: str
     if len(preds) >= 2:
         weighted = np.zeros_like(y_va)
         stacked = np.zeros_like(y_va)
-        weights_by_engagement = {}
+        weights_by_engagement, specs = {}, {}
         for k, e in enumerate(ENGAGEMENTS):
             member = {name: p[:, k] for name, p in preds.items()}
             losses = {name: cross_entropy_sum(y_va[:, k], v) / len(v) for name, v in member.items()}
             w = ensemble.loss_weights(losses)
             weights_by_engagement[e] = w
             weighted[:, k] = ensemble.weighted(member, w)
-            stacked[:, k], _, _ = ensemble.stacked_cv(member, y_va[:, k], "binary")
+            stacked[:, k], stacker, names = ensemble.stacked_cv(member, y_va[:, k], "binary")
+            specs[e] = ensemble_spec(cfg.train.ensemble, w, stacker, names, "binary")
         result["ensemble"] = {"loss_weighted": _impression_metrics(y_va, weighted, groups),
                               "stacked": _impression_metrics(y_va, stacked, groups),
                               "weights": weights_by_engagement, "served": cfg.train.ensemble}
+        io.write_json(io.join(models_dir, "impression", "ensemble.json"), {"engagements": specs})
     if truth_uri:
         truth = pl.from_arrow(io.read_table(truth_uri, cfg.storage,
                                             columns=["user_id", "post_id", "impression_at",

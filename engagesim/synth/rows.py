@@ -10,9 +10,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engagesim.schema import ENGAGEMENTS, INTERACTIONS, MEDIA_ITEM, POSTS, TIMESTAMP, TRUTH_INTERACTIONS, TRUTH_POSTS, USERS
+from engagesim.schema import (
+    ENGAGEMENTS,
+    INTERACTIONS,
+    MEDIA_ITEM,
+    POSTS,
+    TIMESTAMP,
+    TRUTH_INTERACTIONS,
+    TRUTH_POSTS,
+    USERS,
+)
 from engagesim.synth import vocab
 from engagesim.synth.world import IMAGE_PROPERTIES, MEDIA_KINDS, US_PER_SECOND, World
+
 
 def ids(prefix: str, index: np.ndarray, width: int) -> pa.Array:
     """Vectorised "u0000042"-style ids (no Python string per row)."""

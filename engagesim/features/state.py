@@ -1,0 +1,297 @@
+"""Fitted feature state: what the batch pipeline learned, saved so any row can be featurised later.
+
+Training fits target-encoding statistics, the language vocabulary, PCA bases,
+text clusters, history tables and the interaction graph. Scoring a new post
+(``engagesim score``, Ray Serve, ``load_run().predict``) must apply *exactly*
+those, through *exactly* the code that produced the validation features —
+otherwise served predictions drift from evaluated ones (training/serving skew).
+So the pipeline featurises its validation rows with ``transform_posts`` from
+the state it is about to save, and the serving paths load that state and call
+the same function.
+
+Saved in safe formats only: Parquet tables, safetensors arrays, JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
+
+from engagesim import io
+from engagesim.features import encodings
+from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
+from engagesim.features.post import MEDIA_COLUMNS
+from engagesim.features.temporal import temporal_features
+from engagesim.features.text import TEXT_STAT_COLUMNS
+
+TE_SCALAR = ["author_id", "company", "language"]
+TE_LIST = ["hashtags", "domains"]
+LIST_SUMMARY = ["top1", "top2", "top3", "sum", "mean", "count"]
+EMBEDDING_BLOCKS = (("text_emb", "text"), ("text_sketch", "sketch"), ("image_emb", "image"))
+AUTHOR_ATTRIBUTES = ("follower_count", "following_count", "follower_ratio", "verified")
+
+
+def user_attributes(users: pl.DataFrame) -> pl.DataFrame:
+    """The account attributes both levels use (ratio precomputed, creation time for account age)."""
+    return users.select(
+        "user_id",
+        pl.col("follower_count").cast(pl.Float32),
+        pl.col("following_count").cast(pl.Float32),
+        (pl.col("follower_count") / (pl.col("following_count") + 1)).cast(pl.Float32).alias("follower_ratio"),
+        pl.col("verified").cast(pl.Float32),
+        pl.col("created_at").alias("_user_created"),
+    )
+
+
+def block_matrix(df: pl.DataFrame, column: str) -> np.ndarray:
+    """A fixed-size-list column as a float32 matrix; null rows become zeros."""
+    arr = df[column].to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    width = arr.type.list_size
+    if arr.null_count:
+        arr = arr.fill_null(pa.scalar([0.0] * width, type=arr.type))
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
+
+
+@dataclass
+class Projection:
+    """A PCA basis applied as (x - mean) @ components.T — the same arithmetic for fit rows and new rows."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, k: int) -> Projection:
+        from sklearn.decomposition import PCA
+
+        k = max(1, min(k, x.shape[1], x.shape[0] - 1))
+        pca = PCA(n_components=k, random_state=0).fit(x)
+        return cls(pca.mean_.astype(np.float32), pca.components_.astype(np.float32),
+                   float(pca.explained_variance_ratio_.sum()))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) @ self.components.T).astype(np.float32)
+
+
+def nearest_centre(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    d = (x * x).sum(1, keepdims=True) - 2 * x @ centres.T + (centres * centres).sum(1)
+    return d.argmin(1).astype(np.int32)
+
+
+@dataclass
+class PostState:
+    """Everything post-level features need beyond the row itself."""
+
+    te_scalar: dict[str, encodings.TargetStats] = field(default_factory=dict)
+    te_list: dict[str, encodings.TargetStats] = field(default_factory=dict)
+    prior: float = 0.0
+    top_langs: list[str] = field(default_factory=list)
+    projections: dict[str, Projection] = field(default_factory=dict)
+    centres: np.ndarray | None = None
+    authors: pl.DataFrame | None = None  # author attributes (user_attributes, keyed by author_id)
+    known_posts: pl.DataFrame | None = None  # post_id, author_id, created_at: for "time since previous post"
+
+    # -- fit ------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, df: pl.DataFrame, y: np.ndarray, train: np.ndarray, users: pl.DataFrame | None,
+            smoothing: float, pca_components: int, text_clusters: int, has_likes: bool) -> PostState:
+        state = cls()
+        tr = np.flatnonzero(train)
+        if has_likes:
+            state.prior = float(y[tr].mean()) if len(tr) else 0.0
+            for key in TE_SCALAR:
+                keys = _scalar_keys(df, key)
+                state.te_scalar[key] = encodings.fit_target_stats(keys[tr], y[tr], smoothing)
+            for key in TE_LIST:
+                rows, elems = _exploded(df, key)
+                in_train = train[rows]
+                state.te_list[key] = encodings.fit_target_stats(elems.filter(pl.Series(in_train)),
+                                                                y[rows[in_train]], smoothing)
+        state.top_langs = (df.filter(pl.Series(train))["language"].drop_nulls().value_counts(sort=True)
+                           .head(8)["language"].to_list())
+        for column, prefix in EMBEDDING_BLOCKS:
+            if column in df.columns:
+                fit_rows = train & df[column].is_not_null().to_numpy()
+                if fit_rows.sum() >= 2:
+                    state.projections[prefix] = Projection.fit(block_matrix(df, column)[fit_rows], pca_components)
+        if "text_emb" in df.columns and train.sum() >= text_clusters:
+            from sklearn.cluster import MiniBatchKMeans
+
+            x = block_matrix(df, "text_emb")[train]
+            state.centres = MiniBatchKMeans(n_clusters=text_clusters, random_state=0, n_init=3).fit(x).cluster_centers_
+            state.centres = state.centres.astype(np.float32)
+        if users is not None:
+            state.authors = user_attributes(users).rename({"user_id": "author_id"})
+        state.known_posts = df.select("post_id", "author_id", "created_at")
+        return state
+
+    # -- apply ----------------------------------------------------------------------------------
+    def transform(self, df: pl.DataFrame) -> pl.DataFrame:
+        """Streamed post rows (row-local features, embeddings, image statistics) → post feature table.
+
+        Target encodings here are the *apply* version (training statistics); the pipeline overwrites
+        them for training rows with out-of-fold values.
+        """
+        parts = [
+            df.select("post_id", "author_id", "username", "created_at", "likes"),
+            df.select(TEXT_STAT_COLUMNS + MEDIA_COLUMNS),
+            temporal_features(df.select("post_id", "author_id", "created_at"), self._accounts(), self.known_posts)
+            .drop("post_id"),
+        ]
+        if self.te_scalar:
+            parts.append(self._target_encodings(df))
+        if self.authors is not None:
+            author = df.select("author_id").join(self.authors, on="author_id", how="left", maintain_order="left")
+            parts.append(author.select(pl.col(c).alias(f"author_{c}") for c in AUTHOR_ATTRIBUTES))
+        parts.append(encodings.one_hot(df["language"], self.top_langs, "lang"))
+        if "clarity_contrast" in df.columns:
+            parts.append(df.select(pl.col(IMAGE_STAT_COLUMNS).cast(pl.Float32)))
+            parts.append(pl.DataFrame({"has_image": (df["image_error"].is_null() & df["photo_uri"].is_not_null())
+                                       .cast(pl.Float32)}))
+        blocks = []
+        for column, prefix in EMBEDDING_BLOCKS:
+            if column not in df.columns:
+                continue
+            blocks.append(column)
+            if prefix in self.projections:
+                comps = self.projections[prefix].apply(block_matrix(df, column))
+                parts.append(pl.DataFrame({f"{prefix}_pca_{i}": comps[:, i] for i in range(comps.shape[1])}))
+        if self.centres is not None and "text_emb" in df.columns:
+            parts.append(pl.DataFrame({"text_cluster": nearest_centre(block_matrix(df, "text_emb"), self.centres)}))
+        parts.append(df.select(blocks))
+        return pl.concat(parts, how="horizontal")
+
+    def _accounts(self) -> pl.DataFrame | None:
+        if self.authors is None:
+            return None
+        return self.authors.select(pl.col("author_id").alias("user_id"), pl.col("_user_created").alias("created_at"))
+
+    def _target_encodings(self, df: pl.DataFrame) -> pl.DataFrame:
+        cols: dict[str, np.ndarray] = {}
+        for key, stats in self.te_scalar.items():
+            cols[f"te_{key}"] = stats.apply(_scalar_keys(df, key)).astype(np.float32)
+        for key, stats in self.te_list.items():
+            rows, elems = _exploded(df, key)
+            summary = encodings.list_te_summary(rows, stats.apply(elems), df.height, self.prior)
+            for k, name in enumerate(LIST_SUMMARY):
+                cols[f"te_{key}_{name}"] = summary[:, k]
+        return pl.DataFrame(cols)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, uri: str, storage=None) -> None:
+        meta = {"prior": self.prior, "top_langs": self.top_langs,
+                "te": {k: {"key": s.key, "prior": s.prior, "smoothing": s.smoothing} for k, s in
+                       {**{f"scalar:{k}": v for k, v in self.te_scalar.items()},
+                        **{f"list:{k}": v for k, v in self.te_list.items()}}.items()},
+                "projections": {k: p.explained_variance for k, p in self.projections.items()},
+                "has_centres": self.centres is not None, "has_authors": self.authors is not None}
+        for name, stats in {**{f"scalar:{k}": v for k, v in self.te_scalar.items()},
+                            **{f"list:{k}": v for k, v in self.te_list.items()}}.items():
+            write_parquet(io.join(uri, f"te_{name.replace(':', '_')}.parquet"), stats.table, storage)
+        arrays = {f"{k}.mean": p.mean for k, p in self.projections.items()}
+        arrays.update({f"{k}.components": p.components for k, p in self.projections.items()})
+        if self.centres is not None:
+            arrays["centres"] = self.centres
+        io.write_bytes(io.join(uri, "arrays.safetensors"), safe_bytes(arrays) if arrays else b"", storage)
+        if self.authors is not None:
+            write_parquet(io.join(uri, "authors.parquet"), self.authors, storage)
+        write_parquet(io.join(uri, "known_posts.parquet"), self.known_posts, storage)
+        io.write_json(io.join(uri, "state.json"), meta, storage)
+
+    @classmethod
+    def load(cls, uri: str, storage=None) -> PostState:
+        meta = io.read_json(io.join(uri, "state.json"), storage)
+        state = cls(prior=meta["prior"], top_langs=meta["top_langs"])
+        for name, m in meta["te"].items():
+            kind, key = name.split(":")
+            stats = encodings.TargetStats(m["key"], read_parquet(io.join(uri, f"te_{kind}_{key}.parquet"), storage),
+                                          m["prior"], m["smoothing"])
+            (state.te_scalar if kind == "scalar" else state.te_list)[key] = stats
+        raw = io.read_bytes(io.join(uri, "arrays.safetensors"), storage)
+        arrays = load_arrays(raw) if raw else {}
+        for k, explained in meta["projections"].items():
+            state.projections[k] = Projection(arrays[f"{k}.mean"], arrays[f"{k}.components"], explained)
+        state.centres = arrays.get("centres") if meta["has_centres"] else None
+        if meta["has_authors"]:
+            state.authors = read_parquet(io.join(uri, "authors.parquet"), storage)
+        state.known_posts = read_parquet(io.join(uri, "known_posts.parquet"), storage)
+        return state
+
+
+def _scalar_keys(df: pl.DataFrame, key: str) -> pl.Series:
+    return df[key].fill_null("<none>").cast(pl.String)
+
+
+def _exploded(df: pl.DataFrame, key: str) -> tuple[np.ndarray, pl.Series]:
+    exploded = df.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
+    return exploded["row"].to_numpy(), exploded[key]
+
+
+def safe_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """safetensors bytes; arrays made C-contiguous first (safetensors writes the raw buffer, so an
+    F-ordered array such as sklearn's PCA components would come back transposed)."""
+    return save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+
+
+def write_parquet(uri: str, frame: pl.DataFrame, storage=None) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(frame.to_arrow(), sink)
+    io.write_bytes(uri, sink.getvalue().to_pybytes(), storage)
+
+
+def read_parquet(uri: str, storage=None) -> pl.DataFrame:
+    return pl.from_arrow(pq.read_table(pa.BufferReader(io.read_bytes(uri, storage))))
+
+
+@dataclass
+class ImpressionState:
+    """The point-in-time snapshot impression features are looked up in: history totals over the
+    training events, the graph, account attributes, and the features of every known post."""
+
+    origin_us: int
+    cutoff_us: int
+    window_hours: int
+    apply_tables: dict[str, pl.DataFrame]
+    graph: Any  # features.graph.GraphModel
+    users: pl.DataFrame
+    posts: pl.DataFrame  # post_id + post_<feature> columns, as joined onto impressions
+    topics: pl.DataFrame | None = None
+
+    def context(self) -> dict:
+        """The ``ctx`` that ``join_impressions`` takes for rows that are all past the training data."""
+        return {"train_tables": {}, "apply_tables": self.apply_tables, "graph": self.graph, "users": self.users,
+                "posts": self.posts, **({"topics": self.topics} if self.topics is not None else {})}
+
+    def save(self, uri: str, storage=None) -> None:
+        for prefix, table in self.apply_tables.items():
+            write_parquet(io.join(uri, f"history_{prefix}.parquet"), table, storage)
+        write_parquet(io.join(uri, "users.parquet"), self.users, storage)
+        write_parquet(io.join(uri, "posts.parquet"), self.posts, storage)
+        if self.topics is not None:
+            write_parquet(io.join(uri, "topics.parquet"), self.topics, storage)
+        self.graph.save(io.join(uri, "graph"), storage)
+        io.write_json(io.join(uri, "state.json"), {"origin_us": self.origin_us, "cutoff_us": self.cutoff_us,
+                                                    "window_hours": self.window_hours,
+                                                    "history": sorted(self.apply_tables),
+                                                    "topics": self.topics is not None}, storage)
+
+    @classmethod
+    def load(cls, uri: str, storage=None) -> ImpressionState:
+        from engagesim.features.graph import GraphModel
+
+        meta = io.read_json(io.join(uri, "state.json"), storage)
+        return cls(meta["origin_us"], meta["cutoff_us"], meta["window_hours"],
+                   {p: read_parquet(io.join(uri, f"history_{p}.parquet"), storage) for p in meta["history"]},
+                   GraphModel.load(io.join(uri, "graph"), storage),
+                   read_parquet(io.join(uri, "users.parquet"), storage),
+                   read_parquet(io.join(uri, "posts.parquet"), storage),
+                   read_parquet(io.join(uri, "topics.parquet"), storage) if meta["topics"] else None)

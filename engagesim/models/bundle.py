@@ -1,0 +1,164 @@
+"""A run's trained models, loaded together and applied to feature tables.
+
+The evaluation stage, ``engagesim score``, ``load_run().predict`` and Ray Serve
+all predict through these two classes, so there is one scoring code path.
+Everything loads from safe formats: xgboost UBJSON, safetensors, FAISS index
+files and JSON (the ensemble's weights and stacker coefficients).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from engagesim.models import knn, nn, xgb
+from engagesim.models.data import matrix
+from engagesim.schema import ENGAGEMENTS
+
+IMAGE_STACK_COLUMNS = ("clarity_contrast", "hue_count", "brightness_contrast", "colour_entropy", "composition_offset",
+                       "has_image")
+
+
+def stack_image_columns(features: list[str]) -> list[str]:
+    """SMP's stacked MLP input besides the XGBoost prediction: image PCA + the high-level image features."""
+    return [c for c in features if c.startswith("image_pca_") or c in IMAGE_STACK_COLUMNS]
+
+
+def embedding_matrix(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-size-list column → (float32 matrix with zeros for nulls, mask of present rows)."""
+    import pyarrow.compute as pc
+
+    col = table.column(column).combine_chunks()
+    ok = col.is_valid().to_numpy(zero_copy_only=False)
+    width = col.type.list_size
+    flat = pc.fill_null(col, pa.scalar([0.0] * width, type=col.type)).flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, width).astype(np.float32), ok
+
+
+def knn_predict(model: knn.KNNRegressor, table: pa.Table, column: str) -> np.ndarray:
+    """Neighbour vote for rows with a vector; the training mean for rows without one."""
+    vectors, ok = embedding_matrix(table, column)
+    out = np.full(table.num_rows, model.prior, dtype=np.float32)
+    if ok.any():
+        out[ok] = model.predict(vectors[ok])
+    return out
+
+
+# --- ensembles ----------------------------------------------------------------------------------
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def ensemble_spec(method: str, weights: dict[str, float], stacker: Any, members: list[str], task: str) -> dict:
+    """The JSON form of a fitted ensemble (loss weights + the stacker's coefficients)."""
+    return {"method": method, "task": task, "members": members, "weights": weights,
+            "stacker": {"coef": np.ravel(stacker.coef_).tolist(), "intercept": float(np.ravel(stacker.intercept_)[0])}}
+
+
+def apply_ensemble(spec: dict, preds: dict[str, np.ndarray]) -> np.ndarray:
+    """Combine member predictions as the run chose: loss-weighted mean or the stacked linear model."""
+    if spec["method"] == "loss_weighted":
+        return sum(w * preds[k] for k, w in spec["weights"].items())
+    binary = spec["task"] == "binary"
+    x = np.column_stack([_logit(preds[n]) if binary else preds[n] for n in spec["members"]])
+    z = x @ np.asarray(spec["stacker"]["coef"]) + spec["stacker"]["intercept"]
+    return (1 / (1 + np.exp(-z)) if binary else z).astype(np.float32)
+
+
+# --- post level ---------------------------------------------------------------------------------
+
+class PostModels:
+    """log1p(likes) regressors of a run + their ensemble."""
+
+    def __init__(self, directory: str):
+        root = Path(directory)
+        self.xgb = xgb.load(str(root / "xgb.ubj")) if (root / "xgb.ubj").exists() else None
+        self.nn = nn.load(str(root / "nn")) if (root / "nn").exists() else None
+        self.stacked = nn.load(str(root / "stacked_mlp")) if (root / "stacked_mlp").exists() else None
+        self.knn = knn.KNNRegressor.load(str(root / "knn")) if (root / "knn").exists() else None
+        self.knn_column = json.loads((root / "knn" / "column.json").read_text())["column"] if self.knn else None
+        spec = root / "ensemble.json"
+        self.ensemble = json.loads(spec.read_text()) if spec.exists() else None
+
+    @property
+    def members(self) -> list[str]:
+        return [n for n, m in (("xgb", self.xgb), ("stacked_mlp", self.stacked), ("knn", self.knn), ("nn", self.nn))
+                if m is not None]
+
+    def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Every member's prediction of log1p(likes) and ``ensemble`` (the served one)."""
+        out: dict[str, np.ndarray] = {}
+        if self.xgb:
+            booster, meta = self.xgb
+            out["xgb"] = xgb.predict(booster, table, meta["features"])
+        if self.stacked and "xgb" in out:
+            model, columns = self.stacked
+            x = np.column_stack([out["xgb"], matrix(table, columns[1:])]) if len(columns) > 1 else out["xgb"][:, None]
+            out["stacked_mlp"] = model.predict(x.astype(np.float32))[:, 0]
+        if self.knn and self.knn_column in table.column_names:
+            out["knn"] = knn_predict(self.knn, table, self.knn_column)
+        if self.nn:
+            model, features = self.nn
+            out["nn"] = model.predict(matrix(table, features))[:, 0]
+        if not out:
+            raise ValueError("this run has no post-level models (train.models was empty or training was skipped)")
+        if self.ensemble and all(m in out for m in self.ensemble["members"]):
+            out["ensemble"] = apply_ensemble(self.ensemble, out)
+        else:
+            out["ensemble"] = out[next(iter(out))]
+        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+    def interval(self, ensemble: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An 80 % interval on likes from the validation residual quantiles of the ensemble."""
+        q = (self.ensemble or {}).get("residual_quantiles", {"q10": 0.0, "q90": 0.0})
+        return np.expm1(np.maximum(ensemble + q["q10"], 0)), np.expm1(np.maximum(ensemble + q["q90"], 0))
+
+    def contributions(self, table: pa.Table, top: int = 5) -> list[list[dict]]:
+        """Per row, the XGBoost features that pushed the prediction most (SHAP values, xgboost's own)."""
+        if not self.xgb:
+            return [[] for _ in range(table.num_rows)]
+        booster, meta = self.xgb
+        names = meta["features"]
+        contrib = booster.predict(xgb.dmatrix(table, names, None), pred_contribs=True)[:, :-1]
+        out = []
+        for row in contrib:
+            order = np.argsort(-np.abs(row))[:top]
+            out.append([{"feature": names[j], "contribution": round(float(row[j]), 4)} for j in order])
+        return out
+
+
+# --- impression level ---------------------------------------------------------------------------
+
+class ImpressionModels:
+    """P(like/reply/retweet/quote) models of a run + their per-engagement ensembles."""
+
+    def __init__(self, directory: str):
+        root = Path(directory)
+        self.xgb = {e: xgb.load(str(root / f"xgb_{e}.ubj")) for e in ENGAGEMENTS if (root / f"xgb_{e}.ubj").exists()}
+        self.nn = nn.load(str(root / "nn")) if (root / "nn").exists() else None
+        spec = root / "ensemble.json"
+        self.ensemble = json.loads(spec.read_text()) if spec.exists() else None
+
+    def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """(n, 4) probabilities per member and ``ensemble``; columns in ENGAGEMENTS order."""
+        out: dict[str, np.ndarray] = {}
+        if len(self.xgb) == len(ENGAGEMENTS):
+            out["xgb"] = np.column_stack([xgb.predict(b, table, meta["features"]) for b, meta in self.xgb.values()])
+        if self.nn:
+            model, features = self.nn
+            out["nn"] = model.predict(matrix(table, features))
+        if not out:
+            raise ValueError("this run has no impression-level models")
+        if self.ensemble:
+            out["ensemble"] = np.column_stack([
+                apply_ensemble(self.ensemble["engagements"][e], {k: v[:, i] for k, v in out.items()})
+                for i, e in enumerate(ENGAGEMENTS)])
+        else:
+            out["ensemble"] = out[next(iter(out))]
+        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}

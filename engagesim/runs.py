@@ -1,0 +1,176 @@
+"""A finished run as a Python object: ``engagesim.load_run(RUN_DIR)`` for notebooks, scoring and Serve.
+
+``predict`` takes raw contract rows (posts, or impressions with their posts),
+featurises them with the run's saved feature state and scores them with its
+saved models — the same functions the pipeline used for its validation rows,
+so a served prediction equals the evaluated one.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engagesim import io
+from engagesim.config import AppConfig
+from engagesim.features.impression import join_impressions
+from engagesim.features.post import post_row_features
+from engagesim.features.state import ImpressionState, PostState
+from engagesim.models.bundle import ImpressionModels, PostModels
+from engagesim.schema import ENGAGEMENTS, INTERACTIONS, POSTS
+
+# Impression rows past every training event: the whole row is looked up in the "apply" snapshot.
+ALWAYS_APPLY = -(2**62)
+
+
+def _as_arrow(rows: Any) -> pa.Table:
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, pl.DataFrame):
+        return rows.to_arrow()
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas
+        return pa.Table.from_pandas(rows, preserve_index=False)
+    if isinstance(rows, list):
+        return pa.Table.from_pylist(rows)
+    raise TypeError(f"expected a pyarrow Table, polars/pandas DataFrame or list of dicts, not {type(rows).__name__}")
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Fill optional contract columns the caller left out with nulls, then cast to the contract."""
+    for f in schema:
+        if f.name not in table.column_names:
+            if not f.nullable and f.name not in ("media", "follows_creator"):
+                raise ValueError(f"missing required column {f.name!r}")
+            fill = (pa.array([[]] * table.num_rows, type=f.type) if f.name == "media"
+                    else pa.array([False] * table.num_rows) if f.name == "follows_creator"
+                    else pa.nulls(table.num_rows, f.type))
+            table = table.append_column(f.name, fill)
+    return pa.table([pc.cast(table.column(f.name), f.type) for f in schema], schema=schema)
+
+
+class LoadedRun:
+    def __init__(self, uri: str, storage=None):
+        self.uri = uri
+        self.manifest: dict[str, Any] = io.read_json(io.join(uri, "manifest.json"), storage)
+        self.config = AppConfig.model_validate(self.manifest["config"])
+        self.storage = storage or self.config.storage
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    def path(self, *parts: str) -> str:
+        return io.join(self.uri, *parts)
+
+    # -- loaded lazily: a post-only run has no impression state ------------------------------------
+    @cached_property
+    def post_state(self) -> PostState:
+        return PostState.load(self.path("features", "state", "posts"), self.storage)
+
+    @cached_property
+    def impression_state(self) -> ImpressionState:
+        return ImpressionState.load(self.path("features", "state", "impressions"), self.storage)
+
+    @cached_property
+    def post_models(self) -> PostModels:
+        return PostModels(self.path("models", "post"))
+
+    @cached_property
+    def impression_models(self) -> ImpressionModels:
+        return ImpressionModels(self.path("models", "impression"))
+
+    @property
+    def has_impression_models(self) -> bool:
+        return io.exists(self.path("models", "impression", "ensemble.json"), self.storage) or io.exists(
+            self.path("models", "impression", "xgb_like.ubj"), self.storage)
+
+    @cached_property
+    def _encoders(self) -> list:
+        from engagesim.embed.actors import ImageFeaturizer, TextEmbedder
+
+        e = self.config.embed
+        out: list = []
+        if e.text:
+            out.append(TextEmbedder(e.text_model, e.cache_dir, self.storage, sketch=e.sketch))
+        if e.image:
+            out.append(ImageFeaturizer(e.image_model, e.cache_dir, self.storage, e.fetch_http, e.image_stat_size))
+        return out
+
+    # -- featurise -------------------------------------------------------------------------------
+    def post_features(self, posts: Any) -> pl.DataFrame:
+        """Raw posts (contract columns; likes optional) → the post feature table the models read."""
+        rows = post_row_features(_conform(_as_arrow(posts), POSTS))
+        for encoder in self._encoders:
+            rows = encoder(rows)
+        return self.post_state.transform(pl.from_arrow(rows))
+
+    def impression_features(self, impressions: Any, posts: Any | None = None) -> pa.Table:
+        """Raw impressions (+ the raw posts they show, for posts the run never saw) → impression features.
+
+        Posts the run knows are looked up in its snapshot (as in the batch pipeline); unknown posts are
+        featurised from ``posts``; an unknown post without a row in ``posts`` is an error.
+        """
+        table = _conform(_as_arrow(impressions), INTERACTIONS)
+        state = self.impression_state
+        ctx = state.context()
+        ids = pl.Series(table.column("post_id").to_pylist(), dtype=pl.String)
+        unknown = ids.filter(~ids.is_in(state.posts["post_id"].implode())).unique()
+        if len(unknown):
+            if posts is None:
+                raise ValueError(f"{len(unknown)} post(s) unknown to the run and no posts given, e.g. {unknown[0]!r}")
+            from engagesim.pipeline.features import impression_post_columns
+
+            new = self.post_features(posts).filter(pl.col("post_id").is_in(unknown.implode()))
+            missing = unknown.filter(~unknown.is_in(new["post_id"].implode()))
+            if len(missing):
+                raise ValueError(f"no post row for post_id {missing[0]!r}")
+            new = impression_post_columns(new)
+            ctx["posts"] = pl.concat([state.posts, new.select(state.posts.columns)], how="vertical_relaxed")
+            if state.topics is not None and "post_text_cluster" in new.columns:
+                ctx["topics"] = pl.concat([state.topics, new.select(
+                    "post_id", pl.col("post_text_cluster").alias("topic"))], how="vertical_relaxed")
+        return join_impressions(table, ctx, state.origin_us, ALWAYS_APPLY, state.window_hours, "apply")
+
+    # -- score -----------------------------------------------------------------------------------
+    def score_post_features(self, table: pa.Table | pl.DataFrame) -> pa.Table:
+        table = _as_arrow(table)
+        preds = self.post_models.predict(table)
+        low, high = self.post_models.interval(preds["ensemble"])
+        cols = {"post_id": table.column("post_id"), "log1p_likes": preds["ensemble"],
+                "expected_likes": np.expm1(np.maximum(preds["ensemble"], 0)).astype(np.float32),
+                "likes_low": low.astype(np.float32), "likes_high": high.astype(np.float32)}
+        cols.update({f"log1p_likes_{k}": v for k, v in preds.items() if k != "ensemble"})
+        return pa.table(cols)
+
+    def score_impression_features(self, table: pa.Table | pl.DataFrame) -> pa.Table:
+        table = _as_arrow(table)
+        preds = self.impression_models.predict(table)
+        cols: dict[str, Any] = {k: table.column(k) for k in ("user_id", "post_id", "impression_at")}
+        for name, p in preds.items():
+            suffix = "" if name == "ensemble" else f"_{name}"
+            cols.update({f"p_{e}{suffix}": p[:, i] for i, e in enumerate(ENGAGEMENTS)})
+        return pa.table(cols)
+
+    def predict(self, rows: Any, posts: Any | None = None) -> pa.Table:
+        """Raw rows → predictions. Impression rows (user_id, post_id, impression_at, …) give P(engagement);
+        post rows give expected likes with an 80 % interval. Every member model's output is included."""
+        table = _as_arrow(rows)
+        if {"user_id", "impression_at"} <= set(table.column_names):
+            return self.score_impression_features(self.impression_features(table, posts))
+        return self.score_post_features(self.post_features(table))
+
+
+def load_run(uri: str, storage=None) -> LoadedRun:
+    """Open a run directory (local or s3://) written by the behaviour job."""
+    if not io.exists(io.join(uri, "manifest.json"), storage):
+        raise FileNotFoundError(f"{uri} is not a run directory (no manifest.json)")
+    return LoadedRun(uri, storage)

@@ -1,0 +1,100 @@
+"""load_run / predict / evaluate / score on one finished run: the scoring paths agree with the evaluation."""
+
+import datetime as dt
+import json
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+
+import engagesim
+from engagesim import io
+from engagesim.schema import ENGAGEMENTS
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def run(behaviour_run):
+    return engagesim.load_run(behaviour_run.uri)
+
+
+def _frame(run, *parts):
+    return pl.from_arrow(io.read_table(run.path(*parts)))
+
+
+def test_run_directory_is_complete(run):
+    assert run.manifest["status"] == "succeeded"
+    for stage in ("data", "features", "train_post_level", "train_impression_level", "evaluate", "report"):
+        assert stage in run.manifest["stages"], stage
+    report = os.path.join(run.uri, "reports", "evaluation")
+    names = set(os.listdir(report))
+    assert {"metrics.json", "index.html", "post_calibration_and_groups.png", "impression_calibration_pr_groups.png",
+            "importance_post.png", "importance_impression.png"} <= names
+    metrics = json.load(open(os.path.join(report, "metrics.json")))
+    imp = metrics["impression_level"]
+    assert set(imp["models"]) == {"xgb", "nn", "ensemble"}
+    assert imp["oracle"]["like"]["rce"] > 0 and "mean" in imp["models"]["ensemble"]["like"]["rce_by_popularity"]
+    post = metrics["post_level"]
+    assert {"xgb", "nn", "knn", "stacked_mlp", "ensemble"} <= set(post["models"])
+    # The models learned something: better than predicting the training mean for every post.
+    assert post["models"]["ensemble"]["rmse"] < run.metrics["post_level"]["baselines"]["global_mean"]["rmse"]
+
+
+def test_predict_posts_from_raw_rows_equals_evaluation(run):
+    evaluated = _frame(run, "predictions", "posts")
+    raw = _frame(run, "data", "posts").filter(pl.col("post_id").is_in(evaluated["post_id"].implode()))
+    assert raw.height == evaluated.height > 0
+    fresh = pl.from_arrow(run.predict(raw.drop("likes", "retweets", "replies", "quotes")))
+    joined = evaluated.join(fresh, on="post_id", suffix="_fresh")
+    assert joined.height == evaluated.height
+    assert (joined["log1p_likes"] - joined["log1p_likes_fresh"]).abs().max() <= 1e-6
+    # One post alone gets what it got in the batch (no dependence on the other rows).
+    one = pl.from_arrow(run.predict(raw.head(1)))
+    assert abs(one["log1p_likes"][0] - joined.filter(pl.col("post_id") == raw["post_id"][0])["log1p_likes"][0]) <= 1e-6
+    assert (fresh["likes_low"] <= fresh["expected_likes"]).all() and (fresh["expected_likes"] <= fresh["likes_high"]).all()
+
+
+def test_predict_impressions_from_raw_rows_equals_evaluation(run):
+    evaluated = _frame(run, "predictions", "impressions")
+    keys = ["user_id", "post_id", "impression_at"]
+    raw = _frame(run, "data", "interactions").join(evaluated.select(keys), on=keys, how="semi").head(3000)
+    fresh = pl.from_arrow(run.predict(raw.with_columns(pl.lit(None).alias(f"{e}_at") for e in ENGAGEMENTS)))
+    joined = evaluated.join(fresh, on=keys, suffix="_fresh")
+    assert joined.height == raw.height
+    for e in ENGAGEMENTS:
+        assert (joined[f"p_{e}"] - joined[f"p_{e}_fresh"]).abs().max() <= 1e-6, e
+
+
+def test_cold_start_account_and_viewer(run):
+    posts = pl.DataFrame({"post_id": ["new-1"], "author_id": ["never-seen"], "username": ["never-seen"],
+                          "text": ["Launching something #new today https://example.com"],
+                          "created_at": [dt.datetime(2030, 1, 2, 10, tzinfo=dt.timezone.utc)]})
+    out = run.predict(posts)
+    assert np.isfinite(out.column("log1p_likes").to_numpy()).all()
+    imp = pl.DataFrame({"user_id": ["ghost"], "post_id": ["new-1"], "creator_id": ["never-seen"],
+                        "impression_at": [dt.datetime(2030, 1, 2, 11, tzinfo=dt.timezone.utc)]})
+    probs = run.predict(imp, posts=posts)
+    values = np.array([probs.column(f"p_{e}")[0].as_py() for e in ENGAGEMENTS])
+    assert ((values > 0) & (values < 1)).all()
+    with pytest.raises(ValueError, match="unknown to the run"):
+        run.predict(imp)
+
+
+def test_score_command_matches_evaluation_and_rejects_bad_rows(run, tmp_path):
+    from engagesim.pipeline.score import score
+
+    evaluated = _frame(run, "predictions", "posts")
+    raw = _frame(run, "data", "posts").filter(pl.col("post_id").is_in(evaluated["post_id"].implode()))
+    bad = raw.head(3).with_columns(pl.lit(None, dtype=pl.String).alias("text"), (pl.col("post_id") + "-bad").alias("post_id"))
+    writer = io.DatasetWriter(str(tmp_path / "in"), "incoming_posts")  # not cast to the contract: bad rows stay bad
+    writer.write(pl.concat([raw, bad]).to_arrow())
+    writer.commit()
+    result = score(run.uri, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert (result["read"], result["scored"], result["rejected"]) == (raw.height + 3, raw.height, 3)
+    scored = pl.from_arrow(io.read_table(result["out"])).join(evaluated, on="post_id", suffix="_eval")
+    assert scored.height == raw.height
+    assert (scored["log1p_likes"] - scored["log1p_likes_eval"]).abs().max() <= 1e-6
+    rejects = pl.from_arrow(io.read_table(result["rejects"]))
+    assert rejects.height == 3 and rejects["reason"].str.contains("text").all()
