@@ -22,7 +22,15 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The browser test drives Debian's Chromium through its ChromeDriver (both from apt, not a download).
+BROWSER := $(VENV)/.browser
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+$(BROWSER): | $(PY)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
+	touch $(BROWSER)
+
+setup: $(STAMP) $(BROWSER)
 
 demo: setup
 	$(PY) jobs/behaviour.py --config $(CONFIG)

@@ -318,6 +318,45 @@ def score(
     finish(result, as_json, "score")
 
 
+@app.command("serve")
+def serve_command(
+    run_dir: str = typer.Option(..., "--run", help="The run whose ensemble to serve."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (keep 127.0.0.1 unless a proxy fronts it)."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    write_config: Optional[Path] = typer.Option(None, help="Only write a Serve config for `serve deploy` and exit."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Serve a run's ensemble over HTTP with Ray Serve (Ctrl-C stops it).
+
+    Needs API keys in the environment: `export ENGAGESIM_API_KEYS=key1,key2`. Then open http://HOST:PORT/
+    for the page, /docs for the API, or call `POST /v1/predict` with `Authorization: Bearer key1`.
+    On a cluster: `engagesim serve --run s3://…/runs/ID --write-config serve.yaml` then `serve deploy serve.yaml`.
+    """
+    import yaml
+
+    from engagesim.serve.app import build_app, serve_config
+
+    if write_config is not None:
+        write_config.write_text(yaml.safe_dump(serve_config(run_dir, host, port), sort_keys=False))
+        finish({"config": str(write_config), "deploy": f"serve deploy {write_config}"}, False, "serve config")
+        return
+    from ray import serve
+
+    from engagesim.pipeline.runtime import ensure_ray
+
+    cfg = _config(config, overrides)
+    try:
+        application = build_app(run_dir)
+    except RuntimeError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    ensure_ray(cfg.ray)
+    serve.start(http_options={"host": host, "port": port})
+    err.print(f"serving {run_dir} on http://{host}:{port}/  (API docs: /docs; Ctrl-C stops)")
+    serve.run(application, name="engagesim", route_prefix="/", blocking=True)
+
+
 def print_metrics(rows: list[dict]) -> None:
     table = Table(title="validation metrics (later in time than training)")
     for column in ("level", "model", "metric", "value", "oracle"):

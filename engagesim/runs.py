@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from engagesim import io
 from engagesim.config import AppConfig
-from engagesim.features.impression import join_impressions
+from engagesim.features.impression import impression_post_columns, join_impressions
 from engagesim.features.post import post_row_features
 from engagesim.features.state import ImpressionState, PostState
 from engagesim.models.bundle import ImpressionModels, PostModels
@@ -106,18 +106,23 @@ class LoadedRun:
         return out
 
     # -- featurise -------------------------------------------------------------------------------
-    def post_features(self, posts: Any) -> pl.DataFrame:
-        """Raw posts (contract columns; likes optional) → the post feature table the models read."""
+    def post_features(self, posts: Any, new_accounts: pl.DataFrame | None = None) -> pl.DataFrame:
+        """Raw posts (contract columns; likes optional) → the post feature table the models read.
+
+        ``new_accounts``: attributes (author_id, follower_count, …) of accounts the run never saw.
+        """
         rows = post_row_features(_conform(_as_arrow(posts), POSTS))
         for encoder in self._encoders:
             rows = encoder(rows)
-        return self.post_state.transform(pl.from_arrow(rows))
+        return self.post_state.transform(pl.from_arrow(rows), new_accounts)
 
-    def impression_features(self, impressions: Any, posts: Any | None = None) -> pa.Table:
+    def impression_features(self, impressions: Any, posts: Any | None = None,
+                            featurised_posts: pl.DataFrame | None = None) -> pa.Table:
         """Raw impressions (+ the raw posts they show, for posts the run never saw) → impression features.
 
         Posts the run knows are looked up in its snapshot (as in the batch pipeline); unknown posts are
-        featurised from ``posts``; an unknown post without a row in ``posts`` is an error.
+        featurised from ``posts`` (or taken from ``featurised_posts`` when the caller already has them);
+        an unknown post without a row is an error.
         """
         table = _conform(_as_arrow(impressions), INTERACTIONS)
         state = self.impression_state
@@ -125,11 +130,10 @@ class LoadedRun:
         ids = pl.Series(table.column("post_id").to_pylist(), dtype=pl.String)
         unknown = ids.filter(~ids.is_in(state.posts["post_id"].implode())).unique()
         if len(unknown):
-            if posts is None:
+            if posts is None and featurised_posts is None:
                 raise ValueError(f"{len(unknown)} post(s) unknown to the run and no posts given, e.g. {unknown[0]!r}")
-            from engagesim.pipeline.features import impression_post_columns
-
-            new = self.post_features(posts).filter(pl.col("post_id").is_in(unknown.implode()))
+            new = featurised_posts if featurised_posts is not None else self.post_features(posts)
+            new = new.filter(pl.col("post_id").is_in(unknown.implode())).unique("post_id", maintain_order=True)
             missing = unknown.filter(~unknown.is_in(new["post_id"].implode()))
             if len(missing):
                 raise ValueError(f"no post row for post_id {missing[0]!r}")
@@ -146,7 +150,7 @@ class LoadedRun:
         preds = self.post_models.predict(table)
         low, high = self.post_models.interval(preds["ensemble"])
         cols = {"post_id": table.column("post_id"), "log1p_likes": preds["ensemble"],
-                "expected_likes": np.expm1(np.maximum(preds["ensemble"], 0)).astype(np.float32),
+                "expected_likes": np.expm1(preds["ensemble"]).astype(np.float32),
                 "likes_low": low.astype(np.float32), "likes_high": high.astype(np.float32)}
         cols.update({f"log1p_likes_{k}": v for k, v in preds.items() if k != "ensemble"})
         return pa.table(cols)

@@ -13,6 +13,15 @@ import pyarrow as pa
 from engagesim.features import history
 from engagesim.schema import ENGAGEMENTS
 
+POST_ONLY = ("author_id", "username", "created_at", "likes", "split", "label_log1p_likes", "text_emb", "text_sketch",
+             "image_emb")
+
+
+def impression_post_columns(post_table: pl.DataFrame) -> pl.DataFrame:
+    """The post features an impression row carries: everything but ids, labels and raw vectors, as post_*."""
+    cols = [c for c in post_table.columns if c not in POST_ONLY]
+    return post_table.select(cols).rename({c: f"post_{c}" for c in cols if c != "post_id"})
+
 
 def with_topic(df: pl.DataFrame, topics: pl.DataFrame | None) -> pl.DataFrame:
     """Attach each impression's post topic (text cluster) so the user × topic history can be built."""

@@ -135,11 +135,12 @@ class PostState:
         return state
 
     # -- apply ----------------------------------------------------------------------------------
-    def transform(self, df: pl.DataFrame) -> pl.DataFrame:
+    def transform(self, df: pl.DataFrame, new_accounts: pl.DataFrame | None = None) -> pl.DataFrame:
         """Streamed post rows (row-local features, embeddings, image statistics) → post feature table.
 
         Target encodings here are the *apply* version (training statistics); the pipeline overwrites
-        them for training rows with out-of-fold values.
+        them for training rows with out-of-fold values. ``new_accounts`` (author_id + any attribute
+        columns) describe accounts the run never saw (cold start); known accounts keep their snapshot.
         """
         parts = [
             df.select("post_id", "author_id", "username", "created_at", "likes"),
@@ -150,7 +151,11 @@ class PostState:
         if self.te_scalar:
             parts.append(self._target_encodings(df))
         if self.authors is not None:
-            author = df.select("author_id").join(self.authors, on="author_id", how="left", maintain_order="left")
+            authors = self.authors
+            if new_accounts is not None and new_accounts.height:
+                unseen = new_accounts.filter(~pl.col("author_id").is_in(authors["author_id"].implode()))
+                authors = pl.concat([authors, unseen.unique("author_id", keep="last")], how="diagonal_relaxed")
+            author = df.select("author_id").join(authors, on="author_id", how="left", maintain_order="left")
             parts.append(author.select(pl.col(c).alias(f"author_{c}") for c in AUTHOR_ATTRIBUTES))
         parts.append(encodings.one_hot(df["language"], self.top_langs, "lang"))
         if "clarity_contrast" in df.columns:

@@ -19,6 +19,7 @@ from engagesim.models import knn, nn, xgb
 from engagesim.models.data import matrix
 from engagesim.schema import ENGAGEMENTS
 
+MAX_LOG1P_LIKES = float(np.log1p(1e10))
 IMAGE_STACK_COLUMNS = ("clarity_contrast", "hue_count", "brightness_contrast", "colour_entropy", "composition_offset",
                        "has_image")
 
@@ -112,12 +113,15 @@ class PostModels:
             out["ensemble"] = apply_ensemble(self.ensemble, out)
         else:
             out["ensemble"] = out[next(iter(out))]
-        return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+        # log1p(likes) within [0, log1p(1e10)]: a count, and never an overflow downstream.
+        return {k: np.clip(np.asarray(v, dtype=np.float32), 0.0, MAX_LOG1P_LIKES) for k, v in out.items()}
 
     def interval(self, ensemble: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """An 80 % interval on likes from the validation residual quantiles of the ensemble."""
         q = (self.ensemble or {}).get("residual_quantiles", {"q10": 0.0, "q90": 0.0})
-        return np.expm1(np.maximum(ensemble + q["q10"], 0)), np.expm1(np.maximum(ensemble + q["q90"], 0))
+        low = np.clip(ensemble + q["q10"], 0, MAX_LOG1P_LIKES)
+        high = np.clip(ensemble + q["q90"], 0, MAX_LOG1P_LIKES)
+        return np.expm1(low), np.expm1(high)
 
     def contributions(self, table: pa.Table, top: int = 5) -> list[list[dict]]:
         """Per row, the XGBoost features that pushed the prediction most (SHAP values, xgboost's own)."""

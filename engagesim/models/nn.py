@@ -41,7 +41,9 @@ class NNSpec:
 
 
 class InputTransform(nn.Module):
-    """NaN → 0, sign·log1p(|x|) (LAYER6), then standardise with training statistics."""
+    """NaN → 0, sign·log1p(|x|) (LAYER6), then standardise with training statistics, clipped to ±10 so a
+    value far outside the training range (a near-constant feature seen with a new value at serving time)
+    cannot blow up the output."""
 
     def __init__(self, mean: list[float], std: list[float]):
         super().__init__()
@@ -54,7 +56,7 @@ class InputTransform(nn.Module):
         return torch.sign(x) * torch.log1p(torch.abs(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.raw(x) - self.mean) / self.std
+        return ((self.raw(x) - self.mean) / self.std).clamp(-10.0, 10.0)
 
 
 class FourierEncoding(nn.Module):

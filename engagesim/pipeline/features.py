@@ -28,7 +28,7 @@ from engagesim.embed.actors import ImageFeaturizer, TextEmbedder
 from engagesim.features import encodings, history
 from engagesim.features.graph import GRAPH_COLUMNS, fit_graph_from_pairs
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.impression import join_impressions, with_topic
+from engagesim.features.impression import impression_post_columns, join_impressions, with_topic
 from engagesim.features.post import post_row_features
 from engagesim.features.state import LIST_SUMMARY, TE_LIST, TE_SCALAR, ImpressionState, PostState, user_attributes
 from engagesim.features.temporal import TEMPORAL_COLUMNS
@@ -232,16 +232,6 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     split_rows = pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=["split"]))["split"].value_counts()
     return ({"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us},
             state)
-
-
-POST_ONLY = ("author_id", "username", "created_at", "likes", "split", "label_log1p_likes", "text_emb", "text_sketch",
-             "image_emb")
-
-
-def impression_post_columns(post_table: pl.DataFrame) -> pl.DataFrame:
-    """The post features an impression row carries: everything but ids, labels and raw vectors, as post_*."""
-    cols = [c for c in post_table.columns if c not in POST_ONLY]
-    return post_table.select(cols).rename({c: f"post_{c}" for c in cols if c != "post_id"})
 
 
 def write_streaming(ds, out_uri: str, kind: str, cfg: AppConfig, extra: dict | None = None) -> int:

@@ -1,0 +1,145 @@
+"""The HTTP contract of the prediction service: request/response models and their conversion to rows.
+
+Pydantic validates every field (types, ranges, sizes) so a bad request is a
+422 naming the field, never a 500 further down. Requests become contract rows
+(posts, interactions) and go through ``LoadedRun`` like any batch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engagesim.schema import ENGAGEMENTS
+
+EARLIEST = dt.datetime(2006, 3, 21, tzinfo=dt.timezone.utc)  # the first tweet
+MAX_IMAGE_BYTES = 4 * 1024 * 1024
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    latest = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=366)
+    if not EARLIEST <= value <= latest:
+        raise ValueError(f"must be between {EARLIEST.date()} and one year from now")
+    return value.astimezone(dt.timezone.utc)
+
+
+class Media(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["photo", "video", "gif"]
+    uri: str = Field(..., min_length=1, max_length=2048)
+
+
+class PostIn(BaseModel):
+    """A post to simulate. Only ``account``, ``text`` and ``created_at`` are required."""
+
+    model_config = ConfigDict(extra="forbid")
+    post_id: str | None = Field(None, min_length=1, max_length=128,
+                                description="Known posts use the run's stored features; new posts get an id.")
+    account: str = Field(..., min_length=1, max_length=128, description="The author's account id.")
+    username: str | None = Field(None, max_length=128)
+    company: str | None = Field(None, max_length=200)
+    text: str = Field(..., max_length=20_000, description="Post text (the run's ingest.max_text_chars also applies).")
+    created_at: dt.datetime = Field(..., description="When it goes out (ISO 8601; naive means UTC).")
+    language: str | None = Field(None, max_length=16)
+    media: list[Media] = Field(default_factory=list, max_length=10)
+    image_base64: str | None = Field(None, max_length=MAX_IMAGE_BYTES * 4 // 3 + 8,
+                                     description="An image to attach (base64), e.g. uploaded from the page.")
+    follower_count: int | None = Field(None, ge=0, le=10_000_000_000,
+                                       description="The account's followers; used when the run never saw it.")
+
+    _check_time = field_validator("created_at")(classmethod(lambda cls, v: _utc(v)))
+
+
+class ViewerIn(BaseModel):
+    """The user the post is shown to (impression level)."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(..., min_length=1, max_length=128)
+    follows_creator: bool = False
+    impression_at: dt.datetime | None = Field(None, description="Default: the post's created_at.")
+
+    _check_time = field_validator("impression_at")(classmethod(lambda cls, v: None if v is None else _utc(v)))
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    post: PostIn
+    viewer: ViewerIn | None = None
+    explain: bool = Field(False, description="Add the XGBoost features that contributed most.")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rows: list[PredictRequest] = Field(..., min_length=1)
+
+
+class Likes(BaseModel):
+    expected: float
+    low: float = Field(..., description="10th percentile (validation residuals of the ensemble).")
+    high: float = Field(..., description="90th percentile.")
+    log1p: float
+
+
+class Prediction(BaseModel):
+    post_id: str
+    likes: Likes
+    engagement: dict[str, float] | None = Field(None, description="P(like/reply/retweet/quote) for the viewer.")
+    members: dict[str, float] = Field(default_factory=dict, description="Each model's log1p(likes).")
+    top_features: list[dict] | None = None
+    model_version: str
+
+
+class BatchResponse(BaseModel):
+    predictions: list[Prediction]
+    model_version: str
+
+
+def post_id_for(post: PostIn) -> str:
+    if post.post_id:
+        return post.post_id
+    digest = hashlib.sha1(f"{post.account}\x00{post.created_at.isoformat()}\x00{post.text}".encode()).hexdigest()
+    return f"req-{digest[:16]}"
+
+
+def save_upload(data_b64: str, directory: str) -> str:
+    """An uploaded image → a file named by its content hash (the featuriser reads media by URI)."""
+    try:
+        data = base64.b64decode(data_b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("post.image_base64 is not valid base64") from exc
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"post.image_base64 decodes to more than {MAX_IMAGE_BYTES} bytes")
+    path = Path(directory) / f"{hashlib.sha256(data).hexdigest()}.img"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_bytes(data)
+    return str(path)
+
+
+def to_rows(requests: list[PredictRequest], upload_dir: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """Requests → (post rows, impression rows, account rows for unknown accounts)."""
+    posts, impressions, accounts = [], [], []
+    for req in requests:
+        p = req.post
+        media = [m.model_dump() for m in p.media]
+        if p.image_base64:
+            media.insert(0, {"kind": "photo", "uri": save_upload(p.image_base64, upload_dir)})
+        pid = post_id_for(p)
+        posts.append({"post_id": pid, "author_id": p.account, "username": p.username or p.account,
+                      "company": p.company, "text": p.text, "media": media, "created_at": p.created_at,
+                      "language": p.language})
+        if p.follower_count is not None:
+            accounts.append({"author_id": p.account, "follower_count": float(p.follower_count)})
+        if req.viewer is not None:
+            v = req.viewer
+            impressions.append({"user_id": v.user_id, "post_id": pid, "creator_id": p.account,
+                                "impression_at": v.impression_at or p.created_at, "follows_creator": v.follows_creator,
+                                **{f"{e}_at": None for e in ENGAGEMENTS}})
+    return posts, impressions, accounts

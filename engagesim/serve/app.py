@@ -1,0 +1,221 @@
+"""The Ray Serve application: FastAPI gateway → batched scorer replicas holding a run's ensemble.
+
+Two deployments composed with a ``DeploymentHandle``: the ``Gateway`` (HTTP,
+API keys, validation, error mapping, the page) and the ``Scorer`` (the run's
+feature state, encoders and models; ``@serve.batch`` groups concurrent single
+requests into one model call; autoscaled). Start it with ``engagesim serve
+--run RUN_DIR`` or ``serve run``/``serve deploy`` on a config from
+``engagesim serve --run RUN_DIR --write-config serve.yaml``.
+
+API keys come only from the environment (``ENGAGESIM_API_KEYS``, comma
+separated) of the process that builds the app; only their SHA-256 digests
+travel to the replicas.
+"""
+
+
+import hashlib
+import hmac
+import os
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engagesim import __version__
+from engagesim.serve.api import BatchRequest, BatchResponse, Prediction, PredictRequest
+
+KEYS_ENV = "ENGAGESIM_API_KEYS"
+
+app = FastAPI(
+    title="engagesim",
+    version=__version__,
+    description="How will this post do? Expected likes with an interval and P(like/reply/retweet/quote) for a "
+                "viewer, from a trained engagesim run. Every /v1 call needs `Authorization: Bearer <key>`.",
+)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: Any, headers: dict | None = None):
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers
+
+
+def _error(status: int, error: str, detail: Any, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    return _error(exc.status, exc.error, exc.detail, exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    detail = [{"field": ".".join(str(p) for p in e["loc"] if p != "body") or "body", "message": e["msg"]}
+              for e in exc.errors()]
+    return _error(422, "invalid_request", detail)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, "http_error", exc.detail)
+
+
+@app.middleware("http")
+async def _limit_body(request: Request, call_next):
+    limit = getattr(request.app.state, "max_body_bytes", 8 * 1024 * 1024)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return _error(413, "payload_too_large", f"request body over {limit} bytes")
+    return await call_next(request)
+
+
+def key_digests(keys: str | None) -> list[str]:
+    digests = [hashlib.sha256(k.strip().encode()).hexdigest() for k in (keys or "").split(",") if k.strip()]
+    if not digests:
+        raise RuntimeError(f"set {KEYS_ENV} (comma-separated API keys) in the environment; the service refuses "
+                           "to start without keys")
+    return digests
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 1},
+    max_ongoing_requests=64,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    health_check_period_s=2,
+)
+class Scorer:
+    """Holds one run's feature state and models; scores lists of requests."""
+
+    def __init__(self, run_uri: str):
+        from engagesim.serve.predictor import RequestPredictor
+
+        self.predictor = RequestPredictor(run_uri)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def predict_one(self, requests: list[PredictRequest]) -> list[dict]:
+        return self.predictor.predict(requests)
+
+    async def predict_many(self, requests: list[PredictRequest]) -> list[dict]:
+        return self.predictor.predict(requests)
+
+    def models(self) -> dict:
+        return self.predictor.models()
+
+    def limits(self) -> dict:
+        return {"max_text_chars": self.predictor.max_text_chars, "impressions": self.predictor.has_impressions}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, scorer: DeploymentHandle, digests: list[str], max_batch_rows: int = 1000,
+                 max_body_bytes: int = 8 * 1024 * 1024):
+        self.scorer, self.digests, self.max_batch_rows = scorer, digests, max_batch_rows
+        app.state.max_body_bytes = max_body_bytes
+        self.limits: dict | None = None
+
+    def _authorise(self, request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(presented, d) for d in self.digests):
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <API key>",
+                           {"WWW-Authenticate": "Bearer"})
+
+    async def _check(self, requests: list[PredictRequest], prefix: str) -> None:
+        if self.limits is None:
+            self.limits = await self._call(self.scorer.limits.remote)
+        for i, r in enumerate(requests):
+            where = f"{prefix}{i}]." if prefix else ""
+            if len(r.post.text) > self.limits["max_text_chars"]:
+                raise ApiError(422, "invalid_request", [{"field": f"{where}post.text",
+                                                         "message": f"longer than {self.limits['max_text_chars']} "
+                                                                    "characters"}])
+            if r.viewer is not None and not self.limits["impressions"]:
+                raise ApiError(422, "invalid_request", [{"field": f"{where}viewer",
+                                                         "message": "this run has no impression-level models"}])
+
+    async def _call(self, method, *args):
+        """A call to the scorer; a replica lost mid-request becomes a 503 the client can retry."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return await method(*args)
+        except (RayActorError, RayTaskError) as exc:
+            if isinstance(exc, RayTaskError) and isinstance(exc.cause, ValueError):
+                raise ApiError(422, "invalid_request", str(exc.cause)) from None
+            raise ApiError(503, "unavailable", "a scoring replica restarted; retry", {"Retry-After": "1"}) from None
+        except Exception as exc:  # Serve's own "replica unavailable" errors and the like
+            if type(exc).__name__ in ("BackPressureError", "DeploymentUnavailableError", "ActorDiedError",
+                                      "ActorUnavailableError", "RequestCancelledError"):
+                raise ApiError(503, "unavailable", "scoring is restarting or overloaded; retry",
+                               {"Retry-After": "1"}) from None
+            raise
+
+    @app.get("/healthz", summary="Liveness: the gateway answers (no key needed).")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", summary="The served run: models, ensemble method, evaluation metrics.")
+    async def models(self, request: Request) -> dict:
+        self._authorise(request)
+        return await self._call(self.scorer.models.remote)
+
+    @app.post("/v1/predict", response_model=Prediction, summary="Predict one post (and, with a viewer, P(engagement)).")
+    async def predict(self, body: PredictRequest, request: Request) -> dict:
+        self._authorise(request)
+        await self._check([body], "")
+        return await self._call(self.scorer.predict_one.remote, body)
+
+    @app.post("/v1/predict:batch", response_model=BatchResponse, summary="Predict many rows in one call.")
+    async def predict_batch(self, body: BatchRequest, request: Request) -> dict:
+        self._authorise(request)
+        if len(body.rows) > self.max_batch_rows:
+            raise ApiError(413, "payload_too_large", f"rows: at most {self.max_batch_rows} per call")
+        await self._check(body.rows, "rows[")
+        predictions = await self._call(self.scorer.predict_many.remote, body.rows)
+        return {"predictions": predictions, "model_version": predictions[0]["model_version"]}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> str:
+        return resources.files("engagesim.serve").joinpath("page.html").read_text()
+
+
+def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000, scorer_replicas: int | None = None):
+    """The Serve application for a run (keys default to the environment's ENGAGESIM_API_KEYS)."""
+    digests = key_digests(keys if keys is not None else os.environ.get(KEYS_ENV))
+    scorer = Scorer if scorer_replicas is None else Scorer.options(num_replicas=scorer_replicas,
+                                                                   autoscaling_config=None)
+    return Gateway.bind(scorer.bind(run_uri), digests, max_batch_rows)
+
+
+def app_builder(args: dict[str, str]):
+    """For ``serve run engagesim.serve.app:app_builder run=RUN_DIR`` and Serve config files."""
+    if "run" not in args:
+        raise ValueError("args.run: the run directory to serve is required")
+    return build_app(args["run"], max_batch_rows=int(args.get("max_batch_rows", 1000)))
+
+
+def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000) -> dict:
+    """A Serve config file for ``serve deploy`` (keys still come from the cluster's environment)."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": "engagesim",
+            "route_prefix": "/",
+            "import_path": "engagesim.serve.app:app_builder",
+            "args": {"run": run_uri, "max_batch_rows": 1000},
+            "deployments": [
+                {"name": "Scorer", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
+                                                          "target_ongoing_requests": 16},
+                 "ray_actor_options": {"num_cpus": 1}},
+                {"name": "Gateway", "num_replicas": 1},
+            ],
+        }],
+    }

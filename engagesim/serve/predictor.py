@@ -1,0 +1,83 @@
+"""Requests → predictions in one process: what a Serve replica runs, and the benchmark's baseline.
+
+Validated requests become contract rows and go through ``LoadedRun`` — the
+featurisation and models the evaluation used — so a served number equals the
+evaluated one for the same row.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from engagesim.runs import LoadedRun, load_run
+from engagesim.schema import ENGAGEMENTS
+from engagesim.serve.api import PredictRequest, to_rows
+
+
+class RequestPredictor:
+    def __init__(self, run_uri: str, upload_dir: str | None = None):
+        self.run: LoadedRun = load_run(run_uri)
+        self.version = self.run.run_id
+        self.upload_dir = upload_dir or os.path.join(tempfile.gettempdir(), "engagesim-uploads")
+        self.max_text_chars = self.run.config.ingest.max_text_chars
+        self.has_impressions = self.run.has_impression_models
+        # Load models, state and encoders now, not on the first request.
+        _ = self.run.post_models, self.run.post_state, self.run._encoders
+        if self.has_impressions:
+            _ = self.run.impression_models, self.run.impression_state
+
+    def check(self, requests: list[PredictRequest]) -> None:
+        """Limits that depend on the run's config (pydantic checks the rest)."""
+        for i, r in enumerate(requests):
+            if len(r.post.text) > self.max_text_chars:
+                raise ValueError(f"rows[{i}].post.text: longer than {self.max_text_chars} characters")
+
+    def models(self) -> dict:
+        post = self.run.post_models
+        return {"model_version": self.version, "post_level": {"members": post.members,
+                                                              "ensemble": (post.ensemble or {}).get("method")},
+                "impression_level": {"available": self.has_impressions},
+                "metrics": self.run.metrics.get("evaluation", {})}
+
+    def predict(self, requests: list[PredictRequest]) -> list[dict]:
+        posts, impressions, accounts = to_rows(requests, self.upload_dir)
+        post_rows = pa.Table.from_pylist(posts)
+        new_accounts = pl.DataFrame(accounts) if accounts else None
+        features = self.run.post_features(post_rows, new_accounts)
+        scored = self.run.score_post_features(features)
+        members = [c for c in scored.column_names if c.startswith("log1p_likes_")]
+        explain = [i for i, r in enumerate(requests) if r.explain]
+        contributions = (dict(zip(explain, self.run.post_models.contributions(features[explain].to_arrow())))
+                         if explain else {})
+        engagement: dict[int, dict[str, float]] = {}
+        if impressions:
+            if not self.has_impressions:
+                raise ValueError("viewer: this run has no impression-level models")
+            imp = self.run.score_impression_features(
+                self.run.impression_features(pa.Table.from_pylist(impressions), featurised_posts=features))
+            with_viewer = [i for i, r in enumerate(requests) if r.viewer is not None]
+            for row, i in enumerate(with_viewer):
+                engagement[i] = {e: float(imp.column(f"p_{e}")[row].as_py()) for e in ENGAGEMENTS}
+        cols = {c: scored.column(c).to_numpy() for c in ["log1p_likes", "expected_likes", "likes_low", "likes_high",
+                                                         *members]}
+        out = []
+        for i, post in enumerate(posts):
+            out.append({
+                "post_id": post["post_id"],
+                "likes": {"expected": _f(cols["expected_likes"][i]), "low": _f(cols["likes_low"][i]),
+                          "high": _f(cols["likes_high"][i]), "log1p": _f(cols["log1p_likes"][i])},
+                "engagement": engagement.get(i),
+                "members": {c[len("log1p_likes_"):]: _f(cols[c][i]) for c in members},
+                "top_features": contributions.get(i),
+                "model_version": self.version,
+            })
+        return out
+
+
+def _f(value: np.floating) -> float:
+    return float(value)

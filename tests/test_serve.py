@@ -1,0 +1,187 @@
+"""The Serve application over real HTTP on 127.0.0.1: consistency with the evaluation, auth, bad input,
+a replica killed under load, and the page in headless Chromium."""
+
+import concurrent.futures as cf
+import datetime as dt
+import shutil
+import time
+
+import polars as pl
+import pytest
+import requests
+from helpers import free_port
+
+from engagesim import io
+from engagesim.schema import ENGAGEMENTS
+
+pytestmark = pytest.mark.ray
+KEY = "test-key-" + "x" * 12
+
+
+@pytest.fixture(scope="module")
+def service(behaviour_run):
+    from ray import serve
+
+    from engagesim.serve.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(behaviour_run.uri, keys=f"other-key,{KEY}", max_batch_rows=200, scorer_replicas=1),
+              name="engagesim", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield url, behaviour_run
+    finally:
+        serve.shutdown()
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _post_body(row: dict) -> dict:
+    return {"post_id": row["post_id"], "account": row["author_id"], "username": row["username"],
+            "company": row["company"], "text": row["text"], "created_at": row["created_at"].isoformat(),
+            "language": row["language"], "media": row["media"]}
+
+
+def test_predictions_equal_the_evaluation(service):
+    url, run = service
+    evaluated = pl.from_arrow(io.read_table(io.join(run.uri, "predictions", "posts")))
+    posts = pl.from_arrow(io.read_table(io.join(run.uri, "data", "posts")))
+    raw = posts.filter(pl.col("post_id").is_in(evaluated["post_id"].implode())).head(60)
+    expected = dict(zip(evaluated["post_id"], evaluated["log1p_likes"]))
+    rows = [{"post": _post_body(r)} for r in raw.to_dicts()]
+    batch = requests.post(f"{url}/v1/predict:batch", json={"rows": rows}, headers=_auth(), timeout=60)
+    assert batch.status_code == 200, batch.text
+    for p in batch.json()["predictions"]:
+        assert abs(p["likes"]["log1p"] - expected[p["post_id"]]) <= 1e-6
+    for body in rows[:10]:
+        one = requests.post(f"{url}/v1/predict", json=body, headers=_auth(), timeout=60).json()
+        assert abs(one["likes"]["log1p"] - expected[one["post_id"]]) <= 1e-6
+        assert one["likes"]["low"] <= one["likes"]["expected"] <= one["likes"]["high"]
+
+    # Impression level: a viewer on a known post gets exactly the evaluated probabilities.
+    imp = pl.from_arrow(io.read_table(io.join(run.uri, "predictions", "impressions"))).head(20)
+    inter = pl.from_arrow(io.read_table(io.join(run.uri, "data", "interactions"))).join(
+        imp.select("user_id", "post_id", "impression_at"), on=["user_id", "post_id", "impression_at"], how="semi")
+    by_id = {r["post_id"]: r for r in posts.filter(pl.col("post_id").is_in(inter["post_id"].implode())).to_dicts()}
+    requests_ = [{"post": _post_body(by_id[r["post_id"]]),
+                  "viewer": {"user_id": r["user_id"], "follows_creator": r["follows_creator"],
+                             "impression_at": r["impression_at"].isoformat()}} for r in inter.to_dicts()]
+    got = requests.post(f"{url}/v1/predict:batch", json={"rows": requests_}, headers=_auth(), timeout=60).json()
+    want = {(r["user_id"], r["post_id"], r["impression_at"]): r for r in imp.to_dicts()}
+    for req, pred in zip(requests_, got["predictions"]):
+        key = (req["viewer"]["user_id"], req["post"]["post_id"],
+               dt.datetime.fromisoformat(req["viewer"]["impression_at"]))
+        for e in ENGAGEMENTS:
+            assert abs(pred["engagement"][e] - want[key][f"p_{e}"]) <= 1e-6
+
+
+def test_auth_and_bad_input_are_4xx_and_the_service_keeps_answering(service):
+    url, _ = service
+    good = {"post": {"account": "brand-new-account", "text": "Big news today! #launch",
+                     "created_at": "2024-03-02T15:00:00Z", "follower_count": 1200},
+            "viewer": {"user_id": "never-seen-viewer"}, "explain": True}
+    assert requests.post(f"{url}/v1/predict", json=good, timeout=30).status_code == 401
+    assert requests.post(f"{url}/v1/predict", json=good, headers=_auth("wrong"), timeout=30).status_code == 401
+    assert requests.get(f"{url}/v1/models", timeout=30).json()["error"] == "unauthorized"
+
+    def bad(body, field, status=422, **kw):
+        r = requests.post(f"{url}/v1/predict", headers={**_auth(), "Content-Type": "application/json"},
+                          timeout=30, **({"data": body} if isinstance(body, str) else {"json": body}), **kw)
+        assert r.status_code == status, r.text
+        payload = r.json()
+        assert set(payload) == {"error", "detail"}
+        if field:
+            assert field in {d["field"] for d in payload["detail"]}, payload
+        return payload
+
+    bad("{not json", None)
+    bad({"post": {"text": "no account", "created_at": "2024-01-01T00:00:00Z"}}, "post.account")
+    bad({"post": {**good["post"], "created_at": "not a time"}}, "post.created_at")
+    bad({"post": {**good["post"], "follower_count": -5}}, "post.follower_count")
+    bad({"post": {**good["post"], "created_at": "3000-01-01T00:00:00Z"}}, "post.created_at")
+    bad({"post": {**good["post"], "text": "x" * 1_000_000}}, "post.text")
+    bad({"post": good["post"], "surprise": 1}, "surprise")
+    too_big = requests.post(f"{url}/v1/predict", data=b"{" + b" " * (9 * 1024 * 1024) + b"}", headers={
+        **_auth(), "Content-Type": "application/json"}, timeout=60)
+    assert too_big.status_code == 413 and too_big.json()["error"] == "payload_too_large"
+    many = requests.post(f"{url}/v1/predict:batch", json={"rows": [good] * 201}, headers=_auth(), timeout=60)
+    assert many.status_code == 413
+
+    # Unknown account and viewer: cold-start features, a real answer.
+    ok = requests.post(f"{url}/v1/predict", json=good, headers=_auth(), timeout=30)
+    assert ok.status_code == 200, ok.text
+    body = ok.json()
+    assert body["likes"]["expected"] >= 0 and set(body["engagement"]) == set(ENGAGEMENTS)
+    assert body["top_features"] and body["model_version"] == "tiny"
+    assert requests.get(f"{url}/healthz", timeout=30).json() == {"status": "ok"}
+    docs = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert {"/v1/predict", "/v1/predict:batch", "/v1/models", "/healthz"} <= set(docs["paths"])
+
+
+def test_killed_replica_is_replaced_and_requests_recover(service):
+    import ray
+
+    url, _ = service
+    body = {"post": {"account": "a1", "text": "load test", "created_at": "2024-03-02T15:00:00Z"}}
+
+    def call(_):
+        try:
+            return requests.post(f"{url}/v1/predict", json=body, headers=_auth(), timeout=60).status_code
+        except requests.RequestException:
+            return -1
+
+    def scorer_replicas():
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if a["namespace"] == "serve" and "#Scorer#" in a["name"])
+
+    before = scorer_replicas()
+    assert len(before) == 1
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(120)]
+        time.sleep(0.5)
+        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        statuses = [f.result() for f in futures]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) > 0
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if call(0) == 200:
+            break
+        time.sleep(1)
+    assert call(0) == 200
+    after = scorer_replicas()
+    assert len(after) == 1 and after != before
+
+
+def test_page_in_headless_chromium(service):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _ = service
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "make setup installs Debian's chromium and chromium-driver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=Service(driver_path, port=free_port()), options=options)
+    try:
+        browser.get(f"{url}/")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        browser.find_element(By.ID, "account").send_keys("page-account")
+        browser.find_element(By.ID, "text").send_keys("Trying the page #demo")
+        browser.find_element(By.ID, "viewer").send_keys("page-viewer")
+        browser.find_element(By.ID, "submit").click()
+        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "likes").text.strip() != "")
+        likes = float(browser.find_element(By.ID, "likes").text)
+        assert likes >= 0
+        assert "P(like)" in browser.find_element(By.ID, "engagement").text
+        assert browser.find_element(By.ID, "features").text.strip()
+        assert browser.find_element(By.ID, "error").text == ""
+    finally:
+        browser.quit()
