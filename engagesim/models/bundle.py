@@ -153,7 +153,11 @@ class ImpressionModels:
         """(n, 4) probabilities per member and ``ensemble``; columns in ENGAGEMENTS order."""
         out: dict[str, np.ndarray] = {}
         if len(self.xgb) == len(ENGAGEMENTS):
-            out["xgb"] = np.column_stack([xgb.predict(b, table, meta["features"]) for b, meta in self.xgb.values()])
+            features = next(iter(self.xgb.values()))[1]["features"]
+            x = matrix(table, features)  # one matrix for the four boosters (they share the feature list)
+            out["xgb"] = np.column_stack([
+                xgb.predict(b, x if meta["features"] == features else matrix(table, meta["features"]), features)
+                for b, meta in self.xgb.values()])
         if self.nn:
             model, features = self.nn
             out["nn"] = model.predict(matrix(table, features))

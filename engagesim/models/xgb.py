@@ -182,7 +182,9 @@ def load(path: str) -> tuple[xgb.Booster, dict]:
     return booster, json.loads(Path(path + ".json").read_text())
 
 
-def predict(booster: xgb.Booster, table: pa.Table, features: list[str]) -> np.ndarray:
+def predict(booster: xgb.Booster, table: pa.Table | np.ndarray, features: list[str]) -> np.ndarray:
+    """Predictions up to the best iteration; ``inplace_predict`` on a float32 matrix (no DMatrix)."""
+    x = table if isinstance(table, np.ndarray) else matrix(table, features)
     best = getattr(booster, "best_iteration", None)
     kwargs = {"iteration_range": (0, best + 1)} if best is not None else {}
-    return booster.predict(dmatrix(table, features, None), **kwargs)
+    return np.asarray(booster.inplace_predict(x, missing=np.nan, **kwargs), dtype=np.float32)

@@ -1,0 +1,154 @@
+"""Serving: HTTP latency/throughput of the Ray Serve app vs the same ensemble called in-process,
+the batch endpoint's rows/s, and ``engagesim score`` rows/s per core vs one process.
+
+Trains a small run first (synthetic world, no text transformer — the goals are stated for
+the ensemble without it), then measures on 127.0.0.1. Prints JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import ray  # noqa: E402
+import requests  # noqa: E402
+from common import emit  # noqa: E402
+
+from engagesim import io  # noqa: E402
+from engagesim.config import load_config  # noqa: E402
+from engagesim.pipeline import behaviour  # noqa: E402
+from engagesim.serve.api import PredictRequest  # noqa: E402
+
+KEY = "bench-key"
+
+
+def bodies(run_uri: str, n: int) -> list[dict]:
+    posts = pl.from_arrow(io.read_table(io.join(run_uri, "data", "posts"))).tail(n)
+    users = pl.from_arrow(io.read_table(io.join(run_uri, "data", "users")))["user_id"].to_list()
+    out = []
+    for i, r in enumerate(posts.to_dicts()):
+        out.append({"post": {"post_id": r["post_id"], "account": r["author_id"], "text": r["text"],
+                             "created_at": r["created_at"].isoformat(), "media": r["media"]},
+                    "viewer": {"user_id": users[i % len(users)]}})
+    return out
+
+
+def percentile_ms(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)) * 1000, 2)
+
+
+def http_load(url: str, body_list: list[dict], clients: int, requests_per_client: int) -> dict:
+    def worker(k: int) -> list[float]:
+        session = requests.Session()
+        times = []
+        for j in range(requests_per_client):
+            body = body_list[(k * requests_per_client + j) % len(body_list)]
+            t = time.perf_counter()
+            r = session.post(f"{url}/v1/predict", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            times.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+        return times
+
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        latencies = [t for ts in pool.map(worker, range(clients)) for t in ts]
+    wall = time.perf_counter() - start
+    return {"p50_ms": percentile_ms(latencies, 50), "p99_ms": percentile_ms(latencies, 99),
+            "requests_per_s": round(len(latencies) / wall, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--impressions", type=int, default=60_000)
+    parser.add_argument("--requests", type=int, default=200, help="Requests per client count.")
+    parser.add_argument("--batch-rows", type=int, default=1000)
+    parser.add_argument("--score-rows", type=int, default=100_000, help="Posts scored offline.")
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="bench-serve-")
+    cfg = load_config(None, [f"output_root={tmp}", f"embed.cache_dir={tmp}/cache", "embed.text=false",
+                             "synth.users=1000", "synth.posts=4000", f"synth.impressions={args.impressions}",
+                             "synth.images=20", "synth.days=6", "features.valid_hours=24", "train.xgb.rounds=100",
+                             "train.nn.epochs=2", "train.models=[xgb,nn,stacked_mlp]"])
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    run = behaviour.run(cfg, "bench", log=lambda _: None)
+    sample = bodies(run.uri, 2000)
+
+    # In-process baseline: the same predictor object a Serve replica holds.
+    from engagesim.serve.predictor import RequestPredictor
+
+    predictor = RequestPredictor(run.uri)
+    parsed = [PredictRequest.model_validate(b) for b in sample]
+    for r in parsed[:20]:
+        predictor.predict([r])
+    single = []
+    for r in parsed[:args.requests]:
+        t = time.perf_counter()
+        predictor.predict([r])
+        single.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    predictor.predict(parsed[:args.batch_rows])
+    inproc_batch = args.batch_rows / (time.perf_counter() - t)
+    emit(bench="serve_in_process", p50_ms=percentile_ms(single, 50), p99_ms=percentile_ms(single, 99),
+         batch_rows_per_s=round(inproc_batch, 1))
+
+    from ray import serve
+
+    from engagesim.serve.app import build_app
+
+    port = 18000 + os.getpid() % 1000
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(run.uri, keys=KEY, max_batch_rows=args.batch_rows), name="engagesim", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    http_load(url, sample, 1, 20)  # warm-up
+    for clients in (1, 8, 32):
+        result = http_load(url, sample, clients, max(args.requests // clients, 5))
+        emit(bench="serve_http_single", clients=clients, **result,
+             ratio_p50_vs_in_process=round(result["p50_ms"] / percentile_ms(single, 50), 2))
+    rows = sample[:args.batch_rows]
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        r = requests.post(f"{url}/v1/predict:batch", json={"rows": rows}, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=300)
+        times.append(time.perf_counter() - t)
+        assert r.status_code == 200, r.text
+    batch_rate = args.batch_rows / float(np.median(times))
+    emit(bench="serve_http_batch", rows=args.batch_rows, rows_per_s=round(batch_rate, 1),
+         in_process_rows_per_s=round(inproc_batch, 1), ratio=round(batch_rate / inproc_batch, 3))
+    serve.shutdown()
+
+    # Offline scoring: Ray Data actors vs one in-process call over the same posts.
+    from engagesim.pipeline.score import score
+    from engagesim.runs import load_run
+
+    # A larger table than the run's own posts: copies with fresh ids (the contract rejects duplicate ids).
+    base_posts = pl.from_arrow(io.read_table(io.join(run.uri, "data", "posts")))
+    copies = [base_posts.with_columns(pl.col("post_id") + f"-c{k}") for k in range(-(-args.score_rows // base_posts.height))]
+    table = pl.concat(copies).head(args.score_rows).to_arrow()
+    posts_uri = f"{tmp}/score_input"
+    writer = io.DatasetWriter(posts_uri, "posts")
+    writer.write(table)
+    writer.commit()
+    loaded = load_run(run.uri)
+    t = time.perf_counter()
+    loaded.predict(table)
+    base = table.num_rows / (time.perf_counter() - t)
+    actors = max(1, (os.cpu_count() or 2) - 1)
+    result = score(run.uri, posts_uri, f"{tmp}/scores", actors=actors)
+    emit(bench="score_offline", rows=result["read"], actors=actors, rows_per_s=result["rows_per_s"],
+         rows_per_s_per_core=round(result["rows_per_s"] / actors, 1), in_process_rows_per_s=round(base, 1),
+         ratio=round(result["rows_per_s"] / base, 3))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
