@@ -52,6 +52,31 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
             proc.wait(timeout)
 
 
+def stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Stop a server started with ``start_new_session=True`` and everything it spawned (its process
+    group — e.g. a Ray head's GCS, raylet, agents and workers): SIGTERM, then SIGKILL."""
+    import signal
+
+    try:
+        group = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                proc.poll()
+                return
+            time.sleep(0.2)
+    proc.poll()
+
+
 def venv_bin(name: str) -> str:
     """A console script installed beside this interpreter (the project's .venv)."""
     candidate = Path(sys.executable).parent / name
