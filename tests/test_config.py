@@ -37,3 +37,12 @@ def test_overrides_are_typed_and_merged():
 def test_malformed_override_is_refused():
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(None, ["synth.seed"])
+
+
+def test_every_shipped_config_loads():
+    """configs/*.yaml are documentation users copy: each must pass validation as shipped."""
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")):
+        cfg = load_config(path, [])
+        assert cfg.output_root, path
