@@ -324,6 +324,7 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", help="Bind address (keep 127.0.0.1 unless a proxy fronts it)."),
     port: int = typer.Option(8000, help="HTTP port."),
     write_config: Optional[Path] = typer.Option(None, help="Only write a Serve config for `serve deploy` and exit."),
+    gpus: float = typer.Option(0.0, help="GPUs per scorer replica (GPU nodes; encoders and NN then use CUDA)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -338,7 +339,7 @@ def serve_command(
     from engagesim.serve.app import build_app, serve_config
 
     if write_config is not None:
-        write_config.write_text(yaml.safe_dump(serve_config(run_dir, host, port), sort_keys=False))
+        write_config.write_text(yaml.safe_dump(serve_config(run_dir, host, port, gpus), sort_keys=False))
         finish({"config": str(write_config), "deploy": f"serve deploy {write_config}"}, False, "serve config")
         return
     from ray import serve
@@ -347,7 +348,7 @@ def serve_command(
 
     cfg = _config(config, overrides)
     try:
-        application = build_app(run_dir)
+        application = build_app(run_dir, gpus_per_replica=gpus)
     except RuntimeError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None

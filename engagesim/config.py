@@ -148,6 +148,11 @@ class NNConfig(Section):
     batch_size: int | None = Field(None, ge=2, description="Mini-batch size (None: large, ≥ 50 steps per epoch).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
+    finetune_hours: float = Field(
+        0, ge=0, description="Two-stage training (Synerise): after fitting on the past, fine-tune on the training "
+                             "rows of the last N hours (0 = off).")
+    finetune_epochs: int = Field(1, ge=1, description="Epochs of the fine-tuning stage.")
+    finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="Fine-tuning learning rate = lr × this.")
 
 
 class KNNConfig(Section):

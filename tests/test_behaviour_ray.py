@@ -120,3 +120,16 @@ def test_tune_matches_or_beats_default_and_train_accepts_it(features, config, tm
     assert tuned.train.xgb.params == result["best"]
     post = train_post_level(tuned, io.join(out, "posts"), str(tmp_path / "models"))
     assert np.isfinite(post["models"]["xgb"]["rmse"])
+
+
+def test_nn_two_stage_fine_tunes_on_the_latest_window(features, config, tmp_path):
+    out, _ = features
+    two_stage = config.model_copy(deep=True)
+    two_stage.train.models = ["nn"]
+    two_stage.train.nn.finetune_hours = 24
+    two_stage.train.nn.epochs = 1
+    imp = train_impression_level(two_stage, io.join(out, "impressions"), str(tmp_path))
+    info = imp["nn_two_stage"]
+    assert 0 < info["finetune_rows"] < imp["rows"]["train"]  # only the most recent training rows
+    assert np.isfinite(info["finetune_loss"]).all()
+    assert imp["models"]["nn"]["like"]["rce"] > 0

@@ -218,9 +218,52 @@ written = write_streaming(ds, out, "multinode_rows", load_config(None, []))
 killer.join()
 table = io.read_table(out)
 ids = table.column("i")
-print(json.dumps({"written": written, "rows": table.num_rows, "unique": len(pc.unique(ids)),
+report = {"written": written, "rows": table.num_rows, "unique": len(pc.unique(ids)),
                   "nodes": len(pc.unique(table.column("node"))), "alive": sum(n["Alive"] for n in ray.nodes()),
-                  "killed_after_blocks": killed_at.get("blocks_done"), "blocks": BLOCKS}))
+                  "killed_after_blocks": killed_at.get("blocks_done"), "blocks": BLOCKS}
+
+# XGBoost on Ray Train across nodes: 2 workers on 3 one-CPU nodes; the node of a worker dies after the
+# first checkpoint; Ray Train restarts the group and the fit resumes from that checkpoint.
+import glob
+import numpy as np
+from ray._private import state
+from engagesim.models import xgb
+
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+rng = np.random.default_rng(0)
+x = rng.normal(size=(40_000, 10)).astype("float32")
+data = pa.table({**{f"f{i}": x[:, i] for i in range(10)},
+                 "y": (x[:, 0] + rng.normal(size=40_000) > 0).astype("float32")})
+placements, stop, victim = set(), threading.Event(), {}
+storage = out + "_train"
+
+def train_workers():
+    return {a["Address"]["NodeID"] for a in state.actors().values()
+            if "RayTrainWorker" in a.get("ActorClassName", "") and a.get("State") == "ALIVE"}
+
+def kill_worker_node_after_checkpoint():
+    head_id = cluster.head_node.node_id
+    while not stop.is_set():
+        nodes = train_workers()
+        placements.update(nodes)
+        if not victim and glob.glob(storage + "/**/checkpoint_*", recursive=True):
+            target = next((n for n in cluster.list_all_nodes() if n.node_id in nodes and n.node_id != head_id), None)
+            if target is not None:
+                victim["node"] = target.node_id
+                cluster.remove_node(target, allow_graceful=False)
+        time.sleep(0.2)
+
+watcher = threading.Thread(target=kill_worker_node_after_checkpoint, daemon=True)
+watcher.start()
+params = xgb.params_for("layer6", "binary:logistic", {"nthread": 1})
+booster = xgb.fit_ray(data, None, [f"f{i}" for i in range(10)], "y", params, 120, storage, "multinode",
+                      workers=2, checkpoint_every=20, early_stopping=None, cpus_per_worker=1, max_failures=3)
+stop.set()
+watcher.join()
+report.update({"train_nodes": len(placements), "train_victim": bool(victim),
+               "rounds": booster.num_boosted_rounds()})
+print(json.dumps(report))
 ray.shutdown()
 cluster.shutdown()
 """
@@ -228,7 +271,8 @@ cluster.shutdown()
 
 def test_multinode_stage_survives_a_killed_node_with_exact_row_counts(tmp_path):
     """Three raylets on one machine (ray.cluster_utils.Cluster, in its own process): blocks spread over the
-    nodes; one node is killed mid-stage; the committed dataset has every row exactly once."""
+    nodes; one node is killed mid-stage; the committed dataset has every row exactly once. Then XGBoost on
+    Ray Train spreads its workers over nodes, loses one node after a checkpoint, and still finishes."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run([venv_bin("python"), "-c", MULTINODE_DRIVER, str(tmp_path / "rows")], env=env,
@@ -238,3 +282,5 @@ def test_multinode_stage_survives_a_killed_node_with_exact_row_counts(tmp_path):
     assert report == {**report, "written": 60_000, "rows": 60_000, "unique": 60_000, "alive": 2}, report
     assert report["nodes"] >= 2, report
     assert report["killed_after_blocks"] < report["blocks"], report  # the node died mid-stage
+    # XGBoost: workers on more than one node; one of those nodes killed after a checkpoint; the fit finished.
+    assert report["train_nodes"] >= 2 and report["train_victim"] and report["rounds"] == 120, report

@@ -185,3 +185,19 @@ def test_page_in_headless_chromium(service):
         assert browser.find_element(By.ID, "error").text == ""
     finally:
         browser.quit()
+
+
+def test_generated_serve_config_passes_serves_schema(tmp_path):
+    import yaml
+    from helpers import run_cli
+    from ray.serve.schema import ServeDeploySchema
+
+    out = tmp_path / "serve.yaml"
+    result = run_cli("serve", "--run", "s3://bucket/runs/abc", "--write-config", str(out), "--gpus", "1")
+    assert result.returncode == 0, result.stderr
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "engagesim.serve.app:app_builder" and app.args["run"] == "s3://bucket/runs/abc"
+    scorer = next(d for d in app.deployments if d.name == "Scorer")
+    assert scorer.ray_actor_options.num_gpus == 1 and schema.http_options.host == "127.0.0.1"
+    assert "KEY" not in out.read_text().upper()  # keys never land in the config file

@@ -197,7 +197,9 @@ class PostState:
                 "te": {k: {"key": s.key, "prior": s.prior, "smoothing": s.smoothing} for k, s in
                        {**{f"scalar:{k}": v for k, v in self.te_scalar.items()},
                         **{f"list:{k}": v for k, v in self.te_list.items()}}.items()},
+                "te_order": [*(f"scalar:{k}" for k in self.te_scalar), *(f"list:{k}" for k in self.te_list)],
                 "projections": {k: p.explained_variance for k, p in self.projections.items()},
+                "projection_order": list(self.projections),
                 "has_centres": self.centres is not None, "has_authors": self.authors is not None}
         for name, stats in {**{f"scalar:{k}": v for k, v in self.te_scalar.items()},
                             **{f"list:{k}": v for k, v in self.te_list.items()}}.items():
@@ -216,15 +218,16 @@ class PostState:
     def load(cls, uri: str, storage=None) -> PostState:
         meta = io.read_json(io.join(uri, "state.json"), storage)
         state = cls(prior=meta["prior"], top_langs=meta["top_langs"])
-        for name, m in meta["te"].items():
+        for name in meta["te_order"]:  # JSON objects may come back re-ordered; column order must not
+            m = meta["te"][name]
             kind, key = name.split(":")
             stats = encodings.TargetStats(m["key"], read_parquet(io.join(uri, f"te_{kind}_{key}.parquet"), storage),
                                           m["prior"], m["smoothing"])
             (state.te_scalar if kind == "scalar" else state.te_list)[key] = stats
         raw = io.read_bytes(io.join(uri, "arrays.safetensors"), storage)
         arrays = load_arrays(raw) if raw else {}
-        for k, explained in meta["projections"].items():
-            state.projections[k] = Projection(arrays[f"{k}.mean"], arrays[f"{k}.components"], explained)
+        for k in meta["projection_order"]:
+            state.projections[k] = Projection(arrays[f"{k}.mean"], arrays[f"{k}.components"], meta["projections"][k])
         state.centres = arrays.get("centres") if meta["has_centres"] else None
         if meta["has_authors"]:
             state.authors = read_parquet(io.join(uri, "authors.parquet"), storage)

@@ -49,13 +49,24 @@ def _nn_spec(cfg: AppConfig, x: np.ndarray, n_outputs: int, task: str) -> nn.NNS
 
 
 def _fit_nn(cfg: AppConfig, train: pa.Table, features: list[str], labels: list[str], task: str, storage: str,
-            name: str) -> nn.EngagementNet:
+            name: str, time_column: str) -> tuple[nn.EngagementNet, dict]:
+    """Stage 1 on Ray Train (DDP); stage 2, when configured, fine-tunes on the most recent training rows."""
     x = matrix(train, features)
     spec = _nn_spec(cfg, x, len(labels), task)
     c = cfg.train.nn
     batch = c.batch_size or nn.default_batch(train.num_rows, c.workers)
-    return nn.fit_ray(train, features, labels, spec, storage, name, epochs=c.epochs, batch_size=batch, lr=c.lr,
-                      workers=c.workers, use_gpu=_gpu())
+    model = nn.fit_ray(train, features, labels, spec, storage, name, epochs=c.epochs, batch_size=batch, lr=c.lr,
+                       workers=c.workers, use_gpu=_gpu())
+    info: dict = {}
+    if c.finetune_hours > 0:
+        times = pc.cast(train.column(time_column), pa.int64()).to_numpy(zero_copy_only=False)
+        recent = times >= times.max() - int(c.finetune_hours * 3600 * 1e6)
+        y = np.column_stack([train.column(col).to_numpy(zero_copy_only=False) for col in labels]).astype(np.float32)
+        losses = nn.train_epochs(model, x[recent], y[recent], epochs=c.finetune_epochs,
+                                 batch_size=min(batch, max(int(recent.sum()) // 10, 32)), lr=c.lr * c.finetune_lr_scale)
+        model.eval()
+        info = {"finetune_rows": int(recent.sum()), "finetune_loss": losses}
+    return model, info
 
 
 def _gpu() -> bool:
@@ -117,7 +128,9 @@ def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri:
             log(f"post knn: rmse {rmse(y_va, preds['knn']):.4f}")
     if "nn" in cfg.train.models:
         t = time.perf_counter()
-        model = _fit_nn(cfg, train, features, ["label_log1p_likes"], "regression", io.join(models_dir, "ray"), "post_nn")
+        model, info = _fit_nn(cfg, train, features, ["label_log1p_likes"], "regression", io.join(models_dir, "ray"),
+                              "post_nn", "created_at")
+        result["nn_two_stage"] = info or None
         nn.save(model, io.join(models_dir, "post", "nn"), features)
         preds["nn"] = model.predict(matrix(valid, features))[:, 0]
         timings["nn"] = time.perf_counter() - t
@@ -220,7 +233,9 @@ def train_impression_level(cfg: AppConfig, impressions_uri: str, models_dir: str
         log(f"impression xgb: {time.perf_counter() - t:.1f}s")
     if "nn" in cfg.train.models:
         t = time.perf_counter()
-        model = _fit_nn(cfg, train, features, LABELS, "binary", io.join(models_dir, "ray"), "impression_nn")
+        model, info = _fit_nn(cfg, train, features, LABELS, "binary", io.join(models_dir, "ray"), "impression_nn",
+                              "impression_at")
+        result["nn_two_stage"] = info or None
         nn.save(model, io.join(models_dir, "impression", "nn"), features)
         preds["nn"] = model.predict(matrix(valid, features))
         log(f"impression nn: {time.perf_counter() - t:.1f}s")

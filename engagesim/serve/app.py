@@ -186,11 +186,19 @@ class Gateway:
         return resources.files("engagesim.serve").joinpath("page.html").read_text()
 
 
-def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000, scorer_replicas: int | None = None):
-    """The Serve application for a run (keys default to the environment's ENGAGESIM_API_KEYS)."""
+def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000, scorer_replicas: int | None = None,
+              gpus_per_replica: float = 0.0):
+    """The Serve application for a run (keys default to the environment's ENGAGESIM_API_KEYS).
+
+    ``gpus_per_replica`` > 0 puts scorer replicas on GPU nodes (the encoders and the NN use CUDA there).
+    """
     digests = key_digests(keys if keys is not None else os.environ.get(KEYS_ENV))
-    scorer = Scorer if scorer_replicas is None else Scorer.options(num_replicas=scorer_replicas,
-                                                                   autoscaling_config=None)
+    options: dict = {}
+    if scorer_replicas is not None:
+        options.update(num_replicas=scorer_replicas, autoscaling_config=None)
+    if gpus_per_replica:
+        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus_per_replica}
+    scorer = Scorer.options(**options) if options else Scorer
     return Gateway.bind(scorer.bind(run_uri), digests, max_batch_rows)
 
 
@@ -198,10 +206,11 @@ def app_builder(args: dict[str, str]):
     """For ``serve run engagesim.serve.app:app_builder run=RUN_DIR`` and Serve config files."""
     if "run" not in args:
         raise ValueError("args.run: the run directory to serve is required")
-    return build_app(args["run"], max_batch_rows=int(args.get("max_batch_rows", 1000)))
+    return build_app(args["run"], max_batch_rows=int(args.get("max_batch_rows", 1000)),
+                     gpus_per_replica=float(args.get("gpus_per_replica", 0)))
 
 
-def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000) -> dict:
+def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_per_replica: float = 0.0) -> dict:
     """A Serve config file for ``serve deploy`` (keys still come from the cluster's environment)."""
     return {
         "proxy_location": "HeadOnly",
@@ -210,11 +219,11 @@ def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000) -> dic
             "name": "engagesim",
             "route_prefix": "/",
             "import_path": "engagesim.serve.app:app_builder",
-            "args": {"run": run_uri, "max_batch_rows": 1000},
+            "args": {"run": run_uri, "max_batch_rows": 1000, "gpus_per_replica": gpus_per_replica},
             "deployments": [
                 {"name": "Scorer", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
                                                           "target_ongoing_requests": 16},
-                 "ray_actor_options": {"num_cpus": 1}},
+                 "ray_actor_options": {"num_cpus": 1, **({"num_gpus": gpus_per_replica} if gpus_per_replica else {})}},
                 {"name": "Gateway", "num_replicas": 1},
             ],
         }],
