@@ -80,6 +80,13 @@ def token_head():
         yield {"address": head.address, "env": head.env, "tmp": head.tmp}
 
 
+def _report(stdout: str) -> dict:
+    """The driver's JSON report line (Ray may print its own lines to stdout around it)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("REPORT ")]
+    assert lines, stdout[-3000:]
+    return json.loads(lines[-1][len("REPORT "):])
+
+
 def _ray(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([venv_bin("ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -163,15 +170,15 @@ during = len(gpu_nodes())
 start = time.time()
 while gpu_nodes() and time.time() - start < 180:
     time.sleep(1)
-print(json.dumps({{"before": before, "during": during, "after": len(gpu_nodes()), "node": node,
-                   "removed_after_s": round(time.time() - start, 1)}}))
+print("REPORT " + json.dumps({{"before": before, "during": during, "after": len(gpu_nodes()), "node": node,
+                   "removed_after_s": round(time.time() - start, 1)}}), flush=True)
 """
     with head:
         env = {k: v for k, v in head.env.items() if k != "RAY_FAKE_CLUSTER"}
         result = subprocess.run([venv_bin("python"), "-c", driver], env=env, capture_output=True, text=True,
                                 timeout=500)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _report(result.stdout)
     assert report["before"] == 0 and report["during"] == 1 and report["after"] == 0, report
 
 
@@ -263,7 +270,7 @@ stop.set()
 watcher.join()
 report.update({"train_nodes": len(placements), "train_victim": bool(victim),
                "rounds": booster.num_boosted_rounds()})
-print(json.dumps(report))
+print("REPORT " + json.dumps(report), flush=True)
 ray.shutdown()
 cluster.shutdown()
 """
@@ -278,7 +285,7 @@ def test_multinode_stage_survives_a_killed_node_with_exact_row_counts(tmp_path):
     result = subprocess.run([venv_bin("python"), "-c", MULTINODE_DRIVER, str(tmp_path / "rows")], env=env,
                             capture_output=True, text=True, timeout=600, cwd=ROOT, start_new_session=True)
     assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = _report(result.stdout)
     assert report == {**report, "written": 60_000, "rows": 60_000, "unique": 60_000, "alive": 2}, report
     assert report["nodes"] >= 2, report
     assert report["killed_after_blocks"] < report["blocks"], report  # the node died mid-stage
