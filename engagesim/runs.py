@@ -114,7 +114,9 @@ class LoadedRun:
         rows = post_row_features(_conform(_as_arrow(posts), POSTS))
         for encoder in self._encoders:
             rows = encoder(rows)
-        return self.post_state.transform(pl.from_arrow(rows), new_accounts)
+        # One chunk per column: polars mis-reads a sliced fixed-size-list column that has a validity mask
+        # (what to_batches makes of columns with different chunk layouts).
+        return self.post_state.transform(pl.from_arrow(rows.combine_chunks()), new_accounts)
 
     def impression_features(self, impressions: Any, posts: Any | None = None,
                             featurised_posts: pl.DataFrame | None = None) -> pa.Table:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
 import engagesim
@@ -50,6 +51,10 @@ def test_predict_posts_from_raw_rows_equals_evaluation(run):
     joined = evaluated.join(fresh, on="post_id", suffix="_fresh")
     assert joined.height == evaluated.height
     assert (joined["log1p_likes"] - joined["log1p_likes_fresh"]).abs().max() <= 1e-6
+    # A multi-chunk input table (as concatenated batches arrive) scores the same (a polars conversion bug
+    # with sliced fixed-size lists once broke this).
+    chunked = pa.concat_tables([raw.head(7).to_arrow(), raw.slice(7).to_arrow()])
+    assert pl.from_arrow(run.predict(chunked))["log1p_likes"].equals(fresh["log1p_likes"])
     # One post alone gets what it got in the batch (no dependence on the other rows).
     one = pl.from_arrow(run.predict(raw.head(1)))
     assert abs(one["log1p_likes"][0] - joined.filter(pl.col("post_id") == raw["post_id"][0])["log1p_likes"][0]) <= 1e-6
