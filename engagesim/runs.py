@@ -8,6 +8,7 @@ so a served prediction equals the evaluated one.
 
 from __future__ import annotations
 
+import datetime as dt
 from functools import cached_property
 from typing import Any
 
@@ -170,9 +171,21 @@ class LoadedRun:
         """Raw rows → predictions. Impression rows (user_id, post_id, impression_at, …) give P(engagement);
         post rows give expected likes with an 80 % interval. Every member model's output is included."""
         table = _as_arrow(rows)
-        if {"user_id", "impression_at"} <= set(table.column_names):
+        impressions = {"user_id", "impression_at"} <= set(table.column_names)
+        if table.num_rows == 0:  # encoders and joins want rows; the answer is the empty table of the right shape
+            return self._empty_result(impressions)
+        if impressions:
             return self.score_impression_features(self.impression_features(table, posts))
         return self.score_post_features(self.post_features(table))
+
+    def _empty_result(self, impressions: bool) -> pa.Table:
+        when = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+        probe = {"post_id": "_schema_probe", "author_id": "_", "username": "_", "text": "", "created_at": when,
+                 "media": []}
+        if not impressions:
+            return self.predict([probe]).slice(0, 0)
+        viewer = {"user_id": "_", "post_id": "_schema_probe", "creator_id": "_", "impression_at": when}
+        return self.predict([viewer], posts=[probe]).slice(0, 0)
 
 
 def load_run(uri: str, storage=None) -> LoadedRun:

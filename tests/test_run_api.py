@@ -55,6 +55,9 @@ def test_predict_posts_from_raw_rows_equals_evaluation(run):
     # with sliced fixed-size lists once broke this).
     chunked = pa.concat_tables([raw.head(7).to_arrow(), raw.slice(7).to_arrow()])
     assert pl.from_arrow(run.predict(chunked))["log1p_likes"].equals(fresh["log1p_likes"])
+    # No rows in → no rows out, same columns (a scoring batch whose rows were all rejected).
+    empty = run.predict(raw.head(0))
+    assert empty.num_rows == 0 and empty.column_names == fresh.columns
     # One post alone gets what it got in the batch (no dependence on the other rows).
     one = pl.from_arrow(run.predict(raw.head(1)))
     assert abs(one["log1p_likes"][0] - joined.filter(pl.col("post_id") == raw["post_id"][0])["log1p_likes"][0]) <= 1e-6
