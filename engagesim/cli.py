@@ -23,7 +23,8 @@ from engagesim.schema import ENGAGEMENTS as ENGAGEMENT_NAMES
 app = typer.Typer(
     help="Simulate social-media engagement at scale.\n\n"
     "Typical flow: `engagesim ingest` real posts (or `engagesim synth` a world) → "
-    "`engagesim report eda` to look at them → `engagesim pipeline behaviour` to train and evaluate.",
+    "`engagesim report eda` to look at them → `engagesim pipeline behaviour` to train and evaluate → "
+    "`engagesim score` / `engagesim serve` to use the run.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )

@@ -201,3 +201,13 @@ def test_generated_serve_config_passes_serves_schema(tmp_path):
     scorer = next(d for d in app.deployments if d.name == "Scorer")
     assert scorer.ray_actor_options.num_gpus == 1 and schema.http_options.host == "127.0.0.1"
     assert "KEY" not in out.read_text().upper()  # keys never land in the config file
+
+
+def test_serve_refuses_to_start_without_api_keys():
+    import os
+
+    from helpers import run_cli
+
+    env = {k: v for k, v in os.environ.items() if k != "ENGAGESIM_API_KEYS"}
+    result = run_cli("serve", "--run", "runs/anything", env={**env, "ENGAGESIM_API_KEYS": ""})
+    assert result.returncode == 2 and "ENGAGESIM_API_KEYS" in result.stdout + result.stderr
