@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import html
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib
@@ -18,7 +21,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from engagesim.config import StorageConfig  # noqa: E402
-from engagesim.io import read_table  # noqa: E402
+from engagesim.io import is_s3, join, read_table, write_bytes  # noqa: E402
 
 WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 
@@ -32,7 +35,7 @@ def _posts_frame(posts_uri: str, storage: StorageConfig | None) -> pl.DataFrame:
     )
 
 
-def _save(fig: plt.Figure, path: Path) -> str:
+def save_figure(fig: plt.Figure, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -48,7 +51,7 @@ def _likes_distribution(df: pl.DataFrame, out: Path) -> str:
     ax.set_xlabel("likes + 1 (log scale)")
     ax.set_ylabel("posts")
     ax.set_title("Likes per post")
-    return _save(fig, out / "likes_distribution.png")
+    return save_figure(fig, out / "likes_distribution.png")
 
 
 def _rhythm(df: pl.DataFrame, out: Path) -> str:
@@ -60,7 +63,7 @@ def _rhythm(df: pl.DataFrame, out: Path) -> str:
     axes[1].plot(by_hour["hour"], by_hour["log_likes"], marker="o", color="#228833")
     axes[1].set_title("Median log1p(likes) by hour (UTC)")
     axes[1].set_xlabel("hour")
-    return _save(fig, out / "likes_by_weekday_hour.png")
+    return save_figure(fig, out / "likes_by_weekday_hour.png")
 
 
 def _top_accounts(df: pl.DataFrame, out: Path, top: int) -> str:
@@ -77,7 +80,7 @@ def _top_accounts(df: pl.DataFrame, out: Path, top: int) -> str:
     else:
         axes[1].set_axis_off()
         axes[1].set_title("no like counts in this dataset")
-    return _save(fig, out / "top_accounts.png")
+    return save_figure(fig, out / "top_accounts.png")
 
 
 def _media_kinds(df: pl.DataFrame, out: Path) -> tuple[str, dict[str, int]]:
@@ -89,13 +92,32 @@ def _media_kinds(df: pl.DataFrame, out: Path) -> tuple[str, dict[str, int]]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.bar(list(counts), list(counts.values()), color="#aa3377")
     ax.set_title("Media items by kind ('none' = posts without media)")
-    return _save(fig, out / "media_kinds.png"), counts
+    return save_figure(fig, out / "media_kinds.png"), counts
+
+
+@contextmanager
+def report_dir(uri: str) -> Iterator[Path]:
+    """A local directory to draw a report in, published to ``uri`` (local or s3://) when the block ends."""
+    if not is_s3(uri):
+        path = Path(uri)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="engagesim-report-") as tmp:
+        yield Path(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            write_bytes(join(uri, f.name), f.read_bytes())
 
 
 def eda(posts_uri: str, out_dir: str, storage: StorageConfig | None = None, top_accounts: int = 15) -> dict:
     """Write the EDA plots and index.html for a posts dataset; return the summary."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with report_dir(out_dir) as out:
+        summary = _eda(posts_uri, out, storage, top_accounts)
+    summary["out"] = join(out_dir, "index.html")
+    return summary
+
+
+def _eda(posts_uri: str, out: Path, storage: StorageConfig | None, top_accounts: int) -> dict:
     df = _posts_frame(posts_uri, storage)
     has_likes = df["likes"].drop_nulls().len() > 0
     plots = []
@@ -161,9 +183,13 @@ def metric_rows(metrics: dict) -> list[dict]:
 
 
 def behaviour_report(metrics: dict, out_dir: str) -> str:
-    """metrics.json, bar charts against baselines/oracle, and index.html."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """metrics.json, bar charts against baselines/oracle, and index.html (local or s3://)."""
+    with report_dir(out_dir) as out:
+        _behaviour_report(metrics, out)
+    return join(out_dir, "index.html")
+
+
+def _behaviour_report(metrics: dict, out: Path) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     rows = metric_rows(metrics)
     plots = []
@@ -175,7 +201,7 @@ def behaviour_report(metrics: dict, out_dir: str) -> str:
             ax.axvline(post[0]["oracle"], color="#ee6677", linestyle="--", label="oracle")
             ax.legend()
         ax.set_xlabel("RMSE on log1p(likes) — validation (later in time)")
-        plots.append(_save(fig, out / "post_rmse.png"))
+        plots.append(save_figure(fig, out / "post_rmse.png"))
     imp = [r for r in rows if r["level"] == "impression" and r["metric"].startswith("rce_")]
     if imp:
         models = list(dict.fromkeys(r["model"] for r in imp))
@@ -191,7 +217,7 @@ def behaviour_report(metrics: dict, out_dir: str) -> str:
         ax.set_xticks(np.arange(len(engagements)) + 0.4 - width / 2, engagements)
         ax.set_ylabel("RCE (validation)")
         ax.legend(fontsize=7)
-        plots.append(_save(fig, out / "impression_rce.png"))
+        plots.append(save_figure(fig, out / "impression_rce.png"))
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 
@@ -207,4 +233,3 @@ def behaviour_report(metrics: dict, out_dir: str) -> str:
         f"<body><h1>Behaviour models — validation metrics</h1>{images}<table><tr><th>level</th><th>model</th>"
         f"<th>metric</th><th>value</th><th>oracle</th></tr>{table}</table></body></html>"
     )
-    return str(out / "index.html")

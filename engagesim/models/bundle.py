@@ -8,13 +8,12 @@ files and JSON (the ensemble's weights and stacker coefficients).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from engagesim import io
 from engagesim.models import knn, nn, xgb
 from engagesim.models.data import matrix
 from engagesim.schema import ENGAGEMENTS
@@ -78,14 +77,15 @@ class PostModels:
     """log1p(likes) regressors of a run + their ensemble."""
 
     def __init__(self, directory: str):
-        root = Path(directory)
-        self.xgb = xgb.load(str(root / "xgb.ubj")) if (root / "xgb.ubj").exists() else None
-        self.nn = nn.load(str(root / "nn")) if (root / "nn").exists() else None
-        self.stacked = nn.load(str(root / "stacked_mlp")) if (root / "stacked_mlp").exists() else None
-        self.knn = knn.KNNRegressor.load(str(root / "knn")) if (root / "knn").exists() else None
-        self.knn_column = json.loads((root / "knn" / "column.json").read_text())["column"] if self.knn else None
-        spec = root / "ensemble.json"
-        self.ensemble = json.loads(spec.read_text()) if spec.exists() else None
+        def at(*parts: str) -> str:
+            return io.join(directory, *parts)
+
+        self.xgb = xgb.load(at("xgb.ubj")) if io.exists(at("xgb.ubj")) else None
+        self.nn = nn.load(at("nn")) if io.exists(at("nn", "config.json")) else None
+        self.stacked = nn.load(at("stacked_mlp")) if io.exists(at("stacked_mlp", "config.json")) else None
+        self.knn = knn.KNNRegressor.load(at("knn")) if io.exists(at("knn", "config.json")) else None
+        self.knn_column = io.read_json(at("knn", "column.json"))["column"] if self.knn else None
+        self.ensemble = io.read_json(at("ensemble.json")) if io.exists(at("ensemble.json")) else None
 
     @property
     def members(self) -> list[str]:
@@ -143,11 +143,12 @@ class ImpressionModels:
     """P(like/reply/retweet/quote) models of a run + their per-engagement ensembles."""
 
     def __init__(self, directory: str):
-        root = Path(directory)
-        self.xgb = {e: xgb.load(str(root / f"xgb_{e}.ubj")) for e in ENGAGEMENTS if (root / f"xgb_{e}.ubj").exists()}
-        self.nn = nn.load(str(root / "nn")) if (root / "nn").exists() else None
-        spec = root / "ensemble.json"
-        self.ensemble = json.loads(spec.read_text()) if spec.exists() else None
+        def at(*parts: str) -> str:
+            return io.join(directory, *parts)
+
+        self.xgb = {e: xgb.load(at(f"xgb_{e}.ubj")) for e in ENGAGEMENTS if io.exists(at(f"xgb_{e}.ubj"))}
+        self.nn = nn.load(at("nn")) if io.exists(at("nn", "config.json")) else None
+        self.ensemble = io.read_json(at("ensemble.json")) if io.exists(at("ensemble.json")) else None
 
     def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
         """(n, 4) probabilities per member and ``ensemble``; columns in ENGAGEMENTS order."""

@@ -7,8 +7,7 @@ moved to GPU when faiss was built with it and a GPU is present.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from io import BytesIO
 
 import faiss
 import numpy as np
@@ -57,19 +56,23 @@ class KNNRegressor:
         return np.where(total > 0, (weights * values).sum(axis=1) / np.maximum(total, 1e-12), self.prior)
 
     def save(self, directory: str) -> None:
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
+        """FAISS's own index serialisation + targets as .npy (no pickle); local or s3://."""
+        from engagesim import io
+
         index = faiss.index_gpu_to_cpu(self.index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(self.index).__name__ else self.index
-        faiss.write_index(index, str(path / "index.faiss"))
-        np.save(path / "targets.npy", self.targets, allow_pickle=False)
-        (path / "config.json").write_text(json.dumps({"k": self.k, "kind": self.kind, "prior": self.prior}))
+        io.write_bytes(io.join(directory, "index.faiss"), faiss.serialize_index(index).tobytes())
+        buf = BytesIO()
+        np.save(buf, self.targets, allow_pickle=False)
+        io.write_bytes(io.join(directory, "targets.npy"), buf.getvalue())
+        io.write_json(io.join(directory, "config.json"), {"k": self.k, "kind": self.kind, "prior": self.prior})
 
     @classmethod
     def load(cls, directory: str) -> KNNRegressor:
-        path = Path(directory)
-        meta = json.loads((path / "config.json").read_text())
+        from engagesim import io
+
+        meta = io.read_json(io.join(directory, "config.json"))
         model = cls(k=meta["k"])
-        model.index = faiss.read_index(str(path / "index.faiss"))
-        model.targets = np.load(path / "targets.npy", allow_pickle=False)
+        model.index = faiss.deserialize_index(np.frombuffer(io.read_bytes(io.join(directory, "index.faiss")), np.uint8))
+        model.targets = np.load(BytesIO(io.read_bytes(io.join(directory, "targets.npy"))), allow_pickle=False)
         model.kind, model.prior = meta["kind"], meta["prior"]
         return model

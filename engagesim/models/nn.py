@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engagesim.models.xgb import storage_uri
+
 LAYER6_PRESETS = [[400, 800, 500, 250, 100], [500, 900, 600, 250, 100], [512, 1024, 500, 250, 100]]
 
 
@@ -216,7 +218,7 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
         train_loop_config={"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": epochs,
                            "batch_size": batch_size, "lr": lr},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=max_failures)),
         datasets={"train": ray.data.from_arrow(train.select(features + label_columns))},
@@ -229,17 +231,23 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
 
 
 def save(model: EngagementNet, directory: str, features: list[str]) -> None:
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"spec": asdict(model.spec), "features": features}, indent=2))
+    """safetensors weights + a JSON spec (no pickle); local or s3://."""
+    from safetensors.torch import save as to_bytes
+
+    from engagesim import io
+
+    io.write_bytes(io.join(directory, "model.safetensors"), to_bytes(model.state_dict()))
+    io.write_json(io.join(directory, "config.json"), {"spec": asdict(model.spec), "features": features})
 
 
 def load(directory: str) -> tuple[EngagementNet, list[str]]:
-    path = Path(directory)
-    meta = json.loads((path / "config.json").read_text())
+    from safetensors.torch import load as from_bytes
+
+    from engagesim import io
+
+    meta = io.read_json(io.join(directory, "config.json"))
     model = EngagementNet(NNSpec(**meta["spec"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.load_state_dict(from_bytes(io.read_bytes(io.join(directory, "model.safetensors"))))
     return model.eval(), meta["features"]
 
 

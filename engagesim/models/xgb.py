@@ -8,7 +8,6 @@ after a worker failure.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,11 @@ def params_for(preset: str, objective: str, overrides: dict[str, Any] | None = N
         params["device"] = "cuda"
     params.update(overrides or {})
     return params
+
+
+def storage_uri(path: str) -> str:
+    """Ray Train storage: an s3:// URI as is (Ray Train writes checkpoints there), a local path absolute."""
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def dmatrix(table: pa.Table, features: list[str], label: str | None) -> xgb.DMatrix:
@@ -160,7 +164,7 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
                            "inject_failure": inject_failure},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures)),
         datasets=datasets,
@@ -170,16 +174,19 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
 
 
 def save(booster: xgb.Booster, path: str, features: list[str], meta: dict | None = None) -> None:
-    """xgboost's own UBJSON format (never pickle) + a JSON sidecar with the feature order."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    booster.save_model(path)
-    Path(path + ".json").write_text(json.dumps({"features": features, **(meta or {})}, indent=2))
+    """xgboost's own UBJSON format (never pickle) + a JSON sidecar with the feature order; local or s3://."""
+    from engagesim import io
+
+    io.write_bytes(path, bytes(booster.save_raw("ubj")))
+    io.write_json(path + ".json", {"features": features, **(meta or {})})
 
 
 def load(path: str) -> tuple[xgb.Booster, dict]:
+    from engagesim import io
+
     booster = xgb.Booster()
-    booster.load_model(path)
-    return booster, json.loads(Path(path + ".json").read_text())
+    booster.load_model(bytearray(io.read_bytes(path)))
+    return booster, io.read_json(path + ".json")
 
 
 def predict(booster: xgb.Booster, table: pa.Table | np.ndarray, features: list[str]) -> np.ndarray:

@@ -27,6 +27,7 @@ import pyarrow.compute as pc  # noqa: E402
 
 from engagesim import io  # noqa: E402
 from engagesim.metrics import average_precision, grouped, popularity_groups, quantile_edges, rce, rmse  # noqa: E402
+from engagesim.report import report_dir, save_figure  # noqa: E402
 from engagesim.runs import LoadedRun, load_run  # noqa: E402
 from engagesim.schema import ENGAGEMENTS  # noqa: E402
 
@@ -129,13 +130,6 @@ def _engagement_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dic
 
 # --- plots --------------------------------------------------------------------------------------
 
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path.name
-
-
 def _plot_post(out: Path, y: np.ndarray, p: np.ndarray, result: dict) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.hexbin(p, y, gridsize=40, mincnt=1, cmap="Blues")
@@ -153,7 +147,7 @@ def _plot_post(out: Path, y: np.ndarray, p: np.ndarray, result: dict) -> None:
     b.set_ylabel("RMSE")
     b.set_title("Error by author popularity (quintile)")
     b.legend()
-    _save(fig, out / "post_calibration_and_groups.png")
+    save_figure(fig, out / "post_calibration_and_groups.png")
 
 
 def _plot_impressions(out: Path, y: np.ndarray, p: np.ndarray, oracle: np.ndarray | None, result: dict) -> None:
@@ -179,7 +173,7 @@ def _plot_impressions(out: Path, y: np.ndarray, p: np.ndarray, oracle: np.ndarra
     axes[2].set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, fontsize=7)
     axes[2].set(ylabel="RCE", title="RCE by creator popularity (quintile)")
     axes[2].legend(fontsize=8)
-    _save(fig, out / "impression_calibration_pr_groups.png")
+    save_figure(fig, out / "impression_calibration_pr_groups.png")
 
 
 def _plot_importance(run: LoadedRun, out: Path) -> list[str]:
@@ -195,22 +189,22 @@ def _plot_importance(run: LoadedRun, out: Path) -> list[str]:
         ax.barh([k for k, _ in gain], [v for _, v in gain], color="#228833")
         ax.set(xlabel="total gain", title=f"XGBoost feature importance — {title}")
         ax.tick_params(axis="y", labelsize=7)
-        plots.append(_save(fig, out / f"importance_{title.split()[0]}.png"))
+        plots.append(save_figure(fig, out / f"importance_{title.split()[0]}.png"))
     return plots
 
 
 def evaluate(run_uri: str, storage=None) -> dict[str, Any]:
     """Score the validation rows with the saved models and write predictions, metrics.json and plots."""
     run = load_run(run_uri, storage)
-    out = Path(run.path("reports", "evaluation"))
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"post_level": evaluate_posts(run, out), "impression_level": evaluate_impressions(run, out)}
-    _plot_importance(run, out)
-    io.write_json(str(out / "metrics.json"), result)
-    images = "".join(f'<figure><img src="{p.name}" alt="{p.name}"></figure>' for p in sorted(out.glob("*.png")))
-    (out / "index.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>engagesim evaluation</title></head>"
-        f"<body style='font-family:sans-serif'><h1>Evaluation of {run.run_id}</h1>{images}"
-        "<p>Numbers: <a href='metrics.json'>metrics.json</a></p></body></html>")
-    result["report"] = str(out / "index.html")
+    target = run.path("reports", "evaluation")
+    with report_dir(target) as out:
+        result = {"post_level": evaluate_posts(run, out), "impression_level": evaluate_impressions(run, out)}
+        _plot_importance(run, out)
+        io.write_json(str(out / "metrics.json"), result)
+        images = "".join(f'<figure><img src="{p.name}" alt="{p.name}"></figure>' for p in sorted(out.glob("*.png")))
+        (out / "index.html").write_text(
+            "<!doctype html><html><head><meta charset='utf-8'><title>engagesim evaluation</title></head>"
+            f"<body style='font-family:sans-serif'><h1>Evaluation of {run.run_id}</h1>{images}"
+            "<p>Numbers: <a href='metrics.json'>metrics.json</a></p></body></html>")
+    result["report"] = io.join(target, "index.html")
     return result
