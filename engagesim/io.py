@@ -158,6 +158,12 @@ class DatasetWriter:
         self.files.append(name)
         self.rows += rows
 
+    def adopt_parts(self, prefix: str) -> None:
+        """Register every ``prefix*.parquet`` part that other processes (Ray tasks, actors) wrote here."""
+        for info in self.fs.get_file_info(pafs.FileSelector(self.path)):
+            if info.base_name.startswith(prefix) and info.base_name.endswith(".parquet"):
+                self.add_written(info.base_name, pq.ParquetFile(self.fs.open_input_file(info.path)).metadata.num_rows)
+
     def commit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         if not self.files and self.schema is not None:
             self.write(self.schema.empty_table())

@@ -50,15 +50,18 @@ def user_attributes(users: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def block_matrix(df: pl.DataFrame, column: str) -> np.ndarray:
-    """A fixed-size-list column as a float32 matrix; null rows become zeros."""
-    arr = df[column].to_arrow()
+def fixed_list_matrix(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size-list array as a float32 matrix; null rows become zeros."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     width = arr.type.list_size
     if arr.null_count:
         arr = arr.fill_null(pa.scalar([0.0] * width, type=arr.type))
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
+
+
+def block_matrix(df: pl.DataFrame, column: str) -> np.ndarray:
+    return fixed_list_matrix(df[column].to_arrow())
 
 
 @dataclass

@@ -14,8 +14,10 @@ import numpy as np
 import pyarrow as pa
 
 from engagesim import io
+from engagesim.features.state import fixed_list_matrix
 from engagesim.models import knn, nn, xgb
 from engagesim.models.data import matrix
+from engagesim.models.ensemble import logit
 from engagesim.schema import ENGAGEMENTS
 
 MAX_LOG1P_LIKES = float(np.log1p(1e10))
@@ -30,13 +32,8 @@ def stack_image_columns(features: list[str]) -> list[str]:
 
 def embedding_matrix(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """A fixed-size-list column → (float32 matrix with zeros for nulls, mask of present rows)."""
-    import pyarrow.compute as pc
-
     col = table.column(column).combine_chunks()
-    ok = col.is_valid().to_numpy(zero_copy_only=False)
-    width = col.type.list_size
-    flat = pc.fill_null(col, pa.scalar([0.0] * width, type=col.type)).flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(-1, width).astype(np.float32), ok
+    return fixed_list_matrix(col), col.is_valid().to_numpy(zero_copy_only=False)
 
 
 def knn_predict(model: knn.KNNRegressor, table: pa.Table, column: str) -> np.ndarray:
@@ -50,11 +47,6 @@ def knn_predict(model: knn.KNNRegressor, table: pa.Table, column: str) -> np.nda
 
 # --- ensembles ----------------------------------------------------------------------------------
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
 def ensemble_spec(method: str, weights: dict[str, float], stacker: Any, members: list[str], task: str) -> dict:
     """The JSON form of a fitted ensemble (loss weights + the stacker's coefficients)."""
     return {"method": method, "task": task, "members": members, "weights": weights,
@@ -66,7 +58,7 @@ def apply_ensemble(spec: dict, preds: dict[str, np.ndarray]) -> np.ndarray:
     if spec["method"] == "loss_weighted":
         return sum(w * preds[k] for k, w in spec["weights"].items())
     binary = spec["task"] == "binary"
-    x = np.column_stack([_logit(preds[n]) if binary else preds[n] for n in spec["members"]])
+    x = np.column_stack([logit(preds[n]) if binary else preds[n] for n in spec["members"]])
     z = x @ np.asarray(spec["stacker"]["coef"]) + spec["stacker"]["intercept"]
     return (1 / (1 + np.exp(-z)) if binary else z).astype(np.float32)
 
@@ -154,11 +146,13 @@ class ImpressionModels:
         """(n, 4) probabilities per member and ``ensemble``; columns in ENGAGEMENTS order."""
         out: dict[str, np.ndarray] = {}
         if len(self.xgb) == len(ENGAGEMENTS):
-            features = next(iter(self.xgb.values()))[1]["features"]
-            x = matrix(table, features)  # one matrix for the four boosters (they share the feature list)
-            out["xgb"] = np.column_stack([
-                xgb.predict(b, x if meta["features"] == features else matrix(table, meta["features"]), features)
-                for b, meta in self.xgb.values()])
+            matrices: dict[tuple, np.ndarray] = {}  # the four boosters share one feature list: convert once
+            for _, meta in self.xgb.values():
+                key = tuple(meta["features"])
+                if key not in matrices:
+                    matrices[key] = matrix(table, meta["features"])
+            out["xgb"] = np.column_stack([xgb.predict(b, matrices[tuple(meta["features"])], meta["features"])
+                                          for b, meta in self.xgb.values()])
         if self.nn:
             model, features = self.nn
             out["nn"] = model.predict(matrix(table, features))

@@ -23,7 +23,7 @@ def weighted(preds: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndar
     return sum(weights[k] * preds[k] for k in weights)
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
+def logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
 
@@ -31,7 +31,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
 def stacked_cv(preds: dict[str, np.ndarray], y: np.ndarray, task: str, folds: int = 5):
     """Out-of-fold stacked predictions on the validation rows, and the stacker fit on all of them."""
     names = sorted(preds)
-    x = np.column_stack([_logit(preds[n]) if task == "binary" else preds[n] for n in names])
+    x = np.column_stack([logit(preds[n]) if task == "binary" else preds[n] for n in names])
     model = LogisticRegression(C=1.0, max_iter=1000) if task == "binary" else Ridge(alpha=1.0)
     method = "predict_proba" if task == "binary" else "predict"
     oof = cross_val_predict(model, x, y, cv=folds, method=method)
@@ -40,5 +40,5 @@ def stacked_cv(preds: dict[str, np.ndarray], y: np.ndarray, task: str, folds: in
 
 
 def stacked_apply(model, names: list[str], preds: dict[str, np.ndarray], task: str) -> np.ndarray:
-    x = np.column_stack([_logit(preds[n]) if task == "binary" else preds[n] for n in names])
+    x = np.column_stack([logit(preds[n]) if task == "binary" else preds[n] for n in names])
     return model.predict_proba(x)[:, 1] if task == "binary" else model.predict(x)

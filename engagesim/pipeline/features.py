@@ -19,7 +19,6 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engagesim import io
@@ -237,11 +236,8 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
 def write_streaming(ds, out_uri: str, kind: str, cfg: AppConfig, extra: dict | None = None) -> int:
     """Ray Data writes the parts in parallel as blocks stream by; then one manifest commits them."""
     writer = io.DatasetWriter(out_uri, kind, cfg.storage)
-    fs, path = writer.fs, writer.path
-    ds.write_parquet(path, filesystem=fs, filename_provider=_names(writer.token))
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        if info.base_name.startswith(f"part-{writer.token}") and info.base_name.endswith(".parquet"):
-            writer.add_written(info.base_name, pq.ParquetFile(fs.open_input_file(info.path)).metadata.num_rows)
+    ds.write_parquet(writer.path, filesystem=writer.fs, filename_provider=_names(writer.token))
+    writer.adopt_parts(f"part-{writer.token}")
     writer.commit(extra)
     return writer.rows
 

@@ -14,7 +14,6 @@ import uuid
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engagesim import io
@@ -89,9 +88,6 @@ def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, pos
 def _commit_rejects(uri: str, token: str, storage) -> int:
     """Publish the reject parts this scoring run's actors wrote (by token), nothing older."""
     writer = io.DatasetWriter(uri, "rejects", storage)
-    fs, path = writer.fs, writer.path
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        if info.base_name.startswith(f"part-{token}-") and info.base_name.endswith(".parquet"):
-            writer.add_written(info.base_name, pq.ParquetFile(fs.open_input_file(info.path)).metadata.num_rows)
+    writer.adopt_parts(f"part-{token}-")
     writer.commit()
     return writer.rows
