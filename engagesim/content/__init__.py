@@ -1,0 +1,1 @@
+"""Content simulation: captions → prompt → LoRA-tuned LLM text, hashtags, diffusion images, best-of-N ranking."""

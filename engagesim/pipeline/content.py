@@ -1,0 +1,275 @@
+"""The content job: data → captions → examples → LoRA LLM → hashtags → image LoRA → a content run.
+
+``run(config)`` is what ``jobs/content.py`` and ``engagesim pipeline content``
+call. The run directory it writes is everything ``engagesim generate`` needs:
+the adapter, the hashtag model, account profiles and the behaviour run that
+ranks candidates (trained here on the same data when none is configured).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+
+from engagesim import io
+from engagesim.config import AppConfig
+from engagesim.pipeline.run import Run, Timer
+
+
+def captions_stage(job: Run, posts_uri: str, log: Callable[[str], None]) -> pl.DataFrame:
+    """Captions of every post: the source file's own caption column first, our captioner for post photos."""
+    from engagesim.content.captions import caption_posts
+    from engagesim.content.examples import source_captions
+    from engagesim.pipeline.behaviour import _expand
+
+    cfg = job.config
+    frames = []
+    if cfg.data.source == "adobe":
+        frames.append(source_captions(_expand(cfg.data.paths), cfg.storage))
+    cap = cfg.content.captions
+    summary = caption_posts(posts_uri, job.path("captions"), cap.model, cfg.storage, cap.actors, cap.cpus_per_actor,
+                            cap.batch_size, cfg.embed.fetch_http)
+    captioned = pl.from_arrow(io.read_table(job.path("captions"), cfg.storage)).filter(pl.col("caption").is_not_null())
+    frames.append(captioned.select("post_id", "caption"))
+    captions = pl.concat(frames).unique("post_id", keep="first")
+    log(f"captions: {len(frames[0]) if len(frames) > 1 else 0} from the source file, "
+        f"{summary['captioned']} of {summary['photos']} photos captioned by {cap.model}")
+    return captions
+
+
+def llm_stage(job: Run, train: pl.DataFrame, valid: pl.DataFrame, log: Callable[[str], None]) -> dict[str, Any]:
+    from engagesim.content import llm
+
+    cfg = job.config.content.llm
+    settings = dict(model=cfg.model, cache_dir=str(Path(cfg.cache_dir).resolve()), lora=cfg.lora.model_dump(),
+                    batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                    epochs=cfg.epochs, max_steps=cfg.max_steps, precision=cfg.precision, deepspeed=cfg.deepspeed,
+                    checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, shuffle=True)
+    tuned_on = train.filter(pl.col("source").is_in(cfg.sources))
+    if cfg.max_examples:
+        tuned_on = tuned_on.tail(cfg.max_examples)
+    held_out = valid.filter(pl.col("source").is_in(cfg.sources))
+    if tuned_on.is_empty() or held_out.is_empty():
+        raise ValueError(f"content.llm.sources={cfg.sources}: no training or held-out posts from these sources")
+    tokenizer = llm.load_tokenizer(cfg.model, settings["cache_dir"])
+    eval_rows = held_out.head(max(cfg.eval_examples, 1) * 4)  # loss on a few hundred held-out posts at most
+    train_table = llm.encode_table(tokenizer, tuned_on["prompt"].to_list(), tuned_on["text"].to_list(), cfg.max_length)
+    valid_table = llm.encode_table(tokenizer, eval_rows["prompt"].to_list(), eval_rows["text"].to_list(),
+                                   cfg.max_length)
+    log(f"LLM: LoRA on {cfg.model} with {train_table.num_rows} posts, {cfg.workers} worker(s)"
+        f"{', DeepSpeed ZeRO-2' if cfg.deepspeed else ''}")
+    result = llm.fit_ray(train_table, valid_table, settings, job.path("checkpoints"), "llm", workers=cfg.workers,
+                         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker)
+    adapter = job.path("models", "llm", "adapter")
+    if Path(adapter).exists():
+        shutil.rmtree(adapter)
+    result.checkpoint.to_directory(adapter)
+    for extra in ("optimizer.safetensors", "optimizer.json"):
+        Path(adapter, extra).unlink(missing_ok=True)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics["train_posts"], metrics["valid_posts"] = train_table.num_rows, valid_table.num_rows
+    metrics["perplexity_before"] = float(np.exp(metrics["valid_loss_before"]))
+    metrics["perplexity_after"] = float(np.exp(metrics["valid_loss_after"]))
+    log(f"LLM held-out loss {metrics['valid_loss_before']:.3f} → {metrics['valid_loss_after']:.3f} "
+        f"(perplexity {metrics['perplexity_before']:.1f} → {metrics['perplexity_after']:.1f})")
+    if cfg.eval_examples:
+        metrics.update(generation_eval(job, held_out.head(cfg.eval_examples), settings["cache_dir"], adapter))
+        log(f"LLM generation vs real posts: BLEU {metrics['bleu_base']:.2f} → {metrics['bleu_tuned']:.2f}, "
+            f"ROUGE-L {metrics['rouge_l_base']:.3f} → {metrics['rouge_l_tuned']:.3f}")
+    if cfg.merge:
+        merged = merge_adapter(cfg.model, settings["cache_dir"], adapter, job.path("models", "llm", "merged"))
+        metrics["merged"] = merged
+    return metrics
+
+
+def generation_eval(job: Run, rows: pl.DataFrame, cache_dir: str, adapter: str) -> dict[str, Any]:
+    """BLEU and ROUGE-L of greedy generations against the real held-out posts, base model vs tuned."""
+    from engagesim.content.llm import Generator, text_scores
+
+    cfg = job.config.content.llm
+    prompts, references = rows["prompt"].to_list(), rows["text"].to_list()
+    out: dict[str, Any] = {"generated_posts": len(prompts)}
+    samples = {"prompt": prompts, "real": references}
+    for name, adapter_dir in (("base", None), ("tuned", adapter)):
+        generator = Generator(cfg.model, cache_dir, adapter=adapter_dir)
+        texts = [t[0] for batch in range(0, len(prompts), 8)
+                 for t in generator.generate(prompts[batch:batch + 8], greedy=True, max_new_tokens=cfg.max_new_tokens)]
+        scores = text_scores(texts, references)
+        out[f"bleu_{name}"], out[f"rouge_l_{name}"] = scores["bleu"], scores["rouge_l"]
+        samples[name] = texts
+    io.write_json(job.path("reports", "content", "samples.json"),
+                  [dict(zip(samples, values)) for values in zip(*samples.values())])
+    return out
+
+
+def merge_adapter(model: str, cache_dir: str, adapter: str, out: str) -> str:
+    from engagesim.content.llm import Generator
+
+    generator = Generator(model, cache_dir, adapter=adapter, device="cpu")
+    merged = generator.model.merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    generator.tokenizer.save_pretrained(out)
+    return out
+
+
+def hashtags_stage(job: Run, train: pl.DataFrame, valid: pl.DataFrame, log: Callable[[str], None]) -> dict[str, Any]:
+    from engagesim.content.hashtags import FrequencyBaseline, HashtagModel, evaluate, model_input
+
+    cfg = job.config.content.hashtags
+
+    def inputs(frame: pl.DataFrame) -> list[str]:
+        return [model_input(t, c, a) for t, c, a in zip(frame["text"], frame["caption"], frame["username"])]
+
+    truth = valid["hashtags"].to_list()
+    model = HashtagModel().fit(inputs(train), train["hashtags"].to_list(), train["username"].to_list(),
+                               cfg.min_count, cfg.max_tags, cfg.c, cfg.history_weight)
+    model.save(job.path("models", "hashtags"), job.config.storage)
+    baseline = FrequencyBaseline().fit(train["username"].to_list(), train["hashtags"].to_list())
+    metrics: dict[str, Any] = {"vocabulary": len(model.labels)}
+    for k in sorted({1, cfg.k}):
+        metrics[f"model@{k}"] = evaluate(model.predict(inputs(valid), valid["username"].to_list(), k), truth, k)
+        metrics[f"baseline@{k}"] = evaluate(baseline.predict(valid["username"].to_list(), k), truth, k)
+    k = cfg.k
+    log(f"hashtags: precision@{k} {metrics[f'model@{k}'][f'precision@{k}']:.3f} vs account-frequency baseline "
+        f"{metrics[f'baseline@{k}'][f'precision@{k}']:.3f}; BLEU {metrics[f'model@{k}']['bleu']:.2f} vs "
+        f"{metrics[f'baseline@{k}']['bleu']:.2f} ({metrics[f'model@{k}']['posts']} held-out posts with hashtags)")
+    return metrics
+
+
+def images_stage(job: Run, posts_uri: str, captions: pl.DataFrame, log: Callable[[str], None]) -> dict[str, Any]:
+    """Image LoRA on (photo, caption) pairs and one sample PNG; skipped with a reason when no model is set."""
+    from engagesim.content import images
+    from engagesim.content.captions import photo_rows
+    from engagesim.embed.actors import fetch
+    from engagesim.features.image_stats import decode
+
+    cfg = job.config.content.images
+    pairs = pl.from_arrow(photo_rows(io.read_table(posts_uri, job.config.storage, columns=["post_id", "media"])))
+    pairs = pairs.join(captions, on="post_id", how="inner").head(cfg.max_images)
+    pipe = images.load_pipeline(cfg.model)
+    size = cfg.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    pictures, prompts = [], []
+    for uri, caption in zip(pairs["photo_uri"], pairs["caption"]):
+        try:
+            pictures.append(decode(fetch(uri, job.config.storage, job.config.embed.fetch_http), size))
+            prompts.append(caption)
+        except Exception:  # unreadable media was already recorded by the captions stage
+            continue
+    if not pictures:
+        raise ValueError("content.images: no readable (photo, caption) pairs to tune the image LoRA on")
+    result = images.train_lora(pipe, pictures, prompts, cfg.steps, cfg.lr, cfg.lora_r, cfg.lora_alpha,
+                               cfg.batch_size, size)
+    lora = images.save_lora(pipe, job.path("models", "images", "lora"))
+    sample = job.path("reports", "content", "sample.png")
+    io.write_bytes(sample, images.generate_png(pipe, prompts[0], cfg.inference_steps, size))
+    _plot_losses(result.train_losses, job.path("reports", "content", "image_lora_loss.png"))
+    log(f"image LoRA on {len(pictures)} pairs: denoising loss {result.loss_before:.4f} → {result.loss_after:.4f}")
+    return {"pairs": len(pictures), "steps": result.steps, "loss_before": result.loss_before,
+            "loss_after": result.loss_after, "lora": lora, "sample": sample,
+            "random_weights": bool(getattr(pipe, "engagesim_random_weights", False))}
+
+
+def _plot_losses(losses: list[float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from engagesim.report import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(losses, alpha=0.4, label="step")
+    window = max(1, len(losses) // 10)
+    ax.plot(np.convolve(losses, np.ones(window) / window, mode="valid"), label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("denoising MSE")
+    ax.set_title("Image LoRA training loss")
+    ax.legend()
+    save_figure(fig, Path(path))
+
+
+def behaviour_stage(job: Run, log: Callable[[str], None]) -> str:
+    """The behaviour run that ranks candidates: the configured one, else one trained on the same data."""
+    from engagesim.pipeline.behaviour import run as run_behaviour
+    from engagesim.runs import load_run
+
+    if job.config.content.behaviour_run:
+        load_run(job.config.content.behaviour_run, job.config.storage)  # fails early if it is not a run
+        return job.config.content.behaviour_run
+    run_id = f"{job.manifest['run_id']}-behaviour"
+    log(f"behaviour run for ranking: training {run_id} on the same data")
+    return run_behaviour(job.config, run_id, log=lambda m: log(f"  {m}")).uri
+
+
+def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None] = print) -> Run:
+    from engagesim.content.examples import account_profiles, build_examples, split_forward
+    from engagesim.pipeline.behaviour import data_stage
+    from engagesim.pipeline.runtime import ensure_ray
+
+    job = Run.create(config, "content", run_id)
+    log(f"run directory: {job.uri}")
+    try:
+        ensure_ray(config.ray)
+        with Timer() as t:
+            datasets = data_stage(job)
+        job.stage("data", datasets, t.seconds)
+        with Timer() as t:
+            captions = captions_stage(job, datasets["posts"], log)
+        job.stage("captions", {"captions": job.path("captions")}, t.seconds)
+
+        posts = io.read_table(datasets["posts"], config.storage)
+        examples = build_examples(posts, captions, config.data.source)
+        train, valid = split_forward(examples, config.content.valid_fraction)
+        for name, frame in (("train", train), ("valid", valid)):
+            io.write_bytes(job.path("content", f"{name}.parquet"), _parquet_bytes(frame), config.storage)
+        accounts_uri = job.path("content", "accounts.json")
+        io.write_json(accounts_uri, account_profiles(train), config.storage)
+        job.metrics("examples", {"train": len(train), "valid": len(valid),
+                                 "with_caption": int(examples["caption"].is_not_null().sum())})
+        log(f"examples: {len(train)} train, {len(valid)} held out (latest {config.content.valid_fraction:.0%})")
+
+        with Timer() as t:
+            job.metrics("llm", llm_stage(job, train, valid, log))
+        job.stage("llm", {"adapter": job.path("models", "llm", "adapter")}, t.seconds)
+        with Timer() as t:
+            job.metrics("hashtags", hashtags_stage(job, train, valid, log))
+        job.stage("hashtags", {"model": job.path("models", "hashtags")}, t.seconds)
+        spec_images = None
+        if config.content.images.model:
+            with Timer() as t:
+                image_metrics = images_stage(job, datasets["posts"], captions, log)
+            job.metrics("images", image_metrics)
+            job.stage("images", {"lora": image_metrics["lora"], "sample": image_metrics["sample"]}, t.seconds)
+            spec_images = {"model": config.content.images.model, "lora": image_metrics["lora"],
+                           "inference_steps": config.content.images.inference_steps, "size": config.content.images.size}
+        else:
+            job.stage("images", {}, 0.0, skipped="content.images.model is not set (no diffusion weights offline)")
+        with Timer() as t:
+            behaviour_uri = behaviour_stage(job, log)
+        job.stage("behaviour", {"run": behaviour_uri}, t.seconds)
+        job.manifest["content"] = {
+            "llm_model": config.content.llm.model, "cache_dir": str(Path(config.content.llm.cache_dir).resolve()),
+            "adapter": job.path("models", "llm", "adapter"), "hashtags": job.path("models", "hashtags"),
+            "accounts": accounts_uri, "captions_model": config.content.captions.model, "images": spec_images,
+            "behaviour_run": behaviour_uri,
+        }
+        job.save()
+    except BaseException:
+        job.finish("failed")
+        raise
+    job.finish()
+    log(json.dumps({"run": job.uri, "status": job.manifest["status"]}))
+    return job
+
+
+def _parquet_bytes(frame: pl.DataFrame) -> bytes:
+    import io as _io
+
+    buf = _io.BytesIO()
+    frame.write_parquet(buf, compression="zstd")
+    return buf.getvalue()
