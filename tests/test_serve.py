@@ -187,19 +187,29 @@ def test_page_in_headless_chromium(service):
         browser.quit()
 
 
+def test_generate_without_a_content_run_is_a_json_404(service):
+    url, _ = service
+    response = requests.post(f"{url}/v1/generate", json={"account": "a", "created_at": "2021-02-08T18:00:00"},
+                             headers=_auth(), timeout=30)
+    assert response.status_code == 404 and response.json()["error"] == "not_configured"
+
+
 def test_generated_serve_config_passes_serves_schema(tmp_path):
     import yaml
     from helpers import run_cli
     from ray.serve.schema import ServeDeploySchema
 
     out = tmp_path / "serve.yaml"
-    result = run_cli("serve", "--run", "s3://bucket/runs/abc", "--write-config", str(out), "--gpus", "1")
+    result = run_cli("serve", "--run", "s3://bucket/runs/abc", "--write-config", str(out), "--gpus", "1",
+                     "--content-run", "s3://bucket/runs/content")
     assert result.returncode == 0, result.stderr
     schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
     app = schema.applications[0]
     assert app.import_path == "engagesim.serve.app:app_builder" and app.args["run"] == "s3://bucket/runs/abc"
     scorer = next(d for d in app.deployments if d.name == "Scorer")
     assert scorer.ray_actor_options.num_gpus == 1 and schema.http_options.host == "127.0.0.1"
+    assert app.args["content_run"] == "s3://bucket/runs/content"
+    assert any(d.name == "ContentGenerator" for d in app.deployments)
     assert "KEY" not in out.read_text().upper()  # keys never land in the config file
 
 

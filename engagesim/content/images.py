@@ -41,7 +41,7 @@ def tiny_pipeline(seed: int = 0):
         max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id))
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False), safety_checker=None,
+                                   scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 
@@ -58,7 +58,7 @@ def load_pipeline(name: str, setting: str = "content.images.model", device: str 
         raise ValueError(f"{setting}: no diffusion weights ship in a package; give an SD/SDXL folder or hub id")
     else:
         dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-        pipe = DiffusionPipeline.from_pretrained(ref.location, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(ref.location, dtype=dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

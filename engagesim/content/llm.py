@@ -362,6 +362,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             failure = cfg.get("inject_failure")
             if failure and rank == 0 and step >= failure["at_step"] and not Path(failure["marker"]).exists():
                 Path(failure["marker"]).write_text(str(step))
+                time.sleep(1.0)  # the earlier checkpoint's report reaches the controller, as in a real late crash
                 os._exit(1)  # chaos test: the worker dies; Ray Train restarts from the last checkpoint
             if step % cfg["checkpoint_every"] == 0 or step == total:
                 metrics = {"step": step, "train_loss": float(np.mean(losses[-cfg["grad_accum"] * 10:])),

@@ -143,3 +143,39 @@ def to_rows(requests: list[PredictRequest], upload_dir: str) -> tuple[list[dict]
                                 "impression_at": v.impression_at or p.created_at, "follows_creator": v.follows_creator,
                                 **{f"{e}_at": None for e in ENGAGEMENTS}})
     return posts, impressions, accounts
+
+
+class GenerateRequest(BaseModel):
+    """Best-of-N content simulation: candidate posts for an account and time, ranked by predicted likes."""
+
+    model_config = ConfigDict(extra="forbid")
+    account: str = Field(..., min_length=1, max_length=128, description="The account that will post.")
+    created_at: dt.datetime = Field(..., description="When it goes out (ISO 8601; naive means UTC).")
+    company: str | None = Field(None, max_length=200)
+    image_base64: str | None = Field(None, max_length=MAX_IMAGE_BYTES * 4 // 3 + 8,
+                                     description="An image to post with; it is captioned for the prompt.")
+    n: int = Field(8, ge=1, le=32, description="Candidates to generate and rank.")
+    target_likes: int | None = Field(None, ge=0, le=10_000_000_000)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    _check_time = field_validator("created_at")(classmethod(lambda cls, v: _utc(v)))
+
+
+class Candidate(BaseModel):
+    rank: int
+    text: str
+    hashtags: list[str]
+    expected_likes: float
+    likes_low: float
+    likes_high: float
+    log1p_likes: float
+
+
+class GenerateResponse(BaseModel):
+    account: str
+    created_at: str
+    company: str | None
+    prompt: str
+    caption: str | None
+    target_likes: int | None
+    candidates: list[Candidate]

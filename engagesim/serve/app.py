@@ -27,7 +27,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engagesim import __version__
-from engagesim.serve.api import BatchRequest, BatchResponse, Prediction, PredictRequest
+from engagesim.serve.api import (
+    BatchRequest,
+    BatchResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Prediction,
+    PredictRequest,
+)
 
 KEYS_ENV = "ENGAGESIM_API_KEYS"
 
@@ -110,12 +117,33 @@ class Scorer:
         return {"max_text_chars": self.predictor.max_text_chars, "impressions": self.predictor.has_impressions}
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
+class ContentGenerator:
+    """Holds a content run (tuned LLM, hashtag model) and ranks its candidates with the served behaviour run."""
+
+    def __init__(self, content_run: str, behaviour_run: str):
+        import tempfile
+
+        from engagesim.content.best_of_n import ContentSimulator
+
+        self.simulator = ContentSimulator(content_run, behaviour_run)
+        self.uploads = tempfile.mkdtemp(prefix="engagesim-generate-")
+
+    def generate(self, body: GenerateRequest) -> dict:
+        from engagesim.serve.api import save_upload
+
+        image = save_upload(body.image_base64, self.uploads) if body.image_base64 else None
+        return self.simulator.simulate(body.account, body.created_at, n=body.n, company=body.company,
+                                       image_path=image, target_likes=body.target_likes, seed=body.seed)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Gateway:
     def __init__(self, scorer: DeploymentHandle, digests: list[str], max_batch_rows: int = 1000,
-                 max_body_bytes: int = 8 * 1024 * 1024):
+                 max_body_bytes: int = 8 * 1024 * 1024, generator: DeploymentHandle | None = None):
         self.scorer, self.digests, self.max_batch_rows = scorer, digests, max_batch_rows
+        self.generator = generator
         app.state.max_body_bytes = max_body_bytes
         self.limits: dict | None = None
 
@@ -181,16 +209,25 @@ class Gateway:
         predictions = await self._call(self.scorer.predict_many.remote, body.rows)
         return {"predictions": predictions, "model_version": predictions[0]["model_version"]}
 
+    @app.post("/v1/generate", response_model=GenerateResponse,
+              summary="Best-of-N: generated posts for an account and time, ranked by predicted likes.")
+    async def generate(self, body: GenerateRequest, request: Request) -> dict:
+        self._authorise(request)
+        if self.generator is None:
+            raise ApiError(404, "not_configured", "this service has no content run (engagesim serve --content-run)")
+        return await self._call(self.generator.generate.remote, body)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
         return resources.files("engagesim.serve").joinpath("page.html").read_text()
 
 
 def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000, scorer_replicas: int | None = None,
-              gpus_per_replica: float = 0.0):
+              gpus_per_replica: float = 0.0, content_run: str | None = None):
     """The Serve application for a run (keys default to the environment's ENGAGESIM_API_KEYS).
 
     ``gpus_per_replica`` > 0 puts scorer replicas on GPU nodes (the encoders and the NN use CUDA there).
+    ``content_run`` adds ``POST /v1/generate`` (its candidates ranked by this run's ensemble).
     """
     digests = key_digests(keys if keys is not None else os.environ.get(KEYS_ENV))
     options: dict = {}
@@ -199,7 +236,8 @@ def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000,
     if gpus_per_replica:
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus_per_replica}
     scorer = Scorer.options(**options) if options else Scorer
-    return Gateway.bind(scorer.bind(run_uri), digests, max_batch_rows)
+    generator = ContentGenerator.bind(content_run, run_uri) if content_run else None
+    return Gateway.bind(scorer.bind(run_uri), digests, max_batch_rows, generator=generator)
 
 
 def app_builder(args: dict[str, str]):
@@ -207,10 +245,11 @@ def app_builder(args: dict[str, str]):
     if "run" not in args:
         raise ValueError("args.run: the run directory to serve is required")
     return build_app(args["run"], max_batch_rows=int(args.get("max_batch_rows", 1000)),
-                     gpus_per_replica=float(args.get("gpus_per_replica", 0)))
+                     gpus_per_replica=float(args.get("gpus_per_replica", 0)), content_run=args.get("content_run"))
 
 
-def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_per_replica: float = 0.0) -> dict:
+def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_per_replica: float = 0.0,
+                 content_run: str | None = None) -> dict:
     """A Serve config file for ``serve deploy`` (keys still come from the cluster's environment)."""
     return {
         "proxy_location": "HeadOnly",
@@ -219,12 +258,14 @@ def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_p
             "name": "engagesim",
             "route_prefix": "/",
             "import_path": "engagesim.serve.app:app_builder",
-            "args": {"run": run_uri, "max_batch_rows": 1000, "gpus_per_replica": gpus_per_replica},
+            "args": {"run": run_uri, "max_batch_rows": 1000, "gpus_per_replica": gpus_per_replica,
+                     **({"content_run": content_run} if content_run else {})},
             "deployments": [
                 {"name": "Scorer", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
                                                           "target_ongoing_requests": 16},
                  "ray_actor_options": {"num_cpus": 1, **({"num_gpus": gpus_per_replica} if gpus_per_replica else {})}},
                 {"name": "Gateway", "num_replicas": 1},
+                *([{"name": "ContentGenerator", "num_replicas": 1}] if content_run else []),
             ],
         }],
     }
