@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo content test bench lint clean
+.PHONY: setup demo content reproduce test bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ demo: setup
 # Content simulation on the real Adobe tweets: LoRA SmolLM2, hashtags, a behaviour run to rank candidates.
 content: setup
 	$(PY) jobs/content.py --config configs/content.yaml
+
+# Every recipe preset on one synthetic world and the Adobe sample → docs/reproduction.md (~40 min on 2 cores).
+reproduce: setup
+	$(PY) jobs/reproduce.py
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -45,9 +45,24 @@ SetOpt = typer.Option(None, "--set", help="Override a config key: --set ingest.m
 JsonOpt = typer.Option(False, "--json", help="Make the last stdout line a JSON object with the result.")
 
 
-def _config(path: Optional[Path], overrides: Optional[list[str]]) -> AppConfig:
+PresetOpt = typer.Option(None, "--preset", help="A recipe of a source system (configs/presets/NAME.yaml): "
+                         "adobe_team83, adobe_team83_content, layer6_recsys2021, synerise_recsys2021, smp2019, okboomer.")
+DataOpt = typer.Option(None, "--data", help="'synth', or comma-separated files: .csv/.xlsx Adobe posts, "
+                       ".tsv/.gz/.zst RecSys logs, Parquet posts datasets.")
+
+
+def _config(path: Optional[Path], overrides: Optional[list[str]], preset: Optional[str] = None,
+            data: Optional[str] = None, task: Optional[str] = None) -> AppConfig:
+    from engagesim.config import data_overrides
+
     try:
-        return load_config(path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None), overrides)
+        extra = data_overrides(data) if data else []
+        cfg = load_config(path or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None), extra + list(overrides or []),
+                          preset=preset)
+        if task and preset and cfg.preset.task != task:
+            raise ConfigError(f"preset {preset!r} is a {cfg.preset.task} recipe: run "
+                              f"`engagesim pipeline {cfg.preset.task} --preset {preset}`")
+        return cfg
     except ConfigError as exc:
         err.print(f"[red]config error[/red]\n{exc}")
         raise typer.Exit(2) from None
@@ -142,6 +157,27 @@ def report_eda(
     finish(summary, as_json, "EDA report")
 
 
+@report_app.command("compare")
+def report_compare(
+    runs: list[str] = typer.Argument(..., help="Run directories (behaviour and/or content) to compare."),
+    out_dir: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Where compare.md and the plots go."),
+    measure: bool = typer.Option(True, help="Measure scoring rows/s and one-post latency on this machine."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """One table and plots across runs: metric per engagement and per author-popularity group, oracle,
+    training time, scoring rows/s, one-prediction latency, model size.
+
+    Example: `engagesim report compare runs/layer6-… runs/synerise-… -o runs/compare`
+    """
+    from engagesim.compare import compare
+
+    quiet_ray()
+    result = compare(runs, str(out_dir), measure)
+    if not as_json:
+        out.print(Path(result["table"]).read_text(), markup=False)
+    finish({"table": result["table"], "plots": result["plots"]}, as_json, "comparison")
+
+
 @app.command()
 def synth(
     out_uri: str = typer.Option(..., "--out", "-o", help="Output directory or s3:// URI for the world."),
@@ -218,17 +254,20 @@ def features(
 def pipeline_behaviour(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
+    preset: Optional[str] = PresetOpt,
+    data: Optional[str] = DataOpt,
     run_id: Optional[str] = typer.Option(None, help="Run directory name (default: generated)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """data → EDA → features → XGBoost / NN / kNN → ensemble → evaluation, in one run directory.
 
     The same code as `jobs/behaviour.py` (which `ray job submit` runs on a cluster).
+    A recipe: `engagesim pipeline behaviour --preset layer6_recsys2021 --data synth`.
     """
     from engagesim.pipeline.behaviour import run
     from engagesim.report import metric_rows
 
-    cfg = _config(config, overrides)
+    cfg = _config(config, overrides, preset, data, "behaviour")
     quiet_ray()
     job = run(cfg, run_id, log=lambda m: err.print(m))
     if not as_json:
@@ -241,6 +280,8 @@ def pipeline_behaviour(
 def pipeline_content(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
+    preset: Optional[str] = PresetOpt,
+    data: Optional[str] = DataOpt,
     run_id: Optional[str] = typer.Option(None, help="Run directory name (default: generated)."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -251,12 +292,16 @@ def pipeline_content(
     """
     from engagesim.pipeline.content import run
 
-    cfg = _config(config, overrides)
+    cfg = _config(config, overrides, preset, data, "content")
     quiet_ray()
     job = run(cfg, run_id, log=lambda m: err.print(m))
     metrics = job.manifest["metrics"]
     summary = {"run": job.uri, "status": job.manifest["status"],
                "behaviour_run": job.manifest["content"]["behaviour_run"]}
+    k = cfg.content.hashtags.k
+    if "hashtags" in metrics:
+        summary[f"hashtags.precision@{k}"] = round(metrics["hashtags"][f"model@{k}"][f"precision@{k}"], 4)
+        summary["hashtags.bleu"] = round(metrics["hashtags"][f"model@{k}"]["bleu"], 3)
     llm = metrics.get("llm", {})
     for key in ("valid_loss_before", "valid_loss_after", "bleu_base", "bleu_tuned", "rouge_l_base", "rouge_l_tuned"):
         if key in llm:

@@ -162,6 +162,9 @@ class KNNConfig(Section):
 
 
 class TrainConfig(Section):
+    impression_level: bool = Field(
+        True, description="Build impression features and train P(engagement) models when the data has impressions; "
+                          "post-level (likes) models are always trained. Off for post-level recipes (Adobe, SMP).")
     models: list[Literal["xgb", "nn", "knn", "stacked_mlp"]] = Field(
         default_factory=lambda: ["xgb", "nn", "knn", "stacked_mlp"],
         description="Model families to train (knn and the SMP stacked MLP: post level only).",
@@ -255,6 +258,9 @@ class ImageGenConfig(Section):
 
 
 class ContentConfig(Section):
+    stages: list[Literal["llm", "hashtags", "images"]] = Field(
+        default_factory=lambda: ["llm", "hashtags", "images"],
+        description="Content stages to run (images only when content.images.model is set).")
     behaviour_run: str | None = Field(None, description="Behaviour run that ranks candidates; None trains one on the "
                                       "same data first (post level).")
     valid_fraction: float = Field(0.1, gt=0, lt=1, description="Latest fraction of posts held out for evaluation.")
@@ -263,6 +269,17 @@ class ContentConfig(Section):
     hashtags: HashtagsConfig = Field(default_factory=HashtagsConfig)
     captions: CaptionsConfig = Field(default_factory=CaptionsConfig)
     images: ImageGenConfig = Field(default_factory=ImageGenConfig)
+
+
+class PresetInfo(Section):
+    """What a recipe preset reproduces; filled by configs/presets/*.yaml, empty for plain configs."""
+
+    name: str | None = Field(None, description="Preset name (the file name under configs/presets/).")
+    paper: str | None = Field(None, description="The source system it reproduces.")
+    task: Literal["behaviour", "content"] = Field("behaviour", description="Which job the preset runs.")
+    metric: str | None = Field(None, description="The paper's headline metric, e.g. rmse or rce_like.")
+    differences: list[str] = Field(default_factory=list,
+                                   description="How this setting differs from the paper's (data, weights, hardware).")
 
 
 class AppConfig(Section):
@@ -279,6 +296,7 @@ class AppConfig(Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     content: ContentConfig = Field(default_factory=ContentConfig)
+    preset: PresetInfo = Field(default_factory=PresetInfo)
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:
@@ -321,23 +339,65 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> AppConfig:
-    """Load a YAML config (default: configs/local.yaml) and apply ``key=value`` overrides."""
+PRESETS_DIR = DEFAULT_CONFIG.parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return loaded or {}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> AppConfig:
+    """Load a YAML config (default: configs/local.yaml), then a recipe preset over it, then ``key=value`` overrides.
+
+    A preset (``configs/presets/NAME.yaml`` or a path) sets only what its paper specifies; the rest stays as the
+    base config has it.
+    """
     origin = str(path) if path is not None else "<defaults>"
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{origin}: top level must be a mapping of sections")
-        data = loaded or {}
+    data: dict[str, Any] = _read_yaml(path) if path is not None else {}
+    if preset is not None:
+        preset_path = Path(preset) if preset.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{preset}.yaml"
+        if not preset_path.exists():
+            raise ConfigError(f"preset {preset!r} not found; known presets: {', '.join(preset_names())}")
+        data = _deep_merge(data, _read_yaml(preset_path))
+        origin = f"{origin} + preset {preset_path.name}"
     if overrides:
         data = _deep_merge(data, parse_overrides(overrides))
     try:
         return AppConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin)) from None
+
+
+def data_overrides(spec: str) -> list[str]:
+    """``--data`` → config overrides: ``synth`` (a generated world) or comma-separated files/globs/URIs whose kind
+    is told by their names — .csv/.xlsx Adobe-style posts, .tsv/.gz/.zst/.lzo RecSys logs, Parquet posts datasets."""
+    if spec.strip() == "synth":
+        return ["data.source=synth"]
+    paths = [p.strip() for p in spec.split(",") if p.strip()]
+    if not paths:
+        raise ConfigError("--data: give 'synth' or one or more comma-separated files")
+    kinds = set()
+    for p in paths:
+        low = p.lower()
+        if low.endswith((".csv", ".xlsx", ".xlsm")):
+            kinds.add("adobe")
+        elif low.endswith((".tsv", ".gz", ".zst", ".lzo", ".txt")):
+            kinds.add("recsys")
+        else:
+            kinds.add("posts")
+    if len(kinds) > 1:
+        raise ConfigError(f"--data: mixes kinds of input ({', '.join(sorted(kinds))}); run them separately")
+    return [f"data.source={kinds.pop()}", "data.paths=" + yaml.safe_dump(paths, default_flow_style=True).strip()]

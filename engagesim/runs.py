@@ -91,8 +91,8 @@ class LoadedRun:
 
     @property
     def has_impression_models(self) -> bool:
-        return io.exists(self.path("models", "impression", "ensemble.json"), self.storage) or io.exists(
-            self.path("models", "impression", "xgb_like.ubj"), self.storage)
+        return any(io.exists(self.path("models", "impression", *name), self.storage)
+                   for name in (("ensemble.json",), ("xgb_like.ubj",), ("nn", "config.json")))
 
     @cached_property
     def _encoders(self) -> list:

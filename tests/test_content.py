@@ -193,6 +193,28 @@ def test_image_lora_lowers_the_loss_saves_reloads_and_draws_a_png(tmp_path):
     assert Image.open(io.BytesIO(images.generate_png(again, "a photo", steps=2))).format == "PNG"
 
 
+def test_sdxl_pipeline_assembles_trains_a_lora_and_saves_it(tmp_path):
+    """SDXL's path (two text encoders, pooled + time-id conditioning) on a tiny random pipeline, saved and reloaded."""
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+
+    from engagesim.content import images
+    from engagesim.synth.images import draw_image
+
+    rng = np.random.default_rng(1)
+    pipe = images.load_pipeline("tiny:sdxl")
+    assert isinstance(pipe, StableDiffusionXLPipeline) and images.is_sdxl(pipe)
+    pipe.save_pretrained(tmp_path / "sdxl")  # the base, as SDXL weights come (before adapters are added)
+    pictures = [draw_image(rng.random(5), 64, rng) for _ in range(4)]
+    result = images.train_lora(pipe, pictures, ["a photo"] * 4, steps=15, lr=1e-3)
+    assert result.loss_after < result.loss_before
+    lora = images.save_lora(pipe, str(tmp_path / "lora"))
+    again = images.load_pipeline(str(tmp_path / "sdxl"))
+    assert type(again) is StableDiffusionXLPipeline
+    again.load_lora_weights(lora)
+    assert Image.open(io.BytesIO(images.generate_png(again, "a photo", steps=2))).size == (32, 32)
+
+
 # ------------------------------------------------------------------------------------------------ Ray Train
 
 

@@ -41,6 +41,9 @@ class ContentSimulator:
             raise ValueError(f"{run_uri} is not a finished content run (no 'content' section in its manifest)")
         self.spec: dict[str, Any] = manifest["content"]
         self.config = manifest["config"]["content"]
+        if not self.spec.get("adapter") or not self.spec.get("hashtags"):
+            raise ValueError(f"{run_uri} was run without the llm and hashtags stages (content.stages); "
+                             "generation needs both")
         self.generator = Generator(self.spec["llm_model"], self.spec["cache_dir"], adapter=self.spec["adapter"])
         self.hashtags = HashtagModel.load(self.spec["hashtags"], storage)
         self.accounts: dict[str, dict] = io.read_json(self.spec["accounts"], storage)

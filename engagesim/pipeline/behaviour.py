@@ -72,8 +72,9 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
         log(f"eda report ({t.seconds:.1f}s): {summary['out']}")
 
         with Timer() as t:
+            interactions = datasets.get("interactions") if config.train.impression_level else None
             feats = run_features(config, datasets["posts"], job.path("features"), datasets.get("users"),
-                                 datasets.get("interactions"), log=lambda m: log(f"  {m}"))
+                                 interactions, log=lambda m: log(f"  {m}"))
         job.stage("features", {"posts": job.path("features", "posts"),
                                **({"impressions": job.path("features", "impressions")} if "impressions" in feats else {}),
                                "manifest": job.path("features", "features.json")}, t.seconds)

@@ -233,28 +233,34 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
                                  "with_caption": int(examples["caption"].is_not_null().sum())})
         log(f"examples: {len(train)} train, {len(valid)} held out (latest {config.content.valid_fraction:.0%})")
 
-        with Timer() as t:
-            job.metrics("llm", llm_stage(job, train, valid, log))
-        job.stage("llm", {"adapter": job.path("models", "llm", "adapter")}, t.seconds)
-        with Timer() as t:
-            job.metrics("hashtags", hashtags_stage(job, train, valid, log))
-        job.stage("hashtags", {"model": job.path("models", "hashtags")}, t.seconds)
+        stages = config.content.stages
+        if "llm" in stages:
+            with Timer() as t:
+                job.metrics("llm", llm_stage(job, train, valid, log))
+            job.stage("llm", {"adapter": job.path("models", "llm", "adapter")}, t.seconds)
+        if "hashtags" in stages:
+            with Timer() as t:
+                job.metrics("hashtags", hashtags_stage(job, train, valid, log))
+            job.stage("hashtags", {"model": job.path("models", "hashtags")}, t.seconds)
         spec_images = None
-        if config.content.images.model:
+        if "images" in stages and config.content.images.model:
             with Timer() as t:
                 image_metrics = images_stage(job, datasets["posts"], captions, log)
             job.metrics("images", image_metrics)
             job.stage("images", {"lora": image_metrics["lora"], "sample": image_metrics["sample"]}, t.seconds)
             spec_images = {"model": config.content.images.model, "lora": image_metrics["lora"],
                            "inference_steps": config.content.images.inference_steps, "size": config.content.images.size}
-        else:
+        elif "images" in stages:
             job.stage("images", {}, 0.0, skipped="content.images.model is not set (no diffusion weights offline)")
-        with Timer() as t:
-            behaviour_uri = behaviour_stage(job, log)
-        job.stage("behaviour", {"run": behaviour_uri}, t.seconds)
+        behaviour_uri = None
+        if "llm" in stages:  # ranking generated candidates needs both
+            with Timer() as t:
+                behaviour_uri = behaviour_stage(job, log)
+            job.stage("behaviour", {"run": behaviour_uri}, t.seconds)
         job.manifest["content"] = {
             "llm_model": config.content.llm.model, "cache_dir": str(Path(config.content.llm.cache_dir).resolve()),
-            "adapter": job.path("models", "llm", "adapter"), "hashtags": job.path("models", "hashtags"),
+            "adapter": job.path("models", "llm", "adapter") if "llm" in stages else None,
+            "hashtags": job.path("models", "hashtags") if "hashtags" in stages else None,
             "accounts": accounts_uri, "captions_model": config.content.captions.model, "images": spec_images,
             "behaviour_run": behaviour_uri,
         }
