@@ -81,6 +81,10 @@ def summarise(run_uri: str, measure: bool = True) -> dict[str, Any]:
     elif post.get("models"):
         groups = post["models"].get("ensemble", {}).get("rmse_by_popularity", {})
         record["rmse_by_group"] = [groups[g] for g in sorted(groups) if g != "mean"]
+    if record.get("rmse") is not None and record.get("rmse_oracle"):
+        record["rmse_gap"] = (record["rmse"] - record["rmse_oracle"]) / record["rmse_oracle"]
+    if record.get("rce_like") is not None and record.get("rce_like_oracle"):
+        record["rce_like_gap"] = (record["rce_like_oracle"] - record["rce_like"]) / record["rce_like_oracle"]
     if "llm" in metrics:
         llm = metrics["llm"]
         record.update({f"llm_{k}": llm[k] for k in ("valid_loss_before", "valid_loss_after", "bleu_base",
@@ -101,8 +105,9 @@ def summarise(run_uri: str, measure: bool = True) -> dict[str, Any]:
 COLUMNS = [
     ("preset", "preset"), ("job", "job"), ("data", "data"), ("status", "status"), ("data_size", "world size"),
     ("rmse", "RMSE log1p(likes)"), ("rmse_oracle", "oracle RMSE"),
-    ("rmse_account_mean", "account-mean RMSE"), ("rmse_fair", "RMSE, mean over popularity groups"),
+    ("rmse_gap", "RMSE gap to oracle (fraction)"), ("rmse_account_mean", "account-mean RMSE"), ("rmse_fair", "RMSE, mean over popularity groups"),
     *[(f"rce_{e}", f"RCE {e}") for e in ENGAGEMENTS], *[(f"rce_{e}_oracle", f"oracle RCE {e}") for e in ENGAGEMENTS],
+    ("rce_like_gap", "RCE like gap to oracle (fraction)"),
     *[(f"ap_{e}", f"AP {e}") for e in ENGAGEMENTS], ("rce_like_fair", "RCE like, mean over popularity groups"),
     ("llm_valid_loss_before", "LLM held-out loss before"), ("llm_valid_loss_after", "after"),
     ("llm_bleu_base", "BLEU base"), ("llm_bleu_tuned", "BLEU tuned"), ("llm_rouge_l_tuned", "ROUGE-L tuned"),

@@ -122,6 +122,11 @@ def write_report(result: dict, args: argparse.Namespace, out: Path) -> None:
         "",
         *[f"![{Path(p).stem}](reproduction/{Path(p).name})" for p in result["plots"]],
         "",
+        "Reading it: the *gap to oracle* rows say how far each recipe is from the model that generated the "
+        "synthetic data (0 = as good as the truth); *account-mean RMSE* is the baseline a post-level model must "
+        "beat (predicting each account's mean log1p(likes)). Content rows compare the base LLM with the LoRA-tuned "
+        "one on held-out posts, and the hashtag model with the account's most frequent hashtags.",
+        "",
         "## What differs from each paper",
         "",
     ]
