@@ -374,3 +374,40 @@ def test_serve_generate_endpoint_ranks_candidates_behind_the_api_key(content_run
         assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "n"
     finally:
         serve.shutdown()
+
+
+@pytest.mark.ray
+def test_merged_weights_load_as_a_plain_model_and_generate_like_the_adapter(content_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engagesim.pipeline.content import merge_adapter
+
+    adapter = json.loads(Path(content_run.uri, "manifest.json").read_text())["content"]["adapter"]
+    merged = merge_adapter("tiny:llama", CACHE, adapter, str(tmp_path / "merged"))
+    plain = AutoModelForCausalLM.from_pretrained(merged)
+    with_adapter = llm.Generator("tiny:llama", CACHE, adapter=adapter).model
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, with_adapter(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.ray
+def test_caption_command_writes_a_captions_dataset_for_every_photo(content_run, tmp_path):
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from engagesim import io as eio
+    from engagesim.cli import app
+    from engagesim.content.captions import photo_rows
+
+    posts = str(Path(content_run.uri, "data", "posts"))
+    result = CliRunner().invoke(app, ["content", "caption", "--posts", posts, "--out", str(tmp_path / "captions"),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    captions = pl.from_arrow(eio.read_table(str(tmp_path / "captions")))
+    photos = photo_rows(eio.read_table(posts))
+    assert len(captions) == photos.num_rows > 0  # one row per photo: a caption or the reason it has none
+    captioned = captions.filter(pl.col("error").is_null())
+    assert len(captioned) >= 10 and captioned["caption"].str.starts_with("a photo of").all()
+    unreachable = captions.filter(pl.col("error").is_not_null())  # the world's https:// photos: fetching is off
+    assert unreachable["caption"].is_null().all() and unreachable["error"].str.contains("http").all()

@@ -59,3 +59,38 @@ def test_reports_publish_to_s3(s3_bucket):
     out = behaviour_report(metrics, uri)
     assert out == f"{uri}/index.html" and io.exists(out)
     assert io.read_json(f"{uri}/metrics.json") == metrics and io.exists(f"{uri}/post_rmse.png")
+
+
+def test_behaviour_job_writes_its_whole_run_to_s3(s3_server, s3_bucket, tmp_path):
+    """`output_root: s3://…` end to end: a job in its own process (its embedded Ray's workers get the S3
+    settings from its environment, as cluster nodes get them from an instance profile), then the run is read
+    back from S3 alone and predicts."""
+    import json
+    import tempfile
+
+    from helpers import run_cli
+
+    from engagesim.runs import load_run
+
+    root = f"s3://{s3_bucket}/runs"
+    ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")  # short: Ray's socket paths have a length limit
+    result = run_cli(
+        "pipeline", "behaviour", "--json", "--run-id", "s3run", "--set", f"output_root={root}",
+        "--set", f"embed.cache_dir={tmp_path / 'cache'}", "--set", "synth.users=150", "--set", "synth.posts=400",
+        "--set", "synth.impressions=4000", "--set", "synth.images=6", "--set", "synth.rows_per_shard=4000",
+        "--set", "synth.days=5", "--set", "features.valid_hours=24", "--set", "embed.text_model=tiny:bert",
+        "--set", "embed.image_model=tiny:clip", "--set", "train.xgb.rounds=10", "--set", "train.nn.epochs=1",
+        "--set", "embed.pca_components=4", "--set", "ray.num_cpus=2",
+        env={**s3_server, "RAY_TMPDIR": ray_tmp}, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_uri = f"{root}/s3run"
+    assert json.loads(result.stdout.strip().splitlines()[-1])["run"] == run_uri
+    manifest = io.read_json(f"{run_uri}/manifest.json")
+    assert manifest["status"] == "succeeded"
+    files = io.list_files(f"{run_uri}/models")
+    assert any(f.endswith("post/xgb.ubj") for f in files) and any(f.endswith("impression/xgb_like.ubj") for f in files)
+    assert io.exists(f"{run_uri}/reports/evaluation/index.html") and io.exists(f"{run_uri}/reports/eda/index.html")
+    run = load_run(run_uri)
+    posts = io.read_table(f"{run_uri}/data/posts").slice(0, 5)
+    predicted = run.predict(posts)
+    assert predicted.num_rows == 5 and np.all(np.isfinite(predicted.column("expected_likes").to_numpy()))
