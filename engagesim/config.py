@@ -148,6 +148,8 @@ class NNConfig(Section):
     batch_size: int | None = Field(None, ge=2, description="Mini-batch size (None: large, ≥ 50 steps per epoch).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
+    deepspeed: bool = Field(False, description="DeepSpeed ZeRO-2 instead of DDP (optimizer state and gradients "
+                            "partitioned across workers; gloo on CPU, NCCL on GPU).")
     finetune_hours: float = Field(
         0, ge=0, description="Two-stage training (Synerise): after fitting on the past, fine-tune on the training "
                              "rows of the last N hours (0 = off).")

@@ -133,3 +133,24 @@ def test_nn_two_stage_fine_tunes_on_the_latest_window(features, config, tmp_path
     assert 0 < info["finetune_rows"] < imp["rows"]["train"]  # only the most recent training rows
     assert np.isfinite(info["finetune_loss"]).all()
     assert imp["models"]["nn"]["like"]["rce"] > 0
+
+
+@pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed-zero2"])
+def test_nn_trains_on_two_workers_with_ddp_or_deepspeed_zero2(ray_local, tmp_path, deepspeed):
+    import pyarrow as pa
+
+    from engagesim import metrics
+    from engagesim.models import nn
+
+    rng = np.random.default_rng(0)
+    x1, x2 = rng.normal(size=4000).astype(np.float32), rng.normal(size=4000).astype(np.float32)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(2 * x1 - x2)))).astype(np.float32)
+    table = pa.table({"x1": x1, "x2": x2, "y_like": y})
+    x = np.column_stack([x1, x2])
+    mean, std = nn.fit_normaliser(x)
+    spec = nn.NNSpec(arch="layer6_mlp", n_inputs=2, n_outputs=1, hidden=[32, 64, 32, 16, 8], width=32, mean=mean,
+                     std=std, task="binary")
+    model = nn.fit_ray(table, ["x1", "x2"], ["y_like"], spec, str(tmp_path), "nn", epochs=3, batch_size=128,
+                       lr=3e-3, workers=2, deepspeed=deepspeed)
+    assert model.train_metrics["workers"] == 2 and model.train_metrics["zero_stage"] == (2 if deepspeed else 0)
+    assert metrics.rce(y, model.predict(x)[:, 0]) > 20

@@ -252,21 +252,6 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _deepspeed_config(cfg: dict, device: torch.device) -> dict:
-    gpu = device.type == "cuda"
-    bf16 = gpu and cfg["precision"] in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-    return {
-        "train_micro_batch_size_per_gpu": cfg["batch_size"],
-        "gradient_accumulation_steps": cfg["grad_accum"],
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": 2},
-        "zero_allow_untested_optimizer": True,  # a plain torch AdamW (DeepSpeed's fused Adam needs compiled ops)
-        "bf16": {"enabled": bf16},
-        "fp16": {"enabled": gpu and not bf16 and cfg["precision"] in ("auto", "fp16")},
-        "steps_per_print": 10**9,
-    }
-
-
 def _shard_rows(name: str) -> tuple[list, list]:
     import ray.train
 
@@ -319,10 +304,11 @@ def train_loop_per_worker(cfg: dict) -> None:
         loss_before = mean_loss(model, valid, tokenizer.pad_token_id, device=str(device))
 
     if cfg["deepspeed"]:
-        import deepspeed
+        from engagesim.models.distributed import deepspeed_config, zero2_engine
 
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=_deepspeed_config(cfg, device))
+        engine, optimizer, scheduler = zero2_engine(
+            model, optimizer, deepspeed_config(cfg["batch_size"], cfg["grad_accum"], device, cfg["precision"]),
+            scheduler)
         ddp = engine
     else:
         ddp = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)

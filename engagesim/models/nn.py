@@ -142,8 +142,9 @@ def loss_fn(task: str):
 
 
 def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: float,
-                 seed: int = 0, optimizer: torch.optim.Optimizer | None = None) -> list[float]:
-    """Plain mini-batch training; returns the mean loss per epoch."""
+                 seed: int = 0, optimizer: torch.optim.Optimizer | None = None, engine=None) -> list[float]:
+    """Plain mini-batch training; returns the mean loss per epoch. ``engine``: a DeepSpeed engine wrapping
+    ``model`` (it owns backward and the optimizer step)."""
     torch.manual_seed(seed)
     spec = model.module.spec if hasattr(model, "module") else model.spec
     criterion = loss_fn(spec.task)
@@ -159,10 +160,15 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, ba
             if len(idx) < 2:
                 continue
             xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
-            optimizer.zero_grad()
-            loss = criterion(model(xb), yb)
-            loss.backward()
-            optimizer.step()
+            if engine is not None:
+                loss = criterion(engine(xb), yb)
+                engine.backward(loss)
+                engine.step()
+            else:
+                optimizer.zero_grad()
+                loss = criterion(model(xb), yb)
+                loss.backward()
+                optimizer.step()
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         history.append(total / max(count, 1))
@@ -191,10 +197,20 @@ def _train_fn_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
             start_epoch = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
-    model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-5)
+    engine = None
+    if config.get("deepspeed"):
+        from engagesim.models.distributed import deepspeed_config, zero2_engine
+
+        device = ray.train.torch.get_device()
+        engine, optimizer, _ = zero2_engine(model.to(device), optimizer,
+                                            deepspeed_config(config["batch_size"], 1, device))
+        model = engine.module
+    else:
+        model = ray.train.torch.prepare_model(model)
     for epoch in range(start_epoch, config["epochs"]):
-        losses = train_epochs(model, x, y, 1, config["batch_size"], config["lr"], seed=epoch, optimizer=optimizer)
+        losses = train_epochs(model, x, y, 1, config["batch_size"], config["lr"], seed=epoch, optimizer=optimizer,
+                              engine=engine)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if ray.train.get_context().get_world_rank() == 0:
@@ -202,13 +218,16 @@ def _train_fn_per_worker(config: dict) -> None:
                 save_file(inner.state_dict(), str(Path(d) / "model.safetensors"))
                 (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
                 ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"epoch": epoch, "loss": losses[-1]}, checkpoint=ckpt)
+            zero_stage = engine.zero_optimization_stage() if engine is not None else 0
+            ray.train.report({"epoch": epoch, "loss": losses[-1], "zero_stage": zero_stage,
+                              "workers": ray.train.get_context().get_world_size()}, checkpoint=ckpt)
 
 
 def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, storage_path: str, name: str,
             epochs: int = 3, batch_size: int = 4096, lr: float = 1e-3, workers: int = 1,
-            use_gpu: bool = False, max_failures: int = 2) -> EngagementNet:
-    """Data-parallel training on Ray (DDP over gloo on CPU, NCCL on GPU); returns the trained model."""
+            use_gpu: bool = False, max_failures: int = 2, deepspeed: bool = False) -> EngagementNet:
+    """Data-parallel training on Ray (DDP over gloo on CPU, NCCL on GPU, or DeepSpeed ZeRO-2 with
+    ``deepspeed``); returns the trained model. The last training metrics are in ``model.train_metrics``."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -216,7 +235,7 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
     trainer = TorchTrainer(
         _train_fn_per_worker,
         train_loop_config={"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": epochs,
-                           "batch_size": batch_size, "lr": lr},
+                           "batch_size": batch_size, "lr": lr, "deepspeed": deepspeed},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -227,6 +246,7 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
     model = EngagementNet(spec)
     with result.checkpoint.as_directory() as d:
         model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+    model.train_metrics = dict(result.metrics)
     return model.eval()
 
 

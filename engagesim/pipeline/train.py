@@ -56,7 +56,7 @@ def _fit_nn(cfg: AppConfig, train: pa.Table, features: list[str], labels: list[s
     c = cfg.train.nn
     batch = c.batch_size or nn.default_batch(train.num_rows, c.workers)
     model = nn.fit_ray(train, features, labels, spec, storage, name, epochs=c.epochs, batch_size=batch, lr=c.lr,
-                       workers=c.workers, use_gpu=_gpu())
+                       workers=c.workers, use_gpu=_gpu(), deepspeed=c.deepspeed)
     info: dict = {}
     if c.finetune_hours > 0:
         times = pc.cast(train.column(time_column), pa.int64()).to_numpy(zero_copy_only=False)
