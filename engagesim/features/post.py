@@ -30,5 +30,5 @@ def media_features(posts: pl.DataFrame) -> pl.DataFrame:
 def post_row_features(posts: pa.Table) -> pa.Table:
     """Contract posts (a block) → ids, labels' raw inputs and the row-local features."""
     df = pl.from_arrow(posts)
-    keep = df.select("post_id", "author_id", "username", "company", "created_at", "language", "likes")
+    keep = df.select("post_id", "author_id", "username", "company", "created_at", "language", "likes", "text")
     return pl.concat([keep, text_features(df).drop("post_id"), media_features(df)], how="horizontal").to_arrow()

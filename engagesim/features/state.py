@@ -146,7 +146,8 @@ class PostState:
         columns) describe accounts the run never saw (cold start); known accounts keep their snapshot.
         """
         parts = [
-            df.select("post_id", "author_id", "username", "created_at", "likes"),
+            df.select("post_id", "author_id", "username", "created_at", "likes",
+                      pl.col("text").fill_null("") if "text" in df.columns else pl.lit("").alias("text")),
             df.select(TEXT_STAT_COLUMNS + MEDIA_COLUMNS),
             temporal_features(df.select("post_id", "author_id", "created_at"), self._accounts(), self.known_posts)
             .drop("post_id"),

@@ -15,12 +15,13 @@ import pyarrow as pa
 
 from engagesim import io
 from engagesim.features.state import fixed_list_matrix
-from engagesim.models import knn, nn, xgb
+from engagesim.models import knn, nn, slm, xgb
 from engagesim.models.data import matrix
 from engagesim.models.ensemble import logit
 from engagesim.schema import ENGAGEMENTS
 
 MAX_LOG1P_LIKES = float(np.log1p(1e10))
+SLM_MEMBERS = ("slm", "slm_distilled")
 IMAGE_STACK_COLUMNS = ("clarity_contrast", "hue_count", "brightness_contrast", "colour_entropy", "composition_offset",
                        "has_image")
 
@@ -43,6 +44,17 @@ def knn_predict(model: knn.KNNRegressor, table: pa.Table, column: str) -> np.nda
     if ok.any():
         out[ok] = model.predict(vectors[ok])
     return out
+
+
+def load_slms(directory: str) -> dict[str, tuple]:
+    """The fine-tuned SLM and its distilled student, where the run trained them."""
+    return {name: slm.load(io.join(directory, name)) for name in SLM_MEMBERS
+            if io.exists(io.join(directory, name, "config.json"))}
+
+
+def predict_slms(models: dict[str, tuple], table: pa.Table) -> dict[str, np.ndarray]:
+    return {name: slm.predict_table(model, tokenizer, features, table)
+            for name, (model, tokenizer, features) in models.items()}
 
 
 # --- ensembles ----------------------------------------------------------------------------------
@@ -77,12 +89,13 @@ class PostModels:
         self.stacked = nn.load(at("stacked_mlp")) if io.exists(at("stacked_mlp", "config.json")) else None
         self.knn = knn.KNNRegressor.load(at("knn")) if io.exists(at("knn", "config.json")) else None
         self.knn_column = io.read_json(at("knn", "column.json"))["column"] if self.knn else None
+        self.slms = load_slms(directory)
         self.ensemble = io.read_json(at("ensemble.json")) if io.exists(at("ensemble.json")) else None
 
     @property
     def members(self) -> list[str]:
         return [n for n, m in (("xgb", self.xgb), ("stacked_mlp", self.stacked), ("knn", self.knn), ("nn", self.nn))
-                if m is not None]
+                if m is not None] + list(self.slms)
 
     def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
         """Every member's prediction of log1p(likes) and ``ensemble`` (the served one)."""
@@ -99,6 +112,7 @@ class PostModels:
         if self.nn:
             model, features = self.nn
             out["nn"] = model.predict(matrix(table, features))[:, 0]
+        out.update({name: p[:, 0] for name, p in predict_slms(self.slms, table).items()})
         if not out:
             raise ValueError("this run has no post-level models (train.models was empty or training was skipped)")
         if self.ensemble and all(m in out for m in self.ensemble["members"]):
@@ -140,6 +154,7 @@ class ImpressionModels:
 
         self.xgb = {e: xgb.load(at(f"xgb_{e}.ubj")) for e in ENGAGEMENTS if io.exists(at(f"xgb_{e}.ubj"))}
         self.nn = nn.load(at("nn")) if io.exists(at("nn", "config.json")) else None
+        self.slms = load_slms(directory)
         self.ensemble = io.read_json(at("ensemble.json")) if io.exists(at("ensemble.json")) else None
 
     def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
@@ -156,6 +171,7 @@ class ImpressionModels:
         if self.nn:
             model, features = self.nn
             out["nn"] = model.predict(matrix(table, features))
+        out.update(predict_slms(self.slms, table))
         if not out:
             raise ValueError("this run has no impression-level models")
         if self.ensemble:

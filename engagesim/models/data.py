@@ -9,7 +9,8 @@ import pyarrow as pa
 from engagesim.schema import ENGAGEMENTS
 
 NON_FEATURES = {"post_id", "author_id", "username", "created_at", "likes", "split", "label_log1p_likes", "user_id",
-                "creator_id", "impression_at", "image_error", "photo_uri", "clean_text"}
+                "creator_id", "impression_at", "image_error", "photo_uri", "clean_text", "text",
+                "post_text"}
 LABELS = [f"y_{e}" for e in ENGAGEMENTS]
 
 

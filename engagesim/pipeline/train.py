@@ -32,6 +32,7 @@ from engagesim.metrics import (
 from engagesim.models import ensemble, knn, nn, xgb
 from engagesim.models.bundle import embedding_matrix, ensemble_spec, knn_predict, stack_image_columns
 from engagesim.models.data import LABELS, feature_columns, matrix
+from engagesim.pipeline.train_slm import fit_slm_family
 from engagesim.schema import ENGAGEMENTS
 
 
@@ -136,6 +137,16 @@ def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri:
         timings["nn"] = time.perf_counter() - t
         log(f"post nn: rmse {rmse(y_va, preds['nn']):.4f}")
 
+    if "slm" in cfg.train.models:
+        t = time.perf_counter()
+        slm_preds, result["slm"] = fit_slm_family(cfg, train, valid, features, ["label_log1p_likes"], "regression",
+                                                  "text", "created_at", io.join(models_dir, "post"),
+                                                  io.join(models_dir, "ray"), "post", _gpu(), log)
+        for name, p in slm_preds.items():
+            preds[name] = p[:, 0]
+            timings[name] = time.perf_counter() - t
+            log(f"post {name}: rmse {rmse(y_va, preds[name]):.4f}")
+
     result["models"] = {k: {"rmse": rmse(y_va, v), "seconds": round(timings[k], 1)} for k, v in preds.items()}
     if preds:
         weights = ensemble.loss_weights({k: rmse(y_va, v) for k, v in preds.items()})
@@ -239,6 +250,14 @@ def train_impression_level(cfg: AppConfig, impressions_uri: str, models_dir: str
         nn.save(model, io.join(models_dir, "impression", "nn"), features)
         preds["nn"] = model.predict(matrix(valid, features))
         log(f"impression nn: {time.perf_counter() - t:.1f}s")
+
+    if "slm" in cfg.train.models:
+        t = time.perf_counter()
+        slm_preds, result["slm"] = fit_slm_family(cfg, train, valid, features, LABELS, "binary", "post_text",
+                                                  "impression_at", io.join(models_dir, "impression"),
+                                                  io.join(models_dir, "ray"), "impression", _gpu(), log)
+        preds.update(slm_preds)
+        log(f"impression slm: {time.perf_counter() - t:.1f}s")
 
     result["models"] = {name: _impression_metrics(y_va, p, groups) for name, p in preds.items()}
     if len(preds) >= 2:

@@ -1,0 +1,338 @@
+"""LAYER6's SLM: a transformer text encoder and the tabular features feeding one MLP head, trained end to end.
+
+The encoder (all-MiniLM-L6-v2's real weights by default, any HF encoder by folder
+or hub id, ``tiny:bert`` for tests) mean-pools the post text; the pooled vector
+is concatenated with the standardised tabular features (the NN's input
+transform) and an MLP maps both to the outputs (4 engagement logits, or
+log1p(likes)). The encoder trains with its own, lower learning rate so
+fine-tuning does not wash out what pre-training put there.
+
+Text enters as token ids tokenised once in the driver (``token_ids``), so Ray
+Train workers need no tokenizer; the initial weights reach the workers through
+the object store, so they need no model files either. Identical texts in a
+batch (impressions of one post) are encoded once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load as from_bytes
+from safetensors.torch import save as to_bytes
+from torch import nn
+
+from engagesim.models.nn import InputTransform, loss_fn
+from engagesim.models.xgb import storage_uri
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@dataclass
+class SLMSpec:
+    encoder: str  # the configured encoder (provenance; weights travel in the state dict)
+    encoder_config: dict  # the encoder's HF config: rebuilds the architecture on load
+    text_column: str = "text"
+    max_length: int = 48
+    pad_id: int = 0
+    n_tabular: int = 0
+    n_outputs: int = 4
+    task: str = "binary"  # binary (sigmoid + BCE) | regression (identity + MSE)
+    hidden: list[int] = field(default_factory=lambda: [256, 64])
+    dropout: float = 0.1
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    random_weights: bool = False  # tiny:* encoders (tests): never reported as a real model
+
+
+def build_encoder(encoder_config: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model(**encoder_config)
+    try:  # BERT-family: no pooler (unused by mean pooling; DDP would wait for its gradients)
+        return AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        return AutoModel.from_config(config)
+
+
+class SLMNet(nn.Module):
+    """Encoder (mean pooling) ⊕ standardised tabular features → MLP head → logits / values."""
+
+    def __init__(self, spec: SLMSpec, encoder: nn.Module | None = None):
+        super().__init__()
+        self.spec = spec
+        self.encoder = encoder if encoder is not None else build_encoder(spec.encoder_config)
+        self.transform = InputTransform(spec.mean, spec.std)
+        layers: list[nn.Module] = []
+        width = int(self.encoder.config.hidden_size) + spec.n_tabular
+        for h in spec.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(spec.dropout)]
+            width = h
+        self.head = nn.Sequential(*layers, nn.Linear(width, spec.n_outputs))
+
+    def pooled(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled encoder output; each distinct text of the batch is encoded once, padding trimmed."""
+        mask = input_ids != self.spec.pad_id
+        input_ids = input_ids[:, : max(int(mask.sum(1).max()), 1)]
+        unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+        unique_mask = (unique != self.spec.pad_id).long()
+        hidden = self.encoder(input_ids=unique, attention_mask=unique_mask).last_hidden_state
+        weights = unique_mask.unsqueeze(-1).to(hidden.dtype)
+        return ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))[inverse]
+
+    def forward(self, input_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.pooled(input_ids), self.transform(x)], dim=1))
+
+    @torch.inference_mode()
+    def logits(self, ids: np.ndarray, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Raw outputs for many rows: distinct texts encoded once for the whole table, then the head."""
+        self.eval()
+        if len(ids) == 0:
+            return np.zeros((0, self.spec.n_outputs), np.float32)
+        unique, inverse = np.unique(ids, axis=0, return_inverse=True)
+        pooled = torch.cat([self.pooled(torch.from_numpy(unique[lo:lo + batch_size]).long())
+                            for lo in range(0, len(unique), batch_size)])
+        features = torch.cat([pooled[torch.from_numpy(inverse.reshape(-1))],
+                              self.transform(torch.from_numpy(np.ascontiguousarray(x)))], dim=1)
+        return torch.cat([self.head(features[lo:lo + 8192]) for lo in range(0, len(features), 8192)]).numpy()
+
+    def predict(self, ids: np.ndarray, x: np.ndarray) -> np.ndarray:
+        out = self.logits(ids, x)
+        return 1.0 / (1.0 + np.exp(-out)) if self.spec.task == "binary" else out
+
+
+def token_ids(tokenizer, texts: list[str | None], max_length: int) -> np.ndarray:
+    """(n, max_length) int32 token ids, padded; each distinct text is tokenised once."""
+    index: dict[str, int] = {}
+    codes = [index.setdefault(t or "", len(index)) for t in texts]
+    if not index:
+        return np.zeros((0, max_length), np.int32)
+    enc = tokenizer(list(index), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    return enc["input_ids"].astype(np.int32)[np.asarray(codes)]
+
+
+def ids_column(ids: np.ndarray) -> pa.Array:
+    return pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int32()), ids.shape[1])
+
+
+def ids_matrix(column) -> np.ndarray:
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    return column.values.to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size).astype(np.int64)
+
+
+def optimizer_for(model: nn.Module, lr: float, encoder_lr: float) -> torch.optim.Optimizer:
+    """AdamW with two parameter groups: the encoder at ``encoder_lr``, the head and transform at ``lr``."""
+    inner = model.module if hasattr(model, "module") else model
+    encoder = list(inner.encoder.parameters())
+    encoder_ids = {id(p) for p in encoder}
+    rest = [p for p in inner.parameters() if id(p) not in encoder_ids]
+    return torch.optim.AdamW([{"params": encoder, "lr": encoder_lr}, {"params": rest, "lr": lr}], weight_decay=1e-5)
+
+
+def distillation_loss(task: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Soft targets: the teacher's probabilities (binary) or values (regression)."""
+    if task == "binary":
+        return nn.functional.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher))
+    return nn.functional.mse_loss(student, teacher)
+
+
+def train_epochs(model: nn.Module, ids: np.ndarray, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int,
+                 optimizer: torch.optim.Optimizer, seed: int = 0, teacher: np.ndarray | None = None,
+                 alpha: float = 0.5) -> list[float]:
+    """Mini-batch training; returns the mean loss per epoch. With ``teacher`` (its logits per row) the loss is
+    alpha × label loss + (1 − alpha) × distillation loss."""
+    torch.manual_seed(seed)
+    task = (model.module if hasattr(model, "module") else model).spec.task
+    criterion = loss_fn(task)
+    rng = np.random.default_rng(seed)
+    history = []
+    for _ in range(epochs):
+        model.train()
+        order = rng.permutation(len(ids))
+        total, count = 0.0, 0
+        for lo in range(0, len(ids), batch_size):
+            idx = order[lo:lo + batch_size]
+            if len(idx) < 2:
+                continue
+            out = model(torch.from_numpy(ids[idx]), torch.from_numpy(x[idx]))
+            loss = criterion(out, torch.from_numpy(y[idx]))
+            if teacher is not None:
+                loss = alpha * loss + (1 - alpha) * distillation_loss(task, out, torch.from_numpy(teacher[idx]))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        history.append(total / max(count, 1))
+    return history
+
+
+# --- Ray Train ----------------------------------------------------------------------------------
+
+def _train_fn_per_worker(config: dict) -> None:
+    """Each worker: its shard of rows, the initial weights from the object store, DDP, a checkpoint per epoch."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from engagesim.models.data import matrix
+
+    spec = SLMSpec(**config["spec"])
+    shard = ray.train.get_dataset_shard("train")
+    table = pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=None)))
+    ids = ids_matrix(table.column("_input_ids"))
+    x = matrix(table, config["features"])
+    y = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in config["labels"]]).astype(np.float32)
+    teacher = None
+    if config["teacher_columns"]:
+        teacher = np.column_stack([table.column(c).to_numpy(zero_copy_only=False)
+                                   for c in config["teacher_columns"]]).astype(np.float32)
+    model = SLMNet(spec)
+    model.load_state_dict(from_bytes(ray.get(config["init"])))
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(from_bytes((Path(d) / "model.safetensors").read_bytes()))
+            start_epoch = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    optimizer = optimizer_for(model, config["lr"], config["encoder_lr"])
+    rank = ray.train.get_context().get_world_rank()
+    for epoch in range(start_epoch, config["epochs"]):
+        losses = train_epochs(model, ids, x, y, 1, config["batch_size"], optimizer, seed=epoch + 1000 * rank,
+                              teacher=teacher, alpha=config["alpha"])
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                inner = model.module if hasattr(model, "module") else model
+                (Path(d) / "model.safetensors").write_bytes(to_bytes(inner.state_dict()))
+                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"epoch": epoch, "loss": losses[-1], "rows": len(ids),
+                              "workers": ray.train.get_context().get_world_size()}, checkpoint=ckpt)
+
+
+def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str], label_columns: list[str],
+            storage_path: str, name: str, epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
+            encoder_lr: float = 5e-5, workers: int = 1, use_gpu: bool = False, max_failures: int = 2,
+            teacher: np.ndarray | None = None, alpha: float = 0.5) -> SLMNet:
+    """Fine-tune ``model`` (encoder + head) data-parallel on Ray Train; returns the trained model with the last
+    training metrics in ``model.train_metrics``."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data = table.select(features + label_columns).append_column("_input_ids", ids_column(ids))
+    teacher_columns = []
+    if teacher is not None:
+        teacher_columns = [f"_teacher_{k}" for k in range(teacher.shape[1])]
+        for k, column in enumerate(teacher_columns):
+            data = data.append_column(column, pa.array(teacher[:, k], pa.float32()))
+    trainer = TorchTrainer(
+        _train_fn_per_worker,
+        train_loop_config={"spec": asdict(model.spec), "init": ray.put(to_bytes(model.state_dict())),
+                           "features": features, "labels": label_columns, "teacher_columns": teacher_columns,
+                           "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                           "encoder_lr": encoder_lr},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+        datasets={"train": ray.data.from_arrow(data)},
+    )
+    result = trainer.fit()
+    trained = SLMNet(model.spec)
+    with result.checkpoint.as_directory() as d:
+        trained.load_state_dict(from_bytes((Path(d) / "model.safetensors").read_bytes()))
+    trained.train_metrics = dict(result.metrics)
+    return trained.eval()
+
+
+# --- distillation -------------------------------------------------------------------------------
+
+LAYER_KEY = re.compile(r"(\.layers?\.)(\d+)\.")
+
+
+def kept_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Evenly spaced teacher layers, always including the last one (DistilBERT-style initialisation)."""
+    if not 1 <= n_student <= n_teacher:
+        raise ValueError(f"train.slm.distill_layers must be between 1 and the teacher's {n_teacher} layers")
+    return sorted({round(i * (n_teacher - 1) / max(n_student - 1, 1)) for i in range(n_student)}
+                  if n_student > 1 else {n_teacher - 1})
+
+
+def student_from(teacher: SLMNet, layers: int) -> SLMNet:
+    """A shallower copy of ``teacher``: the same embeddings, head and transform, every k-th encoder layer."""
+    config = dict(teacher.spec.encoder_config)
+    if "num_hidden_layers" not in config:
+        raise ValueError("train.slm.distill_layers: the encoder's config has no num_hidden_layers to shrink")
+    keep = kept_layers(int(config["num_hidden_layers"]), layers)
+    config["num_hidden_layers"] = len(keep)
+    spec = replace(teacher.spec, encoder_config=config, encoder=f"{teacher.spec.encoder} → {len(keep)} layers")
+    student = SLMNet(spec)
+    renumber = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = LAYER_KEY.search(key) if key.startswith("encoder.") else None
+        if match is None:
+            state[key] = value
+        elif int(match.group(2)) in renumber:
+            state[key[:match.start(2)] + str(renumber[int(match.group(2))]) + key[match.end(2):]] = value
+    student.load_state_dict(state)
+    return student
+
+
+def parameter_count(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+# --- save / load --------------------------------------------------------------------------------
+
+def save(model: SLMNet, tokenizer, directory: str, features: list[str]) -> None:
+    """One safetensors file (encoder + head), the spec as JSON and the tokenizer's files; local or s3://."""
+    from engagesim import io
+
+    io.write_bytes(io.join(directory, "model.safetensors"), to_bytes(model.state_dict()))
+    io.write_json(io.join(directory, "config.json"), {"spec": asdict(model.spec), "features": features})
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        for path in Path(d).iterdir():
+            if path.name in TOKENIZER_FILES:
+                io.write_bytes(io.join(directory, "tokenizer", path.name), path.read_bytes())
+
+
+def load(directory: str) -> tuple[SLMNet, object, list[str]]:
+    from transformers import AutoTokenizer
+
+    from engagesim import io
+
+    meta = io.read_json(io.join(directory, "config.json"))
+    model = SLMNet(SLMSpec(**meta["spec"]))
+    model.load_state_dict(from_bytes(io.read_bytes(io.join(directory, "model.safetensors"))))
+    with tempfile.TemporaryDirectory() as d:
+        for name in TOKENIZER_FILES:
+            uri = io.join(directory, "tokenizer", name)
+            if io.exists(uri):
+                (Path(d) / name).write_bytes(io.read_bytes(uri))
+        tokenizer = AutoTokenizer.from_pretrained(d)
+    return model.eval(), tokenizer, meta["features"]
+
+
+def predict_table(model: SLMNet, tokenizer, features: list[str], table: pa.Table) -> np.ndarray:
+    """The SLM's predictions for a feature table (it needs the text column the model was trained on)."""
+    from engagesim.models.data import matrix
+
+    column = model.spec.text_column
+    if column not in table.column_names:
+        raise ValueError(f"the SLM needs the {column!r} column in the feature table (rebuild features with this "
+                         "version of engagesim)")
+    ids = token_ids(tokenizer, table.column(column).to_pylist(), model.spec.max_length)
+    return model.predict(ids, matrix(table, features))
