@@ -164,16 +164,17 @@ class SLMConfig(Section):
     max_length: int = Field(48, ge=8, description="Tokens of post text per row.")
     hidden: list[int] = Field(default_factory=lambda: [256, 64], description="MLP head widths on [text ⊕ tabular].")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each head layer.")
-    epochs: int = Field(1, ge=1, description="Fine-tuning epochs.")
+    epochs: int = Field(2, ge=1, description="Fine-tuning epochs.")
     batch_size: int = Field(64, ge=2, description="Rows per step per worker.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the head.")
     encoder_lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the encoder (lower, as LAYER6's SLM).")
     max_rows: int | None = Field(20_000, ge=100, description="Train on the latest N training rows (None: all); "
                                  "a CPU fine-tunes ~100-300 rows/s.")
     workers: int = Field(1, ge=1, description="Ray Train workers (DDP).")
+    cpus_per_worker: int = Field(2, ge=1, description="CPUs (and torch threads: Ray sets them to this) per worker.")
     mlm_steps: int = Field(0, ge=0, description="Masked-LM domain adaptation steps on the training posts' text "
                            "before fine-tuning (0 = off).")
-    mlm_lr: float = Field(5e-5, gt=0, description="Learning rate of the MLM adaptation.")
+    mlm_lr: float = Field(1e-4, gt=0, description="Learning rate of the MLM adaptation.")
     mlm_batch_size: int = Field(32, ge=2, description="Texts per MLM step per worker.")
     distill_layers: int = Field(0, ge=0, description="Also distil the fine-tuned SLM into a student encoder with this "
                                 "many layers (served as member slm_distilled; 0 = off).")

@@ -9,11 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from helpers import run_root
 
 from engagesim import io
 from engagesim.embed.text import load_encoder
 from engagesim.models import mlm, nn, slm
-from helpers import run_root
 
 TINY_SLM_WORLD = ["synth.users=200", "synth.posts=600", "synth.impressions=8000", "synth.images=10", "synth.days=5",
                   "synth.rows_per_shard=8000", "synth.seed=5", "features.valid_hours=24", "embed.pca_components=4",
@@ -112,13 +112,17 @@ def test_save_and_load_predict_identically_without_pickle(tmp_path):
 
 def test_mlm_head_starts_from_the_encoder_and_tied_weights_save_once():
     _, tokenizer, encoder = load_encoder("tiny:bert", "train.slm.encoder", add_pooling_layer=False)
-    model = mlm.mlm_model(encoder)
+    model, head_pretrained = mlm.mlm_model(encoder)
+    assert head_pretrained is False
     torch.testing.assert_close(model.base_model.embeddings.word_embeddings.weight,
                                encoder.embeddings.word_embeddings.weight)
     state = mlm.unshared_state(model)
     assert "cls.predictions.decoder.weight" not in state  # tied to the word embeddings
     batch = mlm.masked_batch(tokenizer, ["a post about cats and dogs"] * 8, 16)
     assert (batch["labels"] != -100).any() and batch["input_ids"].shape == batch["labels"].shape
+    # The masked-positions-only loss is the model's own loss (computed on every position).
+    model.eval()  # no dropout: the two computations see the same activations
+    torch.testing.assert_close(mlm.MaskedOnlyLoss(model)(**batch), model(**batch).loss, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.ray

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -23,6 +25,19 @@ def _tiny_bert(add_pooling_layer: bool = True):
             BertModel(config, add_pooling_layer=add_pooling_layer))
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' load report lists every unused key (the pooler): noise in a job's log."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
 def load_encoder(name: str, setting: str, **model_kwargs) -> tuple[ResolvedModel, object, torch.nn.Module]:
     """(resolved reference, tokenizer, encoder) for a text encoder setting; ``tiny:bert`` for tests only."""
     from transformers import AutoModel, AutoTokenizer
@@ -33,7 +48,9 @@ def load_encoder(name: str, setting: str, **model_kwargs) -> tuple[ResolvedModel
             raise ValueError(f"{setting}: unknown tiny text model {name!r}; use tiny:bert")
         tokenizer, model = _tiny_bert(**model_kwargs)
         return ref, tokenizer, model
-    return ref, AutoTokenizer.from_pretrained(ref.location), AutoModel.from_pretrained(ref.location, **model_kwargs)
+    with quiet_transformers():
+        return ref, AutoTokenizer.from_pretrained(ref.location), AutoModel.from_pretrained(ref.location,
+                                                                                           **model_kwargs)
 
 
 class TextEncoder:

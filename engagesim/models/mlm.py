@@ -21,6 +21,7 @@ from safetensors.torch import load as from_bytes
 from safetensors.torch import save as to_bytes
 from torch import nn
 
+from engagesim.embed.text import quiet_transformers
 from engagesim.models.xgb import storage_uri
 
 
@@ -37,15 +38,42 @@ def unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def mlm_model(encoder: nn.Module) -> nn.Module:
-    """The encoder's architecture with an MLM head; the encoder's weights copied in (the head starts fresh)."""
+def mlm_model(encoder: nn.Module, location: str | None = None) -> tuple[nn.Module, bool]:
+    """(the encoder's architecture with an MLM head, whether that head came pretrained). The encoder's weights
+    are copied in; the head is the checkpoint's at ``location`` when it has one (BERT checkpoints do,
+    sentence-transformers ones such as all-MiniLM-L6-v2 do not: their head starts fresh)."""
     from transformers import AutoModelForMaskedLM
 
     mlm = AutoModelForMaskedLM.from_config(encoder.config)
+    head_pretrained = False
+    if location is not None:
+        with quiet_transformers():
+            loaded, info = AutoModelForMaskedLM.from_pretrained(location, output_loading_info=True)
+        head_pretrained = not any(k.startswith(("cls.", "lm_head.", "vocab_")) for k in info["missing_keys"])
+        mlm.load_state_dict(loaded.state_dict(), strict=False)
     missing, _ = mlm.base_model.load_state_dict(encoder.state_dict(), strict=False)
     if missing:
         raise ValueError(f"train.slm.mlm_steps: the encoder's weights do not fit its MLM architecture ({missing[:3]})")
-    return mlm
+    return mlm, head_pretrained
+
+
+class MaskedOnlyLoss(nn.Module):
+    """MLM loss with the vocabulary projection computed at the masked positions only (~15 % of tokens): on CPU
+    that 30k-wide projection of every token is most of a step. BERT-family heads (``cls``); others use the
+    model's own loss."""
+
+    def __init__(self, mlm: nn.Module):
+        super().__init__()
+        self.mlm = mlm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **_) -> torch.Tensor:
+        head = getattr(self.mlm, "cls", None)
+        if head is None:
+            return self.mlm(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        picked = labels != -100
+        return nn.functional.cross_entropy(head(hidden[picked]), labels[picked])
 
 
 def masked_batch(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -64,11 +92,12 @@ def held_out_loss(mlm: nn.Module, tokenizer, texts: list[str], max_length: int, 
     mlm.eval()
     torch.manual_seed(seed)
     total, count = 0.0, 0
+    loss = MaskedOnlyLoss(mlm)
     for lo in range(0, len(texts), batch_size):
         batch = masked_batch(tokenizer, texts[lo:lo + batch_size], max_length)
         n = int((batch["labels"] != -100).sum())
         if n:
-            total += float(mlm(**batch).loss) * n
+            total += float(loss(**batch)) * n
             count += n
     return total / max(count, 1)
 
@@ -91,7 +120,8 @@ def _mlm_fn_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             mlm.load_state_dict(from_bytes((Path(d) / "model.safetensors").read_bytes()), strict=False)
             start = json.loads((Path(d) / "state.json").read_text())["step"]
-    model = ray.train.torch.prepare_model(mlm, parallel_strategy_kwargs={"find_unused_parameters": True})
+    model = ray.train.torch.prepare_model(MaskedOnlyLoss(mlm),
+                                          parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.01)
     rank = ray.train.get_context().get_world_rank()
     rng = np.random.default_rng(rank)
@@ -99,7 +129,7 @@ def _mlm_fn_per_worker(config: dict) -> None:
     model.train()
     for step in range(start, config["steps"]):
         picked = [texts[i] for i in rng.integers(0, len(texts), config["batch_size"])]
-        loss = model(**masked_batch(tokenizer, picked, config["max_length"])).loss
+        loss = model(**masked_batch(tokenizer, picked, config["max_length"]))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -117,8 +147,9 @@ def _mlm_fn_per_worker(config: dict) -> None:
 
 
 def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: list[str], steps: int,
-          storage_path: str, name: str, batch_size: int = 32, lr: float = 5e-5, max_length: int = 48,
-          workers: int = 1, use_gpu: bool = False, checkpoint_every: int = 50) -> dict:
+          storage_path: str, name: str, batch_size: int = 32, lr: float = 1e-4, max_length: int = 48,
+          workers: int = 1, cpus_per_worker: int = 1, use_gpu: bool = False, checkpoint_every: int = 50,
+          location: str | None = None) -> dict:
     """MLM-train a copy of ``encoder`` on ``train_texts`` (Ray Train), copy the adapted weights back into
     ``encoder`` and return the held-out losses before and after."""
     import ray
@@ -126,7 +157,7 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    mlm = mlm_model(encoder)
+    mlm, head_pretrained = mlm_model(encoder, location)
     probe = list(valid_texts[:256])
     before = held_out_loss(mlm, tokenizer, probe, max_length)
     trainer = TorchTrainer(
@@ -134,7 +165,8 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
         train_loop_config={"encoder_config": encoder.config.to_dict(), "init": ray.put(to_bytes(unshared_state(mlm))),
                            "tokenizer": tokenizer, "steps": steps, "batch_size": batch_size, "lr": lr,
                            "max_length": max_length, "checkpoint_every": checkpoint_every},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=2)),
@@ -146,4 +178,5 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
     after = held_out_loss(mlm, tokenizer, probe, max_length)
     encoder.load_state_dict(mlm.base_model.state_dict(), strict=False)
     return {"steps": steps, "train_texts": len(train_texts), "held_out_texts": len(probe),
+            "head_pretrained": head_pretrained,
             "held_out_loss_before": round(before, 4), "held_out_loss_after": round(after, 4)}

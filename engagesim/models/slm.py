@@ -107,6 +107,16 @@ class SLMNet(nn.Module):
         return 1.0 / (1.0 + np.exp(-out)) if self.spec.task == "binary" else out
 
 
+def init_output_bias(model: SLMNet, y: np.ndarray) -> None:
+    """Start the output at the training mean (regression) or base-rate logit (binary): the head then learns
+    the deviations, and a short CPU fine-tune is not spent walking the bias from 0 to log1p(likes) ≈ 4."""
+    mean = np.nanmean(y, axis=0).astype(np.float64)
+    if model.spec.task == "binary":
+        mean = np.log(np.clip(mean, 1e-4, 1 - 1e-4) / (1 - np.clip(mean, 1e-4, 1 - 1e-4)))
+    with torch.no_grad():
+        model.head[-1].bias.copy_(torch.from_numpy(mean.astype(np.float32)))
+
+
 def token_ids(tokenizer, texts: list[str | None], max_length: int) -> np.ndarray:
     """(n, max_length) int32 token ids, padded; each distinct text is tokenised once."""
     index: dict[str, int] = {}
@@ -221,7 +231,8 @@ def _train_fn_per_worker(config: dict) -> None:
 
 def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str], label_columns: list[str],
             storage_path: str, name: str, epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
-            encoder_lr: float = 5e-5, workers: int = 1, use_gpu: bool = False, max_failures: int = 2,
+            encoder_lr: float = 5e-5, workers: int = 1, cpus_per_worker: int = 1, use_gpu: bool = False,
+            max_failures: int = 2,
             teacher: np.ndarray | None = None, alpha: float = 0.5) -> SLMNet:
     """Fine-tune ``model`` (encoder + head) data-parallel on Ray Train; returns the trained model with the last
     training metrics in ``model.train_metrics``."""
@@ -242,7 +253,8 @@ def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str]
                            "features": features, "labels": label_columns, "teacher_columns": teacher_columns,
                            "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                            "encoder_lr": encoder_lr},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=max_failures)),

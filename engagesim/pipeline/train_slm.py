@@ -61,7 +61,8 @@ def fit_slm_family(cfg: AppConfig, train: pa.Table, valid: pa.Table, features: l
         started = time.perf_counter()
         info["mlm"] = mlm.adapt(encoder, tokenizer, sorted(set(rows.column(text_column).to_pylist())),
                                 sorted(set(valid.column(text_column).to_pylist())), c.mlm_steps, ray_dir,
-                                f"{level}_slm_mlm", c.mlm_batch_size, c.mlm_lr, c.max_length, c.workers, use_gpu)
+                                f"{level}_slm_mlm", c.mlm_batch_size, c.mlm_lr, c.max_length, c.workers,
+                                c.cpus_per_worker, use_gpu, location=None if ref.kind == "tiny" else ref.location)
         info["mlm"]["seconds"] = round(time.perf_counter() - started, 1)
         log(f"{level} slm: MLM adaptation, held-out loss {info['mlm']['held_out_loss_before']:.3f} → "
             f"{info['mlm']['held_out_loss_after']:.3f}")
@@ -71,9 +72,11 @@ def fit_slm_family(cfg: AppConfig, train: pa.Table, valid: pa.Table, features: l
                        n_outputs=len(labels), task=task, hidden=list(c.hidden), dropout=c.dropout, mean=mean, std=std,
                        random_weights=ref.random_weights)
     fit = {"epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr, "encoder_lr": c.encoder_lr,
-           "workers": c.workers, "use_gpu": use_gpu}
+           "workers": c.workers, "cpus_per_worker": c.cpus_per_worker, "use_gpu": use_gpu}
+    model = slm.SLMNet(spec, encoder)
+    slm.init_output_bias(model, np.column_stack([rows.column(col).to_numpy(zero_copy_only=False) for col in labels]))
     started = time.perf_counter()
-    teacher = slm.fit_ray(slm.SLMNet(spec, encoder), ids_tr, rows, features, labels, ray_dir, f"{level}_slm", **fit)
+    teacher = slm.fit_ray(model, ids_tr, rows, features, labels, ray_dir, f"{level}_slm", **fit)
     info["seconds"] = round(time.perf_counter() - started, 1)
     info["train_loss"] = teacher.train_metrics.get("loss")
     slm.save(teacher, tokenizer, io.join(out_dir, "slm"), features)
