@@ -347,19 +347,16 @@ def content_train_llm(
     from engagesim.pipeline.behaviour import data_stage
     from engagesim.pipeline.content import captions_stage, llm_stage
     from engagesim.pipeline.run import Run
-    from engagesim.pipeline.runtime import ensure_ray
 
     cfg = _config(config, overrides)
     quiet_ray()
-    ensure_ray(cfg.ray)
-    job = Run.create(cfg, "content-llm", run_id)
-    datasets = data_stage(job)
-    captions = captions_stage(job, datasets["posts"], lambda m: err.print(m))
-    examples = build_examples(read_table(datasets["posts"], cfg.storage), captions, cfg.data.source)
-    train, valid = split_forward(examples, cfg.content.valid_fraction)
-    metrics = llm_stage(job, train, valid, lambda m: err.print(m))
-    job.metrics("llm", metrics)
-    job.finish()
+    with Run.open(cfg, "content-llm", run_id, lambda m: err.print(m)) as job:
+        datasets = data_stage(job)
+        captions = captions_stage(job, datasets["posts"], lambda m: err.print(m))
+        examples = build_examples(read_table(datasets["posts"], cfg.storage), captions, cfg.data.source)
+        train, valid = split_forward(examples, cfg.content.valid_fraction)
+        metrics = llm_stage(job, train, valid, lambda m: err.print(m))
+        job.metrics("llm", metrics)
     finish({"run": job.uri, "adapter": job.path("models", "llm", "adapter"), **metrics}, as_json, "LLM tuning")
 
 

@@ -14,7 +14,8 @@ TINY = ["synth.users=200", "synth.posts=500", "synth.impressions=6000", "synth.i
         "embed.text_model=tiny:bert", "embed.image_model=tiny:clip", "train.xgb.rounds=15",
         "train.xgb.checkpoint_every=15", "train.nn.epochs=1", "train.nn.width=64",
         "content.llm.model=tiny:llama", "content.llm.max_steps=2", "content.llm.eval_examples=2",
-        "content.llm.max_length=96", "content.captions.model=tiny:blip"]
+        "content.llm.max_length=96", "content.captions.model=tiny:blip", "train.slm.encoder=tiny:bert",
+        "train.slm.max_rows=1000", "train.slm.mlm_steps=4", "train.slm.max_length=24"]
 
 
 def test_every_preset_is_valid_and_says_how_it_differs_from_its_paper():
@@ -30,7 +31,7 @@ def test_every_preset_is_valid_and_says_how_it_differs_from_its_paper():
 def test_presets_override_only_what_their_paper_specifies():
     base = load_config("configs/local.yaml")
     layer6 = load_config("configs/local.yaml", preset="layer6_recsys2021")
-    assert layer6.train.xgb.preset == "layer6" and layer6.train.models == ["xgb", "nn"]
+    assert layer6.train.xgb.preset == "layer6" and layer6.train.models == ["xgb", "nn", "slm"]
     assert layer6.synth == base.synth and layer6.train.xgb.rounds == base.train.xgb.rounds  # the rest: base config
     override = load_config("configs/local.yaml", ["train.xgb.rounds=7"], preset="layer6_recsys2021")
     assert override.train.xgb.rounds == 7  # --set wins over the preset

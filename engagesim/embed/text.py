@@ -27,15 +27,20 @@ def _tiny_bert(add_pooling_layer: bool = True):
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """transformers' load report lists every unused key (the pooler): noise in a job's log."""
+    """transformers' load report (every unused key, e.g. the pooler) and its per-load progress bar: noise in a
+    job's log."""
     import transformers
 
     level = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     try:
         yield
     finally:
         transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def load_encoder(name: str, setting: str, **model_kwargs) -> tuple[ResolvedModel, object, torch.nn.Module]:

@@ -122,14 +122,21 @@ def _mlm_fn_per_worker(config: dict) -> None:
             start = json.loads((Path(d) / "state.json").read_text())["step"]
     model = ray.train.torch.prepare_model(MaskedOnlyLoss(mlm),
                                           parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.01)
+    encoder_params = list(mlm.base_model.parameters())
+    encoder_ids = {id(p) for p in encoder_params}
+    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": config["lr"]},
+                                   {"params": [p for p in mlm.parameters() if id(p) not in encoder_ids],
+                                    "lr": config["lr"]}], weight_decay=0.01)
     rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
     rng = np.random.default_rng(rank)
     losses = []
     model.train()
     for step in range(start, config["steps"]):
+        # A fresh head first learns alone: its random gradients would otherwise scramble the pretrained encoder.
+        optimizer.param_groups[0]["lr"] = 0.0 if step < config["head_warmup"] else config["lr"]
         picked = [texts[i] for i in rng.integers(0, len(texts), config["batch_size"])]
-        loss = model(**masked_batch(tokenizer, picked, config["max_length"]))
+        loss = model(**{k: v.to(device) for k, v in masked_batch(tokenizer, picked, config["max_length"]).items()})
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,7 +147,8 @@ def _mlm_fn_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
                 if rank == 0:
-                    (Path(d) / "model.safetensors").write_bytes(to_bytes(unshared_state(mlm)))
+                    (Path(d) / "model.safetensors").write_bytes(
+                        to_bytes({k: v.cpu() for k, v in unshared_state(mlm).items()}))
                     (Path(d) / "state.json").write_text(json.dumps({"step": step + 1}))
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report({"step": step + 1, "loss": float(np.mean(losses[-20:]))}, checkpoint=ckpt)
@@ -164,7 +172,8 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
         _mlm_fn_per_worker,
         train_loop_config={"encoder_config": encoder.config.to_dict(), "init": ray.put(to_bytes(unshared_state(mlm))),
                            "tokenizer": tokenizer, "steps": steps, "batch_size": batch_size, "lr": lr,
-                           "max_length": max_length, "checkpoint_every": checkpoint_every},
+                           "max_length": max_length, "checkpoint_every": checkpoint_every,
+                           "head_warmup": 0 if head_pretrained else steps // 4},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
@@ -178,5 +187,5 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
     after = held_out_loss(mlm, tokenizer, probe, max_length)
     encoder.load_state_dict(mlm.base_model.state_dict(), strict=False)
     return {"steps": steps, "train_texts": len(train_texts), "held_out_texts": len(probe),
-            "head_pretrained": head_pretrained,
+            "head_pretrained": head_pretrained, "head_only_steps": 0 if head_pretrained else steps // 4,
             "held_out_loss_before": round(before, 4), "held_out_loss_after": round(after, 4)}

@@ -150,6 +150,7 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, ba
     criterion = loss_fn(spec.task)
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device  # on GPU workers prepare_model moved the model there
     history = []
     for _ in range(epochs):
         model.train()
@@ -159,7 +160,7 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, ba
             idx = order[lo:lo + batch_size]
             if len(idx) < 2:
                 continue
-            xb, yb = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+            xb, yb = torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device)
             if engine is not None:
                 loss = criterion(engine(xb), yb)
                 engine.backward(loss)

@@ -161,6 +161,11 @@ def train_epochs(model: nn.Module, ids: np.ndarray, x: np.ndarray, y: np.ndarray
     task = (model.module if hasattr(model, "module") else model).spec.task
     criterion = loss_fn(task)
     rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device  # on GPU workers prepare_model moved the model there
+
+    def batch(a: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a[idx]).to(device)
+
     history = []
     for _ in range(epochs):
         model.train()
@@ -170,10 +175,10 @@ def train_epochs(model: nn.Module, ids: np.ndarray, x: np.ndarray, y: np.ndarray
             idx = order[lo:lo + batch_size]
             if len(idx) < 2:
                 continue
-            out = model(torch.from_numpy(ids[idx]), torch.from_numpy(x[idx]))
-            loss = criterion(out, torch.from_numpy(y[idx]))
+            out = model(batch(ids, idx).long(), batch(x, idx))
+            loss = criterion(out, batch(y, idx))
             if teacher is not None:
-                loss = alpha * loss + (1 - alpha) * distillation_loss(task, out, torch.from_numpy(teacher[idx]))
+                loss = alpha * loss + (1 - alpha) * distillation_loss(task, out, batch(teacher, idx))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -222,7 +227,7 @@ def _train_fn_per_worker(config: dict) -> None:
             ckpt = None
             if rank == 0:
                 inner = model.module if hasattr(model, "module") else model
-                (Path(d) / "model.safetensors").write_bytes(to_bytes(inner.state_dict()))
+                (Path(d) / "model.safetensors").write_bytes(to_bytes({k: v.cpu() for k, v in inner.state_dict().items()}))
                 (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"epoch": epoch, "loss": losses[-1], "rows": len(ids),

@@ -52,14 +52,10 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
     """data → EDA → features → models → evaluation, each stage recorded in the run manifest."""
     from engagesim.pipeline.evaluate import evaluate
     from engagesim.pipeline.features import run_features
-    from engagesim.pipeline.runtime import ensure_ray
     from engagesim.pipeline.train import train_impression_level, train_post_level
     from engagesim.report import behaviour_report
 
-    job = Run.create(config, "behaviour", run_id)
-    log(f"run directory: {job.uri}")
-    try:
-        ensure_ray(config.ray)
+    with Run.open(config, "behaviour", run_id, log) as job:
         with Timer() as t:
             datasets = data_stage(job)
         job.stage("data", datasets, t.seconds)
@@ -102,8 +98,4 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
         with Timer() as t:
             report = behaviour_report(job.manifest["metrics"], job.path("reports", "behaviour"))
         job.stage("report", {"report": report}, t.seconds)
-    except BaseException:
-        job.finish("failed")
-        raise
-    job.finish()
     return job

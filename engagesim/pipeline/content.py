@@ -209,12 +209,8 @@ def behaviour_stage(job: Run, log: Callable[[str], None]) -> str:
 def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None] = print) -> Run:
     from engagesim.content.examples import account_profiles, build_examples, split_forward
     from engagesim.pipeline.behaviour import data_stage
-    from engagesim.pipeline.runtime import ensure_ray
 
-    job = Run.create(config, "content", run_id)
-    log(f"run directory: {job.uri}")
-    try:
-        ensure_ray(config.ray)
+    with Run.open(config, "content", run_id, log) as job:
         with Timer() as t:
             datasets = data_stage(job)
         job.stage("data", datasets, t.seconds)
@@ -265,10 +261,6 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
             "behaviour_run": behaviour_uri,
         }
         job.save()
-    except BaseException:
-        job.finish("failed")
-        raise
-    job.finish()
     log(json.dumps({"run": job.uri, "status": job.manifest["status"]}))
     return job
 

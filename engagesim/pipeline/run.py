@@ -7,6 +7,7 @@ traced back to what produced it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import subprocess
@@ -14,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from engagesim import __version__
 from engagesim.config import AppConfig
@@ -78,6 +79,24 @@ class Run:
         }
         run.save()
         return run
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, config: AppConfig, job: str, run_id: str | None = None,
+             log: Callable[[str], None] = print) -> Iterator[Run]:
+        """A new run with Ray started; marked ``failed`` if the block raises (even on Ctrl-C), else ``succeeded``,
+        so a manifest never stays ``running`` after its job has ended."""
+        from engagesim.pipeline.runtime import ensure_ray
+
+        run = cls.create(config, job, run_id)
+        log(f"run directory: {run.uri}")
+        try:
+            ensure_ray(config.ray)
+            yield run
+        except BaseException:
+            run.finish("failed")
+            raise
+        run.finish()
 
     def path(self, *parts: str) -> str:
         return join(self.uri, *parts)
