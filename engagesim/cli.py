@@ -327,7 +327,9 @@ def content_caption(
     cfg = _config(config, overrides)
     quiet_ray()
     ensure_ray(cfg.ray)
-    finish(caption_posts(posts, out_uri, model, cfg.storage, actors), as_json, "captions")
+    summary = caption_posts(posts, out_uri, model, cfg.storage, actors)
+    summary.pop("table")
+    finish(summary, as_json, "captions")
 
 
 @content_app.command("train-llm")

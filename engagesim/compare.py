@@ -92,8 +92,9 @@ def summarise(run_uri: str, measure: bool = True) -> dict[str, Any]:
     if "hashtags" in metrics:
         ht = metrics["hashtags"]
         k = cfg["content"]["hashtags"]["k"]
-        record[f"hashtag_precision@{k}"] = ht[f"model@{k}"][f"precision@{k}"]
-        record[f"hashtag_precision@{k}_baseline"] = ht[f"baseline@{k}"][f"precision@{k}"]
+        record["hashtag_k"] = k  # content.hashtags.k: the P@k rows below are at this k
+        record["hashtag_precision_at_k"] = ht[f"model@{k}"][f"precision@{k}"]
+        record["hashtag_precision_at_k_baseline"] = ht[f"baseline@{k}"][f"precision@{k}"]
         record["hashtag_bleu"] = ht[f"model@{k}"]["bleu"]
         record["hashtag_bleu_baseline"] = ht[f"baseline@{k}"]["bleu"]
     if measure and manifest["job"] == "behaviour" and manifest["status"] == "succeeded":
@@ -111,7 +112,8 @@ COLUMNS = [
     *[(f"ap_{e}", f"AP {e}") for e in ENGAGEMENTS], ("rce_like_fair", "RCE like, mean over popularity groups"),
     ("llm_valid_loss_before", "LLM held-out loss before"), ("llm_valid_loss_after", "after"),
     ("llm_bleu_base", "BLEU base"), ("llm_bleu_tuned", "BLEU tuned"), ("llm_rouge_l_tuned", "ROUGE-L tuned"),
-    ("hashtag_precision@3", "hashtag P@3"), ("hashtag_precision@3_baseline", "baseline P@3"),
+    ("hashtag_k", "hashtags per post (k)"), ("hashtag_precision_at_k", "hashtag P@k"),
+    ("hashtag_precision_at_k_baseline", "baseline P@k"),
     ("hashtag_bleu", "hashtag BLEU"), ("hashtag_bleu_baseline", "baseline BLEU"),
     ("train_seconds", "training s"), ("rows_per_s", "scoring rows/s"), ("latency_ms", "1-post latency ms"),
     ("model_bytes", "model MB"),

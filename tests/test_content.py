@@ -410,3 +410,5 @@ def test_caption_command_writes_a_captions_dataset_for_every_photo(content_run, 
     assert len(captioned) >= 10 and captioned["caption"].str.starts_with("a photo of").all()
     unreachable = captions.filter(pl.col("error").is_not_null())  # the world's https:// photos: fetching is off
     assert unreachable["caption"].is_null().all() and unreachable["error"].str.contains("http").all()
+    summary = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert (summary["captioned"], summary["failed"]) == (len(captioned), len(unreachable))

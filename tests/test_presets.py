@@ -15,7 +15,9 @@ TINY = ["synth.users=200", "synth.posts=500", "synth.impressions=6000", "synth.i
         "train.xgb.checkpoint_every=15", "train.nn.epochs=1", "train.nn.width=64",
         "content.llm.model=tiny:llama", "content.llm.max_steps=2", "content.llm.eval_examples=2",
         "content.llm.max_length=96", "content.captions.model=tiny:blip", "train.slm.encoder=tiny:bert",
-        "train.slm.max_rows=1000", "train.slm.mlm_steps=4", "train.slm.max_length=24"]
+        "train.slm.max_rows=1000", "train.slm.max_length=24", "train.slm.epochs=1",
+        # MLM adaptation and distillation run in tests/test_slm.py; here the recipe's SLM only.
+        "train.slm.mlm_steps=0", "train.slm.distill_layers=0"]
 
 
 def test_every_preset_is_valid_and_says_how_it_differs_from_its_paper():
@@ -76,7 +78,10 @@ def test_preset_runs_end_to_end_on_a_tiny_world(preset_runs, name):
     if manifest["config"]["preset"]["task"] == "behaviour":
         assert metrics["evaluation"]["post_level"]["models"]["ensemble"]["rmse"] > 0
         if manifest["config"]["train"]["impression_level"]:
-            trained = set(manifest["config"]["train"]["models"]) - {"knn", "stacked_mlp"}
+            train = manifest["config"]["train"]
+            trained = set(train["models"]) - {"knn", "stacked_mlp"}
+            if "slm" in trained and train["slm"]["distill_layers"]:
+                trained.add("slm_distilled")
             assert set(metrics["evaluation"]["impression_level"]["models"]) == trained | {"ensemble"}
         else:  # a post-level recipe: no impression features, no impression models
             assert "train_impression_level" not in manifest["stages"] and not metrics["evaluation"]["impression_level"]

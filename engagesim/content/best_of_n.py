@@ -73,7 +73,8 @@ class ContentSimulator:
         profile = self.accounts.get(account, {})
         company = company or profile.get("company")
         caption = self.caption(image_path) if image_path else None
-        target = target_likes if target_likes is not None else profile.get("likes_p90", self.default_target)
+        target = target_likes if target_likes is not None else profile.get("likes_p90")
+        target = self.default_target if target is None else target  # an account whose posts had no likes column
         media_kinds = ("photo",) if image_path else ()
         prompt = build_prompt(PostContext(account=account, created_at=created_at, company=company, caption=caption,
                                           media_kinds=media_kinds, target_likes=target))

@@ -176,6 +176,7 @@ def caption_posts(posts_uri: str, out_uri: str, model: str = DEFAULT_CAPTIONER, 
 
     photos = photo_rows(io.read_table(posts_uri, storage, columns=["post_id", "media"]))
     writer = io.DatasetWriter(out_uri, "captions", storage)
+    tables: list[pa.Table] = []
     if photos.num_rows:
         ds = ray.data.from_arrow(photos).repartition(max(1, min(8, photos.num_rows // batch_size)))
         ds = ds.map_batches(CaptionPosts, fn_constructor_kwargs={"model": model, "storage": storage,
@@ -185,7 +186,11 @@ def caption_posts(posts_uri: str, out_uri: str, model: str = DEFAULT_CAPTIONER, 
         for i, table in enumerate(ds.iter_batches(batch_format="pyarrow", batch_size=None)):
             if table.num_rows:
                 writer.write(table, writer.part_name(i))
+                tables.append(table)
     if not writer.files:
         writer.write(CAPTIONS_SCHEMA.empty_table())
     summary = writer.commit()
-    return {"out": out_uri, "photos": photos.num_rows, "captioned": summary["rows"]}
+    captions = pa.concat_tables(tables) if tables else CAPTIONS_SCHEMA.empty_table()
+    failed = int(captions.column("error").is_valid().sum().as_py() or 0)
+    return {"out": out_uri, "photos": photos.num_rows, "rows": summary["rows"], "captioned": summary["rows"] - failed,
+            "failed": failed, "table": captions}

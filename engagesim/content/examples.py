@@ -23,13 +23,11 @@ SOURCE_CAPTION_COLUMNS = ("media_blip_caption", "captions", "caption")
 
 def source_captions(paths: list[str], storage=None) -> pl.DataFrame:
     """(post_id, caption) from Adobe files that carry a caption column (read as they are)."""
-    from engagesim.loaders.readers import _csv_records, _xlsx_records
+    from engagesim.loaders.readers import adobe_records
 
     rows: list[dict[str, Any]] = []
     for path in paths:
-        records = _xlsx_records(path, storage) if path.lower().endswith((".xlsx", ".xlsm")) \
-            else _csv_records(path, storage)
-        for record in records:
+        for record in adobe_records(path, storage):
             record = {str(k).lower(): v for k, v in record.items()}
             column = next((c for c in SOURCE_CAPTION_COLUMNS if record.get(c)), None)
             if column and record.get("id") is not None:

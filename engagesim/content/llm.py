@@ -432,6 +432,13 @@ class Generator:
         self.tokenizer.padding_side = "left"
         self.adapter = adapter
 
+    def base_only(self):
+        """A context in which the adapter is switched off: the base model's outputs from the same weights
+        (no second copy of the base model in memory)."""
+        import contextlib
+
+        return self.model.disable_adapter() if self.adapter else contextlib.nullcontext()
+
     @torch.inference_mode()
     def generate(self, prompts: list[str], n: int = 1, max_new_tokens: int = 60, temperature: float = 0.8,
                  top_p: float = 0.9, seed: int = 0, greedy: bool = False) -> list[list[str]]:

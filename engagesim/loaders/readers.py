@@ -106,6 +106,11 @@ def _csv_records(uri: str, storage: StorageConfig | None) -> Iterator[dict[str, 
             yield {h: (v if v != "" else None) for h, v in zip(header, values) if h}
 
 
+def adobe_records(uri: str, storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of an Adobe challenge file (.xlsx or .csv) as they are: one dict per row, original column names."""
+    return _xlsx_records(uri, storage) if uri.lower().endswith((".xlsx", ".xlsm")) else _csv_records(uri, storage)
+
+
 def _xlsx_records(uri: str, storage: StorageConfig | None) -> Iterator[dict[str, Any]]:
     from openpyxl import load_workbook
 
@@ -159,7 +164,7 @@ def read_raw(
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
     if fmt == "adobe":
-        records = _xlsx_records(uri, storage) if uri.lower().endswith((".xlsx", ".xlsm")) else _csv_records(uri, storage)
+        records = adobe_records(uri, storage)
         chunks = _chunks(({k.lower(): v for k, v in r.items()} for r in records), batch_rows)
         rename = ADOBE_COLUMNS
     else:

@@ -8,6 +8,7 @@ ranks candidates (trained here on the same data when none is configured).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -34,11 +35,12 @@ def captions_stage(job: Run, posts_uri: str, log: Callable[[str], None]) -> pl.D
     cap = cfg.content.captions
     summary = caption_posts(posts_uri, job.path("captions"), cap.model, cfg.storage, cap.actors, cap.cpus_per_actor,
                             cap.batch_size, cfg.embed.fetch_http)
-    captioned = pl.from_arrow(io.read_table(job.path("captions"), cfg.storage)).filter(pl.col("caption").is_not_null())
+    captioned = pl.from_arrow(summary.pop("table")).filter(pl.col("caption").is_not_null())
     frames.append(captioned.select("post_id", "caption"))
     captions = pl.concat(frames).unique("post_id", keep="first")
     log(f"captions: {len(frames[0]) if len(frames) > 1 else 0} from the source file, "
-        f"{summary['captioned']} of {summary['photos']} photos captioned by {cap.model}")
+        f"{summary['captioned']} of {summary['photos']} photos captioned by {cap.model}"
+        + (f" ({summary['failed']} unreadable: reasons in {job.path('captions')})" if summary["failed"] else ""))
     return captions
 
 
@@ -95,10 +97,12 @@ def generation_eval(job: Run, rows: pl.DataFrame, cache_dir: str, adapter: str) 
     prompts, references = rows["prompt"].to_list(), rows["text"].to_list()
     out: dict[str, Any] = {"generated_posts": len(prompts)}
     samples = {"prompt": prompts, "real": references}
-    for name, adapter_dir in (("base", None), ("tuned", adapter)):
-        generator = Generator(cfg.model, cache_dir, adapter=adapter_dir)
-        texts = [t[0] for batch in range(0, len(prompts), 8)
-                 for t in generator.generate(prompts[batch:batch + 8], greedy=True, max_new_tokens=cfg.max_new_tokens)]
+    generator = Generator(cfg.model, cache_dir, adapter=adapter)
+    for name in ("base", "tuned"):
+        with generator.base_only() if name == "base" else contextlib.nullcontext():
+            texts = [t[0] for batch in range(0, len(prompts), 8)
+                     for t in generator.generate(prompts[batch:batch + 8], greedy=True,
+                                                 max_new_tokens=cfg.max_new_tokens)]
         scores = text_scores(texts, references)
         out[f"bleu_{name}"], out[f"rouge_l_{name}"] = scores["bleu"], scores["rouge_l"]
         samples[name] = texts
