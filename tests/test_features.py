@@ -108,6 +108,8 @@ def test_history_windows_and_past_mode():
     assert [r["user_like_count"] for r in past] == [0, 1, 1, 0]
     assert past[2]["user_like_secs_since_last"] == 48 * 3600
     assert past[0]["user_like_secs_since_last"] is None
+    # The post's own history is past-only even in window mode: a post's later windows are its own future.
+    assert [r["post_like_count"] for r in window] == [r["post_like_count"] for r in past] == [0, 1, 1, 0]
 
 
 def test_planted_future_engagement_does_not_change_past_features():

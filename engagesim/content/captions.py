@@ -191,6 +191,6 @@ def caption_posts(posts_uri: str, out_uri: str, model: str = DEFAULT_CAPTIONER, 
         writer.write(CAPTIONS_SCHEMA.empty_table())
     summary = writer.commit()
     captions = pa.concat_tables(tables) if tables else CAPTIONS_SCHEMA.empty_table()
-    failed = int(captions.column("error").is_valid().sum().as_py() or 0)
+    failed = captions.num_rows - captions.column("error").null_count  # rows that carry a reason, not a caption
     return {"out": out_uri, "photos": photos.num_rows, "rows": summary["rows"], "captioned": summary["rows"] - failed,
             "failed": failed, "table": captions}

@@ -4,7 +4,8 @@ Impressions are cut into non-overlapping windows (24 h by default). Three modes:
 
 - ``window``: a row's features come from every *other* window of the
   training data (targets from one window, features from the rest — LAYER6's
-  scheme); its own window, and so its own label, never contributes.
+  scheme); its own window, and so its own label, never contributes. The
+  post's own history is the exception: always past-only (``PAST_ONLY_GROUPS``).
 - ``past``: only windows strictly before the row's window (forward-in-time).
 - ``apply``: rows outside the training data (validation, test, serving) get
   aggregates over all training events.
@@ -27,6 +28,11 @@ Mode = Literal["window", "past", "apply"]
 # closest observable stand-in for a user's interest in a subject.
 GROUPS = {"user": ["user_id"], "creator": ["creator_id"], "pair": ["user_id", "creator_id"], "post": ["post_id"],
           "topic": ["user_id", "topic"]}
+# A post lives for hours to days: in window mode its engagement in *later* windows is the future of that very
+# post, and almost every training post has some, while a post that is new at scoring time has none. On a 2M-
+# impression world that made post_like_rate average 0.35 on training rows and 0.09 on validation rows (−1.3 sd),
+# and the models learnt a relation that does not hold later. So the post group is past-only in every mode.
+PAST_ONLY_GROUPS = frozenset({"post"})
 
 
 def groups_for(df: pl.DataFrame) -> dict[str, list[str]]:
@@ -92,9 +98,10 @@ def feature_tables(aggregates: dict[str, pl.DataFrame], mode: Mode) -> dict[str,
             tables[prefix] = per.group_by(keys).agg(*[pl.col(c).sum() for c in SUMS], *[pl.col(c).max() for c in LASTS])
             continue
         per = per.sort(*keys, "window")
-        if mode == "window":
+        group_mode = "past" if prefix in PAST_ONLY_GROUPS else mode
+        if group_mode == "window":
             totals = [(pl.col(c).sum().over(keys) - pl.col(c)).alias(c) for c in SUMS]
-        elif mode == "past":
+        elif group_mode == "past":
             totals = [(pl.col(c).cum_sum().over(keys) - pl.col(c)).alias(c) for c in SUMS]
         else:
             raise ValueError(f"history mode must be window, past or apply, not {mode!r}")
