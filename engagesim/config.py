@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
 
@@ -116,9 +116,21 @@ class FeaturesConfig(Section):
         "window", description="Training-row history: other 24h windows (LAYER6) or strictly earlier ones."
     )
     window_hours: int = Field(24, ge=1, description="Width of the non-overlapping history windows.")
+    reach_exposure_hours: float = Field(
+        24.0, ge=0, description="Author reach counts a post's impressions only if it was posted this long before the "
+        "training cutoff (time to collect them).")
     te_mode: Literal["oof", "past"] = Field("oof", description="Target encoding of training rows: time folds or past-only.")
     te_folds: int = Field(5, ge=2, description="Time folds for out-of-fold target encoding.")
-    te_smoothing: float = Field(5.0, ge=0, description="Pseudo-count pulling rare keys towards the prior.")
+    te_smoothing: float | Literal["auto"] = Field(
+        "auto", description="Pseudo-count pulling rare keys towards the prior (>= 0), or 'auto': the empirical-"
+        "Bayes one (within-key / between-key variance), estimated per key column from the training rows.")
+
+    @field_validator("te_smoothing")
+    @classmethod
+    def _smoothing_not_negative(cls, value):
+        if value != "auto" and value < 0:
+            raise ValueError("must be >= 0 or 'auto'")
+        return value
     fourier_scales: int = Field(8, ge=1, description="Scales of the Fourier encoding of numeric features.")
     jaccard_k: int = Field(20, ge=1, description="Jaccard-similar creators kept per creator.")
     text_clusters: int = Field(

@@ -47,7 +47,8 @@ def test_feature_tables_and_manifest(features):
     assert posts.num_rows == 1200 and imps.num_rows == 40_000
     cols = set(imps.column_names)
     for family in ("n_hashtags", "mean_word_len", "day_of_week", "secs_since_prev_post", "te_author_id",
-                   "te_hashtags_top1", "text_pca_0", "sketch_pca_0", "clarity_contrast", "hue_count"):
+                   "te_hashtags_top1", "text_pca_0", "sketch_pca_0", "clarity_contrast", "hue_count",
+                   "author_reach_log_impressions", "author_reach_posts"):
         assert f"post_{family}" in cols, family
     for family in ("user_like_rate", "pair_reply_count", "creator_n", "post_like_rate", "user_like_secs_since_last",
                    "cf_similarity", "similar_creators_engaged", "same_community_like", "inv_community_size_quote",
@@ -56,6 +57,8 @@ def test_feature_tables_and_manifest(features):
     manifest = json.load(open(os.path.join(out, "features.json")))
     leak = {f["name"]: f["leak"] for f in manifest["features"] if f["table"] == "impressions"}
     assert leak["post_te_author_id"].startswith("label-derived") and leak["post_n_words"] == "no labels"
+    assert "own left out" in leak["post_author_reach_log_impressions"]
+    assert set(summary["posts"]["te_smoothing"]) == {"author_id", "company", "language", "hashtags", "domains"}
     split = pc.value_counts(imps.column("split")).to_pylist()
     assert {s["values"] for s in split} == {"train", "valid"}
     assert summary["posts"]["images_embedded_now"] > 0

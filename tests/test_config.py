@@ -46,3 +46,10 @@ def test_every_shipped_config_loads():
     for path in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")):
         cfg = load_config(path, [])
         assert cfg.output_root, path
+
+
+def test_te_smoothing_is_a_count_or_auto():
+    assert load_config(None, ["features.te_smoothing=auto"]).features.te_smoothing == "auto"
+    assert load_config(None, ["features.te_smoothing=2.5"]).features.te_smoothing == 2.5
+    with pytest.raises(ConfigError, match=r"features\.te_smoothing"):
+        load_config(None, ["features.te_smoothing=-1"])

@@ -142,3 +142,73 @@ def test_image_stats_follow_latents():
     assert corr(props[:, 2], feats[:, 1]) > 0.3  # hue latent → hue count
     assert corr(props[:, 3], feats[:, 0]) > 0.4  # clutter/texture → clarity (high frequencies)
     assert feats[:, 3].min() >= 0 and feats[:, 3].max() <= 9  # entropy of 512 bins, in bits
+
+
+def test_cf_similarity_leaves_the_pair_out():
+    """The CF score of (u, c) equals a brute-force cosine CF on the graph with the (u, c) edge removed."""
+    rng = np.random.default_rng(3)
+    edges = {(f"u{u}", f"c{c}") for u, c in zip(rng.integers(0, 12, 60), rng.integers(0, 8, 60))}
+    model = fit_graph(_impressions([(u, c, T(1), T(1.1)) for u, c in sorted(edges)]), jaccard_k=3)
+    users, creators = list(model.users.keys), list(model.creators.keys)
+    dense = model.engaged.toarray()
+
+    def brute(ui: int, ci: int) -> float:
+        e = dense.copy()
+        e[ui, ci] = 0
+        others = [k for k in np.flatnonzero(e[ui]) if k != ci]
+        norm = np.sqrt(e.sum(axis=0))
+        sims = [e[:, ci] @ e[:, k] / (norm[ci] * norm[k]) if norm[ci] * norm[k] else 0.0 for k in others]
+        return float(np.mean(sims)) if sims else 0.0
+
+    pairs = [(ui, ci) for ui in range(len(users)) for ci in range(len(creators))]
+    got = model.features(pl.Series([users[u] for u, _ in pairs]), pl.Series([creators[c] for _, c in pairs]))
+    want = np.array([brute(u, c) for u, c in pairs])
+    np.testing.assert_allclose(got["cf_similarity"].to_numpy(), want, atol=1e-5)
+    # The pair's own edge does not move its score: only the edge changes between these two models.
+    u, c = next((u, c) for u, c in pairs if dense[u, c])
+    without = fit_graph(_impressions([(a, b, T(1), T(1.1)) for a, b in sorted(edges)
+                                      if (a, b) != (users[u], creators[c])]), jaccard_k=3)
+    score = lambda m: m.features(pl.Series([users[u]]), pl.Series([creators[c]]))["cf_similarity"][0]  # noqa: E731
+    assert abs(score(model) - score(without)) < 1e-6
+
+
+def test_empirical_bayes_smoothing_recovers_the_variance_ratio():
+    """Keys with means ~ N(0, τ²) and rows ~ N(mean, σ²): the pseudo-count is σ²/τ² (here 0.25 and 16)."""
+    rng = np.random.default_rng(0)
+    for tau, sigma, want in ((2.0, 1.0, 0.25), (0.25, 1.0, 16.0)):
+        keys = np.repeat(np.arange(3000), 8)
+        y = rng.normal(0, tau, 3000)[keys] + rng.normal(0, sigma, len(keys))
+        got = encodings.empirical_bayes_smoothing(pl.Series("k", keys.astype(str)), y)
+        assert want * 0.8 < got < want * 1.25, (tau, sigma, got)
+    # No between-key variance at all: as much smoothing as allowed (every key is the prior).
+    keys = pl.Series("k", np.repeat(np.arange(200), 5).astype(str))
+    assert encodings.empirical_bayes_smoothing(keys, np.zeros(1000)) == 1000.0
+    stats = encodings.fit_target_stats(pl.Series("k", ["a", "a", "b", "b"]), np.array([1.0, 1.2, 5.0, 5.2]), "auto")
+    assert stats.smoothing < 0.1 and abs(stats.apply(pl.Series(["a"]))[0] - 1.1) < 0.1
+
+
+def test_author_reach_leaves_the_post_out_and_waits_for_exposure():
+    from engagesim.features.reach import AuthorReach, impressions_per_post
+
+    hour = 3_600_000_000
+    origin = int(pl.Series([T(0)]).dt.epoch("us")[0])
+    posts = pl.DataFrame({"post_id": ["p1", "p2", "p3", "p4", "p5"], "author_id": ["a", "a", "a", "b", "b"],
+                          "created_at": [T(0), T(1), T(90), T(0), T(2)]})
+    # Impressions: p1 ×3, p2 ×7 before the cutoff (hour 100) and p2 ×50 after it; p4 ×1.
+    shown = ["p1"] * 3 + ["p2"] * 7 + ["p2"] * 50 + ["p4"]
+    times = [T(5)] * 10 + [T(120)] * 50 + [T(5)]
+    batch = pl.DataFrame({"post_id": shown, "impression_at": times}).to_arrow()
+    counts = pl.from_arrow(impressions_per_post(batch, origin + 100 * hour))
+    assert dict(counts.sort("post_id").iter_rows()) == {"p1": 3, "p2": 7, "p4": 1}
+    reach = AuthorReach.fit(posts, counts, origin + 100 * hour, exposure_hours=24)
+    # p3 (posted 10 h before the cutoff) is not exposed; p5 drew no impressions (log1p 0).
+    got = reach.features(pl.concat([posts, pl.DataFrame({"post_id": ["new"], "author_id": ["a"],
+                                                        "created_at": [T(130)]})])).to_dicts()
+    l3, l7, l1 = np.log1p(3), np.log1p(7), np.log1p(1)
+    assert got[0]["author_reach_posts"] == 1 and abs(got[0]["author_reach_log_impressions"] - l7) < 1e-6  # p1: p2 only
+    assert abs(got[1]["author_reach_log_impressions"] - l3) < 1e-6  # p2: p1 only, never its own 7
+    assert got[2]["author_reach_posts"] == 2 and abs(got[2]["author_reach_log_impressions"] - (l3 + l7) / 2) < 1e-6
+    assert abs(got[3]["author_reach_log_impressions"] - 0.0) < 1e-6 and abs(got[4]["author_reach_log_impressions"] - l1) < 1e-6
+    assert got[5]["author_reach_posts"] == 2  # a new post of a known author: all its exposed posts
+    lonely = AuthorReach.fit(posts.head(1), counts, origin + 100 * hour, 24).features(posts.head(1)).to_dicts()[0]
+    assert lonely["author_reach_posts"] == 0 and lonely["author_reach_log_impressions"] is None

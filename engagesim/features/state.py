@@ -28,6 +28,7 @@ from engagesim import io
 from engagesim.features import encodings
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
 from engagesim.features.post import MEDIA_COLUMNS
+from engagesim.features.reach import AuthorReach
 from engagesim.features.temporal import temporal_features
 from engagesim.features.text import TEXT_STAT_COLUMNS
 
@@ -102,12 +103,14 @@ class PostState:
     centres: np.ndarray | None = None
     authors: pl.DataFrame | None = None  # author attributes (user_attributes, keyed by author_id)
     known_posts: pl.DataFrame | None = None  # post_id, author_id, created_at: for "time since previous post"
+    reach: AuthorReach | None = None  # impressions of authors' posts, when the run has an interaction log
 
     # -- fit ------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, df: pl.DataFrame, y: np.ndarray, train: np.ndarray, users: pl.DataFrame | None,
-            smoothing: float, pca_components: int, text_clusters: int, has_likes: bool) -> PostState:
-        state = cls()
+            smoothing: encodings.Smoothing, pca_components: int, text_clusters: int, has_likes: bool,
+            reach: AuthorReach | None = None) -> PostState:
+        state = cls(reach=reach)
         tr = np.flatnonzero(train)
         if has_likes:
             state.prior = float(y[tr].mean()) if len(tr) else 0.0
@@ -154,6 +157,8 @@ class PostState:
         ]
         if self.te_scalar:
             parts.append(self._target_encodings(df))
+        if self.reach is not None:
+            parts.append(self.reach.features(df))
         if self.authors is not None:
             authors = self.authors
             if new_accounts is not None and new_accounts.height:
@@ -204,7 +209,8 @@ class PostState:
                 "te_order": [*(f"scalar:{k}" for k in self.te_scalar), *(f"list:{k}" for k in self.te_list)],
                 "projections": {k: p.explained_variance for k, p in self.projections.items()},
                 "projection_order": list(self.projections),
-                "has_centres": self.centres is not None, "has_authors": self.authors is not None}
+                "has_centres": self.centres is not None, "has_authors": self.authors is not None,
+                "has_reach": self.reach is not None}
         for name, stats in {**{f"scalar:{k}": v for k, v in self.te_scalar.items()},
                             **{f"list:{k}": v for k, v in self.te_list.items()}}.items():
             write_parquet(io.join(uri, f"te_{name.replace(':', '_')}.parquet"), stats.table, storage)
@@ -216,6 +222,8 @@ class PostState:
         if self.authors is not None:
             write_parquet(io.join(uri, "authors.parquet"), self.authors, storage)
         write_parquet(io.join(uri, "known_posts.parquet"), self.known_posts, storage)
+        if self.reach is not None:
+            write_parquet(io.join(uri, "reach_exposed.parquet"), self.reach.exposed, storage)
         io.write_json(io.join(uri, "state.json"), meta, storage)
 
     @classmethod
@@ -236,6 +244,8 @@ class PostState:
         if meta["has_authors"]:
             state.authors = read_parquet(io.join(uri, "authors.parquet"), storage)
         state.known_posts = read_parquet(io.join(uri, "known_posts.parquet"), storage)
+        if meta.get("has_reach"):
+            state.reach = AuthorReach(read_parquet(io.join(uri, "reach_exposed.parquet"), storage))
         return state
 
 

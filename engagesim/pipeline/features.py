@@ -29,6 +29,7 @@ from engagesim.features.graph import GRAPH_COLUMNS, fit_graph_from_pairs
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
 from engagesim.features.impression import impression_post_columns, join_impressions, with_topic
 from engagesim.features.post import post_row_features
+from engagesim.features.reach import REACH_COLUMNS, AuthorReach, impressions_per_post
 from engagesim.features.state import LIST_SUMMARY, TE_LIST, TE_SCALAR, ImpressionState, PostState, user_attributes
 from engagesim.features.temporal import TEMPORAL_COLUMNS
 from engagesim.pipeline.runtime import ensure_ray
@@ -87,10 +88,12 @@ def _stream_post_rows(cfg: AppConfig, posts_uri: str) -> pa.Table:
     return _collect(ds)
 
 
-def _train_target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, cfg: AppConfig) -> pl.DataFrame:
+def _train_target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, cfg: AppConfig,
+                            state: PostState) -> pl.DataFrame:
     """LAYER6 target encoding of the *training* rows: out-of-fold (time folds) or past-only by mode.
 
-    Validation and new rows get the training statistics instead (``PostState.transform``).
+    Validation and new rows get the training statistics instead (``PostState.transform``); both use
+    the smoothing the state resolved per key, so the two encodings mean the same thing.
     """
     f = cfg.features
     times = df["created_at"].dt.epoch("us").to_numpy()
@@ -100,7 +103,7 @@ def _train_target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, 
     for key in TE_SCALAR:
         keys = sub[key].fill_null("<none>").cast(pl.String)
         cols[f"te_{key}"] = encodings.target_encode_train(keys, y[tr], times[tr], f.te_mode, f.te_folds,
-                                                          f.te_smoothing).astype(np.float32)
+                                                          state.te_scalar[key].smoothing).astype(np.float32)
     prior = float(y[tr].mean())
     for key in TE_LIST:
         exploded = sub.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
@@ -108,15 +111,15 @@ def _train_target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, 
         values = np.zeros(len(rows), dtype=np.float64)
         if len(rows):
             values = encodings.target_encode_train(exploded[key], y[tr][rows], times[tr][rows], f.te_mode,
-                                                   f.te_folds, f.te_smoothing)
+                                                   f.te_folds, state.te_list[key].smoothing)
         summary = encodings.list_te_summary(rows, values, sub.height, prior)
         for k, name in enumerate(LIST_SUMMARY):
             cols[f"te_{key}_{name}"] = summary[:, k]
     return pl.DataFrame(cols)
 
 
-def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | None
-                        ) -> tuple[pl.DataFrame, dict, PostState]:
+def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | None,
+                        impressions: tuple[pl.DataFrame, int] | None = None) -> tuple[pl.DataFrame, dict, PostState]:
     """Fit the post state on the training split, featurise every row with it, then give the training
     rows their out-of-fold target encodings. Validation rows are thus featurised exactly as a new post
     is at scoring time."""
@@ -127,11 +130,16 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
     train = split == "train"
     has_likes = df["likes"].null_count() < n
     y = np.log1p(df["likes"].fill_null(0).to_numpy().astype(np.float64))
+    reach = None
+    if impressions is not None:
+        counts, cutoff_us = impressions
+        reach = AuthorReach.fit(df.select("post_id", "author_id", "created_at"), counts, cutoff_us,
+                                cfg.features.reach_exposure_hours)
     state = PostState.fit(df, y, train, users, cfg.features.te_smoothing, cfg.embed.pca_components,
-                          cfg.features.text_clusters, has_likes)
+                          cfg.features.text_clusters, has_likes, reach)
     table = state.transform(df)
     if has_likes and train.any():
-        oof = _train_target_encodings(df, y, train, cfg)
+        oof = _train_target_encodings(df, y, train, cfg, state)
         replaced = []
         for c in oof.columns:
             values = table[c].to_numpy().astype(np.float32)  # a copy: the apply version for every row
@@ -143,6 +151,9 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
         pl.Series("label_log1p_likes", np.where(df["likes"].is_null().to_numpy(), np.nan, y)),
     )
     info: dict[str, Any] = {"rows": n, "train_rows": int(train.sum()), "valid_rows": int((~train).sum())}
+    if state.te_scalar:
+        info["te_smoothing"] = {key: round(stats.smoothing, 3) for key, stats in {**state.te_scalar,
+                                                                                   **state.te_list}.items()}
     info.update({f"{k}_pca": {"components": int(p.components.shape[0]), "explained_variance": p.explained_variance}
                  for k, p in state.projections.items()})
     if "image_error" in df.columns:
@@ -187,6 +198,21 @@ def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
     return join_impressions(batch, _broadcast(refs), **kwargs)
 
 
+def impression_span(ds, valid_hours: float) -> tuple[int, int]:
+    """(first impression, training cutoff) in µs: impressions in the last ``valid_hours`` validate."""
+    epoch_us = lambda t: int(pl.Series([t]).dt.epoch("us")[0])  # noqa: E731
+    return epoch_us(ds.min("impression_at")), epoch_us(ds.max("impression_at")) - int(valid_hours * 3600 * 1e6)
+
+
+def impression_counts(cfg: AppConfig, interactions_uri: str) -> tuple[pl.DataFrame, int]:
+    """Impressions per post before the training cutoff (one streaming pass), and that cutoff."""
+    ds = _read_ds(interactions_uri, cfg)
+    _, cutoff_us = impression_span(ds, cfg.features.valid_hours)
+    parts = _collect(ds.map_batches(impressions_per_post, batch_format="pyarrow", batch_size=None,
+                                    fn_kwargs={"cutoff_us": cutoff_us}))
+    return pl.from_arrow(parts).group_by("post_id").agg(pl.col("impressions").sum()), cutoff_us
+
+
 def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
                               post_table: pl.DataFrame, out_uri: str) -> tuple[dict, ImpressionState]:
     """Impression features for every row, and the snapshot (``ImpressionState``) new rows are joined to."""
@@ -194,11 +220,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
 
     f = cfg.features
     ds = _read_ds(interactions_uri, cfg)
-    t_min = ds.min("impression_at")
-    t_max = ds.max("impression_at")
-    origin_us = int(pl.Series([t_min]).dt.epoch("us")[0])
-    max_us = int(pl.Series([t_max]).dt.epoch("us")[0])
-    cutoff_us = max_us - int(f.valid_hours * 3600 * 1e6)
+    origin_us, cutoff_us = impression_span(ds, f.valid_hours)
 
     topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
               if "text_cluster" in post_table.columns else None)
@@ -266,7 +288,11 @@ def _leak_class(name: str) -> tuple[str, str]:
         return ("LAYER6 target encoding",
                 "label-derived: out-of-fold (time folds) or past-only on train; train stats on valid")
     if base in GRAPH_COLUMNS:
-        return "CF / Jaccard / Leiden on training interactions", "label-derived: fit on train split only"
+        return ("CF / Jaccard / Leiden on training interactions",
+                "label-derived: fit on train split only; CF leaves the row's own (user, creator) edge out")
+    if base in REACH_COLUMNS:
+        return ("author reach from the interaction log",
+                "exposure-derived: impressions before the cutoff, the post's own left out")
     if "_pca_" in base:
         return "PCA of embeddings (fit on train rows)", "unsupervised: no labels"
     if base in TEMPORAL_COLUMNS or base.endswith("account_age_days"):
@@ -292,7 +318,8 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     rows = _stream_post_rows(cfg, posts_uri)
     log(f"post rows streamed: {rows.num_rows:,}")
     users = pl.from_arrow(io.read_table(users_uri, cfg.storage)) if users_uri else None
-    post_table, post_info, post_state = build_post_features(cfg, rows, users)
+    counts = impression_counts(cfg, interactions_uri) if interactions_uri else None
+    post_table, post_info, post_state = build_post_features(cfg, rows, users, counts)
     post_state.save(io.join(out_uri, "state", "posts"), cfg.storage)
     writer = io.DatasetWriter(io.join(out_uri, "posts"), "post_features", cfg.storage)
     for lo in range(0, post_table.height, 200_000):
