@@ -1,14 +1,101 @@
-"""DeepSpeed ZeRO-2 settings shared by every TorchTrainer loop (the behaviour NN and the LoRA LLM).
+"""What every Ray Train loop shares: trainer settings, a worker's shard, resume and checkpoint.
 
-ZeRO-2 partitions optimizer state and gradients across workers; on CPU it runs
-over gloo inside Ray Train's process group. A plain torch optimizer is passed
-in (DeepSpeed's fused Adam needs compiled ops), hence
-``zero_allow_untested_optimizer``. Mixed precision only on GPU.
+The XGBoost, NN, SLM, MLM and LoRA loops differ in what a step is, not in how a
+worker reads its rows, picks up after a failure or hands a checkpoint back; those
+live here once. Checkpoints are safetensors weights + a JSON state (never pickle),
+written by rank 0 only — every rank reports, so Ray Train's barrier is met.
+
+DeepSpeed ZeRO-2 (``deepspeed_config``/``zero2_engine``) partitions optimizer state
+and gradients across workers; on CPU it runs over gloo inside Ray Train's process
+group. A plain torch optimizer is passed in (DeepSpeed's fused Adam needs compiled
+ops), hence ``zero_allow_untested_optimizer``. Mixed precision only on GPU.
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 import torch
+
+WEIGHTS = "model.safetensors"
+STATE = "state.json"
+
+
+def storage_uri(path: str) -> str:
+    """Ray Train storage: an s3:// URI as is (Ray Train writes checkpoints there), a local path absolute."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def trainer_settings(name: str, storage_path: str, workers: int = 1, cpus_per_worker: float = 1,
+                     use_gpu: bool = False, keep: int = 1, max_failures: int = 2) -> dict:
+    """``scaling_config`` and ``run_config`` keyword arguments for any Ray Train trainer."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    return {"scaling_config": ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                            resources_per_worker={"CPU": cpus_per_worker}),
+            "run_config": RunConfig(name=name, storage_path=storage_uri(storage_path),
+                                    checkpoint_config=CheckpointConfig(num_to_keep=keep),
+                                    failure_config=FailureConfig(max_failures=max_failures))}
+
+
+def shard_table(name: str = "train") -> pa.Table | None:
+    """This worker's shard of dataset ``name`` as one Arrow table (None when the trainer has no such dataset)."""
+    import ray.train
+
+    try:
+        shard = ray.train.get_dataset_shard(name)
+    except KeyError:
+        return None
+    tables = list(shard.iter_batches(batch_format="pyarrow", batch_size=None))
+    return pa.concat_tables(tables) if tables else None
+
+
+def column_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
+    """(rows, len(columns)) float32 from label-like columns."""
+    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in columns]).astype(np.float32)
+
+
+def resume(module: torch.nn.Module, strict: bool = True) -> dict | None:
+    """After a failure: load the last checkpoint's weights into ``module`` and return its state (else None)."""
+    import ray.train
+    from safetensors.torch import load
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as folder:
+        module.load_state_dict(load((Path(folder) / WEIGHTS).read_bytes()), strict=strict)
+        return json.loads((Path(folder) / STATE).read_text())
+
+
+def report(module: torch.nn.Module, state: dict, metrics: dict,
+           weights: Callable[[torch.nn.Module], dict] | None = None) -> None:
+    """Rank 0 checkpoints ``module`` (unwrapped from DDP) with ``state``; every rank reports ``metrics``."""
+    import ray.train
+    from safetensors.torch import save
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            inner = module.module if hasattr(module, "module") else module
+            tensors = (weights or (lambda m: m.state_dict()))(inner)
+            (Path(folder) / WEIGHTS).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+            (Path(folder) / STATE).write_text(json.dumps(state))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def checkpoint_weights(result) -> dict[str, torch.Tensor]:
+    """The weights of a finished ``trainer.fit()`` result's last checkpoint."""
+    from safetensors.torch import load
+
+    with result.checkpoint.as_directory() as folder:
+        return load((Path(folder) / WEIGHTS).read_bytes())
 
 
 def deepspeed_config(batch_size: int, grad_accum: int, device: torch.device, precision: str = "auto") -> dict:
