@@ -392,10 +392,9 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, settings: dict, storage_pat
     ``inject_failure={"at_step": N, "marker": path}`` kills rank 0 once at step N (chaos tests).
     """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from engagesim.models.xgb import storage_uri
+    from engagesim.models.distributed import trainer_settings
 
     config = dict(settings, inject_failure=inject_failure)
     if valid is not None and valid.num_rows:
@@ -404,11 +403,7 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, settings: dict, storage_pat
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+        **trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu, keep=2, max_failures=max_failures),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets={"train": ray.data.from_arrow(train)},
     )

@@ -17,10 +17,13 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
+
+if TYPE_CHECKING:  # torch stays out of the import path of the XGBoost-only users of this module
+    import torch
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
@@ -99,6 +102,8 @@ def checkpoint_weights(result) -> dict[str, torch.Tensor]:
 
 
 def deepspeed_config(batch_size: int, grad_accum: int, device: torch.device, precision: str = "auto") -> dict:
+    import torch
+
     gpu = device.type == "cuda"
     bf16 = gpu and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
     return {

@@ -10,10 +10,6 @@ masking seed, says whether it helped.
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
 import torch
@@ -22,7 +18,7 @@ from safetensors.torch import save as to_bytes
 from torch import nn
 
 from engagesim.embed.text import quiet_transformers
-from engagesim.models.xgb import storage_uri
+from engagesim.models import distributed
 
 
 def unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,18 +104,12 @@ def _mlm_fn_per_worker(config: dict) -> None:
     import ray.train.torch
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    shard = ray.train.get_dataset_shard("train")
-    texts = pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=None))).column("text")
-    texts = texts.to_pylist()
+    texts = distributed.shard_table("train").column("text").to_pylist()
     tokenizer = config["tokenizer"]
     mlm = AutoModelForMaskedLM.from_config(AutoConfig.for_model(**config["encoder_config"]))
     mlm.load_state_dict(from_bytes(ray.get(config["init"])), strict=False)
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            mlm.load_state_dict(from_bytes((Path(d) / "model.safetensors").read_bytes()), strict=False)
-            start = json.loads((Path(d) / "state.json").read_text())["step"]
+    resumed = distributed.resume(mlm, strict=False)
+    start = resumed["step"] if resumed else 0
     model = ray.train.torch.prepare_model(MaskedOnlyLoss(mlm),
                                           parallel_strategy_kwargs={"find_unused_parameters": True})
     encoder_params = list(mlm.base_model.parameters())
@@ -144,14 +134,8 @@ def _mlm_fn_per_worker(config: dict) -> None:
         losses.append(float(loss.detach()))
         last = step + 1 == config["steps"]
         if (step + 1) % config["checkpoint_every"] == 0 or last:
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    (Path(d) / "model.safetensors").write_bytes(
-                        to_bytes({k: v.cpu() for k, v in unshared_state(mlm).items()}))
-                    (Path(d) / "state.json").write_text(json.dumps({"step": step + 1}))
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report({"step": step + 1, "loss": float(np.mean(losses[-20:]))}, checkpoint=ckpt)
+            distributed.report(mlm, {"step": step + 1}, {"step": step + 1, "loss": float(np.mean(losses[-20:]))},
+                               weights=unshared_state)
 
 
 def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: list[str], steps: int,
@@ -162,7 +146,6 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
     ``encoder`` and return the held-out losses before and after."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     mlm, head_pretrained = mlm_model(encoder, location)
@@ -174,16 +157,11 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
                            "tokenizer": tokenizer, "steps": steps, "batch_size": batch_size, "lr": lr,
                            "max_length": max_length, "checkpoint_every": checkpoint_every,
                            "head_warmup": 0 if head_pretrained else steps // 4},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=2)),
+        **distributed.trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu),
         datasets={"train": ray.data.from_arrow(pa.table({"text": [t or "" for t in train_texts]}))},
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        mlm.load_state_dict(from_bytes((Path(d) / "model.safetensors").read_bytes()), strict=False)
+    mlm.load_state_dict(distributed.checkpoint_weights(result), strict=False)
     after = held_out_loss(mlm, tokenizer, probe, max_length)
     encoder.load_state_dict(mlm.base_model.state_dict(), strict=False)
     return {"steps": steps, "train_texts": len(train_texts), "held_out_texts": len(probe),

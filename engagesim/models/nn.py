@@ -13,17 +13,15 @@ calls ``train_epochs`` directly); ``fit_ray`` wraps them for data-parallel DDP
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engagesim.models.xgb import storage_uri
+from engagesim.models import distributed
 
 LAYER6_PRESETS = [[400, 800, 500, 250, 100], [500, 900, 600, 250, 100], [512, 1024, 500, 250, 100]]
 
@@ -141,6 +139,28 @@ def loss_fn(task: str):
     return nn.BCEWithLogitsLoss() if task == "binary" else nn.MSELoss()
 
 
+def minibatch_epochs(model: nn.Module, rows: int, epochs: int, batch_size: int, seed: int,
+                     step: Callable[[np.ndarray], float]) -> list[float]:
+    """Shuffled mini-batches of row indices, ``step(idx)`` → that batch's loss; the mean loss per epoch.
+
+    A last batch of one row is skipped (batch norm cannot train on it).
+    """
+    rng = np.random.default_rng(seed)
+    history = []
+    for _ in range(epochs):
+        model.train()
+        order = rng.permutation(rows)
+        total, count = 0.0, 0
+        for lo in range(0, rows, batch_size):
+            idx = order[lo:lo + batch_size]
+            if len(idx) < 2:
+                continue
+            total += step(idx) * len(idx)
+            count += len(idx)
+        history.append(total / max(count, 1))
+    return history
+
+
 def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: float,
                  seed: int = 0, optimizer: torch.optim.Optimizer | None = None, engine=None) -> list[float]:
     """Plain mini-batch training; returns the mean loss per epoch. ``engine``: a DeepSpeed engine wrapping
@@ -149,79 +169,52 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, ba
     spec = model.module.spec if hasattr(model, "module") else model.spec
     criterion = loss_fn(spec.task)
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
-    rng = np.random.default_rng(seed)
     device = next(model.parameters()).device  # on GPU workers prepare_model moved the model there
-    history = []
-    for _ in range(epochs):
-        model.train()
-        order = rng.permutation(len(x))
-        total, count = 0.0, 0
-        for lo in range(0, len(x), batch_size):
-            idx = order[lo:lo + batch_size]
-            if len(idx) < 2:
-                continue
-            xb, yb = torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device)
-            if engine is not None:
-                loss = criterion(engine(xb), yb)
-                engine.backward(loss)
-                engine.step()
-            else:
-                optimizer.zero_grad()
-                loss = criterion(model(xb), yb)
-                loss.backward()
-                optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        history.append(total / max(count, 1))
-    return history
+
+    def step(idx: np.ndarray) -> float:
+        xb, yb = torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device)
+        if engine is not None:
+            loss = criterion(engine(xb), yb)
+            engine.backward(loss)
+            engine.step()
+        else:
+            optimizer.zero_grad()
+            loss = criterion(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+        return float(loss.detach())
+
+    return minibatch_epochs(model, len(x), epochs, batch_size, seed, step)
 
 
 def _train_fn_per_worker(config: dict) -> None:
-    """Each Ray worker: its shard of rows, DDP-wrapped model, a checkpoint (safetensors) per epoch."""
-    import tempfile
-
-    import pyarrow as pa
+    """Each Ray worker: its shard of rows, DDP-wrapped model (or a ZeRO-2 engine), a checkpoint per epoch."""
     import ray.train
     import ray.train.torch
 
     from engagesim.models.data import matrix
 
     spec = NNSpec(**config["spec"])
-    shard = ray.train.get_dataset_shard("train")
-    table = pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=None)))
-    x = matrix(table, config["features"])
-    y = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in config["labels"]]).astype(np.float32)
+    table = distributed.shard_table("train")
+    x, y = matrix(table, config["features"]), distributed.column_matrix(table, config["labels"])
     model = EngagementNet(spec)
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
-            start_epoch = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
+    resumed = distributed.resume(model)
+    start_epoch = resumed["epoch"] + 1 if resumed else 0
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-5)
     engine = None
     if config.get("deepspeed"):
-        from engagesim.models.distributed import deepspeed_config, zero2_engine
-
         device = ray.train.torch.get_device()
-        engine, optimizer, _ = zero2_engine(model.to(device), optimizer,
-                                            deepspeed_config(config["batch_size"], 1, device))
+        engine, optimizer, _ = distributed.zero2_engine(model.to(device), optimizer,
+                                                        distributed.deepspeed_config(config["batch_size"], 1, device))
         model = engine.module
     else:
         model = ray.train.torch.prepare_model(model)
     for epoch in range(start_epoch, config["epochs"]):
         losses = train_epochs(model, x, y, 1, config["batch_size"], config["lr"], seed=epoch, optimizer=optimizer,
                               engine=engine)
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if ray.train.get_context().get_world_rank() == 0:
-                inner = model.module if hasattr(model, "module") else model
-                save_file(inner.state_dict(), str(Path(d) / "model.safetensors"))
-                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            zero_stage = engine.zero_optimization_stage() if engine is not None else 0
-            ray.train.report({"epoch": epoch, "loss": losses[-1], "zero_stage": zero_stage,
-                              "workers": ray.train.get_context().get_world_size()}, checkpoint=ckpt)
+        zero_stage = engine.zero_optimization_stage() if engine is not None else 0
+        distributed.report(model, {"epoch": epoch}, {"epoch": epoch, "loss": losses[-1], "zero_stage": zero_stage,
+                                                     "workers": ray.train.get_context().get_world_size()})
 
 
 def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, storage_path: str, name: str,
@@ -230,23 +223,18 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
     """Data-parallel training on Ray (DDP over gloo on CPU, NCCL on GPU, or DeepSpeed ZeRO-2 with
     ``deepspeed``); returns the trained model. The last training metrics are in ``model.train_metrics``."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         _train_fn_per_worker,
         train_loop_config={"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": epochs,
                            "batch_size": batch_size, "lr": lr, "deepspeed": deepspeed},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+        **distributed.trainer_settings(name, storage_path, workers, 1, use_gpu, max_failures=max_failures),
         datasets={"train": ray.data.from_arrow(train.select(features + label_columns))},
     )
     result = trainer.fit()
     model = EngagementNet(spec)
-    with result.checkpoint.as_directory() as d:
-        model.load_state_dict(load_file(str(Path(d) / "model.safetensors")))
+    model.load_state_dict(distributed.checkpoint_weights(result))
     model.train_metrics = dict(result.metrics)
     return model.eval()
 

@@ -15,7 +15,6 @@ batch (impressions of one post) are encoded once.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
@@ -28,8 +27,8 @@ from safetensors.torch import load as from_bytes
 from safetensors.torch import save as to_bytes
 from torch import nn
 
-from engagesim.models.nn import InputTransform, loss_fn
-from engagesim.models.xgb import storage_uri
+from engagesim.models import distributed
+from engagesim.models.nn import InputTransform, loss_fn, minibatch_epochs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -160,33 +159,23 @@ def train_epochs(model: nn.Module, ids: np.ndarray, x: np.ndarray, y: np.ndarray
     torch.manual_seed(seed)
     task = (model.module if hasattr(model, "module") else model).spec.task
     criterion = loss_fn(task)
-    rng = np.random.default_rng(seed)
     device = next(model.parameters()).device  # on GPU workers prepare_model moved the model there
 
     def batch(a: np.ndarray, idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a[idx]).to(device)
 
-    history = []
-    for _ in range(epochs):
-        model.train()
-        order = rng.permutation(len(ids))
-        total, count = 0.0, 0
-        for lo in range(0, len(ids), batch_size):
-            idx = order[lo:lo + batch_size]
-            if len(idx) < 2:
-                continue
-            out = model(batch(ids, idx).long(), batch(x, idx))
-            loss = criterion(out, batch(y, idx))
-            if teacher is not None:
-                loss = alpha * loss + (1 - alpha) * distillation_loss(task, out, batch(teacher, idx))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        history.append(total / max(count, 1))
-    return history
+    def step(idx: np.ndarray) -> float:
+        out = model(batch(ids, idx).long(), batch(x, idx))
+        loss = criterion(out, batch(y, idx))
+        if teacher is not None:
+            loss = alpha * loss + (1 - alpha) * distillation_loss(task, out, batch(teacher, idx))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    return minibatch_epochs(model, len(ids), epochs, batch_size, seed, step)
 
 
 # --- Ray Train ----------------------------------------------------------------------------------
@@ -200,38 +189,22 @@ def _train_fn_per_worker(config: dict) -> None:
     from engagesim.models.data import matrix
 
     spec = SLMSpec(**config["spec"])
-    shard = ray.train.get_dataset_shard("train")
-    table = pa.concat_tables(list(shard.iter_batches(batch_format="pyarrow", batch_size=None)))
+    table = distributed.shard_table("train")
     ids = ids_matrix(table.column("_input_ids"))
-    x = matrix(table, config["features"])
-    y = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in config["labels"]]).astype(np.float32)
-    teacher = None
-    if config["teacher_columns"]:
-        teacher = np.column_stack([table.column(c).to_numpy(zero_copy_only=False)
-                                   for c in config["teacher_columns"]]).astype(np.float32)
+    x, y = matrix(table, config["features"]), distributed.column_matrix(table, config["labels"])
+    teacher = distributed.column_matrix(table, config["teacher_columns"]) if config["teacher_columns"] else None
     model = SLMNet(spec)
     model.load_state_dict(from_bytes(ray.get(config["init"])))
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(from_bytes((Path(d) / "model.safetensors").read_bytes()))
-            start_epoch = json.loads((Path(d) / "state.json").read_text())["epoch"] + 1
+    resumed = distributed.resume(model)
+    start_epoch = resumed["epoch"] + 1 if resumed else 0
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     optimizer = optimizer_for(model, config["lr"], config["encoder_lr"])
     rank = ray.train.get_context().get_world_rank()
     for epoch in range(start_epoch, config["epochs"]):
         losses = train_epochs(model, ids, x, y, 1, config["batch_size"], optimizer, seed=epoch + 1000 * rank,
                               teacher=teacher, alpha=config["alpha"])
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                inner = model.module if hasattr(model, "module") else model
-                (Path(d) / "model.safetensors").write_bytes(to_bytes({k: v.cpu() for k, v in inner.state_dict().items()}))
-                (Path(d) / "state.json").write_text(json.dumps({"epoch": epoch}))
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({"epoch": epoch, "loss": losses[-1], "rows": len(ids),
-                              "workers": ray.train.get_context().get_world_size()}, checkpoint=ckpt)
+        distributed.report(model, {"epoch": epoch}, {"epoch": epoch, "loss": losses[-1], "rows": len(ids),
+                                                     "workers": ray.train.get_context().get_world_size()})
 
 
 def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str], label_columns: list[str],
@@ -243,7 +216,6 @@ def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str]
     training metrics in ``model.train_metrics``."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     data = table.select(features + label_columns).append_column("_input_ids", ids_column(ids))
@@ -258,17 +230,13 @@ def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str]
                            "features": features, "labels": label_columns, "teacher_columns": teacher_columns,
                            "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                            "encoder_lr": encoder_lr},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+        **distributed.trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu,
+                                       max_failures=max_failures),
         datasets={"train": ray.data.from_arrow(data)},
     )
     result = trainer.fit()
     trained = SLMNet(model.spec)
-    with result.checkpoint.as_directory() as d:
-        trained.load_state_dict(from_bytes((Path(d) / "model.safetensors").read_bytes()))
+    trained.load_state_dict(distributed.checkpoint_weights(result))
     trained.train_metrics = dict(result.metrics)
     return trained.eval()
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import xgboost as xgb
 
+from engagesim.models import distributed
 from engagesim.models.data import matrix
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -32,11 +33,6 @@ def params_for(preset: str, objective: str, overrides: dict[str, Any] | None = N
         params["device"] = "cuda"
     params.update(overrides or {})
     return params
-
-
-def storage_uri(path: str) -> str:
-    """Ray Train storage: an s3:// URI as is (Ray Train writes checkpoints there), a local path absolute."""
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def dmatrix(table: pa.Table, features: list[str], label: str | None) -> xgb.DMatrix:
@@ -109,23 +105,12 @@ class CrashOnce(xgb.callback.TrainingCallback):
         return False
 
 
-def _shard_table(name: str) -> pa.Table | None:
-    import ray.train
-
-    try:
-        shard = ray.train.get_dataset_shard(name)
-    except KeyError:  # no such dataset was given to the trainer
-        return None
-    tables = [b for b in shard.iter_batches(batch_format="pyarrow", batch_size=None)]
-    return pa.concat_tables(tables) if tables else None
-
-
 def _train_fn_per_worker(config: dict) -> None:
     import ray.train
     from ray.train.xgboost import RayTrainReportCallback
 
-    train = _shard_table("train")
-    valid = _shard_table("valid")
+    train = distributed.shard_table("train")
+    valid = distributed.shard_table("valid")
     dtrain = dmatrix(train, config["features"], config["label"])
     dvalid = dmatrix(valid, config["features"], config["label"]) if valid is not None else None
     start_model, rounds = None, config["rounds"]
@@ -151,7 +136,6 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
     ``inject_failure={"at_round": N, "marker": path}`` kills the worker once at round N (chaos tests).
     """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
 
     datasets = {"train": ray.data.from_arrow(train.select(features + [label]))}
@@ -162,11 +146,8 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
         train_loop_config={"features": features, "label": label, "params": params, "rounds": rounds,
                            "checkpoint_every": checkpoint_every, "early_stopping": early_stopping,
                            "inject_failure": inject_failure},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_uri(storage_path),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+        **distributed.trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu, keep=2,
+                                       max_failures=max_failures),
         datasets=datasets,
     )
     result = trainer.fit()
