@@ -157,3 +157,20 @@ def test_nn_trains_on_two_workers_with_ddp_or_deepspeed_zero2(ray_local, tmp_pat
                        lr=3e-3, workers=2, deepspeed=deepspeed)
     assert model.train_metrics["workers"] == 2 and model.train_metrics["zero_stage"] == (2 if deepspeed else 0)
     assert metrics.rce(y, model.predict(x)[:, 0]) > 20
+
+
+def test_worker_shards_cover_the_table_and_equal_ones_have_one_length(ray_local):
+    """DDP ranks must see the same number of rows (else one waits forever in all-reduce); XGBoost keeps all."""
+    import pyarrow as pa
+    import ray
+
+    from engagesim.models.distributed import put_shards
+
+    table = pa.table({"v": np.arange(1001)})
+    every = put_shards({"train": table, "valid": None}, 2)
+    assert set(every) == {"train"}  # an absent table gets no shards
+    parts = [ray.get(ref) for ref in every["train"]]
+    assert [p.num_rows for p in parts] == [500, 501]
+    assert np.concatenate([p.column("v").to_numpy() for p in parts]).tolist() == list(range(1001))
+    equal = [ray.get(ref).num_rows for ref in put_shards({"train": table}, 3, equal=True)["train"]]
+    assert equal == [333, 333, 333]

@@ -46,16 +46,35 @@ def trainer_settings(name: str, storage_path: str, workers: int = 1, cpus_per_wo
                                     failure_config=FailureConfig(max_failures=max_failures))}
 
 
-def shard_table(name: str = "train") -> pa.Table | None:
-    """This worker's shard of dataset ``name`` as one Arrow table (None when the trainer has no such dataset)."""
+def put_shards(tables: dict[str, pa.Table | None], workers: int, equal: bool = False) -> dict[str, list]:
+    """Tables already in the driver's memory → one contiguous slice per worker in the object store.
+
+    For data that is already one Arrow table this is what Ray Data's streaming split would end with,
+    without its coordinator and manager actors or the per-batch copies: measured on a 1M-row XGBoost
+    fit, ~2.5 s of Ray Train's fixed cost. Workers read their slice zero-copy (``local_shard``).
+    ``equal`` drops the last ``rows % workers`` rows so every slice has the same length: DDP ranks
+    must run the same number of steps, or the one with an extra batch waits forever in all-reduce.
+    """
+    import ray
+
+    out = {}
+    for name, table in tables.items():
+        if table is None or not table.num_rows:
+            continue
+        rows = table.num_rows - table.num_rows % workers if equal else table.num_rows
+        bounds = np.linspace(0, rows, workers + 1).astype(int)
+        out[name] = [ray.put(table.slice(lo, hi - lo)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return out
+
+
+def local_shard(shards: dict[str, list], name: str) -> pa.Table | None:
+    """This worker's slice of ``put_shards`` output (None when there is no such table)."""
+    import ray
     import ray.train
 
-    try:
-        shard = ray.train.get_dataset_shard(name)
-    except KeyError:
+    if name not in shards:
         return None
-    tables = list(shard.iter_batches(batch_format="pyarrow", batch_size=None))
-    return pa.concat_tables(tables) if tables else None
+    return ray.get(shards[name][ray.train.get_context().get_world_rank()])
 
 
 def column_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:

@@ -104,7 +104,7 @@ def _mlm_fn_per_worker(config: dict) -> None:
     import ray.train.torch
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    texts = distributed.shard_table("train").column("text").to_pylist()
+    texts = distributed.local_shard(config["shards"], "train").column("text").to_pylist()
     tokenizer = config["tokenizer"]
     mlm = AutoModelForMaskedLM.from_config(AutoConfig.for_model(**config["encoder_config"]))
     mlm.load_state_dict(from_bytes(ray.get(config["init"])), strict=False)
@@ -145,7 +145,6 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
     """MLM-train a copy of ``encoder`` on ``train_texts`` (Ray Train), copy the adapted weights back into
     ``encoder`` and return the held-out losses before and after."""
     import ray
-    import ray.data
     from ray.train.torch import TorchTrainer
 
     mlm, head_pretrained = mlm_model(encoder, location)
@@ -156,9 +155,10 @@ def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: li
         train_loop_config={"encoder_config": encoder.config.to_dict(), "init": ray.put(to_bytes(unshared_state(mlm))),
                            "tokenizer": tokenizer, "steps": steps, "batch_size": batch_size, "lr": lr,
                            "max_length": max_length, "checkpoint_every": checkpoint_every,
-                           "head_warmup": 0 if head_pretrained else steps // 4},
+                           "head_warmup": 0 if head_pretrained else steps // 4,
+                           "shards": distributed.put_shards({"train": pa.table({"text": [t or "" for t in train_texts]})},
+                                                            workers, equal=True)},
         **distributed.trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu),
-        datasets={"train": ray.data.from_arrow(pa.table({"text": [t or "" for t in train_texts]}))},
     )
     result = trainer.fit()
     mlm.load_state_dict(distributed.checkpoint_weights(result), strict=False)

@@ -195,7 +195,7 @@ def _train_fn_per_worker(config: dict) -> None:
     from engagesim.models.data import matrix
 
     spec = NNSpec(**config["spec"])
-    table = distributed.shard_table("train")
+    table = distributed.local_shard(config["shards"], "train")
     x, y = matrix(table, config["features"]), distributed.column_matrix(table, config["labels"])
     model = EngagementNet(spec)
     resumed = distributed.resume(model)
@@ -222,15 +222,15 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
             use_gpu: bool = False, max_failures: int = 2, deepspeed: bool = False) -> EngagementNet:
     """Data-parallel training on Ray (DDP over gloo on CPU, NCCL on GPU, or DeepSpeed ZeRO-2 with
     ``deepspeed``); returns the trained model. The last training metrics are in ``model.train_metrics``."""
-    import ray.data
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         _train_fn_per_worker,
         train_loop_config={"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": epochs,
-                           "batch_size": batch_size, "lr": lr, "deepspeed": deepspeed},
+                           "batch_size": batch_size, "lr": lr, "deepspeed": deepspeed,
+                           "shards": distributed.put_shards({"train": train.select(features + label_columns)}, workers,
+                                                            equal=True)},
         **distributed.trainer_settings(name, storage_path, workers, 1, use_gpu, max_failures=max_failures),
-        datasets={"train": ray.data.from_arrow(train.select(features + label_columns))},
     )
     result = trainer.fit()
     model = EngagementNet(spec)

@@ -189,7 +189,7 @@ def _train_fn_per_worker(config: dict) -> None:
     from engagesim.models.data import matrix
 
     spec = SLMSpec(**config["spec"])
-    table = distributed.shard_table("train")
+    table = distributed.local_shard(config["shards"], "train")
     ids = ids_matrix(table.column("_input_ids"))
     x, y = matrix(table, config["features"]), distributed.column_matrix(table, config["labels"])
     teacher = distributed.column_matrix(table, config["teacher_columns"]) if config["teacher_columns"] else None
@@ -215,7 +215,6 @@ def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str]
     """Fine-tune ``model`` (encoder + head) data-parallel on Ray Train; returns the trained model with the last
     training metrics in ``model.train_metrics``."""
     import ray
-    import ray.data
     from ray.train.torch import TorchTrainer
 
     data = table.select(features + label_columns).append_column("_input_ids", ids_column(ids))
@@ -229,10 +228,9 @@ def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str]
         train_loop_config={"spec": asdict(model.spec), "init": ray.put(to_bytes(model.state_dict())),
                            "features": features, "labels": label_columns, "teacher_columns": teacher_columns,
                            "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                           "encoder_lr": encoder_lr},
+                           "encoder_lr": encoder_lr, "shards": distributed.put_shards({"train": data}, workers, equal=True)},
         **distributed.trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu,
                                        max_failures=max_failures),
-        datasets={"train": ray.data.from_arrow(data)},
     )
     result = trainer.fit()
     trained = SLMNet(model.spec)

@@ -6,6 +6,18 @@ import os
 
 from engagesim.config import RayConfig
 
+# Ray Train's controller polls its workers every 2 s by default, so every fit ends up to 2 s after its
+# workers finished (measured: XGBoost on 1M rows, 23.2 s → 21.2 s with 0.25 s). A pipeline run makes
+# a dozen fits. Polling a local worker group more often costs the controller next to nothing; a user's
+# own setting (or a cluster's) wins.
+LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
+
+
+def local_ray_env() -> None:
+    """Defaults for an embedded Ray, set before it starts (its processes inherit the environment)."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+
 
 def ensure_ray(config: RayConfig | None = None) -> None:
     """Start (or join) Ray once per process.
@@ -24,6 +36,7 @@ def ensure_ray(config: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
+    local_ray_env()
     kwargs = {"include_dashboard": False, "log_to_driver": False}
     if config.num_cpus:
         kwargs["num_cpus"] = config.num_cpus
