@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo content reproduce test bench lint clean
+.PHONY: setup demo demo-2m content reproduce test bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ setup: $(STAMP) $(BROWSER)
 
 demo: setup
 	$(PY) jobs/behaviour.py --config $(CONFIG)
+
+# The accuracy check at scale: the demo's job on a 2M-impression world (~15 min on 2 cores).
+WORLD_2M = --set synth.users=20000 --set synth.posts=50000 --set synth.impressions=2000000 \
+	--set synth.images=500 --set synth.rows_per_shard=250000
+demo-2m: setup
+	$(PY) jobs/behaviour.py --config $(CONFIG) $(WORLD_2M)
 
 # Content simulation on the real Adobe tweets: LoRA SmolLM2, hashtags, a behaviour run to rank candidates.
 content: setup
