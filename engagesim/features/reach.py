@@ -5,7 +5,7 @@ effect from the author's past likes — noisy for an author with a handful of po
 interaction log sees every post many times: platforms show popular accounts' posts more,
 so the mean log-impressions of an author's posts measures the same account effect with
 far less noise. Measured on a 2M-impression world (50k posts): post-level XGBoost RMSE
-0.805 → 0.782 with these two columns (oracle 0.687).
+0.805 → 0.785 with these two columns (oracle 0.687).
 
 Leak-free by construction, for every row the same way: a post's own impressions never
 count towards its feature (leave-own-post-out), only impressions before the training
@@ -15,6 +15,7 @@ cutoff count, and only posts that had ``exposure_hours`` to collect them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import polars as pl
 import pyarrow as pa
@@ -46,14 +47,18 @@ class AuthorReach:
                            pl.col("impressions").fill_null(0).log1p().cast(pl.Float64).alias("log_impressions")))
         return cls(exposed)
 
+    @cached_property
+    def _authors(self) -> pl.DataFrame:
+        """Per author: sum and count over exposed posts — once, not per scored batch (Serve scores one row)."""
+        return self.exposed.group_by("author_id").agg(pl.col("log_impressions").sum().alias("_sum"),
+                                                      pl.len().cast(pl.Float64).alias("_n"))
+
     def features(self, posts: pl.DataFrame) -> pl.DataFrame:
         """Row-aligned with ``posts`` (post_id, author_id): mean log1p impressions of the author's other
         exposed posts (null when there are none) and how many there are."""
-        authors = self.exposed.group_by("author_id").agg(pl.col("log_impressions").sum().alias("_sum"),
-                                                         pl.len().cast(pl.Float64).alias("_n"))
         own = self.exposed.select("post_id", pl.col("log_impressions").alias("_own"))
         joined = (posts.select("post_id", "author_id")
-                  .join(authors, on="author_id", how="left", maintain_order="left")
+                  .join(self._authors, on="author_id", how="left", maintain_order="left")
                   .join(own, on="post_id", how="left", maintain_order="left"))
         others = pl.col("_n").fill_null(0) - pl.col("_own").is_not_null().cast(pl.Float64)
         total = pl.col("_sum").fill_null(0) - pl.col("_own").fill_null(0)
