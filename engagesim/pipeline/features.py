@@ -204,23 +204,26 @@ def impression_span(ds, valid_hours: float) -> tuple[int, int]:
     return epoch_us(ds.min("impression_at")), epoch_us(ds.max("impression_at")) - int(valid_hours * 3600 * 1e6)
 
 
-def impression_counts(cfg: AppConfig, interactions_uri: str) -> tuple[pl.DataFrame, int]:
-    """Impressions per post before the training cutoff (one streaming pass), and that cutoff."""
+def impression_counts(cfg: AppConfig, interactions_uri: str, cutoff_us: int) -> pl.DataFrame:
+    """Partial per-post impression counts before the training cutoff (one streaming pass; parts are
+    summed by ``AuthorReach.fit``)."""
     ds = _read_ds(interactions_uri, cfg)
-    _, cutoff_us = impression_span(ds, cfg.features.valid_hours)
-    parts = _collect(ds.map_batches(impressions_per_post, batch_format="pyarrow", batch_size=None,
-                                    fn_kwargs={"cutoff_us": cutoff_us}))
-    return pl.from_arrow(parts).group_by("post_id").agg(pl.col("impressions").sum()), cutoff_us
+    return pl.from_arrow(_collect(ds.map_batches(impressions_per_post, batch_format="pyarrow", batch_size=None,
+                                                 fn_kwargs={"cutoff_us": cutoff_us})))
 
 
 def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
-                              post_table: pl.DataFrame, out_uri: str) -> tuple[dict, ImpressionState]:
-    """Impression features for every row, and the snapshot (``ImpressionState``) new rows are joined to."""
+                              post_table: pl.DataFrame, out_uri: str, span: tuple[int, int] | None = None
+                              ) -> tuple[dict, ImpressionState]:
+    """Impression features for every row, and the snapshot (``ImpressionState``) new rows are joined to.
+
+    ``span`` is ``impression_span``'s (origin, cutoff) when the caller already has it (two passes saved).
+    """
     import ray
 
     f = cfg.features
     ds = _read_ds(interactions_uri, cfg)
-    origin_us, cutoff_us = impression_span(ds, f.valid_hours)
+    origin_us, cutoff_us = span or impression_span(ds, f.valid_hours)
 
     topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
               if "text_cluster" in post_table.columns else None)
@@ -318,7 +321,10 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     rows = _stream_post_rows(cfg, posts_uri)
     log(f"post rows streamed: {rows.num_rows:,}")
     users = pl.from_arrow(io.read_table(users_uri, cfg.storage)) if users_uri else None
-    counts = impression_counts(cfg, interactions_uri) if interactions_uri else None
+    span = counts = None
+    if interactions_uri:  # the log's span once: it sets the cutoff for author reach and for the history
+        span = impression_span(_read_ds(interactions_uri, cfg), cfg.features.valid_hours)
+        counts = (impression_counts(cfg, interactions_uri, span[1]), span[1])
     post_table, post_info, post_state = build_post_features(cfg, rows, users, counts)
     post_state.save(io.join(out_uri, "state", "posts"), cfg.storage)
     writer = io.DatasetWriter(io.join(out_uri, "posts"), "post_features", cfg.storage)
@@ -330,7 +336,7 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     log(f"post features: {post_table.height:,} rows × {post_table.width} columns")
     if interactions_uri:
         imp, imp_state = build_impression_features(cfg, interactions_uri, users_uri, post_table,
-                                                   io.join(out_uri, "impressions"))
+                                                   io.join(out_uri, "impressions"), span)
         imp_state.save(io.join(out_uri, "state", "impressions"), cfg.storage)
         summary["impressions"] = imp
         schemas["impressions"] = pq.read_schema(
