@@ -52,7 +52,7 @@ def main() -> None:
     plain = time.perf_counter() - start
     emit(bench="xgb_plain", rows=args.rows, rounds=args.rounds, seconds=round(plain, 2))
 
-    from engagesim.pipeline.runtime import ensure_ray
+    from engagesim.runtime import ensure_ray
 
     ensure_ray(RayConfig(num_cpus=2))  # the embedded Ray exactly as the pipeline starts it
     with tempfile.TemporaryDirectory() as tmp:

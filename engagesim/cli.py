@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from engagesim.config import DEFAULT_CONFIG, AppConfig, ConfigError, load_config
+from engagesim.runtime import quiet_ray
 from engagesim.schema import ENGAGEMENTS as ENGAGEMENT_NAMES
 
 app = typer.Typer(
@@ -322,7 +323,7 @@ def content_caption(
 ) -> None:
     """Caption every post's first photo (Ray Data actor pool) into a (post_id, caption, model, error) dataset."""
     from engagesim.content.captions import caption_posts
-    from engagesim.pipeline.runtime import ensure_ray
+    from engagesim.runtime import ensure_ray
 
     cfg = _config(config, overrides)
     quiet_ray()
@@ -527,7 +528,7 @@ def serve_command(
         return
     from ray import serve
 
-    from engagesim.pipeline.runtime import ensure_ray
+    from engagesim.runtime import ensure_ray
 
     cfg = _config(config, overrides)
     try:
@@ -549,14 +550,6 @@ def print_metrics(rows: list[dict]) -> None:
         table.add_row(r["level"], r["model"], r["metric"], f"{r['value']:.4f}",
                       "" if r["oracle"] is None else f"{r['oracle']:.4f}")
     out.print(table)
-
-
-def quiet_ray() -> None:
-    """Keep Ray Data's per-operator logging out of the terminal; progress bars stay."""
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def main() -> None:  # pragma: no cover - console entry

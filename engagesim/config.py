@@ -131,7 +131,6 @@ class FeaturesConfig(Section):
         if value != "auto" and value < 0:
             raise ValueError("must be >= 0 or 'auto'")
         return value
-    fourier_scales: int = Field(8, ge=1, description="Scales of the Fourier encoding of numeric features.")
     jaccard_k: int = Field(20, ge=1, description="Jaccard-similar creators kept per creator.")
     text_clusters: int = Field(
         24, ge=2, description="k-means clusters of post text embeddings: the 'topic' of the user × topic history."
@@ -156,6 +155,7 @@ class NNConfig(Section):
     arch: Literal["layer6_mlp", "synerise_ffn"] = Field("layer6_mlp", description="Network family.")
     layer6_preset: int = Field(0, ge=0, le=2, description="LAYER6 block widths: 0 = [400,800,500,250,100], 1, 2.")
     width: int = Field(1500, ge=8, description="Synerise residual FFN width.")
+    fourier_scales: int = Field(8, ge=1, description="Synerise: scales of the Fourier encoding of numeric inputs.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout after each block.")
     epochs: int = Field(4, ge=1, description="Training epochs.")
     batch_size: int | None = Field(None, ge=2, description="Mini-batch size (None: large, ≥ 50 steps per epoch).")
@@ -205,10 +205,11 @@ class TrainConfig(Section):
     impression_level: bool = Field(
         True, description="Build impression features and train P(engagement) models when the data has impressions; "
                           "post-level (likes) models are always trained. Off for post-level recipes (Adobe, SMP).")
-    models: list[Literal["xgb", "nn", "knn", "stacked_mlp", "slm"]] = Field(
+    models: list[str] = Field(
         default_factory=lambda: ["xgb", "nn", "knn", "stacked_mlp"],
-        description="Model families to train (knn and the SMP stacked MLP: post level only; slm: the transformer "
-                    "text encoder + MLP trained end to end, see train.slm).",
+        description="Model families to train: xgb, nn, knn, stacked_mlp, slm, or any registered with "
+                    "engagesim.models.family.register_family (knn and the SMP stacked MLP: post level only; slm: "
+                    "the transformer text encoder + MLP trained end to end, see train.slm).",
     )
     ensemble: Literal["loss_weighted", "stacked"] = Field(
         "stacked", description="How the served ensemble combines models (both are always evaluated)."
@@ -217,6 +218,18 @@ class TrainConfig(Section):
     nn: NNConfig = Field(default_factory=NNConfig)
     knn: KNNConfig = Field(default_factory=KNNConfig)
     slm: SLMConfig = Field(default_factory=SLMConfig)
+
+    @field_validator("models")
+    @classmethod
+    def _registered_families(cls, value: list[str]) -> list[str]:
+        from engagesim.models.family import family_names
+
+        known = family_names()
+        unknown = [name for name in value if name not in known]
+        if unknown:
+            raise ValueError(f"unknown model famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                             f"registered: {', '.join(known)}")
+        return value
 
 
 class ReportConfig(Section):

@@ -253,3 +253,38 @@ def file_schema_version(uri: str, storage: StorageConfig | None = None) -> dict[
     first = dataset_files(uri, storage)[0]
     meta = pq.read_schema(fs.open_input_file(first)).metadata or {}
     return {"schema_version": meta.get(METADATA_VERSION_KEY, b"").decode(), "kind": meta.get(METADATA_KIND_KEY, b"").decode()}
+
+
+# --- small artefacts of fitted states: Parquet frames and safetensors arrays, local or s3:// ---------
+
+def safe_bytes(arrays: dict[str, Any]) -> bytes:
+    """safetensors bytes; arrays made C-contiguous first (safetensors writes the raw buffer, so an
+    F-ordered array such as sklearn's PCA components would come back transposed)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+
+
+def write_parquet(uri: str, frame, storage=None) -> None:
+    """One polars frame → one Parquet object (a fitted state's table, not a dataset)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(frame.to_arrow(), sink)
+    write_bytes(uri, sink.getvalue().to_pybytes(), storage)
+
+
+def read_parquet(uri: str, storage=None):
+    """One Parquet object → a polars frame."""
+    import polars as pl
+
+    return pl.from_arrow(pq.read_table(pa.BufferReader(read_bytes(uri, storage))))
+
+
+def expand_paths(paths: list[str]) -> list[str]:
+    """Local globs expanded (sorted); s3:// URIs and plain paths as given."""
+    import glob
+
+    out: list[str] = []
+    for p in paths:
+        out.extend(sorted(glob.glob(p)) if not p.startswith("s3://") and any(c in p for c in "*?[") else [p])
+    return out

@@ -91,8 +91,7 @@ class LoadedRun:
 
     @property
     def has_impression_models(self) -> bool:
-        return any(io.exists(self.path("models", "impression", *name), self.storage)
-                   for name in (("ensemble.json",), ("xgb_like.ubj",), ("nn", "config.json"), ("slm", "config.json")))
+        return bool(self.impression_models.members)
 
     @cached_property
     def _encoders(self) -> list:

@@ -35,22 +35,13 @@ def xgb_space() -> dict[str, Any]:
     }
 
 
-class _ReportEveryK(xgb.xgb.callback.TrainingCallback):
-    def __init__(self, every: int, metric: str):
-        self.every, self.metric = every, metric
+def _trial(config: dict, data: Any, base: dict, rounds: int, report_every: int) -> None:
+    from ray import tune
 
-    def after_iteration(self, model, epoch: int, evals_log: dict) -> bool:
-        from ray import tune
-
-        if (epoch + 1) % self.every == 0:
-            tune.report({self.metric: float(evals_log["valid"][self.metric.split("-", 1)[1]][-1]), "round": epoch + 1})
-        return False
-
-
-def _trial(config: dict, data: Any, base: dict, rounds: int, report_every: int, metric: str) -> None:
     dtrain, dvalid = (xgb.xgb.DMatrix(x, label=y, missing=np.nan) for x, y in data)
     params = {**base, **config}
-    xgb.train_booster(dtrain, dvalid, params, rounds, callbacks=[_ReportEveryK(report_every, metric)])
+    xgb.train_booster(dtrain, dvalid, params, rounds,
+                      callbacks=[xgb.ReportEveryK(report_every, checkpoint=False, report=tune.report)])
 
 
 def tune_xgb(cfg: AppConfig, features_uri: str, out_yaml: str, storage_path: str, name: str = "tune_xgb",
@@ -61,7 +52,7 @@ def tune_xgb(cfg: AppConfig, features_uri: str, out_yaml: str, storage_path: str
     from ray.tune.schedulers import ASHAScheduler
 
     from engagesim.models.data import matrix
-    from engagesim.pipeline.runtime import ensure_ray
+    from engagesim.runtime import ensure_ray
 
     ensure_ray(cfg.ray)
     table = io.read_table(io.join(features_uri, "impressions" if level == "impression" else "posts"), cfg.storage)
@@ -77,7 +68,7 @@ def tune_xgb(cfg: AppConfig, features_uri: str, out_yaml: str, storage_path: str
     metric = "valid-" + base["eval_metric"]
     # with_parameters puts the matrices in the object store once; every trial reads the same copy.
     trainable = tune.with_parameters(_trial, data=data, base=base, rounds=rounds,
-                                     report_every=report_every, metric=metric)
+                                     report_every=report_every)
     trainable = tune.with_resources(trainable, {"cpu": 1})
     experiment = str(Path(storage_path).resolve() / name)
     if tune.Tuner.can_restore(experiment):
@@ -88,7 +79,8 @@ def tune_xgb(cfg: AppConfig, features_uri: str, out_yaml: str, storage_path: str
             param_space=xgb_space(),
             tune_config=tune.TuneConfig(
                 metric=metric, mode="min", num_samples=num_samples,
-                scheduler=ASHAScheduler(max_t=rounds // report_every, grace_period=3, reduction_factor=2),
+                scheduler=ASHAScheduler(max_t=max(rounds // report_every, 1),
+                                        grace_period=min(3, max(rounds // report_every, 1)), reduction_factor=2),
                 # The preset itself is the first trial, so the search can only match or beat it.
                 search_alg=tune.search.BasicVariantGenerator(
                     random_state=seed, points_to_evaluate=[{k: base[k] for k in xgb_space()}]),

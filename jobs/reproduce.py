@@ -18,9 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from engagesim.cli import quiet_ray
 from engagesim.compare import compare, markdown_table
 from engagesim.config import load_config, preset_names
+from engagesim.runtime import quiet_ray
 
 ADOBE = "../shared/data/adobe/train_sample2355_with_likes.csv"
 

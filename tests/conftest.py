@@ -87,7 +87,7 @@ def ray_local(tmp_path_factory):
     import ray
 
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    from engagesim.pipeline.runtime import local_ray_env
+    from engagesim.runtime import local_ray_env
 
     local_ray_env()
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

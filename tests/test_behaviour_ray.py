@@ -96,10 +96,14 @@ def test_xgb_worker_killed_resumes_from_checkpoint(features, tmp_path):
     table = io.read_table(io.join(out, "impressions"))
     train = table.filter(pc.equal(table.column("split"), "train"))
     f = feature_columns(table.schema)[:20]
+    from engagesim.config import XGBConfig
+    from engagesim.models.chaos import CrashOnce
+
     marker = str(tmp_path / "crashed")
     params = xgb.params_for("layer6", "binary:logistic", {"nthread": 1})
-    booster = xgb.fit_ray(train, None, f, "y_like", params, 40, str(tmp_path), "chaos", checkpoint_every=10,
-                          early_stopping=None, inject_failure={"at_round": 25, "marker": marker})
+    settings = XGBConfig(rounds=40, checkpoint_every=10, cpus_per_worker=1)
+    booster = xgb.fit_ray(train, None, f, "y_like", params, settings, str(tmp_path), "chaos",
+                          callbacks=[CrashOnce(25, marker)])
     assert open(marker).read() == "25"  # the worker really died at round 25...
     resumed = int(open(marker + ".resumed").read())
     # ...the retry started from a checkpoint (every 10 rounds; the newest may not be registered yet)...
@@ -143,6 +147,7 @@ def test_nn_trains_on_two_workers_with_ddp_or_deepspeed_zero2(ray_local, tmp_pat
     import pyarrow as pa
 
     from engagesim import metrics
+    from engagesim.config import NNConfig
     from engagesim.models import nn
 
     rng = np.random.default_rng(0)
@@ -153,8 +158,8 @@ def test_nn_trains_on_two_workers_with_ddp_or_deepspeed_zero2(ray_local, tmp_pat
     mean, std = nn.fit_normaliser(x)
     spec = nn.NNSpec(arch="layer6_mlp", n_inputs=2, n_outputs=1, hidden=[32, 64, 32, 16, 8], width=32, mean=mean,
                      std=std, task="binary")
-    model = nn.fit_ray(table, ["x1", "x2"], ["y_like"], spec, str(tmp_path), "nn", epochs=3, batch_size=128,
-                       lr=3e-3, workers=2, deepspeed=deepspeed)
+    settings = NNConfig(epochs=3, lr=3e-3, workers=2, deepspeed=deepspeed)
+    model = nn.fit_ray(table, ["x1", "x2"], ["y_like"], spec, str(tmp_path), "nn", settings, batch_size=128)
     assert model.train_metrics["workers"] == 2 and model.train_metrics["zero_stage"] == (2 if deepspeed else 0)
     assert metrics.rce(y, model.predict(x)[:, 0]) > 20
 

@@ -234,6 +234,7 @@ report = {"written": written, "rows": table.num_rows, "unique": len(pc.unique(id
 import glob
 import numpy as np
 from ray._private import state
+from engagesim.config import XGBConfig
 from engagesim.models import xgb
 
 cluster.add_node(num_cpus=1)
@@ -264,8 +265,9 @@ def kill_worker_node_after_checkpoint():
 watcher = threading.Thread(target=kill_worker_node_after_checkpoint, daemon=True)
 watcher.start()
 params = xgb.params_for("layer6", "binary:logistic", {"nthread": 1})
-booster = xgb.fit_ray(data, None, [f"f{i}" for i in range(10)], "y", params, 120, storage, "multinode",
-                      workers=2, checkpoint_every=20, early_stopping=None, cpus_per_worker=1, max_failures=3)
+settings = XGBConfig(rounds=120, checkpoint_every=20, workers=2, cpus_per_worker=1)
+booster = xgb.fit_ray(data, None, [f"f{i}" for i in range(10)], "y", params, settings, storage, "multinode",
+                      max_failures=3)
 stop.set()
 watcher.join()
 report.update({"train_nodes": len(placements), "train_victim": bool(victim),

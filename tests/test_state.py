@@ -51,7 +51,7 @@ def test_projection_survives_fortran_ordered_components(tmp_path):
     transposed (served PCA features disagreed with training)."""
     from safetensors.numpy import load
 
-    from engagesim.features.state import safe_bytes
+    from engagesim.io import safe_bytes
 
     x = np.random.default_rng(3).normal(size=(50, 6)).astype(np.float32)
     p = Projection.fit(x, 3)

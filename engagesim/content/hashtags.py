@@ -109,7 +109,7 @@ class HashtagModel:
         return out
 
     def save(self, uri: str, storage=None) -> None:
-        from engagesim.features.state import safe_bytes
+        from engagesim.io import safe_bytes
 
         io.write_bytes(io.join(uri, "weights.safetensors"),
                        safe_bytes({"coef": self.coef, "intercept": self.intercept,

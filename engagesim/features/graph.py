@@ -63,7 +63,7 @@ class GraphModel:
 
     def save(self, uri: str, storage=None) -> None:
         """Keys as Parquet, sparse matrices and community labels as safetensors arrays (no pickle)."""
-        from engagesim.features.state import safe_bytes, write_parquet
+        from engagesim.io import safe_bytes, write_parquet
 
         arrays: dict[str, np.ndarray] = {}
         for name in ("engaged", "creator_co", "jaccard_top"):
@@ -79,7 +79,7 @@ class GraphModel:
 
     @classmethod
     def load(cls, uri: str, storage=None) -> GraphModel:
-        from engagesim.features.state import read_parquet
+        from engagesim.io import read_parquet
 
         arrays = load_arrays(io.read_bytes(io.join(uri, "graph.safetensors"), storage))
 

@@ -20,9 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 from safetensors.numpy import load as load_arrays
-from safetensors.numpy import save as save_arrays
 
 from engagesim import io
 from engagesim.features import encodings
@@ -31,6 +29,7 @@ from engagesim.features.post import MEDIA_COLUMNS
 from engagesim.features.reach import AuthorReach
 from engagesim.features.temporal import temporal_features
 from engagesim.features.text import TEXT_STAT_COLUMNS
+from engagesim.io import read_parquet, safe_bytes, write_parquet
 
 TE_SCALAR = ["author_id", "company", "language"]
 TE_LIST = ["hashtags", "domains"]
@@ -256,22 +255,6 @@ def _scalar_keys(df: pl.DataFrame, key: str) -> pl.Series:
 def _exploded(df: pl.DataFrame, key: str) -> tuple[np.ndarray, pl.Series]:
     exploded = df.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
     return exploded["row"].to_numpy(), exploded[key]
-
-
-def safe_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """safetensors bytes; arrays made C-contiguous first (safetensors writes the raw buffer, so an
-    F-ordered array such as sklearn's PCA components would come back transposed)."""
-    return save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-
-
-def write_parquet(uri: str, frame: pl.DataFrame, storage=None) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(frame.to_arrow(), sink)
-    io.write_bytes(uri, sink.getvalue().to_pybytes(), storage)
-
-
-def read_parquet(uri: str, storage=None) -> pl.DataFrame:
-    return pl.from_arrow(pq.read_table(pa.BufferReader(io.read_bytes(uri, storage))))
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """A run's trained models, loaded together and applied to feature tables.
 
 The evaluation stage, ``engagesim score``, ``load_run().predict`` and Ray Serve
-all predict through these two classes, so there is one scoring code path.
-Everything loads from safe formats: xgboost UBJSON, safetensors, FAISS index
-files and JSON (the ensemble's weights and stacker coefficients).
+all predict through these two classes, so there is one scoring code path. Which
+members exist is the run's business (``ensemble.json["families"]``), how each
+loads is its family's (``models/families``). Everything loads from safe formats:
+xgboost UBJSON, safetensors, FAISS index files and JSON (the ensemble's weights
+and stacker coefficients).
 """
 
 from __future__ import annotations
@@ -14,47 +16,12 @@ import numpy as np
 import pyarrow as pa
 
 from engagesim import io
-from engagesim.features.state import fixed_list_matrix
-from engagesim.models import knn, nn, slm, xgb
-from engagesim.models.data import matrix
+from engagesim.models import xgb
 from engagesim.models.ensemble import logit
+from engagesim.models.family import IMPRESSION, POST, Level, Member, family_names, family_of_member, get_family
 from engagesim.schema import ENGAGEMENTS
 
 MAX_LOG1P_LIKES = float(np.log1p(1e10))
-SLM_MEMBERS = ("slm", "slm_distilled")
-IMAGE_STACK_COLUMNS = ("clarity_contrast", "hue_count", "brightness_contrast", "colour_entropy", "composition_offset",
-                       "has_image")
-
-
-def stack_image_columns(features: list[str]) -> list[str]:
-    """SMP's stacked MLP input besides the XGBoost prediction: image PCA + the high-level image features."""
-    return [c for c in features if c.startswith("image_pca_") or c in IMAGE_STACK_COLUMNS]
-
-
-def embedding_matrix(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed-size-list column → (float32 matrix with zeros for nulls, mask of present rows)."""
-    col = table.column(column).combine_chunks()
-    return fixed_list_matrix(col), col.is_valid().to_numpy(zero_copy_only=False)
-
-
-def knn_predict(model: knn.KNNRegressor, table: pa.Table, column: str) -> np.ndarray:
-    """Neighbour vote for rows with a vector; the training mean for rows without one."""
-    vectors, ok = embedding_matrix(table, column)
-    out = np.full(table.num_rows, model.prior, dtype=np.float32)
-    if ok.any():
-        out[ok] = model.predict(vectors[ok])
-    return out
-
-
-def load_slms(directory: str) -> dict[str, tuple]:
-    """The fine-tuned SLM and its distilled student, where the run trained them."""
-    return {name: slm.load(io.join(directory, name)) for name in SLM_MEMBERS
-            if io.exists(io.join(directory, name, "config.json"))}
-
-
-def predict_slms(models: dict[str, tuple], table: pa.Table) -> dict[str, np.ndarray]:
-    return {name: slm.predict_table(model, tokenizer, features, table)
-            for name, (model, tokenizer, features) in models.items()}
 
 
 # --- ensembles ----------------------------------------------------------------------------------
@@ -75,46 +42,66 @@ def apply_ensemble(spec: dict, preds: dict[str, np.ndarray]) -> np.ndarray:
     return (1 / (1 + np.exp(-z)) if binary else z).astype(np.float32)
 
 
-# --- post level ---------------------------------------------------------------------------------
+# --- a level's members ---------------------------------------------------------------------------
 
-class PostModels:
-    """log1p(likes) regressors of a run + their ensemble."""
+class LevelModels:
+    """The members a run trained at one level, as its ``ensemble.json["families"]`` lists them (runs
+    written before that key: every registered family that finds its files), and their ensemble."""
 
-    def __init__(self, directory: str):
-        def at(*parts: str) -> str:
-            return io.join(directory, *parts)
-
-        self.xgb = xgb.load(at("xgb.ubj")) if io.exists(at("xgb.ubj")) else None
-        self.nn = nn.load(at("nn")) if io.exists(at("nn", "config.json")) else None
-        self.stacked = nn.load(at("stacked_mlp")) if io.exists(at("stacked_mlp", "config.json")) else None
-        self.knn = knn.KNNRegressor.load(at("knn")) if io.exists(at("knn", "config.json")) else None
-        self.knn_column = io.read_json(at("knn", "column.json"))["column"] if self.knn else None
-        self.slms = load_slms(directory)
-        self.ensemble = io.read_json(at("ensemble.json")) if io.exists(at("ensemble.json")) else None
+    def __init__(self, directory: str, level: Level):
+        self.level = level
+        at = io.join(directory, "ensemble.json")
+        self.ensemble = io.read_json(at) if io.exists(at) else None
+        listed = (self.ensemble or {}).get("families")
+        if listed is None:
+            listed = {m: f for f in family_names() if level.name in get_family(f).levels
+                      for m in get_family(f).members()}
+        self.loaded: dict[str, Member] = {}
+        for member, family in listed.items():
+            model = get_family(family).load(directory, level, member)
+            if model is not None:
+                self.loaded[member] = model
 
     @property
     def members(self) -> list[str]:
-        return [n for n, m in (("xgb", self.xgb), ("stacked_mlp", self.stacked), ("knn", self.knn), ("nn", self.nn))
-                if m is not None] + list(self.slms)
+        return list(self.loaded)
+
+    def member_predictions(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """(n, outputs) per member, in training order: each sees the predictions of those before it."""
+        out: dict[str, np.ndarray] = {}
+        for name, member in self.loaded.items():
+            family = family_of_member(name)
+            if family is None or all(r in out for r in family.requires):
+                p = np.asarray(member.predict(table, out), dtype=np.float32)
+                out[name] = p[:, None] if p.ndim == 1 else p
+        if not out:
+            raise ValueError(f"this run has no {self.level.name}-level models (train.models was empty or training "
+                             "was skipped)")
+        return out
+
+
+# --- post level ---------------------------------------------------------------------------------
+
+class PostModels(LevelModels):
+    """log1p(likes) regressors of a run + their ensemble."""
+
+    def __init__(self, directory: str):
+        super().__init__(directory, POST)
+
+    @property
+    def xgb(self) -> tuple | None:
+        """(booster, meta) of the XGBoost member (SHAP contributions, importance plots)."""
+        member = self.loaded.get("xgb")
+        return member.boosters[POST.outputs[0]] if member else None
+
+    @property
+    def knn_column(self) -> str | None:
+        member = self.loaded.get("knn")
+        return member.column if member else None
 
     def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
         """Every member's prediction of log1p(likes) and ``ensemble`` (the served one)."""
-        out: dict[str, np.ndarray] = {}
-        if self.xgb:
-            booster, meta = self.xgb
-            out["xgb"] = xgb.predict(booster, table, meta["features"])
-        if self.stacked and "xgb" in out:
-            model, columns = self.stacked
-            x = np.column_stack([out["xgb"], matrix(table, columns[1:])]) if len(columns) > 1 else out["xgb"][:, None]
-            out["stacked_mlp"] = model.predict(x.astype(np.float32))[:, 0]
-        if self.knn and self.knn_column in table.column_names:
-            out["knn"] = knn_predict(self.knn, table, self.knn_column)
-        if self.nn:
-            model, features = self.nn
-            out["nn"] = model.predict(matrix(table, features))[:, 0]
-        out.update({name: p[:, 0] for name, p in predict_slms(self.slms, table).items()})
-        if not out:
-            raise ValueError("this run has no post-level models (train.models was empty or training was skipped)")
+        out = {k: v[:, 0] for k, v in self.member_predictions(table).items()}
         if self.ensemble and all(m in out for m in self.ensemble["members"]):
             out["ensemble"] = apply_ensemble(self.ensemble, out)
         else:
@@ -145,39 +132,25 @@ class PostModels:
 
 # --- impression level ---------------------------------------------------------------------------
 
-class ImpressionModels:
+class ImpressionModels(LevelModels):
     """P(like/reply/retweet/quote) models of a run + their per-engagement ensembles."""
 
     def __init__(self, directory: str):
-        def at(*parts: str) -> str:
-            return io.join(directory, *parts)
+        super().__init__(directory, IMPRESSION)
 
-        self.xgb = {e: xgb.load(at(f"xgb_{e}.ubj")) for e in ENGAGEMENTS if io.exists(at(f"xgb_{e}.ubj"))}
-        self.nn = nn.load(at("nn")) if io.exists(at("nn", "config.json")) else None
-        self.slms = load_slms(directory)
-        self.ensemble = io.read_json(at("ensemble.json")) if io.exists(at("ensemble.json")) else None
+    @property
+    def xgb(self) -> dict[str, tuple]:
+        """engagement → (booster, meta) of the XGBoost member ({} without one)."""
+        member = self.loaded.get("xgb")
+        return dict(member.boosters) if member else {}
 
     def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
         """(n, 4) probabilities per member and ``ensemble``; columns in ENGAGEMENTS order."""
-        out: dict[str, np.ndarray] = {}
-        if len(self.xgb) == len(ENGAGEMENTS):
-            matrices: dict[tuple, np.ndarray] = {}  # the four boosters share one feature list: convert once
-            for _, meta in self.xgb.values():
-                key = tuple(meta["features"])
-                if key not in matrices:
-                    matrices[key] = matrix(table, meta["features"])
-            out["xgb"] = np.column_stack([xgb.predict(b, matrices[tuple(meta["features"])], meta["features"])
-                                          for b, meta in self.xgb.values()])
-        if self.nn:
-            model, features = self.nn
-            out["nn"] = model.predict(matrix(table, features))
-        out.update(predict_slms(self.slms, table))
-        if not out:
-            raise ValueError("this run has no impression-level models")
-        if self.ensemble:
+        out = self.member_predictions(table)
+        specs = (self.ensemble or {}).get("engagements")
+        if specs and all(m in out for spec in specs.values() for m in spec["members"]):
             out["ensemble"] = np.column_stack([
-                apply_ensemble(self.ensemble["engagements"][e], {k: v[:, i] for k, v in out.items()})
-                for i, e in enumerate(ENGAGEMENTS)])
+                apply_ensemble(specs[e], {k: v[:, i] for k, v in out.items()}) for i, e in enumerate(ENGAGEMENTS)])
         else:
             out["ensemble"] = out[next(iter(out))]
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}

@@ -40,5 +40,6 @@ def matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
     return np.ascontiguousarray(frame.select(pl.all().cast(pl.Float32)).to_numpy(), dtype=np.float32)
 
 
-def labels(table: pa.Table) -> np.ndarray:
-    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in LABELS]).astype(np.float32)
+def label_matrix(table: pa.Table, columns: list[str] | tuple[str, ...] = tuple(LABELS)) -> np.ndarray:
+    """(rows, len(columns)) float32 from label columns — the one place labels become a matrix."""
+    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in columns]).astype(np.float32)

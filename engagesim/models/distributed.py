@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,21 @@ if TYPE_CHECKING:  # torch stays out of the import path of the XGBoost-only user
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
+OPTIMIZER = "optimizer.safetensors"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """One stage's Ray Train resources: ``workers`` × (``cpus`` [, one GPU])."""
+
+    workers: int = 1
+    cpus: float = 1
+    gpu: bool = False
+
+    @classmethod
+    def of(cls, section: Any, gpu: bool = False) -> Resources:
+        """From a config section with ``workers`` / ``cpus_per_worker`` (1 each where it has none)."""
+        return cls(getattr(section, "workers", 1), getattr(section, "cpus_per_worker", 1), gpu)
 
 
 def storage_uri(path: str) -> str:
@@ -77,13 +93,48 @@ def local_shard(shards: dict[str, list], name: str) -> pa.Table | None:
     return ray.get(shards[name][ray.train.get_context().get_world_rank()])
 
 
-def column_matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
-    """(rows, len(columns)) float32 from label-like columns."""
-    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in columns]).astype(np.float32)
+def read_rows(shards: dict[str, list]) -> dict[str, pa.Table]:
+    """This worker's rows, by table name — the one function every Ray Train worker reads its data through.
+
+    Today the slices ``put_shards`` put in the object store; the data plane swaps this body for
+    streaming ``ray.train.get_dataset_shard`` reads."""
+    return {name: local_shard(shards, name) for name in shards}
 
 
-def resume(module: torch.nn.Module, strict: bool = True) -> dict | None:
-    """After a failure: load the last checkpoint's weights into ``module`` and return its state (else None)."""
+# --- checkpoints: safetensors + JSON, never pickle ----------------------------------------------
+
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """AdamW moments as safetensors + the param groups and scalar state as JSON (torch.save would pickle)."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {f"{idx}.{key}": value.detach().contiguous().cpu() for idx, per in state["state"].items()
+               for key, value in per.items() if torch.is_tensor(value)}
+    scalars = {f"{idx}.{key}": value for idx, per in state["state"].items()
+               for key, value in per.items() if not torch.is_tensor(value)}
+    save_file(tensors, str(folder / OPTIMIZER))
+    (folder / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> bool:
+    """Restore what ``save_optimizer`` wrote (False when the checkpoint has no optimizer state)."""
+    from safetensors.torch import load_file
+
+    if not (folder / OPTIMIZER).exists():
+        return False
+    meta = json.loads((folder / "optimizer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in [*load_file(str(folder / OPTIMIZER)).items(), *meta.get("scalars", {}).items()]:
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return True
+
+
+def resume(module: torch.nn.Module, strict: bool = True, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+    """After a failure: load the last checkpoint's weights into ``module`` (and its optimizer state into
+    ``optimizer``) and return its JSON state; None when there is no checkpoint."""
     import ray.train
     from safetensors.torch import load
 
@@ -92,12 +143,16 @@ def resume(module: torch.nn.Module, strict: bool = True) -> dict | None:
         return None
     with checkpoint.as_directory() as folder:
         module.load_state_dict(load((Path(folder) / WEIGHTS).read_bytes()), strict=strict)
+        if optimizer is not None:
+            load_optimizer(optimizer, Path(folder))
         return json.loads((Path(folder) / STATE).read_text())
 
 
 def report(module: torch.nn.Module, state: dict, metrics: dict,
-           weights: Callable[[torch.nn.Module], dict] | None = None) -> None:
-    """Rank 0 checkpoints ``module`` (unwrapped from DDP) with ``state``; every rank reports ``metrics``."""
+           weights: Callable[[torch.nn.Module], dict] | None = None,
+           optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Rank 0 checkpoints ``module`` (unwrapped from DDP) with ``state`` [and ``optimizer``]; every rank
+    reports ``metrics``."""
     import ray.train
     from safetensors.torch import save
 
@@ -108,6 +163,8 @@ def report(module: torch.nn.Module, state: dict, metrics: dict,
             tensors = (weights or (lambda m: m.state_dict()))(inner)
             (Path(folder) / WEIGHTS).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
             (Path(folder) / STATE).write_text(json.dumps(state))
+            if optimizer is not None:
+                save_optimizer(optimizer, Path(folder))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -118,6 +175,90 @@ def checkpoint_weights(result) -> dict[str, torch.Tensor]:
 
     with result.checkpoint.as_directory() as folder:
         return load((Path(folder) / WEIGHTS).read_bytes())
+
+
+# --- the one torch loop -------------------------------------------------------------------------
+
+@dataclass
+class WorkerLoop:
+    """What a family's network brings to the shared Ray Train loop; the loop owns the rest.
+
+    ``units`` epochs or steps; ``run(unit, model, optimizer, engine)`` does one and returns its metrics
+    (``model`` is the DDP- or ZeRO-wrapped module, ``engine`` the DeepSpeed engine or None)."""
+
+    module: torch.nn.Module
+    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    units: int
+    run: Callable[..., dict]
+    every: int = 1  # checkpoint every K units (and after the last)
+    weights: Callable[[torch.nn.Module], dict] | None = None  # what to checkpoint (default: the state dict)
+    strict: bool = True
+    ddp: dict = field(default_factory=dict)  # parallel_strategy_kwargs of prepare_model
+    saved: torch.nn.Module | None = None  # the part of ``module`` checkpointed and resumed (default: all)
+
+
+class LoopCallback:
+    """Hooks into the shared loop (tests pass fault injection in this way; production passes none)."""
+
+    def on_resume(self, done: int) -> None:
+        """A restarted worker picked up after ``done`` units."""
+
+    def after_unit(self, done: int) -> None:
+        """``done`` units finished on this worker (its report, if due, already sent)."""
+
+
+def _torch_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    loop: WorkerLoop = config["build"](read_rows(config["shards"]), config["params"])
+    optimizer = loop.optimizer(loop.module)
+    saved = loop.saved if loop.saved is not None else loop.module
+    state = resume(saved, loop.strict, optimizer)
+    start = state["units"] if state else 0
+    callbacks = config["callbacks"]
+    if state:
+        for callback in callbacks:
+            callback.on_resume(start)
+    engine = None
+    if config["deepspeed"]:
+        device = ray.train.torch.get_device()
+        engine, optimizer, _ = zero2_engine(loop.module.to(device), optimizer,
+                                            deepspeed_config(config["deepspeed"], 1, device))
+        model = engine.module
+    else:
+        model = ray.train.torch.prepare_model(loop.module, parallel_strategy_kwargs=loop.ddp or None)
+    for unit in range(start, loop.units):
+        metrics = loop.run(unit, model, optimizer, engine)
+        done = unit + 1
+        if done % loop.every == 0 or done == loop.units:
+            metrics = {**metrics, "workers": context.get_world_size(),
+                       "zero_stage": engine.zero_optimization_stage() if engine is not None else 0}
+            # ZeRO-2 partitions the optimizer state across ranks; rank 0's partition alone cannot restore it.
+            report(saved, {"units": done}, metrics, loop.weights, optimizer if engine is None else None)
+        for callback in callbacks:
+            callback.after_unit(done)
+
+
+def fit_on_ray(build: Callable[[dict[str, pa.Table], dict], WorkerLoop], tables: dict[str, pa.Table | None],
+               params: dict, resources, name: str, storage_path: str, deepspeed_batch: int | None = None,
+               callbacks: list[LoopCallback] | None = None, max_failures: int = 2):
+    """Run ``build``'s network on Ray Train's ``TorchTrainer``: DDP (or DeepSpeed ZeRO-2 when
+    ``deepspeed_batch`` is the micro-batch size), resume from the last checkpoint after a failure, rank-0
+    checkpoints of weights + optimizer state. ``build(rows, params)`` runs on every worker with its rows.
+    Returns Ray's Result (``checkpoint_weights(result)`` reads the trained weights)."""
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _torch_worker,
+        train_loop_config={"build": build, "params": params, "deepspeed": deepspeed_batch,
+                           "callbacks": list(callbacks or []),
+                           "shards": put_shards(tables, resources.workers, equal=True)},
+        **trainer_settings(name, storage_path, resources.workers, resources.cpus, resources.gpu,
+                           max_failures=max_failures),
+    )
+    return trainer.fit()
 
 
 def deepspeed_config(batch_size: int, grad_accum: int, device: torch.device, precision: str = "auto") -> dict:

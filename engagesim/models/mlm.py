@@ -98,69 +98,61 @@ def held_out_loss(mlm: nn.Module, tokenizer, texts: list[str], max_length: int, 
     return total / max(count, 1)
 
 
-def _mlm_fn_per_worker(config: dict) -> None:
+def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
+    """Each worker: the MLM copy of the encoder from the object store, one masked batch per unit."""
     import ray
     import ray.train
     import ray.train.torch
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    texts = distributed.local_shard(config["shards"], "train").column("text").to_pylist()
-    tokenizer = config["tokenizer"]
-    mlm = AutoModelForMaskedLM.from_config(AutoConfig.for_model(**config["encoder_config"]))
-    mlm.load_state_dict(from_bytes(ray.get(config["init"])), strict=False)
-    resumed = distributed.resume(mlm, strict=False)
-    start = resumed["step"] if resumed else 0
-    model = ray.train.torch.prepare_model(MaskedOnlyLoss(mlm),
-                                          parallel_strategy_kwargs={"find_unused_parameters": True})
-    encoder_params = list(mlm.base_model.parameters())
-    encoder_ids = {id(p) for p in encoder_params}
-    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": config["lr"]},
-                                   {"params": [p for p in mlm.parameters() if id(p) not in encoder_ids],
-                                    "lr": config["lr"]}], weight_decay=0.01)
-    rank = ray.train.get_context().get_world_rank()
+    texts = rows["train"].column("text").to_pylist()
+    tokenizer = params["tokenizer"]
+    mlm = AutoModelForMaskedLM.from_config(AutoConfig.for_model(**params["encoder_config"]))
+    mlm.load_state_dict(from_bytes(ray.get(params["init"])), strict=False)
     device = ray.train.torch.get_device()
-    rng = np.random.default_rng(rank)
-    losses = []
-    model.train()
-    for step in range(start, config["steps"]):
+    rng = np.random.default_rng(ray.train.get_context().get_world_rank())
+    losses: list[float] = []
+
+    def optimizer(_module: nn.Module) -> torch.optim.Optimizer:
+        encoder_params = list(mlm.base_model.parameters())
+        encoder_ids = {id(p) for p in encoder_params}
+        return torch.optim.AdamW([{"params": encoder_params, "lr": params["lr"]},
+                                  {"params": [p for p in mlm.parameters() if id(p) not in encoder_ids],
+                                   "lr": params["lr"]}], weight_decay=0.01)
+
+    def step(unit: int, model: nn.Module, optim: torch.optim.Optimizer, _engine) -> dict:
         # A fresh head first learns alone: its random gradients would otherwise scramble the pretrained encoder.
-        optimizer.param_groups[0]["lr"] = 0.0 if step < config["head_warmup"] else config["lr"]
-        picked = [texts[i] for i in rng.integers(0, len(texts), config["batch_size"])]
-        loss = model(**{k: v.to(device) for k, v in masked_batch(tokenizer, picked, config["max_length"]).items()})
-        optimizer.zero_grad()
+        optim.param_groups[0]["lr"] = 0.0 if unit < params["head_warmup"] else params["lr"]
+        model.train()
+        picked = [texts[i] for i in rng.integers(0, len(texts), params["batch_size"])]
+        loss = model(**{k: v.to(device) for k, v in masked_batch(tokenizer, picked, params["max_length"]).items()})
+        optim.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        optim.step()
         losses.append(float(loss.detach()))
-        last = step + 1 == config["steps"]
-        if (step + 1) % config["checkpoint_every"] == 0 or last:
-            distributed.report(mlm, {"step": step + 1}, {"step": step + 1, "loss": float(np.mean(losses[-20:]))},
-                               weights=unshared_state)
+        return {"step": unit + 1, "loss": float(np.mean(losses[-20:]))}
+
+    return distributed.WorkerLoop(module=MaskedOnlyLoss(mlm), saved=mlm, optimizer=optimizer, units=params["steps"],
+                                  run=step, every=params["checkpoint_every"], weights=unshared_state, strict=False,
+                                  ddp={"find_unused_parameters": True})
 
 
 def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: list[str], steps: int,
-          storage_path: str, name: str, batch_size: int = 32, lr: float = 1e-4, max_length: int = 48,
-          workers: int = 1, cpus_per_worker: int = 1, use_gpu: bool = False, checkpoint_every: int = 50,
-          location: str | None = None) -> dict:
+          storage_path: str, name: str, resources: distributed.Resources, batch_size: int = 32, lr: float = 1e-4,
+          max_length: int = 48, checkpoint_every: int = 50, location: str | None = None) -> dict:
     """MLM-train a copy of ``encoder`` on ``train_texts`` (Ray Train), copy the adapted weights back into
     ``encoder`` and return the held-out losses before and after."""
     import ray
-    from ray.train.torch import TorchTrainer
 
     mlm, head_pretrained = mlm_model(encoder, location)
     probe = list(valid_texts[:256])
     before = held_out_loss(mlm, tokenizer, probe, max_length)
-    trainer = TorchTrainer(
-        _mlm_fn_per_worker,
-        train_loop_config={"encoder_config": encoder.config.to_dict(), "init": ray.put(to_bytes(unshared_state(mlm))),
-                           "tokenizer": tokenizer, "steps": steps, "batch_size": batch_size, "lr": lr,
-                           "max_length": max_length, "checkpoint_every": checkpoint_every,
-                           "head_warmup": 0 if head_pretrained else steps // 4,
-                           "shards": distributed.put_shards({"train": pa.table({"text": [t or "" for t in train_texts]})},
-                                                            workers, equal=True)},
-        **distributed.trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu),
-    )
-    result = trainer.fit()
+    params = {"encoder_config": encoder.config.to_dict(), "init": ray.put(to_bytes(unshared_state(mlm))),
+              "tokenizer": tokenizer, "steps": steps, "batch_size": batch_size, "lr": lr, "max_length": max_length,
+              "checkpoint_every": checkpoint_every, "head_warmup": 0 if head_pretrained else steps // 4}
+    result = distributed.fit_on_ray(_worker_loop, {"train": pa.table({"text": [t or "" for t in train_texts]})},
+                                    params, resources, name, storage_path)
     mlm.load_state_dict(distributed.checkpoint_weights(result), strict=False)
     after = held_out_loss(mlm, tokenizer, probe, max_length)
     encoder.load_state_dict(mlm.base_model.state_dict(), strict=False)

@@ -187,52 +187,34 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, ba
     return minibatch_epochs(model, len(x), epochs, batch_size, seed, step)
 
 
-def _train_fn_per_worker(config: dict) -> None:
-    """Each Ray worker: its shard of rows, DDP-wrapped model (or a ZeRO-2 engine), a checkpoint per epoch."""
-    import ray.train
-    import ray.train.torch
+def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
+    """Each Ray worker: its rows, the network, one epoch per unit (a checkpoint after each)."""
+    from engagesim.models.data import label_matrix, matrix
 
-    from engagesim.models.data import matrix
+    table = rows["train"]
+    x, y = matrix(table, params["features"]), label_matrix(table, params["labels"])
 
-    spec = NNSpec(**config["spec"])
-    table = distributed.local_shard(config["shards"], "train")
-    x, y = matrix(table, config["features"]), distributed.column_matrix(table, config["labels"])
-    model = EngagementNet(spec)
-    resumed = distributed.resume(model)
-    start_epoch = resumed["epoch"] + 1 if resumed else 0
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=1e-5)
-    engine = None
-    if config.get("deepspeed"):
-        device = ray.train.torch.get_device()
-        engine, optimizer, _ = distributed.zero2_engine(model.to(device), optimizer,
-                                                        distributed.deepspeed_config(config["batch_size"], 1, device))
-        model = engine.module
-    else:
-        model = ray.train.torch.prepare_model(model)
-    for epoch in range(start_epoch, config["epochs"]):
-        losses = train_epochs(model, x, y, 1, config["batch_size"], config["lr"], seed=epoch, optimizer=optimizer,
+    def epoch(unit: int, model: nn.Module, optimizer: torch.optim.Optimizer, engine) -> dict:
+        losses = train_epochs(model, x, y, 1, params["batch_size"], params["lr"], seed=unit, optimizer=optimizer,
                               engine=engine)
-        zero_stage = engine.zero_optimization_stage() if engine is not None else 0
-        distributed.report(model, {"epoch": epoch}, {"epoch": epoch, "loss": losses[-1], "zero_stage": zero_stage,
-                                                     "workers": ray.train.get_context().get_world_size()})
+        return {"epoch": unit, "loss": losses[-1]}
+
+    return distributed.WorkerLoop(
+        module=EngagementNet(NNSpec(**params["spec"])), units=params["epochs"], run=epoch,
+        optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=params["lr"], weight_decay=1e-5))
 
 
 def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, storage_path: str, name: str,
-            epochs: int = 3, batch_size: int = 4096, lr: float = 1e-3, workers: int = 1,
-            use_gpu: bool = False, max_failures: int = 2, deepspeed: bool = False) -> EngagementNet:
+            settings, batch_size: int, resources: distributed.Resources | None = None,
+            callbacks: list | None = None) -> EngagementNet:
     """Data-parallel training on Ray (DDP over gloo on CPU, NCCL on GPU, or DeepSpeed ZeRO-2 with
-    ``deepspeed``); returns the trained model. The last training metrics are in ``model.train_metrics``."""
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        _train_fn_per_worker,
-        train_loop_config={"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": epochs,
-                           "batch_size": batch_size, "lr": lr, "deepspeed": deepspeed,
-                           "shards": distributed.put_shards({"train": train.select(features + label_columns)}, workers,
-                                                            equal=True)},
-        **distributed.trainer_settings(name, storage_path, workers, 1, use_gpu, max_failures=max_failures),
-    )
-    result = trainer.fit()
+    ``settings.deepspeed``); ``settings`` is the ``train.nn`` section. Returns the trained model; the last
+    training metrics are in ``model.train_metrics``."""
+    params = {"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": settings.epochs,
+              "batch_size": batch_size, "lr": settings.lr}
+    result = distributed.fit_on_ray(_worker_loop, {"train": train.select(features + label_columns)}, params,
+                                    resources or distributed.Resources(settings.workers), name, storage_path,
+                                    deepspeed_batch=batch_size if settings.deepspeed else None, callbacks=callbacks)
     model = EngagementNet(spec)
     model.load_state_dict(distributed.checkpoint_weights(result))
     model.train_metrics = dict(result.metrics)

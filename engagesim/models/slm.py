@@ -180,42 +180,38 @@ def train_epochs(model: nn.Module, ids: np.ndarray, x: np.ndarray, y: np.ndarray
 
 # --- Ray Train ----------------------------------------------------------------------------------
 
-def _train_fn_per_worker(config: dict) -> None:
-    """Each worker: its shard of rows, the initial weights from the object store, DDP, a checkpoint per epoch."""
+def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
+    """Each worker: its rows, the initial weights from the object store, one epoch per unit."""
     import ray
     import ray.train
-    import ray.train.torch
 
-    from engagesim.models.data import matrix
+    from engagesim.models.data import label_matrix, matrix
 
-    spec = SLMSpec(**config["spec"])
-    table = distributed.local_shard(config["shards"], "train")
+    table = rows["train"]
     ids = ids_matrix(table.column("_input_ids"))
-    x, y = matrix(table, config["features"]), distributed.column_matrix(table, config["labels"])
-    teacher = distributed.column_matrix(table, config["teacher_columns"]) if config["teacher_columns"] else None
-    model = SLMNet(spec)
-    model.load_state_dict(from_bytes(ray.get(config["init"])))
-    resumed = distributed.resume(model)
-    start_epoch = resumed["epoch"] + 1 if resumed else 0
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    optimizer = optimizer_for(model, config["lr"], config["encoder_lr"])
+    x, y = matrix(table, params["features"]), label_matrix(table, params["labels"])
+    teacher = label_matrix(table, params["teacher_columns"]) if params["teacher_columns"] else None
+    module = SLMNet(SLMSpec(**params["spec"]))
+    module.load_state_dict(from_bytes(ray.get(params["init"])))
     rank = ray.train.get_context().get_world_rank()
-    for epoch in range(start_epoch, config["epochs"]):
-        losses = train_epochs(model, ids, x, y, 1, config["batch_size"], optimizer, seed=epoch + 1000 * rank,
-                              teacher=teacher, alpha=config["alpha"])
-        distributed.report(model, {"epoch": epoch}, {"epoch": epoch, "loss": losses[-1], "rows": len(ids),
-                                                     "workers": ray.train.get_context().get_world_size()})
+
+    def epoch(unit: int, model: nn.Module, optimizer: torch.optim.Optimizer, _engine) -> dict:
+        losses = train_epochs(model, ids, x, y, 1, params["batch_size"], optimizer, seed=unit + 1000 * rank,
+                              teacher=teacher, alpha=params["alpha"])
+        return {"epoch": unit, "loss": losses[-1], "rows": len(ids)}
+
+    return distributed.WorkerLoop(module=module, units=params["epochs"], run=epoch,
+                                  optimizer=lambda m: optimizer_for(m, params["lr"], params["encoder_lr"]),
+                                  ddp={"find_unused_parameters": True})
 
 
 def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str], label_columns: list[str],
-            storage_path: str, name: str, epochs: int = 1, batch_size: int = 64, lr: float = 1e-3,
-            encoder_lr: float = 5e-5, workers: int = 1, cpus_per_worker: int = 1, use_gpu: bool = False,
-            max_failures: int = 2,
-            teacher: np.ndarray | None = None, alpha: float = 0.5) -> SLMNet:
-    """Fine-tune ``model`` (encoder + head) data-parallel on Ray Train; returns the trained model with the last
-    training metrics in ``model.train_metrics``."""
+            storage_path: str, name: str, settings, resources: distributed.Resources | None = None,
+            epochs: int | None = None, teacher: np.ndarray | None = None, alpha: float = 0.5) -> SLMNet:
+    """Fine-tune ``model`` (encoder + head) data-parallel on Ray Train with the ``train.slm`` ``settings``
+    (``epochs`` overrides its epochs: the student's); returns the trained model with the last training
+    metrics in ``model.train_metrics``."""
     import ray
-    from ray.train.torch import TorchTrainer
 
     data = table.select(features + label_columns).append_column("_input_ids", ids_column(ids))
     teacher_columns = []
@@ -223,16 +219,12 @@ def fit_ray(model: SLMNet, ids: np.ndarray, table: pa.Table, features: list[str]
         teacher_columns = [f"_teacher_{k}" for k in range(teacher.shape[1])]
         for k, column in enumerate(teacher_columns):
             data = data.append_column(column, pa.array(teacher[:, k], pa.float32()))
-    trainer = TorchTrainer(
-        _train_fn_per_worker,
-        train_loop_config={"spec": asdict(model.spec), "init": ray.put(to_bytes(model.state_dict())),
-                           "features": features, "labels": label_columns, "teacher_columns": teacher_columns,
-                           "alpha": alpha, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                           "encoder_lr": encoder_lr, "shards": distributed.put_shards({"train": data}, workers, equal=True)},
-        **distributed.trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu,
-                                       max_failures=max_failures),
-    )
-    result = trainer.fit()
+    params = {"spec": asdict(model.spec), "init": ray.put(to_bytes(model.state_dict())), "features": features,
+              "labels": label_columns, "teacher_columns": teacher_columns, "alpha": alpha,
+              "epochs": epochs or settings.epochs, "batch_size": settings.batch_size, "lr": settings.lr,
+              "encoder_lr": settings.encoder_lr}
+    result = distributed.fit_on_ray(_worker_loop, {"train": data}, params,
+                                    resources or distributed.Resources.of(settings), name, storage_path)
     trained = SLMNet(model.spec)
     trained.load_state_dict(distributed.checkpoint_weights(result))
     trained.train_metrics = dict(result.metrics)

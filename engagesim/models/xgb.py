@@ -3,13 +3,14 @@
 The per-worker function is ordinary xgboost code; Ray adds the collective
 between workers, checkpoints every K rounds (not every round: a report costs
 ~2 s at Ray Train's default 2 s controller poll, ~0.05 s at the embedded Ray's
-0.25 s — ``pipeline/runtime.py``) and restarts from the last checkpoint after a
+0.25 s — ``runtime.py``) and restarts from the last checkpoint after a
 worker failure. Each worker's rows reach it as an object-store slice
 (``distributed.put_shards``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,102 +53,94 @@ def train_booster(dtrain: xgb.DMatrix, dvalid: xgb.DMatrix | None, params: dict,
                      callbacks=callbacks or [], xgb_model=xgb_model)
 
 
-class CheckpointEveryK(xgb.callback.TrainingCallback):
-    """Report to Ray Train, with a checkpoint, every K rounds and at the end — never every round.
+class ReportEveryK(xgb.callback.TrainingCallback):
+    """Report to Ray every K rounds and at the end — never every round — shaped like Ray's
+    ``RayReportCallback``; one class for Ray Train (``checkpoint=True``: rank 0 adds the booster) and
+    Ray Tune (``report=ray.tune.report``, metrics only).
 
-    Ray's own RayTrainReportCallback reports metrics after *every* round
-    (``frequency`` only thins the checkpoints), and each report costs up to a controller poll interval.
-    The checkpoint file name matches Ray's, so ``RayTrainReportCallback.get_model`` reads it.
+    Ray's own callback reports metrics after *every* round (``frequency`` only thins the checkpoints), and
+    each report costs up to a controller poll interval. Metrics are ``<data>-<metric>`` (``valid-rmse``)
+    plus ``round``; the end-of-training report repeats the last values. The checkpoint file name matches
+    Ray's, so ``RayTrainReportCallback.get_model`` reads it.
     """
 
-    def __init__(self, every: int):
-        self.every = every
-        self.last_reported = -1
+    def __init__(self, every: int, checkpoint: bool = True, report: Callable[..., None] | None = None):
+        self.every, self.checkpoint, self.report = every, checkpoint, report
+        self.last_reported, self.last_metrics = -1, {}
 
-    def _report(self, model: xgb.Booster, evals_log: dict, iteration: int) -> None:
+    def _report(self, model: xgb.Booster, iteration: int) -> None:
         import tempfile
 
         import ray.train
 
-        metrics = {f"{data}-{metric}": float(values[-1]) for data, per in evals_log.items()
-                   for metric, values in per.items() if values}
-        metrics["round"] = iteration + 1
-        with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
-            if ray.train.get_context().get_world_rank() == 0:
-                model.save_model(str(Path(d) / "model.ubj"))
-                checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        report = self.report or ray.train.report
+        metrics = {**self.last_metrics, "round": iteration + 1}
+        if not self.checkpoint:
+            report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if ray.train.get_context().get_world_rank() == 0:
+                    model.save_model(str(Path(d) / "model.ubj"))
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
+                report(metrics, checkpoint=checkpoint)
         self.last_reported = iteration
 
     def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict) -> bool:
+        self.last_metrics = {f"{data}-{metric}": float(values[-1]) for data, per in evals_log.items()
+                             for metric, values in per.items() if values}
         if (epoch + 1) % self.every == 0:
-            self._report(model, evals_log, epoch)
+            self._report(model, epoch)
         return False
 
     def after_training(self, model: xgb.Booster) -> xgb.Booster:
         rounds = model.num_boosted_rounds()
         if self.last_reported != rounds - 1:
-            self._report(model, {}, rounds - 1)
+            self._report(model, rounds - 1)
         return model
-
-
-class CrashOnce(xgb.callback.TrainingCallback):
-    """Chaos testing: kill this worker process at a given round, once (a marker file remembers)."""
-
-    def __init__(self, at_round: int, marker: str):
-        self.at_round, self.marker = at_round, marker
-
-    def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict) -> bool:
-        import os
-
-        if model.num_boosted_rounds() >= self.at_round and not Path(self.marker).exists():
-            Path(self.marker).write_text(str(model.num_boosted_rounds()))
-            os._exit(1)
-        return False
 
 
 def _train_fn_per_worker(config: dict) -> None:
     import ray.train
     from ray.train.xgboost import RayTrainReportCallback
 
-    train = distributed.local_shard(config["shards"], "train")
-    valid = distributed.local_shard(config["shards"], "valid")
-    dtrain = dmatrix(train, config["features"], config["label"])
-    dvalid = dmatrix(valid, config["features"], config["label"]) if valid is not None else None
+    rows = distributed.read_rows(config["shards"])
+    dtrain = dmatrix(rows["train"], config["features"], config["label"])
+    dvalid = dmatrix(rows["valid"], config["features"], config["label"]) if "valid" in rows else None
     start_model, rounds = None, config["rounds"]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resumed after a failure: continue from the last checkpointed round
         start_model = RayTrainReportCallback.get_model(checkpoint)
         rounds -= start_model.num_boosted_rounds()
-    callbacks = [CheckpointEveryK(config["checkpoint_every"])]
-    if config.get("inject_failure"):
-        callbacks.append(CrashOnce(**config["inject_failure"]))
-    if start_model is not None and config.get("inject_failure"):
-        Path(config["inject_failure"]["marker"] + ".resumed").write_text(str(start_model.num_boosted_rounds()))
+        for callback in config["callbacks"]:
+            if hasattr(callback, "on_resume"):
+                callback.on_resume(start_model.num_boosted_rounds())
+    callbacks = [ReportEveryK(config["checkpoint_every"]), *config["callbacks"]]
     train_booster(dtrain, dvalid, config["params"], max(rounds, 0), config.get("early_stopping"),
                   callbacks=callbacks, xgb_model=start_model)
 
 
-def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label: str, params: dict, rounds: int,
-            storage_path: str, name: str, workers: int = 1, checkpoint_every: int = 50,
-            early_stopping: int | None = 30, max_failures: int = 2, use_gpu: bool = False,
-            cpus_per_worker: int = 1, inject_failure: dict | None = None) -> xgb.Booster:
-    """Fit one booster on Ray Train; returns the final model (from the last checkpoint).
+def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label: str, params: dict,
+            settings, storage_path: str, name: str, resources: distributed.Resources | None = None,
+            max_failures: int = 2, callbacks: list | None = None) -> xgb.Booster:
+    """Fit one booster on Ray Train with the ``train.xgb`` ``settings`` (rounds, checkpoint_every,
+    early_stopping, workers, cpus_per_worker); returns the final model (from the last checkpoint).
 
-    ``inject_failure={"at_round": N, "marker": path}`` kills the worker once at round N (chaos tests).
+    ``callbacks``: more xgboost callbacks for the workers (the chaos tests pass a worker-killer here).
     """
     from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
 
+    resources = resources or distributed.Resources.of(settings)
     columns = features + [label]
     shards = distributed.put_shards({"train": train.select(columns),
-                                     "valid": valid.select(columns) if valid is not None else None}, workers)
+                                     "valid": valid.select(columns) if valid is not None else None},
+                                    resources.workers)
     trainer = XGBoostTrainer(
         _train_fn_per_worker,
-        train_loop_config={"features": features, "label": label, "params": params, "rounds": rounds,
-                           "checkpoint_every": checkpoint_every, "early_stopping": early_stopping,
-                           "inject_failure": inject_failure, "shards": shards},
-        **distributed.trainer_settings(name, storage_path, workers, cpus_per_worker, use_gpu, keep=2,
+        train_loop_config={"features": features, "label": label, "params": params, "rounds": settings.rounds,
+                           "checkpoint_every": settings.checkpoint_every,
+                           "early_stopping": settings.early_stopping, "callbacks": list(callbacks or []), "shards": shards},
+        **distributed.trainer_settings(name, storage_path, resources.workers, resources.cpus, resources.gpu, keep=2,
                                        max_failures=max_failures),
     )
     result = trainer.fit()

@@ -7,20 +7,13 @@ demo are the same code.
 
 from __future__ import annotations
 
-import glob
 from typing import Any, Callable
 
+from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.loaders import ingest
 from engagesim.pipeline.run import Run, Timer
 from engagesim.report import eda
-
-
-def _expand(paths: list[str]) -> list[str]:
-    out: list[str] = []
-    for p in paths:
-        out.extend(sorted(glob.glob(p)) if not p.startswith("s3://") and any(c in p for c in "*?[") else [p])
-    return out
 
 
 def data_stage(run: Run) -> dict[str, str]:
@@ -32,7 +25,7 @@ def data_stage(run: Run) -> dict[str, str]:
         summary = generate(cfg.synth, run.path("data"), cfg.storage, ray_config=cfg.ray)
         run.metrics("oracle", summary["oracle"])
         return summary["datasets"]
-    sources = _expand(cfg.data.paths)
+    sources = io.expand_paths(cfg.data.paths)
     if not sources:
         raise ValueError(f"data.paths: no input files for data.source={cfg.data.source!r}")
     run.add_inputs(sources)

@@ -26,12 +26,11 @@ def captions_stage(job: Run, posts_uri: str, log: Callable[[str], None]) -> pl.D
     """Captions of every post: the source file's own caption column first, our captioner for post photos."""
     from engagesim.content.captions import caption_posts
     from engagesim.content.examples import source_captions
-    from engagesim.pipeline.behaviour import _expand
 
     cfg = job.config
     frames = []
     if cfg.data.source == "adobe":
-        frames.append(source_captions(_expand(cfg.data.paths), cfg.storage))
+        frames.append(source_captions(io.expand_paths(cfg.data.paths), cfg.storage))
     cap = cfg.content.captions
     summary = caption_posts(posts_uri, job.path("captions"), cap.model, cfg.storage, cap.actors, cap.cpus_per_actor,
                             cap.batch_size, cfg.embed.fetch_http)

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engagesim import io
+from engagesim import datasets, io
 from engagesim.config import AppConfig
 from engagesim.embed.actors import ImageFeaturizer, TextEmbedder
 from engagesim.features import encodings, history
@@ -32,16 +32,12 @@ from engagesim.features.post import post_row_features
 from engagesim.features.reach import REACH_COLUMNS, AuthorReach, impressions_per_post
 from engagesim.features.state import LIST_SUMMARY, TE_LIST, TE_SCALAR, ImpressionState, PostState, user_attributes
 from engagesim.features.temporal import TEMPORAL_COLUMNS
-from engagesim.pipeline.runtime import ensure_ray
+from engagesim.runtime import ensure_ray
 from engagesim.schema import ENGAGEMENTS
 
 
 def _read_ds(uri: str, cfg: AppConfig):
-    import ray
-
-    fs, _ = io.filesystem(uri, cfg.storage)
-    files = io.dataset_files(uri, cfg.storage)
-    return ray.data.read_parquet(files, filesystem=fs, override_num_blocks=max(cfg.features.blocks, 1))
+    return datasets.read(uri, cfg.storage, cfg.features.blocks)
 
 
 def _actor_args(cfg: AppConfig) -> dict[str, Any]:
@@ -54,15 +50,6 @@ def _actor_args(cfg: AppConfig) -> dict[str, Any]:
         "batch_size": cfg.embed.batch_size,
         "batch_format": "pyarrow",
     }
-
-
-def _collect(ds) -> pa.Table:
-    """Materialise a (small, narrow) dataset in the driver as one Arrow table."""
-    import ray
-
-    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
-    tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
 
 
 # --- post level -------------------------------------------------------------------------------
@@ -85,7 +72,7 @@ def _stream_post_rows(cfg: AppConfig, posts_uri: str) -> pa.Table:
                                    "stat_size": cfg.embed.image_stat_size},
             **_actor_args(cfg),
         )
-    return _collect(ds)
+    return datasets.collect(ds)
 
 
 def _train_target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, cfg: AppConfig,
@@ -167,7 +154,7 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
 # --- impression level --------------------------------------------------------------------------
 
 def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, topics=None) -> pa.Table:
-    topics = _broadcast({"topics": topics})["topics"] if topics is not None else None
+    topics = datasets.fetched({"topics": topics})["topics"] if topics is not None else None
     df = with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
     aggs = history.window_aggregates(df.filter(pl.col("t_us") < cutoff_us))
     sink = []
@@ -179,23 +166,9 @@ def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_
     return pa.table({"prefix": list(aggs), "ipc": pa.array(sink, type=pa.binary())})
 
 
-_CONTEXTS: dict[tuple, dict] = {}
-
-
-def _broadcast(refs: dict) -> dict:
-    """The broadcast context, fetched and deserialised once per worker process (not once per batch)."""
-    import ray
-
-    key = tuple(sorted((k, v.hex()) for k, v in refs.items()))
-    if key not in _CONTEXTS:
-        _CONTEXTS.clear()
-        _CONTEXTS[key] = {k: ray.get(v) for k, v in refs.items()}
-    return _CONTEXTS[key]
-
-
 def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
     """The Ray Data side: the same pure join, with the context from the per-process cache."""
-    return join_impressions(batch, _broadcast(refs), **kwargs)
+    return join_impressions(batch, datasets.fetched(refs), **kwargs)
 
 
 def impression_span(ds, valid_hours: float) -> tuple[int, int]:
@@ -208,7 +181,7 @@ def impression_counts(cfg: AppConfig, interactions_uri: str, cutoff_us: int) -> 
     """Partial per-post impression counts before the training cutoff (one streaming pass; parts are
     summed by ``AuthorReach.fit``)."""
     ds = _read_ds(interactions_uri, cfg)
-    return pl.from_arrow(_collect(ds.map_batches(impressions_per_post, batch_format="pyarrow", batch_size=None,
+    return pl.from_arrow(datasets.collect(ds.map_batches(impressions_per_post, batch_format="pyarrow", batch_size=None,
                                                  fn_kwargs={"cutoff_us": cutoff_us})))
 
 
@@ -228,7 +201,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
               if "text_cluster" in post_table.columns else None)
     topics_ref = ray.put(topics) if topics is not None else None
-    partial = _collect(ds.map_batches(_partial_aggregates, batch_format="pyarrow", batch_size=None,
+    partial = datasets.collect(ds.map_batches(_partial_aggregates, batch_format="pyarrow", batch_size=None,
                                       fn_kwargs={"origin_us": origin_us, "cutoff_us": cutoff_us,
                                                  "window_hours": f.window_hours, "topics": topics_ref}))
     frames: dict[str, list[pl.DataFrame]] = {}
@@ -252,30 +225,11 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     joined = ds.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
                             fn_kwargs={"refs": refs, "origin_us": origin_us, "cutoff_us": cutoff_us,
                                        "window_hours": f.window_hours, "history_mode": f.history_mode})
-    rows = write_streaming(joined, out_uri, "impression_features", cfg, {"cutoff": cutoff_us, "origin": origin_us})
+    rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
+                                    {"cutoff": cutoff_us, "origin": origin_us})
     split_rows = pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=["split"]))["split"].value_counts()
     return ({"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us},
             state)
-
-
-def write_streaming(ds, out_uri: str, kind: str, cfg: AppConfig, extra: dict | None = None) -> int:
-    """Ray Data writes the parts in parallel as blocks stream by; then one manifest commits them."""
-    writer = io.DatasetWriter(out_uri, kind, cfg.storage)
-    ds.write_parquet(writer.path, filesystem=writer.fs, filename_provider=_names(writer.token))
-    writer.adopt_parts(f"part-{writer.token}")
-    writer.commit(extra)
-    return writer.rows
-
-
-def _names(token: str):
-    """Ray Data file names that carry the writer's token, so the commit can tell ours from stale ones."""
-    from ray.data.datasource import FilenameProvider
-
-    class Names(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{token}-{write_uuid}-{task_index:05d}.parquet"
-
-    return Names(file_format="parquet")
 
 
 # --- manifest and entry point ------------------------------------------------------------------

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.loaders import recsys
-from engagesim.pipeline.runtime import ensure_ray
+from engagesim.runtime import ensure_ray
 from engagesim.schema import make_rejects
 
 _DECODERS: dict[str, Callable] = {}

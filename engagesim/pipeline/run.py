@@ -86,7 +86,7 @@ class Run:
              log: Callable[[str], None] = print) -> Iterator[Run]:
         """A new run with Ray started; marked ``failed`` if the block raises (even on Ctrl-C), else ``succeeded``,
         so a manifest never stays ``running`` after its job has ended."""
-        from engagesim.pipeline.runtime import ensure_ray
+        from engagesim.runtime import ensure_ray
 
         run = cls.create(config, job, run_id)
         log(f"run directory: {run.uri}")

@@ -16,10 +16,9 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engagesim import io
-from engagesim.pipeline.features import write_streaming
-from engagesim.pipeline.runtime import ensure_ray
+from engagesim import datasets, io
 from engagesim.runs import load_run
+from engagesim.runtime import ensure_ray
 from engagesim.schema import make_rejects, validate
 
 Kind = Literal["posts", "interactions"]
@@ -74,8 +73,8 @@ def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, pos
                                        "posts_uri": posts_uri},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="pyarrow",
         num_gpus=run.config.embed.gpus_per_actor or None, num_cpus=1)
-    written = write_streaming(scored, io.join(out_uri, "predictions"), f"{kind}_predictions",
-                              run.config.model_copy(update={"storage": storage}), {"run": run_uri})
+    written = datasets.write_streaming(scored, io.join(out_uri, "predictions"), f"{kind}_predictions", storage,
+                                       {"run": run_uri})
     rejected = _commit_rejects(rejects_uri, token, storage)
     seconds = time.perf_counter() - started
     if read != written + rejected:

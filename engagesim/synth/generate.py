@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engagesim import io
+from engagesim import datasets, io
 from engagesim.config import RayConfig, StorageConfig, SynthConfig
 from engagesim.metrics import average_precision, grouped, rce_from_sums, rmse
 from engagesim.schema import ENGAGEMENTS
@@ -37,20 +37,6 @@ POSTS_PER_SHARD = 20_000
 IMAGES_PER_SHARD = 100
 USERS_PER_PART = 500_000
 ORACLE_AP_ROWS = 2_000_000  # AP needs every (score, label) pair; it is computed on the first shards up to this
-
-_WORLDS: dict[str, World] = {}
-
-
-def _world(ref: Any) -> World:
-    """The world, fetched once per worker process."""
-    import ray
-
-    key = ref.hex()
-    if key not in _WORLDS:
-        _WORLDS.clear()
-        _WORLDS[key] = ray.get(ref)
-    return _WORLDS[key]
-
 
 def part_name(shard: int) -> str:
     return f"part-{shard:05d}.parquet"
@@ -98,7 +84,7 @@ def media_root(out: str, storage: StorageConfig | None) -> str:
 
 def _shard_task(batch: dict[str, np.ndarray], fn: Callable, world_ref: Any, out: str,
                 storage: StorageConfig | None) -> dict[str, np.ndarray]:
-    world = _world(world_ref)
+    world = datasets.fetched(world_ref)
     results = [fn(world, int(shard), out, storage) for shard in batch["id"]]
     return {"shard": batch["id"], "result": np.array([json.dumps(r) for r in results], dtype=object)}
 
@@ -197,7 +183,7 @@ def generate(
     """Write users, posts, interactions, media and truth/ under ``out``; return counts and oracle metrics."""
     import ray
 
-    from engagesim.pipeline.runtime import ensure_ray
+    from engagesim.runtime import ensure_ray
 
     started = time.perf_counter()
     world = build_world(cfg)

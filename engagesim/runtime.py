@@ -1,4 +1,5 @@
-"""Connecting to Ray: the embedded local default, or a cluster when configured."""
+"""Connecting to Ray: the embedded local default, or a cluster when configured. The bottom layer every
+stage (synth, features, training, scoring, the CLI) starts Ray through."""
 
 from __future__ import annotations
 
@@ -43,3 +44,11 @@ def ensure_ray(config: RayConfig | None = None) -> None:
     if config.object_store_memory_mb:
         kwargs["object_store_memory"] = config.object_store_memory_mb << 20
     ray.init(**kwargs)
+
+
+def quiet_ray() -> None:
+    """Keep Ray Data's per-operator logging out of the terminal; progress bars stay."""
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.WARNING)

@@ -1,0 +1,72 @@
+"""Ray Data helpers every stage shares: read a committed dataset, write one as blocks stream by (then
+commit it atomically), and fetch broadcast objects once per worker process.
+
+Kept apart from the stages so that the features, scoring and synth stages do not import one another
+for plumbing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from engagesim import io
+from engagesim.config import StorageConfig
+
+
+def read(uri: str, storage: StorageConfig | None = None, blocks: int | None = None):
+    """A committed dataset (local or s3://) as a Ray Dataset, over its manifest's files only."""
+    import ray
+
+    fs, _ = io.filesystem(uri, storage)
+    files = io.dataset_files(uri, storage)
+    kwargs = {"override_num_blocks": max(blocks, 1)} if blocks else {}
+    return ray.data.read_parquet(files, filesystem=fs, **kwargs)
+
+
+def collect(ds) -> pa.Table:
+    """Materialise a (small, narrow) dataset in the driver as one Arrow table."""
+    import ray
+
+    tables = [ray.get(ref) for ref in ds.to_arrow_refs()]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+
+
+def write_streaming(ds, out_uri: str, kind: str, storage: StorageConfig | None = None,
+                    extra: dict | None = None) -> int:
+    """Ray Data writes the parts in parallel as blocks stream by; then one manifest commits them."""
+    writer = io.DatasetWriter(out_uri, kind, storage)
+    ds.write_parquet(writer.path, filesystem=writer.fs, filename_provider=_names(writer.token))
+    writer.adopt_parts(f"part-{writer.token}")
+    writer.commit(extra)
+    return writer.rows
+
+
+def _names(token: str):
+    """Ray Data file names that carry the writer's token, so the commit can tell ours from stale ones."""
+    from ray.data.datasource import FilenameProvider
+
+    class Names(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{token}-{write_uuid}-{task_index:05d}.parquet"
+
+    return Names(file_format="parquet")
+
+
+_FETCHED: dict[tuple, Any] = {}
+
+
+def fetched(refs: Any) -> Any:
+    """``ray.get`` of an object ref (or a dict of them), once per worker process, not once per batch.
+
+    Holds only the latest set: a worker that moves on to another stage's broadcast drops the previous one.
+    """
+    import ray
+
+    key = tuple(sorted((k, v.hex()) for k, v in refs.items())) if isinstance(refs, dict) else (refs.hex(),)
+    if key not in _FETCHED:
+        _FETCHED.clear()
+        _FETCHED[key] = {k: ray.get(v) for k, v in refs.items()} if isinstance(refs, dict) else ray.get(refs)
+    return _FETCHED[key]

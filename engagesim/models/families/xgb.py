@@ -1,0 +1,68 @@
+"""XGBoost: one booster per output (log1p(likes) at post level; like/reply/retweet/quote at impression level),
+each fit on Ray Train. Files: ``xgb.ubj`` (post) or ``xgb_<engagement>.ubj``, + a JSON sidecar each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from engagesim import io
+from engagesim.config import XGBConfig
+from engagesim.models import xgb
+from engagesim.models.data import matrix
+from engagesim.models.family import Family, FitContext, Level, Member, register_family
+
+
+def _file(level: Level, output: str) -> str:
+    return "xgb.ubj" if level.name == "post" else f"xgb_{output}.ubj"
+
+
+class XGBMember(Member):
+    name = "xgb"
+
+    def __init__(self, level: Level, boosters: dict[str, tuple]):
+        self.level, self.boosters = level, boosters  # output → (booster, meta with "features")
+
+    def predict(self, table: pa.Table, upstream: dict[str, np.ndarray]) -> np.ndarray:
+        matrices: dict[tuple, np.ndarray] = {}  # the boosters share one feature list: convert once
+        out = []
+        for booster, meta in self.boosters.values():
+            key = tuple(meta["features"])
+            if key not in matrices:
+                matrices[key] = matrix(table, meta["features"])
+            out.append(xgb.predict(booster, matrices[key], meta["features"]))
+        return np.column_stack(out)
+
+    def save(self, directory: str) -> None:
+        for output, (booster, meta) in self.boosters.items():
+            xgb.save(booster, io.join(directory, _file(self.level, output)), meta["features"],
+                     {k: v for k, v in meta.items() if k != "features"})
+
+
+@register_family
+class XGBFamily(Family):
+    name = "xgb"
+    config_class = XGBConfig
+
+    def fit(self, level: Level, train: pa.Table, valid: pa.Table, features: list[str],
+            ctx: FitContext) -> list[Member]:
+        c = ctx.settings(self)
+        objective = "reg:squarederror" if level.task == "regression" else "binary:logistic"
+        params = xgb.params_for(c.preset, objective, {"nthread": c.cpus_per_worker, **c.params}, ctx.use_gpu)
+        boosters = {}
+        for label, output in zip(level.labels, level.outputs):
+            run_name = "post_xgb" if level.name == "post" else f"impression_xgb_{output}"
+            booster = xgb.fit_ray(train, valid, features, label, params, c, ctx.ray_dir, run_name,
+                                  ctx.resources(self))
+            meta = {"task": "regression"} if level.name == "post" else {"engagement": output}
+            boosters[output] = (booster, {"features": features, **meta})
+        if level.name == "post":
+            importance = boosters[level.outputs[0]][0].get_score(importance_type="gain")
+            ctx.info["xgb_top_features"] = dict(sorted(importance.items(), key=lambda kv: -kv[1])[:15])
+        return [XGBMember(level, boosters)]
+
+    def load(self, directory: str, level: Level, member: str) -> Member | None:
+        paths = {output: io.join(directory, _file(level, output)) for output in level.outputs}
+        if not all(io.exists(p) for p in paths.values()):
+            return None
+        return XGBMember(level, {output: xgb.load(p) for output, p in paths.items()})
