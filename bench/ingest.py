@@ -24,7 +24,7 @@ from common import PeakMemory, emit  # noqa: E402
 
 from engagesim.config import load_config  # noqa: E402
 from engagesim.loaders import recsys  # noqa: E402
-from engagesim.pipeline.recsys_ingest import ingest_recsys  # noqa: E402
+from engagesim.loaders.recsys_ingest import ingest_recsys  # noqa: E402
 
 
 def write_logs(directory: Path, lines: int, files: int, seed: int = 0) -> list[str]:

@@ -63,6 +63,9 @@ def _config(path: Optional[Path], overrides: Optional[list[str]], preset: Option
         if task and preset and cfg.preset.task != task:
             raise ConfigError(f"preset {preset!r} is a {cfg.preset.task} recipe: run "
                               f"`engagesim pipeline {cfg.preset.task} --preset {preset}`")
+        from engagesim.models.family import check_models
+
+        check_models(cfg)
         return cfg
     except ConfigError as exc:
         err.print(f"[red]config error[/red]\n{exc}")
@@ -107,39 +110,30 @@ def ingest(
 
     Example: `engagesim ingest ../shared/data/adobe/content_simulation_test_company.xlsx --out data/adobe`
     """
-    from engagesim.loaders import FORMATS
-    from engagesim.loaders import ingest as run_ingest
+    from engagesim.loaders.route import RECSYS_FORMATS, ingest_files, parse_mapping
 
-    if fmt in ("recsys2021", "recsys2020"):
-        from engagesim.pipeline.recsys_ingest import ingest_recsys
-
-        cfg = _config(config, overrides)
-        quiet_ray()
-        summary = ingest_recsys(sources, out_uri, cfg, tokenizer or cfg.ingest.tokenizer,
-                                log=lambda m: err.print(f"[green]✓[/green] {m}"))
-        result = {k: summary[k] for k in ("read", "written", "rejected", "out")}
-        if not as_json:
-            result |= {k: summary[k] for k in ("posts", "users", "seconds")}
-        finish(result, as_json, "ingest (RecSys)")
-        return
-    if fmt not in FORMATS:
-        err.print(f"[red]--format must be one of {', '.join(FORMATS)}, recsys2021, recsys2020[/red]")
-        raise typer.Exit(2)
-    pairs = {}
-    for item in mapping or []:
-        src, sep, dst = item.partition("=")
-        if not sep:
-            err.print(f"[red]--map {item!r}: expected source_column=contract_field[/red]")
-            raise typer.Exit(2)
-        pairs[src] = dst
+    try:
+        pairs = parse_mapping(mapping)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
     cfg = _config(config, overrides)
+    quiet_ray()
     with progress() as bar:
         task = bar.add_task(f"ingest {len(sources)} file(s)", total=None)
-        summary = run_ingest(sources, fmt, out_uri, cfg, kind=kind, mapping=pairs, on_batch=lambda n: bar.advance(task, n))
-    result = {"read": summary.read, "written": summary.written, "rejected": summary.rejected, "out": summary.out}
-    if not as_json:
-        result |= {"rejects": summary.rejects, "rejects by reason": summary.by_reason}
-    finish(result, as_json, "ingest")
+        try:
+            summary = ingest_files(sources, fmt, out_uri, cfg, kind=kind, mapping=pairs, tokenizer=tokenizer,
+                                   log=lambda m: err.print(f"[green]✓[/green] {m}"),
+                                   on_batch=lambda n: bar.advance(task, n))
+        except ValueError as exc:
+            if not str(exc).startswith("--format"):
+                raise
+            err.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from None
+    brief = ("read", "written", "rejected", "out")
+    more = ("posts", "users", "seconds") if fmt in RECSYS_FORMATS else ("rejects", "rejects by reason")
+    finish({k: summary[k] for k in (brief if as_json else brief + more)}, as_json,
+           "ingest (RecSys)" if fmt in RECSYS_FORMATS else "ingest")
 
 
 @report_app.command("eda")
@@ -345,21 +339,11 @@ def content_train_llm(
     Tune with `--set content.llm.workers=2 --set content.llm.deepspeed=true` (ZeRO-2), or on GPUs with
     `--set content.llm.use_gpu=true`.
     """
-    from engagesim.content.examples import build_examples, split_forward
-    from engagesim.io import read_table
-    from engagesim.pipeline.behaviour import data_stage
-    from engagesim.pipeline.content import captions_stage, llm_stage
-    from engagesim.pipeline.run import Run
+    from engagesim.pipeline.content import run_llm_only
 
     cfg = _config(config, overrides)
     quiet_ray()
-    with Run.open(cfg, "content-llm", run_id, lambda m: err.print(m)) as job:
-        datasets = data_stage(job)
-        captions = captions_stage(job, datasets["posts"], lambda m: err.print(m))
-        examples = build_examples(read_table(datasets["posts"], cfg.storage), captions, cfg.data.source)
-        train, valid = split_forward(examples, cfg.content.valid_fraction)
-        metrics = llm_stage(job, train, valid, lambda m: err.print(m))
-        job.metrics("llm", metrics)
+    job, metrics = run_llm_only(cfg, run_id, lambda m: err.print(m))
     finish({"run": job.uri, "adapter": job.path("models", "llm", "adapter"), **metrics}, as_json, "LLM tuning")
 
 
@@ -459,20 +443,9 @@ def evaluate(
 
 
 def _print_evaluation(result: dict) -> None:
-    table = Table(title="evaluation (validation rows, saved models)")
-    for column in ("level", "model", "metric", "value", "oracle"):
-        table.add_column(column)
-    post = result.get("post_level") or {}
-    for name, values in post.get("models", {}).items():
-        oracle = post.get("oracle", {}).get("rmse")
-        table.add_row("post", name, "rmse", f"{values['rmse']:.4f}", "" if oracle is None else f"{oracle:.4f}")
-    imp = result.get("impression_level") or {}
-    for name, per in imp.get("models", {}).items():
-        for e, values in per.items():
-            oracle = imp.get("oracle", {}).get(e, {}).get("rce")
-            table.add_row("impression", name, f"rce_{e}", f"{values['rce']:.3f}",
-                          "" if oracle is None else f"{oracle:.3f}")
-    out.print(table)
+    from engagesim.report import metric_rows
+
+    print_metrics(metric_rows(result), "evaluation (validation rows, saved models)")
 
 
 @app.command()
@@ -542,8 +515,8 @@ def serve_command(
     serve.run(application, name="engagesim", route_prefix="/", blocking=True)
 
 
-def print_metrics(rows: list[dict]) -> None:
-    table = Table(title="validation metrics (later in time than training)")
+def print_metrics(rows: list[dict], title: str = "validation metrics (later in time than training)") -> None:
+    table = Table(title=title)
     for column in ("level", "model", "metric", "value", "oracle"):
         table.add_column(column)
     for r in rows:

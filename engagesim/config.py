@@ -132,6 +132,7 @@ class FeaturesConfig(Section):
             raise ValueError("must be >= 0 or 'auto'")
         return value
     jaccard_k: int = Field(20, ge=1, description="Jaccard-similar creators kept per creator.")
+    seed: int = Field(0, description="Seed of the graph features' Leiden communities.")
     text_clusters: int = Field(
         24, ge=2, description="k-means clusters of post text embeddings: the 'topic' of the user × topic history."
     )
@@ -219,18 +220,6 @@ class TrainConfig(Section):
     knn: KNNConfig = Field(default_factory=KNNConfig)
     slm: SLMConfig = Field(default_factory=SLMConfig)
 
-    @field_validator("models")
-    @classmethod
-    def _registered_families(cls, value: list[str]) -> list[str]:
-        from engagesim.models.family import family_names
-
-        known = family_names()
-        unknown = [name for name in value if name not in known]
-        if unknown:
-            raise ValueError(f"unknown model famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                             f"registered: {', '.join(known)}")
-        return value
-
 
 class ReportConfig(Section):
     top_accounts: int = Field(15, ge=1, description="Accounts shown in the top-accounts plots.")
@@ -251,6 +240,13 @@ class LoraSettings(Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
                                       description="Module names that get adapters (attention projections).")
+
+    def to_peft(self, task_type: str = "CAUSAL_LM"):
+        """These settings as PEFT's own ``LoraConfig``."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, bias=self.bias,
+                          target_modules=list(self.target_modules), task_type=task_type)
 
 
 class LLMConfig(Section):

@@ -83,3 +83,14 @@ def grouped(
     values = [v for v in per.values() if not np.isnan(v)]
     per["mean"] = float(np.mean(values)) if values else float("nan")
     return per
+
+
+def text_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, 13a tokenisation) and mean ROUGE-L F1 (rouge-score, stemmed)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score if hypotheses else 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]
+    return {"bleu": float(bleu), "rouge_l": float(np.mean(rouge)) if rouge else 0.0}

@@ -95,15 +95,9 @@ class LoadedRun:
 
     @cached_property
     def _encoders(self) -> list:
-        from engagesim.embed.actors import ImageFeaturizer, TextEmbedder
+        from engagesim.embed.actors import encoder_specs
 
-        e = self.config.embed
-        out: list = []
-        if e.text:
-            out.append(TextEmbedder(e.text_model, e.cache_dir, self.storage, sketch=e.sketch))
-        if e.image:
-            out.append(ImageFeaturizer(e.image_model, e.cache_dir, self.storage, e.fetch_http, e.image_stat_size))
-        return out
+        return [encoder(**kwargs) for encoder, kwargs in encoder_specs(self.config.embed, self.storage)]
 
     # -- featurise -------------------------------------------------------------------------------
     def post_features(self, posts: Any, new_accounts: pl.DataFrame | None = None) -> pl.DataFrame:

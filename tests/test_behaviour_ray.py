@@ -164,6 +164,29 @@ def test_nn_trains_on_two_workers_with_ddp_or_deepspeed_zero2(ray_local, tmp_pat
     assert metrics.rce(y, model.predict(x)[:, 0]) > 20
 
 
+def test_zero2_restart_restores_every_ranks_adamw_moments(ray_local, tmp_path):
+    """A ZeRO-2 worker dies after epoch 1; the restarted group loads each rank's own optimizer partition (Ray
+    Train merges the ranks' checkpoint files into one folder) and finishes."""
+    import pyarrow as pa
+
+    from engagesim.config import NNConfig
+    from engagesim.models import nn
+    from engagesim.models.chaos import CrashOnce
+
+    rng = np.random.default_rng(1)
+    x1 = rng.normal(size=2000).astype(np.float32)
+    table = pa.table({"x1": x1, "y_like": (x1 > 0).astype(np.float32)})
+    mean, std = nn.fit_normaliser(x1[:, None])
+    spec = nn.NNSpec(n_inputs=1, n_outputs=1, hidden=[8, 8, 8, 8, 8], mean=mean, std=std, task="binary")
+    marker = str(tmp_path / "crashed")
+    model = nn.fit_ray(table, ["x1"], ["y_like"], spec, str(tmp_path), "zero2_resume",
+                       NNConfig(epochs=3, workers=2, deepspeed=True), batch_size=128,
+                       callbacks=[CrashOnce(1, marker, delay=1.0)])
+    assert open(marker).read() == "1" and open(marker + ".resumed").read() == "1"
+    assert model.train_metrics["resumed_optimizer"] is True and model.train_metrics["zero_stage"] == 2
+    assert model.train_metrics["epoch"] == 2
+
+
 def test_worker_shards_cover_the_table_and_equal_ones_have_one_length(ray_local):
     """DDP ranks must see the same number of rows (else one waits forever in all-reduce); XGBoost keeps all."""
     import pyarrow as pa

@@ -220,18 +220,20 @@ def test_sdxl_pipeline_assembles_trains_a_lora_and_saves_it(tmp_path):
 
 
 def _settings(**over):
-    base = dict(model="tiny:llama", cache_dir=CACHE, lora=dict(r=8, alpha=16, dropout=0.0, bias="none",
-                                                               target_modules=["q_proj", "v_proj"]),
+    from engagesim.config import LLMConfig, LoraSettings
+
+    base = dict(model="tiny:llama", cache_dir=CACHE, lora=LoraSettings(r=8, alpha=16, dropout=0.0, bias="none",
+                                                                       target_modules=["q_proj", "v_proj"]),
                 batch_size=4, grad_accum=2, lr=5e-3, warmup_steps=1, epochs=2, max_steps=None, precision="auto",
-                deepspeed=False, checkpoint_every=2, seed=0, shuffle=True)
-    return {**base, **over}
+                deepspeed=False, checkpoint_every=2, seed=0)
+    return LLMConfig(**{**base, **over})
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed-zero2"])
 def test_lora_tuning_on_two_workers_lowers_held_out_loss(ray_local, tmp_path, tokenizer, deepspeed):
     train, valid = _examples(48, tokenizer), _examples(8, tokenizer)
-    result = llm.fit_ray(train, valid, _settings(deepspeed=deepspeed), str(tmp_path), "lora", workers=2)
+    result = llm.fit_ray(train, valid, _settings(deepspeed=deepspeed, workers=2), str(tmp_path), "lora")
     m = result.metrics
     assert m["workers"] == 2 and m["zero_stage"] == (2 if deepspeed else 0)
     assert m["step"] == llm.Schedule(24, 4, 2, 2).total_steps  # each worker sees half the rows
@@ -246,12 +248,15 @@ def test_lora_tuning_on_two_workers_lowers_held_out_loss(ray_local, tmp_path, to
 @pytest.mark.ray
 def test_lora_tuning_resumes_from_its_checkpoint_after_a_worker_dies(ray_local, tmp_path, tokenizer):
     train = _examples(32, tokenizer)
+    from engagesim.models.chaos import CrashOnce
+
     marker = str(tmp_path / "crashed")
-    result = llm.fit_ray(train, None, _settings(epochs=3), str(tmp_path), "lora", workers=1,
-                         inject_failure={"at_step": 5, "marker": marker})
+    result = llm.fit_ray(train, None, _settings(epochs=3), str(tmp_path), "lora",
+                         callbacks=[CrashOnce(5, marker, delay=1.0)])
     assert Path(marker).read_text() == "5"  # died after step 5 (checkpoints at even steps)
     assert Path(marker + ".resumed").read_text() in {"2", "4"}  # restarted from a checkpoint, not from scratch
     assert result.metrics["step"] == llm.Schedule(32, 4, 2, 3).total_steps
+    assert result.metrics["resumed_optimizer"] is True  # AdamW moments came back with the adapter
 
 
 @pytest.mark.slow
@@ -263,7 +268,10 @@ def test_packaged_smollm2_loads_real_weights_and_takes_a_lora_step():
     with torch.no_grad():
         next_token = model(**prefix).logits[0, -1].argmax()
     assert tokenizer.decode(next_token).strip() == "Paris"  # real weights, not a random init
-    peft = llm.lora_model(model, dict(r=16, alpha=32, dropout=0.05, bias="none", target_modules=["q_proj", "v_proj"]))
+    from engagesim.config import LoraSettings
+
+    peft = llm.lora_model(model, LoraSettings(r=16, alpha=32, dropout=0.05, bias="none",
+                                              target_modules=["q_proj", "v_proj"]))
     trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     assert 0 < trainable < 0.01 * sum(p.numel() for p in peft.parameters())
     table = _examples(4, tokenizer)

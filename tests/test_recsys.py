@@ -9,7 +9,7 @@ import pytest
 from engagesim import io
 from engagesim.config import load_config
 from engagesim.loaders import recsys
-from engagesim.pipeline.recsys_ingest import ingest_recsys
+from engagesim.loaders.recsys_ingest import ingest_recsys
 from engagesim.schema import SCHEMAS, validate
 
 # [CLS] hello world [SEP] in the bert-base-uncased vocabulary shipped with MiniLM

@@ -110,3 +110,16 @@ class ImageFeaturizer:
         new = set(missing)
         out = out.append_column("image_emb_computed", pa.array([h in new for h in hashes]))
         return out.append_column("image_error", pa.array(errors, type=pa.string()))
+
+
+def encoder_specs(embed, storage=None) -> list[tuple[type, dict]]:
+    """The encoders the ``embed`` config turns on, as (class, constructor arguments): the one mapping from
+    config to encoders, used by the features stage (Ray Data actors) and ``load_run`` (in-process)."""
+    specs: list[tuple[type, dict]] = []
+    if embed.text:
+        specs.append((TextEmbedder, {"model": embed.text_model, "cache_dir": embed.cache_dir, "storage": storage,
+                                     "sketch": embed.sketch}))
+    if embed.image:
+        specs.append((ImageFeaturizer, {"model": embed.image_model, "cache_dir": embed.cache_dir, "storage": storage,
+                                        "fetch_http": embed.fetch_http, "stat_size": embed.image_stat_size}))
+    return specs

@@ -15,7 +15,7 @@ header; 24 columns (test files: the first 20). Mapping onto the contracts:
 - post_meta (a side dataset): tweet id, token ids, hashtags, links, domains, tweet type;
 - users: the latest snapshot per user id, from both roles.
 
-Pure parsing lives here; ``pipeline/recsys_ingest.py`` runs it per file on Ray.
+Pure parsing lives here; ``loaders/recsys_ingest.py`` runs it per file on Ray.
 """
 
 from __future__ import annotations
@@ -39,6 +39,17 @@ ENGAGEMENT_COLUMNS = {"reply": "reply_timestamp", "retweet": "retweet_timestamp"
                       "quote": "retweet_with_comment_timestamp", "like": "like_timestamp"}
 MEDIA = {"Photo": "photo", "Video": "video", "GIF": "gif"}
 TWEET_TYPES = {"TopLevel", "Retweet", "Quote", "Reply"}
+
+# The rules a line must pass, read by both the exact per-line parser and the vectorised mask.
+MAX_SECONDS = 4_102_444_800  # 2100-01-01 UTC: a later timestamp is a unit mistake, not a date
+ID_FIELDS = ("tweet_id", "engaged_with_user_id", "engaging_user_id")
+COUNT_FIELDS = ("engaged_with_user_follower_count", "engaged_with_user_following_count",
+                "engaging_user_follower_count", "engaging_user_following_count")
+OPTIONAL_TIME_FIELDS = ("engaged_with_user_account_creation", "engaging_user_account_creation",
+                        *ENGAGEMENT_COLUMNS.values())
+BOOL_FIELDS = ("engaged_with_user_is_verified", "engaging_user_is_verified", "engagee_follows_engager")
+TRUE, FALSE = ("true", "1"), ("false", "0")
+MEDIA_URI_PREFIX = "https://media.engagesim.invalid/recsys/"  # + <tweet_id>/<index>: RecSys logs carry no media
 
 POST_META = pa.schema([
     pa.field("post_id", pa.string(), nullable=False),
@@ -67,9 +78,9 @@ def _int(value: str, name: str) -> int:
 
 def _bool(value: str, name: str) -> bool:
     v = value.strip().lower()
-    if v in ("true", "1"):
+    if v in TRUE:
         return True
-    if v in ("false", "0"):
+    if v in FALSE:
         return False
     raise LineError(f"not a boolean {name}: {value[:30]!r}")
 
@@ -79,7 +90,7 @@ def _ts(value: str, name: str) -> int | None:
     if value == "":
         return None
     seconds = _int(value, name)
-    if seconds < 0 or seconds > 4_102_444_800:  # before 1970 or after 2100
+    if seconds < 0 or seconds > MAX_SECONDS:  # before 1970 or after 2100
         raise LineError(f"bad timestamp {name}: {value}")
     return seconds * 1_000_000
 
@@ -97,7 +108,7 @@ def parse_line(line: str) -> dict[str, Any]:
     unknown = [m for m in media if m not in MEDIA]
     if unknown:
         raise LineError(f"unknown media kind {unknown[0][:20]!r}")
-    if not f["tweet_id"] or not f["engaged_with_user_id"] or not f["engaging_user_id"]:
+    if not all(f[name] for name in ID_FIELDS):
         raise LineError("missing tweet or user id")
     tweet_at = _ts(f["tweet_timestamp"], "tweet_timestamp")
     if tweet_at is None:
@@ -147,7 +158,7 @@ def tables(parsed: list[dict[str, Any]], decode) -> dict[str, pa.Table]:
         "username": [p["creator"][0] for p in parsed],
         "company": pa.nulls(len(parsed), pa.string()),
         "text": texts,
-        "media": pa.array([[{"kind": k, "uri": f"https://media.engagesim.invalid/recsys/{p['tweet_id']}/{i}"}
+        "media": pa.array([[{"kind": k, "uri": f"{MEDIA_URI_PREFIX}{p['tweet_id']}/{i}"}
                             for i, k in enumerate(p["media"])] for p in parsed], type=pa.list_(MEDIA_ITEM)),
         "created_at": _ts_array([p["tweet_at"] for p in parsed]),
         "language": [p["language"] for p in parsed],
@@ -238,23 +249,21 @@ def _valid_mask(t: pa.Table) -> np.ndarray:
 
     def boolean(name: str) -> np.ndarray:
         return pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(t.column(name))),
-                        pa.array(["true", "false", "1", "0"])).to_numpy(zero_copy_only=False)
+                        pa.array([*TRUE, *FALSE])).to_numpy(zero_copy_only=False)
 
     ok = np.ones(t.num_rows, dtype=bool)
-    for name in ("tweet_id", "engaged_with_user_id", "engaging_user_id"):
+    for name in ID_FIELDS:
         ok &= pc.not_equal(t.column(name), "").to_numpy(zero_copy_only=False)
     ok &= pc.is_in(t.column("tweet_type"), pa.array(sorted(TWEET_TYPES))).to_numpy(zero_copy_only=False)
     ok &= ~_bad_elements(_split_list(t.column("present_media")), lambda f: pc.is_in(f, pa.array(sorted(MEDIA))))
     ok &= ~_bad_elements(_split_list(t.column("text_tokens")), lambda f: pc.match_substring_regex(f, _DIGITS))
-    for name in ("engaged_with_user_follower_count", "engaged_with_user_following_count",
-                 "engaging_user_follower_count", "engaging_user_following_count", "tweet_timestamp"):
+    for name in (*COUNT_FIELDS, "tweet_timestamp"):
         ok &= digits(name)
-    for name in ("engaged_with_user_account_creation", "engaging_user_account_creation",
-                 *ENGAGEMENT_COLUMNS.values()):
+    for name in OPTIONAL_TIME_FIELDS:
         ok &= digits(name, allow_empty=True)
-    for name in ("engaged_with_user_is_verified", "engaging_user_is_verified", "engagee_follows_engager"):
+    for name in BOOL_FIELDS:
         ok &= boolean(name)
-    limit = 4_102_444_800
+    limit = MAX_SECONDS
     tweet = _seconds(t.column("tweet_timestamp"), ok)
     ok &= tweet <= limit
     for name in ("engaged_with_user_account_creation", "engaging_user_account_creation"):
@@ -284,7 +293,7 @@ def _us(col, mask_empty: bool = True) -> pa.Array:
 def _bool_array(col) -> pa.Array:
     import pyarrow.compute as pc
 
-    return pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(col)), pa.array(["true", "1"]))
+    return pc.is_in(pc.utf8_lower(pc.utf8_trim_whitespace(col)), pa.array(list(TRUE)))
 
 
 def fast_tables(t: pa.Table, decode) -> dict[str, pa.Table]:
@@ -302,7 +311,7 @@ def fast_tables(t: pa.Table, decode) -> dict[str, pa.Table]:
     parents = pc.list_parent_indices(media).to_numpy()
     position = np.arange(len(parents)) - np.searchsorted(parents, parents)  # index within each list
     uris = pc.binary_join_element_wise(
-        "https://media.engagesim.invalid/recsys/", pc.take(tweet, pa.array(parents, type=pa.int64())), "/",
+        MEDIA_URI_PREFIX, pc.take(tweet, pa.array(parents, type=pa.int64())), "/",
         pa.array(position.astype(str)), "")
     kind_names = pc.replace_substring_regex(pc.utf8_lower(kinds), "^gif$", "gif")
     items = pa.StructArray.from_arrays([kind_names, uris], fields=list(MEDIA_ITEM))

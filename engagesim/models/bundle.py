@@ -56,8 +56,11 @@ class LevelModels:
         if listed is None:
             listed = {m: f for f in family_names() if level.name in get_family(f).levels
                       for m in get_family(f).members()}
+        # Training order (registration order, then each family's own member order): a member may read the
+        # predictions of those before it, and JSON files do not keep key order.
+        order = {m: (i, j) for i, f in enumerate(family_names()) for j, m in enumerate(get_family(f).members())}
         self.loaded: dict[str, Member] = {}
-        for member, family in listed.items():
+        for member, family in sorted(listed.items(), key=lambda kv: order.get(kv[0], (len(order), 0))):
             model = get_family(family).load(directory, level, member)
             if model is not None:
                 self.loaded[member] = model

@@ -27,8 +27,7 @@ if TYPE_CHECKING:  # torch stays out of the import path of the XGBoost-only user
     import torch
 
 WEIGHTS = "model.safetensors"
-STATE = "state.json"
-OPTIMIZER = "optimizer.safetensors"
+STATE = "trainer_state.json"  # the JSON state of a checkpoint (Hugging Face Trainer's name)
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,7 @@ def read_rows(shards: dict[str, list]) -> dict[str, pa.Table]:
 
 # --- checkpoints: safetensors + JSON, never pickle ----------------------------------------------
 
-def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
+def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path, name: str = "optimizer") -> None:
     """AdamW moments as safetensors + the param groups and scalar state as JSON (torch.save would pickle)."""
     import torch
     from safetensors.torch import save_file
@@ -113,60 +112,94 @@ def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
                for key, value in per.items() if torch.is_tensor(value)}
     scalars = {f"{idx}.{key}": value for idx, per in state["state"].items()
                for key, value in per.items() if not torch.is_tensor(value)}
-    save_file(tensors, str(folder / OPTIMIZER))
-    (folder / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> bool:
+def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, name: str = "optimizer") -> bool:
     """Restore what ``save_optimizer`` wrote (False when the checkpoint has no optimizer state)."""
     from safetensors.torch import load_file
 
-    if not (folder / OPTIMIZER).exists():
+    if not (folder / f"{name}.safetensors").exists():
         return False
-    meta = json.loads((folder / "optimizer.json").read_text())
+    meta = json.loads((folder / f"{name}.json").read_text())
     state: dict[int, dict] = {}
-    for key, value in [*load_file(str(folder / OPTIMIZER)).items(), *meta.get("scalars", {}).items()]:
+    for key, value in [*load_file(str(folder / f"{name}.safetensors")).items(), *meta.get("scalars", {}).items()]:
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return True
 
 
-def resume(module: torch.nn.Module, strict: bool = True, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
-    """After a failure: load the last checkpoint's weights into ``module`` (and its optimizer state into
-    ``optimizer``) and return its JSON state; None when there is no checkpoint."""
+def _weights_writer(module: torch.nn.Module, weights: Callable | None) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        from safetensors.torch import save
+
+        tensors = (weights or (lambda m: m.state_dict()))(module)
+        (folder / WEIGHTS).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+    return write
+
+
+def _weights_reader(module: torch.nn.Module, strict: bool) -> Callable[[Path], None]:
+    def read(folder: Path) -> None:
+        from safetensors.torch import load
+
+        module.load_state_dict(load((folder / WEIGHTS).read_bytes()), strict=strict)
+
+    return read
+
+
+def resume(read: Callable[[Path], None], optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+    """After a failure: ``read`` the last checkpoint's weights (and its optimizer state into ``optimizer``)
+    and return its JSON state; None when there is no checkpoint."""
     import ray.train
-    from safetensors.torch import load
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return None
     with checkpoint.as_directory() as folder:
-        module.load_state_dict(load((Path(folder) / WEIGHTS).read_bytes()), strict=strict)
+        read(Path(folder))
         if optimizer is not None:
             load_optimizer(optimizer, Path(folder))
         return json.loads((Path(folder) / STATE).read_text())
 
 
-def report(module: torch.nn.Module, state: dict, metrics: dict,
-           weights: Callable[[torch.nn.Module], dict] | None = None,
-           optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Rank 0 checkpoints ``module`` (unwrapped from DDP) with ``state`` [and ``optimizer``]; every rank
-    reports ``metrics``."""
-    import ray.train
-    from safetensors.torch import save
+def _partition(rank: int) -> str:
+    return f"optimizer-rank{rank}"
 
+
+def report(write: Callable[[Path], None], state: dict, metrics: dict,
+           optimizer: torch.optim.Optimizer | None = None, partition: torch.optim.Optimizer | None = None) -> None:
+    """Rank 0 checkpoints (``write`` its weights, ``state`` as JSON [, ``optimizer``]); every rank reports
+    ``metrics``, so Ray Train's barrier is met. ``partition``: this rank's share of a ZeRO-partitioned
+    optimizer — every rank adds its own file, and Ray Train merges the ranks' folders into one checkpoint."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            inner = module.module if hasattr(module, "module") else module
-            tensors = (weights or (lambda m: m.state_dict()))(inner)
-            (Path(folder) / WEIGHTS).write_bytes(save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+        if rank == 0:
+            write(Path(folder))
             (Path(folder) / STATE).write_text(json.dumps(state))
             if optimizer is not None:
                 save_optimizer(optimizer, Path(folder))
+        if partition is not None:
+            save_optimizer(partition, Path(folder), _partition(rank))
+        if rank == 0 or partition is not None:
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _restore_partition(partition: torch.optim.Optimizer) -> bool:
+    """This rank's ZeRO optimizer share from the checkpoint being resumed (False: none saved for it)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return False
+    with checkpoint.as_directory() as folder:
+        return load_optimizer(partition, Path(folder), _partition(ray.train.get_context().get_world_rank()))
 
 
 def checkpoint_weights(result) -> dict[str, torch.Tensor]:
@@ -180,21 +213,37 @@ def checkpoint_weights(result) -> dict[str, torch.Tensor]:
 # --- the one torch loop -------------------------------------------------------------------------
 
 @dataclass
+class Trainables:
+    """What one unit of training works with: the wrapped model (DDP or the ZeRO engine's module), the
+    optimizer, the DeepSpeed engine (None under DDP: the unit steps the optimizer itself) and the
+    learning-rate schedule (stepped once per unit; DeepSpeed steps it inside ``engine.step``)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    engine: Any = None
+    scheduler: Any = None
+
+
+@dataclass
 class WorkerLoop:
     """What a family's network brings to the shared Ray Train loop; the loop owns the rest.
 
-    ``units`` epochs or steps; ``run(unit, model, optimizer, engine)`` does one and returns its metrics
-    (``model`` is the DDP- or ZeRO-wrapped module, ``engine`` the DeepSpeed engine or None)."""
+    ``units`` epochs or steps; ``run(unit, trainables)`` does one and returns its metrics. ``state``
+    travels in every checkpoint and comes back on resume (e.g. a loss measured before training)."""
 
     module: torch.nn.Module
     optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
     units: int
-    run: Callable[..., dict]
+    run: Callable[[int, Trainables], dict]
     every: int = 1  # checkpoint every K units (and after the last)
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
     weights: Callable[[torch.nn.Module], dict] | None = None  # what to checkpoint (default: the state dict)
     strict: bool = True
     ddp: dict = field(default_factory=dict)  # parallel_strategy_kwargs of prepare_model
     saved: torch.nn.Module | None = None  # the part of ``module`` checkpointed and resumed (default: all)
+    write: Callable[[Path], None] | None = None  # own checkpoint files instead of ``weights`` (PEFT adapters)
+    read: Callable[[Path], None] | None = None
+    state: dict = field(default_factory=dict)
 
 
 class LoopCallback:
@@ -213,55 +262,65 @@ def _torch_worker(config: dict) -> None:
 
     context = ray.train.get_context()
     loop: WorkerLoop = config["build"](read_rows(config["shards"]), config["params"])
-    optimizer = loop.optimizer(loop.module)
     saved = loop.saved if loop.saved is not None else loop.module
-    state = resume(saved, loop.strict, optimizer)
-    start = state["units"] if state else 0
-    callbacks = config["callbacks"]
-    if state:
-        for callback in callbacks:
+    write = loop.write or _weights_writer(saved, loop.weights)
+    optimizer = loop.optimizer(loop.module)
+    state = resume(loop.read or _weights_reader(saved, loop.strict), optimizer)
+    start = state.pop("units") if state else 0
+    saved_world = state.pop("world_size", None) if state else None
+    loop.state.update(state or {})
+    scheduler = loop.scheduler(optimizer) if loop.scheduler else None
+    for _ in range(start if scheduler is not None else 0):  # one schedule step per unit done
+        scheduler.step()
+    if state is not None:
+        for callback in config["callbacks"]:
             callback.on_resume(start)
     engine = None
     if config["deepspeed"]:
         device = ray.train.torch.get_device()
-        engine, optimizer, _ = zero2_engine(loop.module.to(device), optimizer,
-                                            deepspeed_config(config["deepspeed"], 1, device))
+        engine, optimizer, scheduler = zero2_engine(loop.module.to(device), optimizer,
+                                                    deepspeed_config(device=device, **config["deepspeed"]), scheduler)
         model = engine.module
+        # Each rank's AdamW moments cover its own flat partition: restorable only onto the same world size.
+        restored = state is not None and saved_world == context.get_world_size() and _restore_partition(
+            engine.optimizer.optimizer)
     else:
         model = ray.train.torch.prepare_model(loop.module, parallel_strategy_kwargs=loop.ddp or None)
+        restored = state is not None and any(optimizer.state.values())
+    trainables = Trainables(model, optimizer, engine, scheduler)
     for unit in range(start, loop.units):
-        metrics = loop.run(unit, model, optimizer, engine)
+        metrics = loop.run(unit, trainables)
         done = unit + 1
         if done % loop.every == 0 or done == loop.units:
-            metrics = {**metrics, "workers": context.get_world_size(),
+            metrics = {**metrics, "workers": context.get_world_size(), "resumed_optimizer": restored,
                        "zero_stage": engine.zero_optimization_stage() if engine is not None else 0}
-            # ZeRO-2 partitions the optimizer state across ranks; rank 0's partition alone cannot restore it.
-            report(saved, {"units": done}, metrics, loop.weights, optimizer if engine is None else None)
-        for callback in callbacks:
+            report(write, {**loop.state, "units": done, "world_size": context.get_world_size()}, metrics,
+                   optimizer if engine is None else None, engine.optimizer.optimizer if engine is not None else None)
+        for callback in config["callbacks"]:
             callback.after_unit(done)
 
 
 def fit_on_ray(build: Callable[[dict[str, pa.Table], dict], WorkerLoop], tables: dict[str, pa.Table | None],
-               params: dict, resources, name: str, storage_path: str, deepspeed_batch: int | None = None,
-               callbacks: list[LoopCallback] | None = None, max_failures: int = 2):
-    """Run ``build``'s network on Ray Train's ``TorchTrainer``: DDP (or DeepSpeed ZeRO-2 when
-    ``deepspeed_batch`` is the micro-batch size), resume from the last checkpoint after a failure, rank-0
-    checkpoints of weights + optimizer state. ``build(rows, params)`` runs on every worker with its rows.
-    Returns Ray's Result (``checkpoint_weights(result)`` reads the trained weights)."""
+               params: dict, resources: Resources, name: str, storage_path: str, deepspeed: dict | None = None,
+               callbacks: list[LoopCallback] | None = None, max_failures: int = 2, keep: int = 1):
+    """Run ``build``'s network on Ray Train's ``TorchTrainer``: DDP (or DeepSpeed ZeRO-2 with ``deepspeed``:
+    ``deepspeed_config`` arguments, e.g. ``{"batch_size": 64}``), resume from the last checkpoint after a
+    failure, rank-0 checkpoints of weights + optimizer state. ``build(rows, params)`` runs on every worker
+    with its rows (``read_rows``). Returns Ray's Result (``checkpoint_weights(result)``: trained weights)."""
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         _torch_worker,
-        train_loop_config={"build": build, "params": params, "deepspeed": deepspeed_batch,
+        train_loop_config={"build": build, "params": params, "deepspeed": deepspeed,
                            "callbacks": list(callbacks or []),
                            "shards": put_shards(tables, resources.workers, equal=True)},
-        **trainer_settings(name, storage_path, resources.workers, resources.cpus, resources.gpu,
+        **trainer_settings(name, storage_path, resources.workers, resources.cpus, resources.gpu, keep=keep,
                            max_failures=max_failures),
     )
     return trainer.fit()
 
 
-def deepspeed_config(batch_size: int, grad_accum: int, device: torch.device, precision: str = "auto") -> dict:
+def deepspeed_config(batch_size: int, device: torch.device, grad_accum: int = 1, precision: str = "auto") -> dict:
     import torch
 
     gpu = device.type == "cuda"

@@ -37,8 +37,3 @@ def stacked_cv(preds: dict[str, np.ndarray], y: np.ndarray, task: str, folds: in
     oof = cross_val_predict(model, x, y, cv=folds, method=method)
     model.fit(x, y)
     return (oof[:, 1] if task == "binary" else oof), model, names
-
-
-def stacked_apply(model, names: list[str], preds: dict[str, np.ndarray], task: str) -> np.ndarray:
-    x = np.column_stack([logit(preds[n]) if task == "binary" else preds[n] for n in names])
-    return model.predict_proba(x)[:, 1] if task == "binary" else model.predict(x)

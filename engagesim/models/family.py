@@ -134,6 +134,17 @@ def family_names() -> list[str]:
     return list(FAMILIES)
 
 
+def check_models(cfg: AppConfig) -> None:
+    """``train.models`` names registered families only (ConfigError naming the key and the choices)."""
+    from engagesim.config import ConfigError
+
+    known = family_names()
+    unknown = [name for name in cfg.train.models if name not in known]
+    if unknown:
+        raise ConfigError(f"train.models: unknown model famil{'y' if len(unknown) == 1 else 'ies'} "
+                          f"{', '.join(unknown)}; registered: {', '.join(known)}")
+
+
 def family_of_member(member: str) -> Family | None:
     _builtins()
     return next((f for f in FAMILIES.values() if member in f.members()), None)

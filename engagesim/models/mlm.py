@@ -120,7 +120,8 @@ def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
                                   {"params": [p for p in mlm.parameters() if id(p) not in encoder_ids],
                                    "lr": params["lr"]}], weight_decay=0.01)
 
-    def step(unit: int, model: nn.Module, optim: torch.optim.Optimizer, _engine) -> dict:
+    def step(unit: int, t: distributed.Trainables) -> dict:
+        model, optim = t.model, t.optimizer
         # A fresh head first learns alone: its random gradients would otherwise scramble the pretrained encoder.
         optim.param_groups[0]["lr"] = 0.0 if unit < params["head_warmup"] else params["lr"]
         model.train()

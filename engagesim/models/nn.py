@@ -194,9 +194,9 @@ def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
     table = rows["train"]
     x, y = matrix(table, params["features"]), label_matrix(table, params["labels"])
 
-    def epoch(unit: int, model: nn.Module, optimizer: torch.optim.Optimizer, engine) -> dict:
-        losses = train_epochs(model, x, y, 1, params["batch_size"], params["lr"], seed=unit, optimizer=optimizer,
-                              engine=engine)
+    def epoch(unit: int, t: distributed.Trainables) -> dict:
+        losses = train_epochs(t.model, x, y, 1, params["batch_size"], params["lr"], seed=unit, optimizer=t.optimizer,
+                              engine=t.engine)
         return {"epoch": unit, "loss": losses[-1]}
 
     return distributed.WorkerLoop(
@@ -214,7 +214,8 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
               "batch_size": batch_size, "lr": settings.lr}
     result = distributed.fit_on_ray(_worker_loop, {"train": train.select(features + label_columns)}, params,
                                     resources or distributed.Resources(settings.workers), name, storage_path,
-                                    deepspeed_batch=batch_size if settings.deepspeed else None, callbacks=callbacks)
+                                    deepspeed={"batch_size": batch_size} if settings.deepspeed else None,
+                                    callbacks=callbacks)
     model = EngagementNet(spec)
     model.load_state_dict(distributed.checkpoint_weights(result))
     model.train_metrics = dict(result.metrics)

@@ -195,8 +195,8 @@ def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
     module.load_state_dict(from_bytes(ray.get(params["init"])))
     rank = ray.train.get_context().get_world_rank()
 
-    def epoch(unit: int, model: nn.Module, optimizer: torch.optim.Optimizer, _engine) -> dict:
-        losses = train_epochs(model, ids, x, y, 1, params["batch_size"], optimizer, seed=unit + 1000 * rank,
+    def epoch(unit: int, t: distributed.Trainables) -> dict:
+        losses = train_epochs(t.model, ids, x, y, 1, params["batch_size"], t.optimizer, seed=unit + 1000 * rank,
                               teacher=teacher, alpha=params["alpha"])
         return {"epoch": unit, "loss": losses[-1], "rows": len(ids)}
 

@@ -30,7 +30,7 @@ def data_stage(run: Run) -> dict[str, str]:
         raise ValueError(f"data.paths: no input files for data.source={cfg.data.source!r}")
     run.add_inputs(sources)
     if cfg.data.source == "recsys":
-        from engagesim.pipeline.recsys_ingest import ingest_recsys
+        from engagesim.loaders.recsys_ingest import ingest_recsys
 
         summary = ingest_recsys(sources, run.path("data"), cfg, cfg.ingest.tokenizer)
         run.metrics("ingest", {k: summary[k] for k in ("read", "written", "rejected", "posts", "users")})

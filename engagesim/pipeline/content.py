@@ -12,7 +12,7 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -47,31 +47,27 @@ def llm_stage(job: Run, train: pl.DataFrame, valid: pl.DataFrame, log: Callable[
     from engagesim.content import llm
 
     cfg = job.config.content.llm
-    settings = dict(model=cfg.model, cache_dir=str(Path(cfg.cache_dir).resolve()), lora=cfg.lora.model_dump(),
-                    batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                    epochs=cfg.epochs, max_steps=cfg.max_steps, precision=cfg.precision, deepspeed=cfg.deepspeed,
-                    checkpoint_every=cfg.checkpoint_every, seed=cfg.seed, shuffle=True)
+    cache_dir = str(Path(cfg.cache_dir).resolve())
     tuned_on = train.filter(pl.col("source").is_in(cfg.sources))
     if cfg.max_examples:
         tuned_on = tuned_on.tail(cfg.max_examples)
     held_out = valid.filter(pl.col("source").is_in(cfg.sources))
     if tuned_on.is_empty() or held_out.is_empty():
         raise ValueError(f"content.llm.sources={cfg.sources}: no training or held-out posts from these sources")
-    tokenizer = llm.load_tokenizer(cfg.model, settings["cache_dir"])
+    tokenizer = llm.load_tokenizer(cfg.model, cache_dir)
     eval_rows = held_out.head(max(cfg.eval_examples, 1) * 4)  # loss on a few hundred held-out posts at most
     train_table = llm.encode_table(tokenizer, tuned_on["prompt"].to_list(), tuned_on["text"].to_list(), cfg.max_length)
     valid_table = llm.encode_table(tokenizer, eval_rows["prompt"].to_list(), eval_rows["text"].to_list(),
                                    cfg.max_length)
     log(f"LLM: LoRA on {cfg.model} with {train_table.num_rows} posts, {cfg.workers} worker(s)"
         f"{', DeepSpeed ZeRO-2' if cfg.deepspeed else ''}")
-    result = llm.fit_ray(train_table, valid_table, settings, job.path("checkpoints"), "llm", workers=cfg.workers,
-                         use_gpu=cfg.use_gpu, cpus_per_worker=cfg.cpus_per_worker)
+    result = llm.fit_ray(train_table, valid_table, cfg, job.path("checkpoints"), "llm")
     adapter = job.path("models", "llm", "adapter")
     if Path(adapter).exists():
         shutil.rmtree(adapter)
     result.checkpoint.to_directory(adapter)
-    for extra in ("optimizer.safetensors", "optimizer.json"):
-        Path(adapter, extra).unlink(missing_ok=True)
+    for extra in Path(adapter).glob("optimizer*"):  # training state, not part of the adapter
+        extra.unlink()
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics["train_posts"], metrics["valid_posts"] = train_table.num_rows, valid_table.num_rows
     metrics["perplexity_before"] = float(np.exp(metrics["valid_loss_before"]))
@@ -79,18 +75,19 @@ def llm_stage(job: Run, train: pl.DataFrame, valid: pl.DataFrame, log: Callable[
     log(f"LLM held-out loss {metrics['valid_loss_before']:.3f} → {metrics['valid_loss_after']:.3f} "
         f"(perplexity {metrics['perplexity_before']:.1f} → {metrics['perplexity_after']:.1f})")
     if cfg.eval_examples:
-        metrics.update(generation_eval(job, held_out.head(cfg.eval_examples), settings["cache_dir"], adapter))
+        metrics.update(generation_eval(job, held_out.head(cfg.eval_examples), cache_dir, adapter))
         log(f"LLM generation vs real posts: BLEU {metrics['bleu_base']:.2f} → {metrics['bleu_tuned']:.2f}, "
             f"ROUGE-L {metrics['rouge_l_base']:.3f} → {metrics['rouge_l_tuned']:.3f}")
     if cfg.merge:
-        merged = merge_adapter(cfg.model, settings["cache_dir"], adapter, job.path("models", "llm", "merged"))
+        merged = merge_adapter(cfg.model, cache_dir, adapter, job.path("models", "llm", "merged"))
         metrics["merged"] = merged
     return metrics
 
 
 def generation_eval(job: Run, rows: pl.DataFrame, cache_dir: str, adapter: str) -> dict[str, Any]:
     """BLEU and ROUGE-L of greedy generations against the real held-out posts, base model vs tuned."""
-    from engagesim.content.llm import Generator, text_scores
+    from engagesim.content.llm import Generator
+    from engagesim.metrics import text_scores
 
     cfg = job.config.content.llm
     prompts, references = rows["prompt"].to_list(), rows["text"].to_list()
@@ -209,21 +206,47 @@ def behaviour_stage(job: Run, log: Callable[[str], None]) -> str:
     return run_behaviour(job.config, run_id, log=lambda m: log(f"  {m}")).uri
 
 
-def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None] = print) -> Run:
-    from engagesim.content.examples import account_profiles, build_examples, split_forward
+class Examples(NamedTuple):
+    posts_uri: str
+    captions: pl.DataFrame
+    all: pl.DataFrame
+    train: pl.DataFrame
+    valid: pl.DataFrame  # held out: the latest content.valid_fraction
+
+
+def examples_stage(job: Run, log: Callable[[str], None]) -> Examples:
+    """data → captions → (prompt, post) examples, split forward in time."""
+    from engagesim.content.examples import build_examples, split_forward
     from engagesim.pipeline.behaviour import data_stage
 
-    with Run.open(config, "content", run_id, log) as job:
-        with Timer() as t:
-            datasets = data_stage(job)
-        job.stage("data", datasets, t.seconds)
-        with Timer() as t:
-            captions = captions_stage(job, datasets["posts"], log)
-        job.stage("captions", {"captions": job.path("captions")}, t.seconds)
+    config = job.config
+    with Timer() as t:
+        datasets = data_stage(job)
+    job.stage("data", datasets, t.seconds)
+    with Timer() as t:
+        captions = captions_stage(job, datasets["posts"], log)
+    job.stage("captions", {"captions": job.path("captions")}, t.seconds)
+    examples = build_examples(io.read_table(datasets["posts"], config.storage), captions, config.data.source)
+    train, valid = split_forward(examples, config.content.valid_fraction)
+    return Examples(datasets["posts"], captions, examples, train, valid)
 
-        posts = io.read_table(datasets["posts"], config.storage)
-        examples = build_examples(posts, captions, config.data.source)
-        train, valid = split_forward(examples, config.content.valid_fraction)
+
+def run_llm_only(config: AppConfig, run_id: str | None = None,
+                 log: Callable[[str], None] = print) -> tuple[Run, dict[str, Any]]:
+    """Only the LLM part of the content job (``engagesim content train-llm``): examples → LoRA + its scores."""
+    with Run.open(config, "content-llm", run_id, log) as job:
+        ex = examples_stage(job, log)
+        metrics = llm_stage(job, ex.train, ex.valid, log)
+        job.metrics("llm", metrics)
+    return job, metrics
+
+
+def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None] = print) -> Run:
+    from engagesim.content.examples import account_profiles
+
+    with Run.open(config, "content", run_id, log) as job:
+        ex = examples_stage(job, log)
+        examples, train, valid = ex.all, ex.train, ex.valid
         for name, frame in (("train", train), ("valid", valid)):
             io.write_bytes(job.path("content", f"{name}.parquet"), _parquet_bytes(frame), config.storage)
         accounts_uri = job.path("content", "accounts.json")
@@ -244,7 +267,7 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
         spec_images = None
         if "images" in stages and config.content.images.model:
             with Timer() as t:
-                image_metrics = images_stage(job, datasets["posts"], captions, log)
+                image_metrics = images_stage(job, ex.posts_uri, ex.captions, log)
             job.metrics("images", image_metrics)
             job.stage("images", {"lora": image_metrics["lora"], "sample": image_metrics["sample"]}, t.seconds)
             spec_images = {"model": config.content.images.model, "lora": image_metrics["lora"],

@@ -27,6 +27,7 @@ import pyarrow.compute as pc  # noqa: E402
 
 from engagesim import io  # noqa: E402
 from engagesim.metrics import average_precision, grouped, popularity_groups, quantile_edges, rce, rmse  # noqa: E402
+from engagesim.models.data import label_matrix  # noqa: E402
 from engagesim.report import report_dir, save_figure  # noqa: E402
 from engagesim.runs import LoadedRun, load_run  # noqa: E402
 from engagesim.schema import ENGAGEMENTS  # noqa: E402
@@ -95,7 +96,7 @@ def evaluate_impressions(run: LoadedRun, out: Path) -> dict[str, Any]:
     if features.num_rows == 0:
         return {}
     preds = run.score_impression_features(features)
-    y = np.column_stack([features.column(f"y_{e}").to_numpy(zero_copy_only=False) for e in ENGAGEMENTS]).astype(float)
+    y = label_matrix(features).astype(float)
     creators = np.nan_to_num(features.column("creator_follower_count").to_numpy(zero_copy_only=False))
     groups = popularity_groups(creators, quantile_edges(creators))
     names = sorted({c.split("_", 2)[2] if c.count("_") >= 2 else "ensemble" for c in preds.column_names

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from engagesim import datasets, io
 from engagesim.config import AppConfig
-from engagesim.embed.actors import ImageFeaturizer, TextEmbedder
+from engagesim.embed.actors import encoder_specs
 from engagesim.features import encodings, history
 from engagesim.features.graph import GRAPH_COLUMNS, fit_graph_from_pairs
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
@@ -57,21 +57,8 @@ def _actor_args(cfg: AppConfig) -> dict[str, Any]:
 def _stream_post_rows(cfg: AppConfig, posts_uri: str) -> pa.Table:
     """Text statistics, embeddings, sketches and image statistics, streamed through Ray Data."""
     ds = _read_ds(posts_uri, cfg).map_batches(post_row_features, batch_format="pyarrow", batch_size=4096)
-    if cfg.embed.text:
-        ds = ds.map_batches(
-            TextEmbedder,
-            fn_constructor_kwargs={"model": cfg.embed.text_model, "cache_dir": cfg.embed.cache_dir,
-                                   "storage": cfg.storage, "sketch": cfg.embed.sketch},
-            **_actor_args(cfg),
-        )
-    if cfg.embed.image:
-        ds = ds.map_batches(
-            ImageFeaturizer,
-            fn_constructor_kwargs={"model": cfg.embed.image_model, "cache_dir": cfg.embed.cache_dir,
-                                   "storage": cfg.storage, "fetch_http": cfg.embed.fetch_http,
-                                   "stat_size": cfg.embed.image_stat_size},
-            **_actor_args(cfg),
-        )
+    for encoder, kwargs in encoder_specs(cfg.embed, cfg.storage):
+        ds = ds.map_batches(encoder, fn_constructor_kwargs=kwargs, **_actor_args(cfg))
     return datasets.collect(ds)
 
 
@@ -212,7 +199,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     apply_tables = history.feature_tables(aggregates, "apply")
 
     # The graph is fit from the pair aggregates (training rows only), not from another pass over the rows.
-    graph = fit_graph_from_pairs(aggregates["pair"], f.jaccard_k, seed=cfg.synth.seed)
+    graph = fit_graph_from_pairs(aggregates["pair"], f.jaccard_k, seed=f.seed)
     users = user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
         schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
                 "follower_ratio": pl.Float32, "verified": pl.Float32,

@@ -64,6 +64,9 @@ class Run:
 
     @classmethod
     def create(cls, config: AppConfig, job: str, run_id: str | None = None) -> Run:
+        from engagesim.models.family import check_models
+
+        check_models(config)  # before anything is written
         uri = join(config.output_root, run_id or new_run_id(job))
         run = cls(uri, config, job)
         run.manifest = {

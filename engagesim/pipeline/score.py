@@ -24,7 +24,7 @@ from engagesim.schema import make_rejects, validate
 Kind = Literal["posts", "interactions"]
 
 
-class Scorer:
+class ScoringActor:
     """One actor: the loaded run, scoring contract rows of one kind."""
 
     def __init__(self, run_uri: str, kind: Kind, rejects_uri: str, token: str, posts_uri: str | None = None):
@@ -69,7 +69,7 @@ def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, pos
     rejects_uri = io.join(out_uri, io.REJECTS_DIR)
     token = uuid.uuid4().hex[:12]
     scored = ds.map_batches(
-        Scorer, fn_constructor_kwargs={"run_uri": run_uri, "kind": kind, "rejects_uri": rejects_uri, "token": token,
+        ScoringActor, fn_constructor_kwargs={"run_uri": run_uri, "kind": kind, "rejects_uri": rejects_uri, "token": token,
                                        "posts_uri": posts_uri},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="pyarrow",
         num_gpus=run.config.embed.gpus_per_actor or None, num_cpus=1)

@@ -36,7 +36,7 @@ from engagesim.models.data import feature_columns, label_matrix
 from engagesim.models.family import IMPRESSION, POST, FitContext, Level, family_names, get_family, gpu_available
 from engagesim.schema import ENGAGEMENTS
 
-Scorer = Callable[[np.ndarray], dict[str, Any]]
+LevelScore = Callable[[np.ndarray], dict[str, Any]]
 
 
 def _split(table: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -53,7 +53,7 @@ def _impression_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dic
     return out
 
 
-def _scorer(level: Level, train: pa.Table, valid: pa.Table, y: np.ndarray) -> Scorer:
+def _scorer(level: Level, train: pa.Table, valid: pa.Table, y: np.ndarray) -> LevelScore:
     """The level's validation metrics of an (n, outputs) prediction."""
     if level is POST:
         return lambda p: {"rmse": rmse(y[:, 0], p[:, 0])}

@@ -31,12 +31,6 @@ class RequestPredictor:
         if self.has_impressions:
             _ = self.run.impression_models, self.run.impression_state
 
-    def check(self, requests: list[PredictRequest]) -> None:
-        """Limits that depend on the run's config (pydantic checks the rest)."""
-        for i, r in enumerate(requests):
-            if len(r.post.text) > self.max_text_chars:
-                raise ValueError(f"rows[{i}].post.text: longer than {self.max_text_chars} characters")
-
     def models(self) -> dict:
         post = self.run.post_models
         return {"model_version": self.version, "post_level": {"members": post.members,
