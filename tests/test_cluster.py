@@ -191,7 +191,7 @@ from ray.cluster_utils import Cluster
 
 from engagesim import io
 from engagesim.config import load_config
-from engagesim.pipeline.features import write_streaming
+from engagesim.datasets import write_streaming
 
 out = sys.argv[1]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
