@@ -216,3 +216,10 @@ def test_unknown_family_is_a_config_error_naming_the_key():
     check_models(load_config(None, ["train.models=['xgb','slm']"]))
     with pytest.raises(ConfigError, match=r"train.models: unknown model family boost; registered: xgb"):
         check_models(load_config(None, ["train.models=['xgb','boost']"]))
+
+
+def test_builtin_names_checked_without_imports_are_the_registered_ones():
+    from engagesim.models.family import BUILTIN_FAMILIES
+
+    assert list(BUILTIN_FAMILIES) == [f for f in family_names() if f in BUILTIN_FAMILIES]
+    assert set(BUILTIN_FAMILIES) <= set(family_names())
