@@ -215,6 +215,12 @@ class TrainConfig(Section):
     ensemble: Literal["loss_weighted", "stacked"] = Field(
         "stacked", description="How the served ensemble combines models (both are always evaluated)."
     )
+    stream_rows: int | None = Field(
+        None, ge=1, description="Impression feature tables with at least this many rows train from Ray Data: "
+        "xgb and nn workers stream their shard (XGBoost bins it batch by batch into a QuantileDMatrix), never "
+        "through the driver; below it the table is read once and sliced to the workers (faster to start). "
+        "Unset: automatic — stream once the table would take more than 1 GiB in the driver (8 bytes per "
+        "value; ~840k rows of the default 160 columns).")
     xgb: XGBConfig = Field(default_factory=XGBConfig)
     nn: NNConfig = Field(default_factory=NNConfig)
     knn: KNNConfig = Field(default_factory=KNNConfig)

@@ -228,15 +228,26 @@ def dataset_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return [f"{path}/{name}" for name in manifest["files"]]
 
 
-def read_table(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
-    """Read a committed dataset; refuses directories without a manifest and foreign schema versions."""
+def dataset_schema(uri: str, storage: StorageConfig | None = None) -> pa.Schema:
+    """A committed dataset's schema, from its first part's footer (no rows read)."""
+    fs, _ = filesystem(uri, storage)
+    files = dataset_files(uri, storage)
+    return pq.read_schema(files[0], filesystem=fs) if files else pa.schema([])
+
+
+def read_table(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None,
+               filters: list | None = None) -> pa.Table:
+    """Read a committed dataset; refuses directories without a manifest and foreign schema versions.
+
+    ``filters`` (pyarrow's DNF, e.g. ``[("split", "==", "valid")]``) are applied part by part while reading,
+    so only the matching rows are ever held together."""
     manifest = read_manifest(uri, storage)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{uri}: schema version {manifest.get('schema_version')} != supported {SCHEMA_VERSION}")
     fs, _ = filesystem(uri, storage)
     files = dataset_files(uri, storage)
     kind = manifest["kind"]
-    tables = [pq.read_table(f, filesystem=fs, columns=columns) for f in files]
+    tables = [pq.read_table(f, filesystem=fs, columns=columns, filters=filters) for f in files]
     if kind not in SCHEMAS:
         return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     schema = with_metadata(schema_for(kind), kind)

@@ -89,6 +89,52 @@ def test_post_and_impression_models_beat_baselines(features, world, config, tmp_
         assert imp["models"][name]["like"]["ap"] > 0.45  # like rate is ~0.4
     assert imp["oracle"]["like"]["rce"] > imp["models"]["xgb"]["like"]["rce"]
     assert "stacked" in imp["ensemble"]
+    assert imp["train_input"] == "in_memory"  # 40k rows: below the automatic stream threshold
+
+
+def test_impression_training_streams_from_ray_data_above_the_threshold(features, config, tmp_path):
+    """Above train.stream_rows the training split never enters the driver: xgb and nn workers read their
+    Ray Data shard (XGBoost through a QuantileDMatrix iterator). The booster matches plain in-process
+    xgboost on the same rows, and the run serves as usual."""
+    import xgboost
+
+    from engagesim.metrics import rce
+    from engagesim.models.bundle import ImpressionModels
+    from engagesim.models.data import label_matrix, matrix
+
+    out, _ = features
+    streamed = config.model_copy(update={"train": config.train.model_copy(update={
+        "stream_rows": 1, "models": ["xgb", "nn"], "nn": config.train.nn.model_copy(update={"finetune_hours": 6})})})
+    imp = train_impression_level(streamed, io.join(out, "impressions"), str(tmp_path))
+    assert imp["train_input"] == "ray_data" and imp["nn_two_stage"]["finetune_rows"] > 0
+    table = io.read_table(io.join(out, "impressions"))
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    valid = table.filter(pc.equal(table.column("split"), "valid"))
+    assert imp["rows"] == {"train": train.num_rows, "valid": valid.num_rows}
+    f = feature_columns(table.schema)
+    params = xgb.params_for("adobe", "binary:logistic", {"nthread": 2})
+    plain = xgboost.train(params, xgb.dmatrix(train, f, "y_like"), 30,
+                          evals=[(xgb.dmatrix(valid, f, "y_like"), "valid")], early_stopping_rounds=30,
+                          verbose_eval=False)
+    y = label_matrix(valid)[:, 0]
+    assert abs(imp["models"]["xgb"]["like"]["rce"] - rce(y, xgb.predict(plain, matrix(valid, f), f))) < 1.0
+    assert imp["models"]["nn"]["like"]["rce"] > 5
+    served = ImpressionModels(str(tmp_path / "impression")).predict(valid.slice(0, 50))
+    assert served["ensemble"].shape == (50, 4)
+
+
+def test_streamed_normaliser_equals_the_in_memory_fit(ray_local):
+    import pyarrow as pa
+    import ray
+
+    from engagesim.models import nn
+
+    rng = np.random.default_rng(2)
+    x = np.column_stack([rng.normal(size=5000), rng.exponential(100, size=5000)]).astype(np.float32)
+    ds = ray.data.from_arrow(pa.table({"a": x[:, 0], "b": x[:, 1]})).repartition(7)
+    mean, std = nn.fit_normaliser_stream(ds, ["a", "b"])
+    np.testing.assert_allclose(mean, nn.fit_normaliser(x)[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, nn.fit_normaliser(x)[1], rtol=1e-5, atol=1e-6)
 
 
 def test_xgb_worker_killed_resumes_from_checkpoint(features, tmp_path):

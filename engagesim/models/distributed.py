@@ -92,12 +92,63 @@ def local_shard(shards: dict[str, list], name: str) -> pa.Table | None:
     return ray.get(shards[name][ray.train.get_context().get_world_rank()])
 
 
-def read_rows(shards: dict[str, list]) -> dict[str, pa.Table]:
+STREAMED = "ray.data"  # a shard entry: this table reaches the workers through the trainer's ``datasets=``
+
+
+def is_dataset(table: Any) -> bool:
+    return table is not None and not isinstance(table, pa.Table) and hasattr(table, "iter_batches")
+
+
+def route_inputs(tables: dict[str, Any], resources: Resources, equal: bool = False) -> tuple[dict, dict]:
+    """(shards, datasets): driver tables become object-store slices (``put_shards``, the fast path for data
+    that is already in memory); Ray Datasets go to the trainer's ``datasets=`` and stream to each worker
+    (Ray Train splits them, equal-sized for every rank), never through the driver.
+
+    A lazy Dataset needs CPUs for its read and map tasks while the workers train. Where the trainer takes
+    every CPU of the cluster (the embedded default: 2 workers × 1 CPU on 2 cores) those tasks would wait
+    forever — measured: 0 rows after 150 s — so the Dataset is first executed into the object store
+    (``materialize``: blocks spread over the nodes and spilled to disk past its size, still never in the
+    driver), and the workers then only fetch blocks."""
+    datasets = {name: feedable(t, resources) for name, t in tables.items() if is_dataset(t)}
+    shards = put_shards({n: t for n, t in tables.items() if n not in datasets}, resources.workers, equal)
+    shards.update({name: STREAMED for name in datasets})
+    return shards, datasets
+
+
+def starves_data(resources: Resources) -> bool:
+    """Whether a trainer of these resources leaves the cluster less than one CPU for Ray Data's tasks."""
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0)) - resources.workers * resources.cpus < 1
+
+
+def feedable(ds: Any, resources: Resources) -> Any:
+    """``ds`` as a trainer of ``resources`` can consume it: materialized first where it would starve."""
+    from ray.data.dataset import MaterializedDataset
+
+    return ds.materialize() if not isinstance(ds, MaterializedDataset) and starves_data(resources) else ds
+
+
+def read_rows(shards: dict[str, Any], stream: bool = False) -> dict[str, Any]:
     """This worker's rows, by table name — the one function every Ray Train worker reads its data through.
 
-    Today the slices ``put_shards`` put in the object store; the data plane swaps this body for
-    streaming ``ray.train.get_dataset_shard`` reads."""
-    return {name: local_shard(shards, name) for name in shards}
+    An object-store slice arrives whole; a streamed table (``route_inputs``) is this worker's
+    ``get_dataset_shard`` — with ``stream`` the iterator itself (XGBoost builds its matrix batch by batch),
+    else gathered into one table in the worker: the worker holds its shard, the driver holds nothing."""
+    import ray.train
+
+    out: dict[str, Any] = {}
+    for name, entry in shards.items():
+        if entry != STREAMED:
+            out[name] = local_shard(shards, name)
+            continue
+        shard = ray.train.get_dataset_shard(name)
+        if stream:
+            out[name] = shard
+        else:
+            batches = [b for b in shard.iter_batches(batch_format="pyarrow", batch_size=65536) if b.num_rows]
+            out[name] = pa.concat_tables(batches) if batches else None
+    return out
 
 
 # --- checkpoints: safetensors + JSON, never pickle ----------------------------------------------
@@ -309,11 +360,12 @@ def fit_on_ray(build: Callable[[dict[str, pa.Table], dict], WorkerLoop], tables:
     with its rows (``read_rows``). Returns Ray's Result (``checkpoint_weights(result)``: trained weights)."""
     from ray.train.torch import TorchTrainer
 
+    shards, datasets = route_inputs(tables, resources, equal=True)
     trainer = TorchTrainer(
         _torch_worker,
         train_loop_config={"build": build, "params": params, "deepspeed": deepspeed,
-                           "callbacks": list(callbacks or []),
-                           "shards": put_shards(tables, resources.workers, equal=True)},
+                           "callbacks": list(callbacks or []), "shards": shards},
+        datasets=datasets or None,
         **trainer_settings(name, storage_path, resources.workers, resources.cpus, resources.gpu, keep=keep,
                            max_failures=max_failures),
     )

@@ -62,6 +62,7 @@ class FitContext:
     ray_dir: str  # Ray Train storage (checkpoints)
     use_gpu: bool = False
     log: Callable[[str], None] = lambda _: None
+    train_rows: int | None = None  # known without a pass over the rows (training may stream)
     info: dict[str, Any] = field(default_factory=dict)  # what a fit measured, merged into the level's metrics
 
     def settings(self, family: Family) -> Any:
@@ -95,6 +96,7 @@ class Family:
     config_class: ClassVar[type | None] = None
     levels: ClassVar[tuple[str, ...]] = ("post", "impression")
     requires: ClassVar[tuple[str, ...]] = ()  # members whose predictions ``fit``/``predict`` read
+    streams: ClassVar[bool] = False  # ``fit`` accepts the training split as a Ray Dataset (large levels)
     member_names: ClassVar[tuple[str, ...]] = ()  # the members it can make (default: its own name)
 
     def members(self) -> tuple[str, ...]:
@@ -102,6 +104,7 @@ class Family:
 
     def fit(self, level: Level, train: pa.Table, valid: pa.Table, features: list[str],
             ctx: FitContext) -> list[Member]:
+        """``train``: an Arrow table, or (``streams`` families, above ``train.stream_rows``) a Ray Dataset."""
         raise NotImplementedError
 
     def load(self, directory: str, level: Level, member: str) -> Member | None:

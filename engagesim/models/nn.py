@@ -135,6 +135,31 @@ def fit_normaliser(x: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), np.where(std < 1e-6, 1.0, std).tolist()
 
 
+def _moment_part(batch, features: list[str]):
+    """One block's partial fit of the normaliser: n, Σx, Σx² of the transformed inputs (float64)."""
+    import pyarrow as pa
+
+    from engagesim.models.data import matrix
+
+    raw = InputTransform.raw(torch.from_numpy(matrix(batch, features))).numpy().astype(np.float64)
+    return pa.table({"n": [len(raw)], "sum": [raw.sum(axis=0).tolist()], "sq": [(raw ** 2).sum(axis=0).tolist()]})
+
+
+def fit_normaliser_stream(ds, features: list[str]) -> tuple[list[float], list[float]]:
+    """``fit_normaliser`` over a Ray Dataset: partial sums per block, combined in the driver (a few numbers
+    per block, never the rows). Equal to the in-memory fit up to float rounding."""
+    from engagesim import datasets
+
+    parts = datasets.collect(ds.map_batches(_moment_part, fn_kwargs={"features": features}, batch_format="pyarrow",
+                                            batch_size=65536))
+    n = float(np.sum(parts.column("n").to_numpy()))
+    total = np.sum(np.asarray(parts.column("sum").to_pylist(), dtype=np.float64), axis=0)
+    squares = np.sum(np.asarray(parts.column("sq").to_pylist(), dtype=np.float64), axis=0)
+    mean = total / max(n, 1.0)
+    std = np.sqrt(np.maximum(squares / max(n, 1.0) - mean ** 2, 0.0))
+    return mean.tolist(), np.where(std < 1e-6, 1.0, std).tolist()
+
+
 def loss_fn(task: str):
     return nn.BCEWithLogitsLoss() if task == "binary" else nn.MSELoss()
 
@@ -212,7 +237,9 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
     training metrics are in ``model.train_metrics``."""
     params = {"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": settings.epochs,
               "batch_size": batch_size, "lr": settings.lr}
-    result = distributed.fit_on_ray(_worker_loop, {"train": train.select(features + label_columns)}, params,
+    columns = features + label_columns
+    rows = train.select_columns(columns) if distributed.is_dataset(train) else train.select(columns)
+    result = distributed.fit_on_ray(_worker_loop, {"train": rows}, params,
                                     resources or distributed.Resources(settings.workers), name, storage_path,
                                     deepspeed={"batch_size": batch_size} if settings.deepspeed else None,
                                     callbacks=callbacks)

@@ -100,13 +100,45 @@ class ReportEveryK(xgb.callback.TrainingCallback):
         return model
 
 
+class ShardBatches(xgb.DataIter):
+    """A streamed Ray Train shard as XGBoost's data iterator: ``QuantileDMatrix`` sketches and bins the rows
+    batch by batch, so a worker never holds its shard's float matrix — only the binned one (1 byte per value
+    at max_bin ≤ 256, vs 4)."""
+
+    def __init__(self, shard, features: list[str], label: str, batch_size: int = 65536):
+        self.shard, self.features, self.label, self.batch_size = shard, features, label, batch_size
+        self._batches = None
+        super().__init__()
+
+    def reset(self) -> None:
+        self._batches = None
+
+    def next(self, input_data) -> bool:
+        if self._batches is None:
+            self._batches = iter(self.shard.iter_batches(batch_format="pyarrow", batch_size=self.batch_size))
+        for batch in self._batches:
+            if batch.num_rows:
+                input_data(data=matrix(batch, self.features), feature_names=self.features,
+                           label=batch.column(self.label).to_numpy(zero_copy_only=False).astype(np.float32))
+                return True
+        return False
+
+
+def _matrix_for(rows, features: list[str], label: str, params: dict, ref=None) -> xgb.DMatrix:
+    if isinstance(rows, pa.Table):
+        return dmatrix(rows, features, label)
+    return xgb.QuantileDMatrix(ShardBatches(rows, features, label), missing=np.nan, ref=ref,
+                               max_bin=int(params.get("max_bin", 256)))
+
+
 def _train_fn_per_worker(config: dict) -> None:
     import ray.train
     from ray.train.xgboost import RayTrainReportCallback
 
-    rows = distributed.read_rows(config["shards"])
-    dtrain = dmatrix(rows["train"], config["features"], config["label"])
-    dvalid = dmatrix(rows["valid"], config["features"], config["label"]) if "valid" in rows else None
+    rows = distributed.read_rows(config["shards"], stream=True)
+    dtrain = _matrix_for(rows["train"], config["features"], config["label"], config["params"])
+    dvalid = (_matrix_for(rows["valid"], config["features"], config["label"], config["params"], ref=dtrain)
+              if rows.get("valid") is not None else None)
     start_model, rounds = None, config["rounds"]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resumed after a failure: continue from the last checkpointed round
@@ -132,14 +164,19 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
 
     resources = resources or distributed.Resources.of(settings)
     columns = features + [label]
-    shards = distributed.put_shards({"train": train.select(columns),
-                                     "valid": valid.select(columns) if valid is not None else None},
-                                    resources.workers)
+
+    def narrow(table):
+        if table is None:
+            return None
+        return table.select_columns(columns) if distributed.is_dataset(table) else table.select(columns)
+
+    shards, datasets = distributed.route_inputs({"train": narrow(train), "valid": narrow(valid)}, resources)
     trainer = XGBoostTrainer(
         _train_fn_per_worker,
         train_loop_config={"features": features, "label": label, "params": params, "rounds": settings.rounds,
                            "checkpoint_every": settings.checkpoint_every,
                            "early_stopping": settings.early_stopping, "callbacks": list(callbacks or []), "shards": shards},
+        datasets=datasets or None,
         **distributed.trainer_settings(name, storage_path, resources.workers, resources.cpus, resources.gpu, keep=2,
                                        max_failures=max_failures),
     )

@@ -33,8 +33,9 @@ from engagesim.runs import LoadedRun, load_run  # noqa: E402
 from engagesim.schema import ENGAGEMENTS  # noqa: E402
 
 
-def _valid(table: pa.Table) -> pa.Table:
-    return table.filter(pc.equal(table.column("split"), "valid"))
+def _valid(run: LoadedRun, name: str) -> pa.Table:
+    """The validation rows of a feature table, filtered part by part while reading (never the whole table)."""
+    return io.read_table(run.path("features", name), run.storage, filters=[("split", "==", "valid")])
 
 
 def _write(uri: str, table: pa.Table, kind: str, storage) -> str:
@@ -64,7 +65,7 @@ def _oracle_impressions(run: LoadedRun, keys: pa.Table) -> np.ndarray | None:
 
 
 def evaluate_posts(run: LoadedRun, out: Path) -> dict[str, Any]:
-    features = _valid(io.read_table(run.path("features", "posts"), run.storage))
+    features = _valid(run, "posts")
     features = features.filter(pc.invert(pc.is_nan(features.column("label_log1p_likes"))))
     if features.num_rows == 0 or not io.exists(run.path("models", "post", "ensemble.json"), run.storage):
         return {}
@@ -92,7 +93,7 @@ def evaluate_posts(run: LoadedRun, out: Path) -> dict[str, Any]:
 def evaluate_impressions(run: LoadedRun, out: Path) -> dict[str, Any]:
     if not run.has_impression_models:
         return {}
-    features = _valid(io.read_table(run.path("features", "impressions"), run.storage))
+    features = _valid(run, "impressions")
     if features.num_rows == 0:
         return {}
     preds = run.score_impression_features(features)

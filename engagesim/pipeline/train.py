@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engagesim import io
+from engagesim import datasets, io
 from engagesim.config import AppConfig
 from engagesim.metrics import (
     average_precision,
@@ -30,10 +31,12 @@ from engagesim.metrics import (
     rce,
     rmse,
 )
-from engagesim.models import ensemble
+from engagesim.models import distributed, ensemble
 from engagesim.models.bundle import ensemble_spec
 from engagesim.models.data import feature_columns, label_matrix
+from engagesim.models.distributed import Resources
 from engagesim.models.family import IMPRESSION, POST, FitContext, Level, family_names, get_family, gpu_available
+from engagesim.runtime import ensure_ray
 from engagesim.schema import ENGAGEMENTS
 
 LevelScore = Callable[[np.ndarray], dict[str, Any]]
@@ -53,11 +56,13 @@ def _impression_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dic
     return out
 
 
-def _scorer(level: Level, train: pa.Table, valid: pa.Table, y: np.ndarray) -> LevelScore:
-    """The level's validation metrics of an (n, outputs) prediction."""
+def _scorer(level: Level, train: pa.Table | None, valid: pa.Table, y: np.ndarray) -> LevelScore:
+    """The level's validation metrics of an (n, outputs) prediction. Popularity groups: creator follower
+    quintiles of the training rows (of the validation rows when training streams and no table is here)."""
     if level is POST:
         return lambda p: {"rmse": rmse(y[:, 0], p[:, 0])}
-    edges = quantile_edges(train.column("creator_follower_count").to_numpy(zero_copy_only=False), 5)
+    edges = quantile_edges((train if train is not None else valid).column("creator_follower_count")
+                           .to_numpy(zero_copy_only=False), 5)
     groups = popularity_groups(np.nan_to_num(valid.column("creator_follower_count").to_numpy(zero_copy_only=False)),
                                edges)
     return lambda p: _impression_metrics(y, p, groups)
@@ -107,11 +112,72 @@ def _ensembles(cfg: AppConfig, level: Level, preds: dict[str, np.ndarray], y: np
     return specs, weights, weighted, stacked, served
 
 
-def _fit_members(cfg: AppConfig, level: Level, train: pa.Table, valid: pa.Table, features: list[str],
+def _only_split(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("split"), split))
+
+
+@dataclass
+class LevelInputs:
+    """A level's rows: in memory below ``train.stream_rows``; above it the training split stays a Ray
+    Dataset that families which can stream read shard by shard on their workers (the others, and the
+    validation split, are gathered into the driver)."""
+
+    uri: str
+    cfg: AppConfig
+    rows: int
+    valid: pa.Table
+    train_table: pa.Table | None = None
+    train_stream: Any = None
+    schema: pa.Schema | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return self.train_stream is not None
+
+    def train_for(self, family, log: Callable[[str], None]) -> Any:
+        if self.streamed and family.streams:
+            return self.train_stream
+        if self.train_table is None:
+            log(f"{family.name} cannot stream: gathering the training split into the driver")
+            self.train_table = datasets.collect(self.train_stream)
+        return self.train_table
+
+
+DRIVER_TABLE_BYTES = 1 << 30  # automatic train.stream_rows: the most a level's table may take in the driver
+
+
+def stream_threshold(cfg: AppConfig, columns: int) -> int:
+    """``train.stream_rows``, or where unset the rows whose 8-byte values fill ``DRIVER_TABLE_BYTES``."""
+    return cfg.train.stream_rows or max(DRIVER_TABLE_BYTES // (8 * max(columns, 1)), 1)
+
+
+def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) -> LevelInputs:
+    rows = io.read_manifest(uri, cfg.storage).get("rows", 0)
+    if level is POST or rows < stream_threshold(cfg, len(io.dataset_schema(uri, cfg.storage).names)):
+        table = io.read_table(uri, cfg.storage)
+        if level is POST:
+            table = table.filter(pc.invert(pc.is_nan(table.column("label_log1p_likes"))))
+        train, valid = _split(table)
+        return LevelInputs(uri, cfg, train.num_rows, valid, train_table=train, schema=table.schema)
+    ensure_ray(cfg.ray)
+    ds = datasets.read(uri, cfg.storage, cfg.features.blocks)
+    valid = datasets.collect(ds.map_batches(_only_split, fn_kwargs={"split": "valid"}, batch_format="pyarrow"))
+    train = ds.map_batches(_only_split, fn_kwargs={"split": "train"}, batch_format="pyarrow")
+    streaming = [get_family(name) for name in cfg.train.models if get_family(name).streams]
+    if any(distributed.starves_data(Resources.of(getattr(cfg.train, f.name, None))) for f in streaming):
+        # Every trainer would take the whole cluster and starve the read tasks (distributed.route_inputs):
+        # execute the split once into the object store, shared by every family's fits and passes.
+        log(f"{level.name}: trainers take every CPU; materializing the training split in the object store")
+        train = train.materialize()
+    return LevelInputs(uri, cfg, rows - valid.num_rows, valid, train_stream=train, schema=valid.schema)
+
+
+def _fit_members(cfg: AppConfig, level: Level, data: LevelInputs, features: list[str],
                  models_dir: str, log: Callable[[str], None]) -> tuple[dict, dict, dict, dict]:
     """Each family of ``train.models`` (registration order) → its members, saved; validation predictions."""
     out_dir = io.join(models_dir, level.name)
-    ctx = FitContext(cfg, out_dir, io.join(models_dir, "ray"), gpu_available(), log)
+    valid = data.valid
+    ctx = FitContext(cfg, out_dir, io.join(models_dir, "ray"), gpu_available(), log, train_rows=data.rows)
     preds: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     families: dict[str, str] = {}
@@ -120,7 +186,7 @@ def _fit_members(cfg: AppConfig, level: Level, train: pa.Table, valid: pa.Table,
         if level.name not in family.levels or not all(r in preds for r in family.requires):
             continue
         started = time.perf_counter()
-        for member in family.fit(level, train, valid, features, ctx):
+        for member in family.fit(level, data.train_for(family, log), valid, features, ctx):
             member.save(out_dir)
             p = np.asarray(member.predict(valid, preds), dtype=np.float32)
             preds[member.name] = p[:, None] if p.ndim == 1 else p
@@ -132,21 +198,20 @@ def _fit_members(cfg: AppConfig, level: Level, train: pa.Table, valid: pa.Table,
 
 def train_level(cfg: AppConfig, level: Level, uri: str, models_dir: str, truth_uri: str | None = None,
                 log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    table = io.read_table(uri, cfg.storage)
-    if level is POST:
-        table = table.filter(pc.invert(pc.is_nan(table.column("label_log1p_likes"))))
-    train, valid = _split(table)
-    if train.num_rows < level.min_rows[0] or valid.num_rows < level.min_rows[1]:
+    data = _inputs(cfg, level, uri, log)
+    valid = data.valid
+    if data.rows < level.min_rows[0] or valid.num_rows < level.min_rows[1]:
         what = "labelled posts" if level is POST else "impressions"
-        return {"skipped": f"too few {what} (train {train.num_rows}, valid {valid.num_rows})"}
-    features = feature_columns(table.schema)
+        return {"skipped": f"too few {what} (train {data.rows}, valid {valid.num_rows})"}
+    features = feature_columns(data.schema)
     y_va = label_matrix(valid, level.labels)
-    score = _scorer(level, train, valid, y_va)
-    result: dict[str, Any] = {"rows": {"train": train.num_rows, "valid": valid.num_rows}, "features": len(features)}
+    score = _scorer(level, data.train_table, valid, y_va)
+    result: dict[str, Any] = {"rows": {"train": data.rows, "valid": valid.num_rows}, "features": len(features),
+                              "train_input": "ray_data" if data.streamed else "in_memory"}
     if level is POST:
-        result["baselines"] = _post_baselines(train, valid)
+        result["baselines"] = _post_baselines(data.train_table, valid)
 
-    preds, seconds, families, info = _fit_members(cfg, level, train, valid, features, models_dir, log)
+    preds, seconds, families, info = _fit_members(cfg, level, data, features, models_dir, log)
     result.update(info)
     result["models"] = {k: score(v) | ({"seconds": round(seconds[k], 1)} if level is POST else {})
                         for k, v in preds.items()}

@@ -43,6 +43,7 @@ class XGBMember(Member):
 class XGBFamily(Family):
     name = "xgb"
     config_class = XGBConfig
+    streams = True
 
     def fit(self, level: Level, train: pa.Table, valid: pa.Table, features: list[str],
             ctx: FitContext) -> list[Member]:
