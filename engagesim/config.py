@@ -169,6 +169,8 @@ class NNConfig(Section):
                              "rows of the last N hours (0 = off).")
     finetune_epochs: int = Field(1, ge=1, description="Epochs of the fine-tuning stage.")
     finetune_lr_scale: float = Field(0.1, gt=0, le=1, description="Fine-tuning learning rate = lr × this.")
+    seed: int = Field(0, description="Seed of the initial weights and of the batch order (the spread over "
+                      "seeds is the NN's noise floor: measure it before calling a change a regression).")
 
 
 class SLMConfig(Section):
@@ -202,6 +204,15 @@ class KNNConfig(Section):
     ivf_threshold: int = Field(200_000, ge=1, description="Use an IVF index from this many rows (flat below).")
 
 
+class SampleConfig(Section):
+    negatives: float = Field(
+        1.0, gt=0, le=1, description="Impression level: keep this share of the training impressions with no "
+        "engagement (every engaged one is kept), each kept one weighted 1/share, so the weighted loss is the "
+        "full log's in expectation and probabilities stay calibrated (He et al. 2014 downsample negatives the "
+        "same way). Validation rows are never sampled. 1 = train on every row.")
+    seed: int = Field(0, description="Seed of the row hash that decides which negatives are kept.")
+
+
 class TrainConfig(Section):
     impression_level: bool = Field(
         True, description="Build impression features and train P(engagement) models when the data has impressions; "
@@ -221,6 +232,7 @@ class TrainConfig(Section):
         "through the driver; below it the table is read once and sliced to the workers (faster to start). "
         "Unset: automatic — stream once the table would take more than 1 GiB in the driver (8 bytes per "
         "value; ~840k rows of the default 160 columns).")
+    sample: SampleConfig = Field(default_factory=SampleConfig)
     xgb: XGBConfig = Field(default_factory=XGBConfig)
     nn: NNConfig = Field(default_factory=NNConfig)
     knn: KNNConfig = Field(default_factory=KNNConfig)

@@ -94,23 +94,27 @@ def test_post_and_impression_models_beat_baselines(features, world, config, tmp_
 
 def test_impression_training_streams_from_ray_data_above_the_threshold(features, config, tmp_path):
     """Above train.stream_rows the training split never enters the driver: xgb and nn workers read their
-    Ray Data shard (XGBoost through a QuantileDMatrix iterator). The booster matches plain in-process
-    xgboost on the same rows, and the run serves as usual."""
+    Ray Data shard (XGBoost through a QuantileDMatrix iterator), here with half the negatives sampled away
+    (weights 2). The booster matches plain in-process xgboost on the same weighted rows, and the run
+    serves as usual."""
     import xgboost
 
+    from engagesim.config import SampleConfig
     from engagesim.metrics import rce
     from engagesim.models.bundle import ImpressionModels
-    from engagesim.models.data import label_matrix, matrix
+    from engagesim.models.data import label_matrix, matrix, sample_negatives
 
     out, _ = features
     streamed = config.model_copy(update={"train": config.train.model_copy(update={
-        "stream_rows": 1, "models": ["xgb", "nn"], "nn": config.train.nn.model_copy(update={"finetune_hours": 6})})})
+        "stream_rows": 1, "models": ["xgb", "nn"], "sample": SampleConfig(negatives=0.5),
+        "nn": config.train.nn.model_copy(update={"finetune_hours": 6})})})
     imp = train_impression_level(streamed, io.join(out, "impressions"), str(tmp_path))
     assert imp["train_input"] == "ray_data" and imp["nn_two_stage"]["finetune_rows"] > 0
     table = io.read_table(io.join(out, "impressions"))
-    train = table.filter(pc.equal(table.column("split"), "train"))
+    train = sample_negatives(table.filter(pc.equal(table.column("split"), "train")), 0.5)
     valid = table.filter(pc.equal(table.column("split"), "valid"))
     assert imp["rows"] == {"train": train.num_rows, "valid": valid.num_rows}
+    assert imp["sample"] == {"negatives": 0.5, "kept_rows": train.num_rows}
     f = feature_columns(table.schema)
     params = xgb.params_for("adobe", "binary:logistic", {"nthread": 2})
     plain = xgboost.train(params, xgb.dmatrix(train, f, "y_like"), 30,
@@ -118,7 +122,7 @@ def test_impression_training_streams_from_ray_data_above_the_threshold(features,
                           verbose_eval=False)
     y = label_matrix(valid)[:, 0]
     assert abs(imp["models"]["xgb"]["like"]["rce"] - rce(y, xgb.predict(plain, matrix(valid, f), f))) < 1.0
-    assert imp["models"]["nn"]["like"]["rce"] > 5
+    assert imp["models"]["xgb"]["like"]["rce"] > 25 and imp["models"]["nn"]["like"]["rce"] > 5
     served = ImpressionModels(str(tmp_path / "impression")).predict(valid.slice(0, 50))
     assert served["ensemble"].shape == (50, 4)
 
@@ -186,6 +190,29 @@ def test_nn_two_stage_fine_tunes_on_the_latest_window(features, config, tmp_path
     assert 0 < info["finetune_rows"] < imp["rows"]["train"]  # only the most recent training rows
     assert np.isfinite(info["finetune_loss"]).all()
     assert imp["models"]["nn"]["like"]["rce"] > 0
+
+
+def test_nn_fit_is_a_function_of_its_seed(ray_local, tmp_path):
+    """Initial weights and batch order come from train.nn.seed, not from the worker process's RNG state:
+    the same seed gives the same weights bit for bit, another seed other weights."""
+    import pyarrow as pa
+
+    from engagesim.config import NNConfig
+    from engagesim.models import nn
+
+    rng = np.random.default_rng(1)
+    x1 = rng.normal(size=2000).astype(np.float32)
+    table = pa.table({"x1": x1, "y_like": (rng.random(2000) < 1 / (1 + np.exp(-2 * x1))).astype(np.float32)})
+    spec = nn.NNSpec(arch="layer6_mlp", n_inputs=1, n_outputs=1, hidden=[16, 16, 8, 8, 4], width=16, mean=[0.0],
+                     std=[1.0], task="binary")
+
+    def weights(seed: int, name: str) -> np.ndarray:
+        model = nn.fit_ray(table, ["x1"], ["y_like"], spec, str(tmp_path), name, NNConfig(epochs=1, seed=seed), 256)
+        return np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
+
+    first = weights(0, "a")
+    np.testing.assert_array_equal(first, weights(0, "b"))
+    assert np.abs(first - weights(1, "c")).max() > 1e-3
 
 
 @pytest.mark.parametrize("deepspeed", [False, True], ids=["ddp", "deepspeed-zero2"])

@@ -218,6 +218,15 @@ def test_unknown_family_is_a_config_error_naming_the_key():
         check_models(load_config(None, ["train.models=['xgb','boost']"]))
 
 
+def test_negative_sampling_refuses_families_that_cannot_weight_rows():
+    from engagesim.config import ConfigError
+    from engagesim.models.family import check_models
+
+    check_models(load_config(None, ["train.models=['xgb','nn','knn']", "train.sample.negatives=0.5"]))
+    with pytest.raises(ConfigError, match=r"train.sample.negatives=0.5: slm cannot weight rows"):
+        check_models(load_config(None, ["train.models=['xgb','slm']", "train.sample.negatives=0.5"]))
+
+
 def test_builtin_names_checked_without_imports_are_the_registered_ones():
     from engagesim.models.family import BUILTIN_FAMILIES
 

@@ -43,3 +43,28 @@ def matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
 def label_matrix(table: pa.Table, columns: list[str] | tuple[str, ...] = tuple(LABELS)) -> np.ndarray:
     """(rows, len(columns)) float32 from label columns — the one place labels become a matrix."""
     return np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in columns]).astype(np.float32)
+
+
+WEIGHT = "_weight"  # a row's training weight (negative downsampling); "_" keeps it out of the features
+
+
+def sample_negatives(batch: pa.Table, rate: float, seed: int = 0) -> pa.Table:
+    """Keep every engaged impression and a ``rate`` share of the others, the kept ones weighted 1/``rate``.
+
+    Which rows survive is a hash of (user, post, impression time) — the same rows whatever the block
+    boundaries, so the streamed and in-memory paths, and reruns, sample alike."""
+    if rate >= 1:
+        return batch
+    frame = pl.from_arrow(batch.select(["user_id", "post_id", "impression_at", *LABELS]))
+    engaged = pl.any_horizontal([pl.col(c) > 0 for c in LABELS])
+    u = pl.struct("user_id", "post_id", "impression_at").hash(seed) / float(2 ** 64)
+    marks = frame.select(engaged.alias("e"), (u < rate).alias("k"))
+    keep = (marks["e"] | marks["k"]).to_arrow()
+    weight = pl.when(marks["e"]).then(1.0).otherwise(1.0 / rate)
+    weights = marks.select(weight.cast(pl.Float32).alias(WEIGHT))[WEIGHT].to_arrow()
+    return batch.append_column(WEIGHT, weights).filter(keep)
+
+
+def weights(table: pa.Table) -> np.ndarray | None:
+    """The rows' training weights, or None where the table was not sampled."""
+    return table.column(WEIGHT).to_numpy(zero_copy_only=False) if WEIGHT in table.column_names else None

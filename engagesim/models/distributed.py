@@ -99,6 +99,14 @@ def is_dataset(table: Any) -> bool:
     return table is not None and not isinstance(table, pa.Table) and hasattr(table, "iter_batches")
 
 
+def weight_column(table: Any) -> list[str]:
+    """``[WEIGHT]`` where a training table (Arrow or Ray Dataset) carries row weights, else ``[]``."""
+    from engagesim.models.data import WEIGHT
+
+    names = table.schema().names if is_dataset(table) else table.column_names
+    return [WEIGHT] if WEIGHT in names else []
+
+
 def route_inputs(tables: dict[str, Any], resources: Resources, equal: bool = False) -> tuple[dict, dict]:
     """(shards, datasets): driver tables become object-store slices (``put_shards``, the fast path for data
     that is already in memory); Ray Datasets go to the trainer's ``datasets=`` and stream to each worker
@@ -310,8 +318,12 @@ class LoopCallback:
 def _torch_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
+    import torch
 
     context = ray.train.get_context()
+    # Initial weights from a fixed seed, not from whatever the worker process drew before (imports, Ray):
+    # without it a refactor that only moves code changes every network's starting point.
+    torch.manual_seed(int(config["params"].get("seed", 0)))
     loop: WorkerLoop = config["build"](read_rows(config["shards"]), config["params"])
     saved = loop.saved if loop.saved is not None else loop.module
     write = loop.write or _weights_writer(saved, loop.weights)

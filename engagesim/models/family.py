@@ -97,6 +97,7 @@ class Family:
     levels: ClassVar[tuple[str, ...]] = ("post", "impression")
     requires: ClassVar[tuple[str, ...]] = ()  # members whose predictions ``fit``/``predict`` read
     streams: ClassVar[bool] = False  # ``fit`` accepts the training split as a Ray Dataset (large levels)
+    weighted: ClassVar[bool] = False  # ``fit`` honours row weights (``data.WEIGHT``: train.sample)
     member_names: ClassVar[tuple[str, ...]] = ()  # the members it can make (default: its own name)
 
     def members(self) -> tuple[str, ...]:
@@ -150,6 +151,13 @@ def check_models(cfg: AppConfig) -> None:
     if unknown:
         raise ConfigError(f"train.models: unknown model famil{'y' if len(unknown) == 1 else 'ies'} "
                           f"{', '.join(unknown)}; registered: {', '.join(known)}")
+    if cfg.train.sample.negatives < 1:
+        unweighted = [name for name in cfg.train.models
+                      if "impression" in get_family(name).levels and not get_family(name).weighted]
+        if unweighted:
+            raise ConfigError(f"train.sample.negatives={cfg.train.sample.negatives}: {', '.join(unweighted)} "
+                              "cannot weight rows, so its probabilities would be biased; drop it from train.models "
+                              "or set train.sample.negatives=1")
 
 
 def family_of_member(member: str) -> Family | None:

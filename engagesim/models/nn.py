@@ -187,24 +187,32 @@ def minibatch_epochs(model: nn.Module, rows: int, epochs: int, batch_size: int, 
 
 
 def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int, lr: float,
-                 seed: int = 0, optimizer: torch.optim.Optimizer | None = None, engine=None) -> list[float]:
+                 seed: int = 0, optimizer: torch.optim.Optimizer | None = None, engine=None,
+                 w: np.ndarray | None = None) -> list[float]:
     """Plain mini-batch training; returns the mean loss per epoch. ``engine``: a DeepSpeed engine wrapping
-    ``model`` (it owns backward and the optimizer step)."""
+    ``model`` (it owns backward and the optimizer step). ``w``: row weights (negative downsampling)."""
     torch.manual_seed(seed)
     spec = model.module.spec if hasattr(model, "module") else model.spec
     criterion = loss_fn(spec.task)
+    per_row = type(criterion)(reduction="none")
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     device = next(model.parameters()).device  # on GPU workers prepare_model moved the model there
+
+    def loss_of(out: torch.Tensor, yb: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+        if w is None:
+            return criterion(out, yb)
+        wb = torch.from_numpy(w[idx]).to(device)[:, None]
+        return (per_row(out, yb) * wb).sum() / (wb.sum() * yb.shape[1])
 
     def step(idx: np.ndarray) -> float:
         xb, yb = torch.from_numpy(x[idx]).to(device), torch.from_numpy(y[idx]).to(device)
         if engine is not None:
-            loss = criterion(engine(xb), yb)
+            loss = loss_of(engine(xb), yb, idx)
             engine.backward(loss)
             engine.step()
         else:
             optimizer.zero_grad()
-            loss = criterion(model(xb), yb)
+            loss = loss_of(model(xb), yb, idx)
             loss.backward()
             optimizer.step()
         return float(loss.detach())
@@ -214,14 +222,15 @@ def train_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, ba
 
 def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
     """Each Ray worker: its rows, the network, one epoch per unit (a checkpoint after each)."""
-    from engagesim.models.data import label_matrix, matrix
+    from engagesim.models.data import label_matrix, matrix, weights
 
     table = rows["train"]
-    x, y = matrix(table, params["features"]), label_matrix(table, params["labels"])
+    x, y, w = matrix(table, params["features"]), label_matrix(table, params["labels"]), weights(table)
 
     def epoch(unit: int, t: distributed.Trainables) -> dict:
-        losses = train_epochs(t.model, x, y, 1, params["batch_size"], params["lr"], seed=unit, optimizer=t.optimizer,
-                              engine=t.engine)
+        losses = train_epochs(t.model, x, y, 1, params["batch_size"], params["lr"],
+                              seed=1000 * params.get("seed", 0) + unit, optimizer=t.optimizer,
+                              engine=t.engine, w=w)
         return {"epoch": unit, "loss": losses[-1]}
 
     return distributed.WorkerLoop(
@@ -236,8 +245,8 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
     ``settings.deepspeed``); ``settings`` is the ``train.nn`` section. Returns the trained model; the last
     training metrics are in ``model.train_metrics``."""
     params = {"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": settings.epochs,
-              "batch_size": batch_size, "lr": settings.lr}
-    columns = features + label_columns
+              "batch_size": batch_size, "lr": settings.lr, "seed": settings.seed}
+    columns = features + label_columns + distributed.weight_column(train)
     rows = train.select_columns(columns) if distributed.is_dataset(train) else train.select(columns)
     result = distributed.fit_on_ray(_worker_loop, {"train": rows}, params,
                                     resources or distributed.Resources(settings.workers), name, storage_path,

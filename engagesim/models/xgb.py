@@ -19,7 +19,7 @@ import pyarrow as pa
 import xgboost as xgb
 
 from engagesim.models import distributed
-from engagesim.models.data import matrix
+from engagesim.models.data import matrix, weights
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Adobe Behaviour Simulation, team 83.
@@ -39,8 +39,10 @@ def params_for(preset: str, objective: str, overrides: dict[str, Any] | None = N
 
 
 def dmatrix(table: pa.Table, features: list[str], label: str | None) -> xgb.DMatrix:
+    """Features, label and (where the rows were sampled) their weights."""
     y = None if label is None else table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
-    return xgb.DMatrix(matrix(table, features), label=y, feature_names=features, missing=np.nan)
+    return xgb.DMatrix(matrix(table, features), label=y, weight=weights(table), feature_names=features,
+                       missing=np.nan)
 
 
 def train_booster(dtrain: xgb.DMatrix, dvalid: xgb.DMatrix | None, params: dict, rounds: int,
@@ -118,7 +120,7 @@ class ShardBatches(xgb.DataIter):
             self._batches = iter(self.shard.iter_batches(batch_format="pyarrow", batch_size=self.batch_size))
         for batch in self._batches:
             if batch.num_rows:
-                input_data(data=matrix(batch, self.features), feature_names=self.features,
+                input_data(data=matrix(batch, self.features), feature_names=self.features, weight=weights(batch),
                            label=batch.column(self.label).to_numpy(zero_copy_only=False).astype(np.float32))
                 return True
         return False
@@ -163,11 +165,10 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
     from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
 
     resources = resources or distributed.Resources.of(settings)
-    columns = features + [label]
-
     def narrow(table):
         if table is None:
             return None
+        columns = features + [label] + distributed.weight_column(table)
         return table.select_columns(columns) if distributed.is_dataset(table) else table.select(columns)
 
     shards, datasets = distributed.route_inputs({"train": narrow(train), "valid": narrow(valid)}, resources)

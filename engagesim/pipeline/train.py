@@ -33,7 +33,7 @@ from engagesim.metrics import (
 )
 from engagesim.models import distributed, ensemble
 from engagesim.models.bundle import ensemble_spec
-from engagesim.models.data import feature_columns, label_matrix
+from engagesim.models.data import feature_columns, label_matrix, sample_negatives
 from engagesim.models.distributed import Resources
 from engagesim.models.family import IMPRESSION, POST, FitContext, Level, family_names, get_family, gpu_available
 from engagesim.runtime import ensure_ray
@@ -158,18 +158,25 @@ def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) 
         if level is POST:
             table = table.filter(pc.invert(pc.is_nan(table.column("label_log1p_likes"))))
         train, valid = _split(table)
+        if level is IMPRESSION:
+            train = sample_negatives(train, cfg.train.sample.negatives, cfg.train.sample.seed)
         return LevelInputs(uri, cfg, train.num_rows, valid, train_table=train, schema=table.schema)
     ensure_ray(cfg.ray)
     ds = datasets.read(uri, cfg.storage, cfg.features.blocks)
     valid = datasets.collect(ds.map_batches(_only_split, fn_kwargs={"split": "valid"}, batch_format="pyarrow"))
     train = ds.map_batches(_only_split, fn_kwargs={"split": "train"}, batch_format="pyarrow")
+    sample = cfg.train.sample
+    if sample.negatives < 1:
+        train = train.map_batches(sample_negatives, batch_format="pyarrow",
+                                  fn_kwargs={"rate": sample.negatives, "seed": sample.seed})
     streaming = [get_family(name) for name in cfg.train.models if get_family(name).streams]
     if any(distributed.starves_data(Resources.of(getattr(cfg.train, f.name, None))) for f in streaming):
         # Every trainer would take the whole cluster and starve the read tasks (distributed.route_inputs):
         # execute the split once into the object store, shared by every family's fits and passes.
         log(f"{level.name}: trainers take every CPU; materializing the training split in the object store")
         train = train.materialize()
-    return LevelInputs(uri, cfg, rows - valid.num_rows, valid, train_stream=train, schema=valid.schema)
+    kept = train.count() if sample.negatives < 1 else rows - valid.num_rows  # free once materialized
+    return LevelInputs(uri, cfg, kept, valid, train_stream=train, schema=valid.schema)
 
 
 def _fit_members(cfg: AppConfig, level: Level, data: LevelInputs, features: list[str],
@@ -208,6 +215,8 @@ def train_level(cfg: AppConfig, level: Level, uri: str, models_dir: str, truth_u
     score = _scorer(level, data.train_table, valid, y_va)
     result: dict[str, Any] = {"rows": {"train": data.rows, "valid": valid.num_rows}, "features": len(features),
                               "train_input": "ray_data" if data.streamed else "in_memory"}
+    if level is IMPRESSION and cfg.train.sample.negatives < 1:
+        result["sample"] = {"negatives": cfg.train.sample.negatives, "kept_rows": data.rows}
     if level is POST:
         result["baselines"] = _post_baselines(data.train_table, valid)
 

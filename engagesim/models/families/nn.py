@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from engagesim import datasets
 from engagesim.config import NNConfig
-from engagesim.models.data import label_matrix, matrix
+from engagesim.models.data import label_matrix, matrix, weights
 from engagesim.models.distributed import is_dataset
 from engagesim.models.families._net import NNMember, load_net
 from engagesim.models.family import Family, FitContext, Level, Member, register_family
@@ -25,6 +25,7 @@ class NNFamily(Family):
     name = "nn"
     config_class = NNConfig
     streams = True
+    weighted = True
 
     def fit(self, level: Level, train: pa.Table, valid: pa.Table, features: list[str],
             ctx: FitContext) -> list[Member]:
@@ -55,7 +56,7 @@ class NNFamily(Family):
             x_recent, y_recent = matrix(recent_rows, features), label_matrix(recent_rows, level.labels)
             losses = nn.train_epochs(model, x_recent, y_recent, epochs=c.finetune_epochs,
                                      batch_size=min(batch, max(len(x_recent) // 10, 32)),
-                                     lr=c.lr * c.finetune_lr_scale)
+                                     lr=c.lr * c.finetune_lr_scale, w=weights(recent_rows))
             model.eval()
             info = {"finetune_rows": len(x_recent), "finetune_loss": losses}
         ctx.info["nn_two_stage"] = info

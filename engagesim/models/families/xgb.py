@@ -44,6 +44,7 @@ class XGBFamily(Family):
     name = "xgb"
     config_class = XGBConfig
     streams = True
+    weighted = True
 
     def fit(self, level: Level, train: pa.Table, valid: pa.Table, features: list[str],
             ctx: FitContext) -> list[Member]:
