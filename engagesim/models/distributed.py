@@ -107,6 +107,21 @@ def weight_column(table: Any) -> list[str]:
     return [WEIGHT] if WEIGHT in names else []
 
 
+def narrow(table: Any, columns: list[str]) -> Any:
+    """The columns a trainer needs (plus row weights where present). An Arrow table is sliced zero-copy; a
+    lazy Dataset gets the projection pushed into its read; a materialized one is passed whole — projecting
+    it would be one more task per block and one more copy of the split in the object store, per trainer
+    (the workers select their columns from each batch anyway)."""
+    from ray.data.dataset import MaterializedDataset
+
+    if table is None:
+        return None
+    columns = columns + weight_column(table)
+    if not is_dataset(table):
+        return table.select(columns)
+    return table if isinstance(table, MaterializedDataset) else table.select_columns(columns)
+
+
 def route_inputs(tables: dict[str, Any], resources: Resources, equal: bool = False) -> tuple[dict, dict]:
     """(shards, datasets): driver tables become object-store slices (``put_shards``, the fast path for data
     that is already in memory); Ray Datasets go to the trainer's ``datasets=`` and stream to each worker

@@ -246,9 +246,7 @@ def fit_ray(train, features: list[str], label_columns: list[str], spec: NNSpec, 
     training metrics are in ``model.train_metrics``."""
     params = {"spec": asdict(spec), "features": features, "labels": label_columns, "epochs": settings.epochs,
               "batch_size": batch_size, "lr": settings.lr, "seed": settings.seed}
-    columns = features + label_columns + distributed.weight_column(train)
-    rows = train.select_columns(columns) if distributed.is_dataset(train) else train.select(columns)
-    result = distributed.fit_on_ray(_worker_loop, {"train": rows}, params,
+    result = distributed.fit_on_ray(_worker_loop, {"train": distributed.narrow(train, features + label_columns)}, params,
                                     resources or distributed.Resources(settings.workers), name, storage_path,
                                     deepspeed={"batch_size": batch_size} if settings.deepspeed else None,
                                     callbacks=callbacks)

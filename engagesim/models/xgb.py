@@ -165,13 +165,9 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
     from ray.train.xgboost import RayTrainReportCallback, XGBoostTrainer
 
     resources = resources or distributed.Resources.of(settings)
-    def narrow(table):
-        if table is None:
-            return None
-        columns = features + [label] + distributed.weight_column(table)
-        return table.select_columns(columns) if distributed.is_dataset(table) else table.select(columns)
-
-    shards, datasets = distributed.route_inputs({"train": narrow(train), "valid": narrow(valid)}, resources)
+    columns = features + [label]
+    shards, datasets = distributed.route_inputs({"train": distributed.narrow(train, columns),
+                                                 "valid": distributed.narrow(valid, columns)}, resources)
     trainer = XGBoostTrainer(
         _train_fn_per_worker,
         train_loop_config={"features": features, "label": label, "params": params, "rounds": settings.rounds,

@@ -122,8 +122,6 @@ class LevelInputs:
     Dataset that families which can stream read shard by shard on their workers (the others, and the
     validation split, are gathered into the driver)."""
 
-    uri: str
-    cfg: AppConfig
     rows: int
     valid: pa.Table
     train_table: pa.Table | None = None
@@ -160,10 +158,10 @@ def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) 
         train, valid = _split(table)
         if level is IMPRESSION:
             train = sample_negatives(train, cfg.train.sample.negatives, cfg.train.sample.seed)
-        return LevelInputs(uri, cfg, train.num_rows, valid, train_table=train, schema=table.schema)
+        return LevelInputs(train.num_rows, valid, train_table=train, schema=table.schema)
     ensure_ray(cfg.ray)
     ds = datasets.read(uri, cfg.storage, cfg.features.blocks)
-    valid = datasets.collect(ds.map_batches(_only_split, fn_kwargs={"split": "valid"}, batch_format="pyarrow"))
+    valid = io.read_table(uri, cfg.storage, filters=[("split", "==", "valid")])  # filtered part by part
     train = ds.map_batches(_only_split, fn_kwargs={"split": "train"}, batch_format="pyarrow")
     sample = cfg.train.sample
     if sample.negatives < 1:
@@ -176,7 +174,7 @@ def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) 
         log(f"{level.name}: trainers take every CPU; materializing the training split in the object store")
         train = train.materialize()
     kept = train.count() if sample.negatives < 1 else rows - valid.num_rows  # free once materialized
-    return LevelInputs(uri, cfg, kept, valid, train_stream=train, schema=valid.schema)
+    return LevelInputs(kept, valid, train_stream=train, schema=valid.schema)
 
 
 def _fit_members(cfg: AppConfig, level: Level, data: LevelInputs, features: list[str],
