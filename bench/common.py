@@ -17,23 +17,31 @@ def emit(**record) -> None:
     sys.stdout.flush()
 
 
-def ray_and_driver_rss() -> int:
-    """Resident memory of this driver plus every Ray worker process on the machine (bytes)."""
-    total = psutil.Process(os.getpid()).memory_info().rss
+def process_rss() -> tuple[int, int, int]:
+    """(driver + every Ray worker process on the machine, the driver alone, the largest worker), in bytes."""
+    driver = psutil.Process(os.getpid()).memory_info().rss
+    total, largest = driver, 0
     for proc in psutil.process_iter(["name", "memory_info"]):
         try:
             if proc.info["name"] and proc.info["name"].startswith("ray::") and proc.info["memory_info"]:
                 total += proc.info["memory_info"].rss
+                largest = max(largest, proc.info["memory_info"].rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total
+    return total, driver, largest
+
+
+def ray_and_driver_rss() -> int:
+    """Resident memory of this driver plus every Ray worker process on the machine (bytes)."""
+    return process_rss()[0]
 
 
 class PeakMemory:
-    """Samples ``ray_and_driver_rss`` every 0.2 s while the block runs; ``peak_mb`` afterwards."""
+    """Samples ``process_rss`` every 0.2 s while the block runs; ``peak_mb`` (all processes), ``driver_mb``
+    and ``worker_mb`` (the largest single Ray worker) afterwards."""
 
     def __enter__(self) -> PeakMemory:
-        self.peak = ray_and_driver_rss()
+        self.peaks = list(process_rss())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -41,7 +49,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, ray_and_driver_rss())
+            self.peaks = [max(a, b) for a, b in zip(self.peaks, process_rss())]
             time.sleep(0.2)
 
     def __exit__(self, *exc: object) -> None:
@@ -49,5 +57,17 @@ class PeakMemory:
         self._thread.join()
 
     @property
+    def peak(self) -> int:
+        return self.peaks[0]
+
+    @property
     def peak_mb(self) -> float:
-        return round(self.peak / 2**20, 1)
+        return round(self.peaks[0] / 2**20, 1)
+
+    @property
+    def driver_mb(self) -> float:
+        return round(self.peaks[1] / 2**20, 1)
+
+    @property
+    def worker_mb(self) -> float:
+        return round(self.peaks[2] / 2**20, 1)

@@ -1,15 +1,18 @@
-"""Impression feature throughput: the Ray Data pipeline vs the same transforms in one process.
+"""Impression feature stage at several sizes: the Ray executor's two history planes vs one process.
 
-Both sides run the same pure functions (history windows, graph features,
-user/post joins — ``engagesim.features.impression.join_impressions``) on the same
-synthetic impressions; the baseline does it in this process with polars on
-the whole table. Prints JSON lines: rows/s of each, their ratio, and the
-peak memory (driver + Ray workers) of the Ray pipeline at two sizes.
+Both sides run the same pure functions (history windows, graph features, user/post joins —
+``engagesim.features.impression``) on the same synthetic impressions. ``broadcast``: every history table is
+broadcast to the join tasks; ``partitioned``: every group is joined partition against partition
+(``pipeline/partitioned.py``). The baseline (``features_in_process``) runs in a child process on the whole
+table. The world's users and posts grow with the log (keys grow with rows, as in real logs). Prints JSON
+lines: wall time, rows/s, peak RSS of all processes, of the driver and of the largest Ray worker, and each
+plane's throughput over the baseline's.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -23,10 +26,7 @@ from common import PeakMemory, emit  # noqa: E402
 
 from engagesim import io  # noqa: E402
 from engagesim.config import SynthConfig, load_config  # noqa: E402
-from engagesim.features import history  # noqa: E402
-from engagesim.features.graph import fit_graph  # noqa: E402
-from engagesim.features.impression import join_impressions  # noqa: E402
-from engagesim.features.state import user_attributes  # noqa: E402
+from engagesim.features.impression import features_in_process  # noqa: E402
 from engagesim.pipeline.features import (  # noqa: E402
     build_impression_features,
     build_post_features,
@@ -34,63 +34,67 @@ from engagesim.pipeline.features import (  # noqa: E402
 )
 from engagesim.synth import generate  # noqa: E402
 
-WORLD = dict(users=20_000, posts=50_000, images=0, rows_per_shard=250_000, days=14)
+WORLD = dict(images=0, rows_per_shard=250_000, days=14)
 
 
-def single_process(cfg, world: str, post_table: pl.DataFrame) -> float:
-    """The baseline: everything in this process, one polars pass over the whole table."""
-    f = cfg.features
+def single_process(args: tuple) -> dict:
+    """The baseline, in a child process of its own (so its memory is its own): the in-process executor on
+    the whole table — one polars frame, every table fit in this process."""
+    import resource
+
+    features, world, post_path = args
     start = time.perf_counter()
     inter = io.read_table(io.join(world, "interactions"))
-    df = history.with_labels_and_windows(pl.from_arrow(inter), None, f.window_hours)
-    topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
-              if "text_cluster" in post_table.columns else None)
-    if topics is not None:
-        df = df.join(topics, on="post_id", how="left", maintain_order="left")
-    origin = int(df["t_us"].min())
-    cutoff = int(df["t_us"].max()) - int(f.valid_hours * 3600 * 1e6)
-    train = df.filter(pl.col("t_us") < cutoff)
-    aggregates = history.window_aggregates(train)
-    users = user_attributes(pl.from_arrow(io.read_table(io.join(world, "users"))))
-    posts = post_table.drop("author_id", "username", "created_at", "likes", "split", "label_log1p_likes")
-    ctx = {"train_tables": history.feature_tables(aggregates, f.history_mode),
-           "apply_tables": history.feature_tables(aggregates, "apply"),
-           "graph": fit_graph(train, f.jaccard_k), "users": users,
-           "posts": posts.rename({c: f"post_{c}" for c in posts.columns if c != "post_id"}),
-           **({"topics": topics} if topics is not None else {})}
-    out = join_impressions(inter, ctx, origin, cutoff, f.window_hours, f.history_mode)
+    out = features_in_process(inter, pl.read_parquet(post_path), pl.from_arrow(io.read_table(io.join(world, "users"))),
+                              features.valid_hours, features.window_hours, features.history_mode, features.jaccard_k,
+                              features.seed)
     assert out.num_rows == inter.num_rows
-    return inter.num_rows / (time.perf_counter() - start)
+    return {"rows_per_s": inter.num_rows / (time.perf_counter() - start),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+PLANES = {"broadcast": ["features.broadcast_max_rows=1000000000"], "partitioned": ["features.broadcast_max_rows=0"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--memory-rows", type=int, nargs=2, default=[2_000_000, 10_000_000])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
+    parser.add_argument("--planes", nargs="+", default=list(PLANES), choices=list(PLANES))
+    parser.add_argument("--baseline-max-rows", type=int, default=10_000_000,
+                        help="skip the single-process baseline above this size (it may not fit the machine)")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    cfg = load_config(None, ["embed.text=false", "embed.image=false", "embed.sketch=false", "features.blocks=8"])
+    base = ["embed.text=false", "embed.image=false", "embed.sketch=false", "features.blocks=8"]
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        sizes = sorted({args.rows, *args.memory_rows})
-        peaks = {}
-        for n in sizes:
+        for n in sorted(args.rows):
             world = f"{tmp}/world{n}"
-            generate(SynthConfig(**WORLD, impressions=n), world)
+            generate(SynthConfig(**WORLD, users=max(2_000, n // 100), posts=max(5_000, n // 40), impressions=n), world)
+            cfg = load_config(None, base)
             rows = post_row_features(io.read_table(io.join(world, "posts")))
             post_table, _, _ = build_post_features(cfg, rows, pl.from_arrow(io.read_table(io.join(world, "users"))))
-            with PeakMemory() as mem:
-                start = time.perf_counter()
-                build_impression_features(cfg, io.join(world, "interactions"), io.join(world, "users"), post_table,
-                                          f"{tmp}/features{n}")
-                ray_rate = n / (time.perf_counter() - start)
-            peaks[n] = mem.peak_mb
-            emit(bench="features_peak_memory", rows=n, peak_rss_mb=mem.peak_mb)
-            if n == args.rows:
-                base = single_process(cfg, world, post_table)
-                emit(bench="features_impressions", rows=n, ray_rows_per_s=round(ray_rate),
-                     single_process_rows_per_s=round(base), ratio=round(ray_rate / base, 3))
-        small, large = args.memory_rows
-        emit(bench="features_memory_growth", rows_small=small, rows_large=large, ratio=round(peaks[large] / peaks[small], 3))
+            post_path = f"{tmp}/posts{n}.parquet"
+            post_table.write_parquet(post_path)
+            rates = {}
+            for plane in args.planes:
+                cfg = load_config(None, [*base, *PLANES[plane]])
+                with PeakMemory() as mem:
+                    start = time.perf_counter()
+                    info, _ = build_impression_features(cfg, io.join(world, "interactions"), io.join(world, "users"),
+                                                        post_table, f"{tmp}/f{n}{plane}/impressions",
+                                                        f"{tmp}/f{n}{plane}/state")
+                    seconds = time.perf_counter() - start
+                rates[plane] = n / seconds
+                emit(bench="features_plane", rows=n, plane=plane, seconds=round(seconds, 1),
+                     rows_per_s=round(rates[plane]), peak_rss_mb=mem.peak_mb, driver_peak_mb=mem.driver_mb,
+                     largest_worker_mb=mem.worker_mb, partitions=info["history"]["partitions"],
+                     partitioned=info["history"]["partitioned"], history_train_rows=info["history"]["train_rows"])
+            if n <= args.baseline_max_rows:
+                with spawn.Pool(1) as pool:
+                    single = pool.apply(single_process, ((cfg.features, world, post_path),))
+                emit(bench="features_vs_single_process", rows=n, single_process_rows_per_s=round(single["rows_per_s"]),
+                     single_process_peak_rss_mb=single["peak_rss_mb"],
+                     **{f"{plane}_ratio": round(rate / single["rows_per_s"], 3) for plane, rate in rates.items()})
     ray.shutdown()
 
 

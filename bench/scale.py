@@ -64,7 +64,7 @@ def main() -> None:
                                                        pl.from_arrow(io.read_table(io.join(world, "users"))))
             t = time.perf_counter()
             build_impression_features(cfg, io.join(world, "interactions"), io.join(world, "users"), post_table,
-                                      f"{tmp}/features{nodes}")
+                                      f"{tmp}/features{nodes}", f"{tmp}/state{nodes}")
             feature_rate = args.impressions / (time.perf_counter() - t)
             table = io.read_table(f"{tmp}/features{nodes}")
             features = feature_columns(table.schema)

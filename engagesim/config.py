@@ -137,6 +137,14 @@ class FeaturesConfig(Section):
         24, ge=2, description="k-means clusters of post text embeddings: the 'topic' of the user × topic history."
     )
     blocks: int = Field(8, ge=1, description="Parallel blocks for the Ray Data stages (and output files).")
+    partitions: int | None = Field(
+        None, ge=1, description="Key-hash partitions of the engagement history (fit, store and join); empty: "
+        "max(blocks, impressions / partition_rows).")
+    partition_rows: int = Field(1_000_000, ge=1, description="Impressions per history partition when "
+                                "features.partitions is empty: bounds each join task's memory.")
+    broadcast_max_rows: int = Field(
+        1_000_000, ge=0, description="History tables with at most this many rows are broadcast to every join "
+        "task; larger ones are joined partition against partition (one shuffle of the impressions per key).")
 
 
 class XGBConfig(Section):

@@ -119,6 +119,13 @@ def list_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
 
+def remove_tree(uri: str, storage: StorageConfig | None = None) -> None:
+    """Delete a directory (or prefix on S3) and everything under it; a missing one is fine."""
+    fs, path = filesystem(uri, storage)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
 @dataclass
 class DatasetWriter:
     """Streams Parquet parts into a dataset directory and commits them atomically.

@@ -200,13 +200,24 @@ def fit_graph(train: pl.DataFrame, jaccard_k: int = 20, seed: int = 0) -> GraphM
         jaccard_k, seed)
 
 
+def graph_edges(pairs: pl.DataFrame) -> pl.DataFrame:
+    """Per (user, creator): engagement counts and the follow flag, only pairs with an engagement or a follow.
+
+    The graph reads nothing else, so each partition of the history shuffle sends the driver only these
+    edges (idempotent: edges of edges are the same edges); a pair seen but never engaged or followed
+    would only add an isolated node.
+    """
+    per_pair = pairs.group_by("user_id", "creator_id").agg(*[pl.col(f"c_{e}").sum() for e in ENGAGEMENTS],
+                                                           pl.col("follows").max().fill_null(0))
+    return per_pair.filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
+
+
 def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0) -> GraphModel:
     """Fit from the (user, creator[, window]) aggregates of the history stage: no pass over raw rows.
 
     ``pairs`` has user_id, creator_id, c_<engagement> counts and ``follows`` (0/1).
     """
-    per_pair = pairs.group_by("user_id", "creator_id").agg(
-        *[pl.col(f"c_{e}").sum() for e in ENGAGEMENTS], pl.col("follows").max()).sort("user_id", "creator_id")  # deterministic
+    per_pair = graph_edges(pairs).sort("user_id", "creator_id")  # deterministic, whatever order the parts came in
     users = Index(per_pair["user_id"].unique(maintain_order=True))
     creators = Index(per_pair["creator_id"].unique(maintain_order=True))
     u = users.lookup(per_pair["user_id"])

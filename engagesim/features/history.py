@@ -33,6 +33,9 @@ GROUPS = {"user": ["user_id"], "creator": ["creator_id"], "pair": ["user_id", "c
 # impression world that made post_like_rate average 0.35 on training rows and 0.09 on validation rows (−1.3 sd),
 # and the models learnt a relation that does not hold later. So the post group is past-only in every mode.
 PAST_ONLY_GROUPS = frozenset({"post"})
+# The column each group's tables are hash-partitioned on (features/partitioned.py): a prefix of its key, so
+# every row of one key lands in one partition, and the user-keyed groups share one shuffle of the impressions.
+PARTITION_KEY = {"user": "user_id", "creator": "creator_id", "pair": "user_id", "post": "post_id", "topic": "user_id"}
 
 
 def groups_for(df: pl.DataFrame) -> dict[str, list[str]]:
@@ -125,6 +128,11 @@ def join_history(rows: pl.DataFrame, tables: dict[str, pl.DataFrame], mode: Mode
         joined = base.join(tables[prefix], on=on, how="left").sort("_i")
         out_cols.append(joined.select(_finish(prefix, pl.col("t_us"))))
     return pl.concat(out_cols, how="horizontal").with_columns(pl.all().cast(pl.Float32))
+
+
+def column_names(prefix: str) -> list[str]:
+    """The feature columns ``join_history`` makes for one group, in its order."""
+    return [f"{prefix}_n", *[f"{prefix}_{e}_{k}" for e in ENGAGEMENTS for k in ("count", "rate", "secs_since_last")]]
 
 
 def _finish(prefix: str, now: pl.Expr) -> list[pl.Expr]:

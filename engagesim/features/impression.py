@@ -30,22 +30,48 @@ def with_topic(df: pl.DataFrame, topics: pl.DataFrame | None) -> pl.DataFrame:
     return df.join(topics, on="post_id", how="left", maintain_order="left")
 
 
+def prepare(batch: pa.Table, ctx: dict, origin_us: int, window_hours: int) -> pl.DataFrame:
+    """Labels, µs time, window index and topic of each impression row (the history join's inputs)."""
+    return with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours),
+                      ctx.get("topics"))
+
+
+def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cutoff_us: int,
+                    history_mode: str) -> pl.DataFrame:
+    """History features of ``df`` (from ``prepare``) for the groups in the tables; row-aligned.
+
+    Training rows read the ``history_mode`` tables (key × window), rows past the cutoff the apply totals.
+    """
+    if not train_tables and not apply_tables:
+        return pl.DataFrame()
+    df = df.with_row_index("_i")
+    is_valid = df["t_us"] >= cutoff_us
+    parts = []
+    for mask, mode, tables in ((~is_valid, history_mode, train_tables), (is_valid, "apply", apply_tables)):
+        rows = df.filter(mask)
+        if rows.height:
+            parts.append(pl.concat([rows.select("_i"), history.join_history(rows, tables, mode)], how="horizontal"))
+    return pl.concat(parts).sort("_i").drop("_i")
+
+
 def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int, window_hours: int,
-                     history_mode: str) -> pa.Table:
+                     history_mode: str, done: tuple[str, ...] = ()) -> pa.Table:
     """Impression rows + everything fit on the training data (``ctx``) → the impression feature table.
 
     Pure: ``ctx`` holds plain objects (history lookup tables, the graph model, user attributes, post
     features), so the benchmark's single-process baseline calls exactly this on the whole table.
+    ``done`` names history groups whose columns the batch already carries (joined partition by partition
+    earlier, ``features/partitioned.py``); their columns are kept in the place the in-process join puts them.
     """
-    df = with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours),
-                     ctx.get("topics")).with_row_index("_i")
+    df = prepare(batch, ctx, origin_us, window_hours)
     is_valid = df["t_us"] >= cutoff_us
-    parts = []
-    for mask, mode, tables in ((~is_valid, history_mode, ctx["train_tables"]), (is_valid, "apply", ctx["apply_tables"])):
-        rows = df.filter(mask)
-        if rows.height:
-            parts.append(pl.concat([rows.select("_i"), history.join_history(rows, tables, mode)], how="horizontal"))
-    hist = pl.concat(parts).sort("_i").drop("_i")
+    fresh = history_columns(df, ctx["train_tables"], ctx["apply_tables"], cutoff_us, history_mode)
+    present = [p for p in history.GROUPS if p in ctx["apply_tables"] or p in done]
+    carried = df.select([c for p in done for c in history.column_names(p)])
+    hist = pl.concat([f for f in (fresh, carried) if f.width], how="horizontal") if fresh.width or carried.width \
+        else pl.DataFrame()
+    hist = hist.select([c for p in present for c in history.column_names(p)])
+    df = df.with_row_index("_i")
     graph = ctx["graph"].features(df["user_id"], df["creator_id"])
     users = ctx["users"]
     impression_t = df.select("_i", "impression_at", "user_id", "creator_id")
@@ -75,3 +101,28 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
     return out.to_arrow()
 
 
+def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users: pl.DataFrame,
+                        valid_hours: float, window_hours: int, history_mode: str, jaccard_k: int = 20,
+                        seed: int = 0) -> pa.Table:
+    """The in-process executor: the whole impression feature table from one polars frame.
+
+    The same functions the Ray pipeline maps over blocks and partitions (``pipeline/partitioned.py``), with
+    every table fit in this process. What the benchmark's single-process baseline runs, and the reference
+    the Ray executor's tables are tested against.
+    """
+    from engagesim.features.graph import fit_graph
+    from engagesim.features.state import user_attributes
+
+    topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
+              if "text_cluster" in post_table.columns else None)
+    t = pl.from_arrow(interactions.select(["impression_at"]))["impression_at"].dt.epoch("us")
+    origin_us, cutoff_us = int(t.min()), int(t.max()) - int(valid_hours * 3600 * 1e6)
+    df = with_topic(history.with_labels_and_windows(pl.from_arrow(interactions), origin_us, window_hours), topics)
+    train = df.filter(pl.col("t_us") < cutoff_us)
+    aggregates = history.window_aggregates(train)
+    ctx = {"train_tables": history.feature_tables(aggregates, history_mode),
+           "apply_tables": history.feature_tables(aggregates, "apply"),
+           "graph": fit_graph(train, jaccard_k, seed),
+           "users": user_attributes(users),
+           "posts": impression_post_columns(post_table), **({"topics": topics} if topics is not None else {})}
+    return join_impressions(interactions, ctx, origin_us, cutoff_us, window_hours, history_mode)

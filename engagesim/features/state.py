@@ -271,14 +271,21 @@ class ImpressionState:
     posts: pl.DataFrame  # post_id + post_<feature> columns, as joined onto impressions
     topics: pl.DataFrame | None = None
 
+    history: list[str] = field(default_factory=list)  # groups whose apply tables are already saved as parts
+
     def context(self) -> dict:
         """The ``ctx`` that ``join_impressions`` takes for rows that are all past the training data."""
         return {"train_tables": {}, "apply_tables": self.apply_tables, "graph": self.graph, "users": self.users,
                 "posts": self.posts, **({"topics": self.topics} if self.topics is not None else {})}
 
+    @staticmethod
+    def history_uri(uri: str, prefix: str) -> str:
+        """Where a group's apply table lives: Parquet parts, one per key-hash partition (pipeline/partitioned.py)."""
+        return io.join(uri, "history", prefix, "apply")
+
     def save(self, uri: str, storage=None) -> None:
         for prefix, table in self.apply_tables.items():
-            write_parquet(io.join(uri, f"history_{prefix}.parquet"), table, storage)
+            write_parquet(io.join(self.history_uri(uri, prefix), "part-00000.parquet"), table, storage)
         write_parquet(io.join(uri, "users.parquet"), self.users, storage)
         write_parquet(io.join(uri, "posts.parquet"), self.posts, storage)
         if self.topics is not None:
@@ -286,7 +293,7 @@ class ImpressionState:
         self.graph.save(io.join(uri, "graph"), storage)
         io.write_json(io.join(uri, "state.json"), {"origin_us": self.origin_us, "cutoff_us": self.cutoff_us,
                                                     "window_hours": self.window_hours,
-                                                    "history": sorted(self.apply_tables),
+                                                    "history": sorted({*self.history, *self.apply_tables}),
                                                     "topics": self.topics is not None}, storage)
 
     @classmethod
@@ -295,8 +302,17 @@ class ImpressionState:
 
         meta = io.read_json(io.join(uri, "state.json"), storage)
         return cls(meta["origin_us"], meta["cutoff_us"], meta["window_hours"],
-                   {p: read_parquet(io.join(uri, f"history_{p}.parquet"), storage) for p in meta["history"]},
+                   {p: read_parts(cls.history_uri(uri, p), storage) for p in meta["history"]},
                    GraphModel.load(io.join(uri, "graph"), storage),
                    read_parquet(io.join(uri, "users.parquet"), storage),
                    read_parquet(io.join(uri, "posts.parquet"), storage),
                    read_parquet(io.join(uri, "topics.parquet"), storage) if meta["topics"] else None)
+
+
+def read_parts(uri: str, storage=None) -> pl.DataFrame:
+    """Every Parquet part under ``uri`` as one frame (a partitioned table, read whole)."""
+    import pyarrow.parquet as pq
+
+    fs, _ = io.filesystem(uri, storage)
+    files = [f for f in io.list_files(uri, storage) if f.endswith(".parquet")]
+    return pl.from_arrow(pq.read_table(files, filesystem=fs))

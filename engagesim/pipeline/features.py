@@ -5,10 +5,12 @@
 dtype, source method, leak class).
 
 Row-local work streams through Ray Data (text statistics, embeddings and image
-statistics in actor pools, the final impression joins); what needs the whole
-training set — target-encoding statistics, history aggregates, the graph, PCA —
-is fit in the driver on narrow columns or on partial aggregates that the
-blocks produce, then broadcast to the streaming joins.
+statistics in actor pools, the final impression joins). The engagement history —
+the state that grows with the log's keys — is fit per block, combined by key
+with a shuffle and joined partition against partition (``pipeline/partitioned.py``).
+Post-level state (target encodings, PCA, text clusters) is still fit in the driver
+on the post table, and the graph from its edge list; both are broadcast to the
+streaming joins with the history tables under ``features.broadcast_max_rows``.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from engagesim.embed.actors import encoder_specs
 from engagesim.features import encodings, history
 from engagesim.features.graph import GRAPH_COLUMNS, fit_graph_from_pairs
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.impression import impression_post_columns, join_impressions, with_topic
+from engagesim.features.impression import impression_post_columns, join_impressions
 from engagesim.features.post import post_row_features
 from engagesim.features.reach import REACH_COLUMNS, AuthorReach, impressions_per_post
 from engagesim.features.state import LIST_SUMMARY, TE_LIST, TE_SCALAR, ImpressionState, PostState, user_attributes
 from engagesim.features.temporal import TEMPORAL_COLUMNS
+from engagesim.pipeline import partitioned
 from engagesim.runtime import ensure_ray
 from engagesim.schema import ENGAGEMENTS
 
@@ -140,19 +143,6 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
 
 # --- impression level --------------------------------------------------------------------------
 
-def _partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, topics=None) -> pa.Table:
-    topics = datasets.fetched({"topics": topics})["topics"] if topics is not None else None
-    df = with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
-    aggs = history.window_aggregates(df.filter(pl.col("t_us") < cutoff_us))
-    sink = []
-    for frame in aggs.values():
-        buf = pa.BufferOutputStream()
-        with pa.ipc.new_stream(buf, frame.to_arrow().schema) as writer:
-            writer.write_table(frame.to_arrow())
-        sink.append(buf.getvalue().to_pybytes())
-    return pa.table({"prefix": list(aggs), "ipc": pa.array(sink, type=pa.binary())})
-
-
 def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
     """The Ray Data side: the same pure join, with the context from the per-process cache."""
     return join_impressions(batch, datasets.fetched(refs), **kwargs)
@@ -173,49 +163,53 @@ def impression_counts(cfg: AppConfig, interactions_uri: str, cutoff_us: int) -> 
 
 
 def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
-                              post_table: pl.DataFrame, out_uri: str, span: tuple[int, int] | None = None
-                              ) -> tuple[dict, ImpressionState]:
+                              post_table: pl.DataFrame, out_uri: str, state_uri: str,
+                              span: tuple[int, int] | None = None) -> tuple[dict, ImpressionState]:
     """Impression features for every row, and the snapshot (``ImpressionState``) new rows are joined to.
 
-    ``span`` is ``impression_span``'s (origin, cutoff) when the caller already has it (two passes saved).
+    The history is fit and joined hash-partitioned by key (``pipeline/partitioned.py``); its apply tables
+    are written as parts straight into ``state_uri``. ``span`` is ``impression_span``'s (origin, cutoff)
+    when the caller already has it (two passes saved).
     """
     import ray
 
     f = cfg.features
     ds = _read_ds(interactions_uri, cfg)
     origin_us, cutoff_us = span or impression_span(ds, f.valid_hours)
+    parts = f.partitions or partitioned.auto_parts(ds.count(), f.blocks, f.partition_rows)
+    scratch = out_uri.rstrip("/") + "_history_train"
+    layout = partitioned.Layout(io.join(state_uri, "history"), scratch, parts, cfg.storage)
 
     topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
               if "text_cluster" in post_table.columns else None)
-    topics_ref = ray.put(topics) if topics is not None else None
-    partial = datasets.collect(ds.map_batches(_partial_aggregates, batch_format="pyarrow", batch_size=None,
-                                      fn_kwargs={"origin_us": origin_us, "cutoff_us": cutoff_us,
-                                                 "window_hours": f.window_hours, "topics": topics_ref}))
-    frames: dict[str, list[pl.DataFrame]] = {}
-    for prefix, payload in zip(partial.column("prefix").to_pylist(), partial.column("ipc").to_pylist()):
-        frames.setdefault(prefix, []).append(pl.from_arrow(pa.ipc.open_stream(payload).read_all()))
-    aggregates = history.combine_aggregates([{k: pl.concat(v) for k, v in frames.items()}])
-    train_tables = history.feature_tables(aggregates, f.history_mode)
-    apply_tables = history.feature_tables(aggregates, "apply")
-
-    # The graph is fit from the pair aggregates (training rows only), not from another pass over the rows.
-    graph = fit_graph_from_pairs(aggregates["pair"], f.jaccard_k, seed=f.seed)
+    topics_refs = {"topics": ray.put(topics)} if topics is not None else {}
+    train_rows, edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours, f.history_mode,
+                                                topics_refs.get("topics"))
+    rounds, broadcast = partitioned.split_by_size(train_rows, f.broadcast_max_rows)
+    # The graph is fit from the pair aggregates' edges (training rows only), not from another pass over the rows.
+    graph = fit_graph_from_pairs(edges, f.jaccard_k, seed=f.seed)
     users = user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
         schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
                 "follower_ratio": pl.Float32, "verified": pl.Float32,
                 "_user_created": pl.Datetime("us", "UTC")})
-    state = ImpressionState(origin_us, cutoff_us, f.window_hours, apply_tables, graph, users,
-                            impression_post_columns(post_table), topics)
-    refs = {"train_tables": ray.put(train_tables), "apply_tables": ray.put(apply_tables), "graph": ray.put(graph),
-            **({"topics": topics_ref} if topics_ref is not None else {}),
-            "users": ray.put(users), "posts": ray.put(state.posts)}
-    joined = ds.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
-                            fn_kwargs={"refs": refs, "origin_us": origin_us, "cutoff_us": cutoff_us,
-                                       "window_hours": f.window_hours, "history_mode": f.history_mode})
+    state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, graph, users,
+                            impression_post_columns(post_table), topics, history=sorted(train_rows))
+    small = {mode: {p: layout.read(p, mode) for p in broadcast} for mode in partitioned.MODES}
+    refs = {"train_tables": ray.put(small["train"]), "apply_tables": ray.put(small["apply"]), "graph": ray.put(graph),
+            **topics_refs, "users": ray.put(users), "posts": ray.put(state.posts)}
+    join_kwargs = {"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": f.window_hours,
+                   "history_mode": f.history_mode}
+    keyed = partitioned.join_rounds(ds, rounds, layout, topics_refs, **join_kwargs)
+    done = tuple(p for prefixes in rounds.values() for p in prefixes)
+    joined = keyed.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
+                               fn_kwargs={"refs": refs, "done": done, **join_kwargs})
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
+    io.remove_tree(scratch, cfg.storage)
     split_rows = pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=["split"]))["split"].value_counts()
-    return ({"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us},
+    return ({"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us,
+             "history": {"partitions": parts, "partitioned": {k: v for k, v in rounds.items()},
+                         "broadcast": broadcast, "train_rows": train_rows, "graph_edges": edges.height}},
             state)
 
 
@@ -277,7 +271,8 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     log(f"post features: {post_table.height:,} rows × {post_table.width} columns")
     if interactions_uri:
         imp, imp_state = build_impression_features(cfg, interactions_uri, users_uri, post_table,
-                                                   io.join(out_uri, "impressions"), span)
+                                                   io.join(out_uri, "impressions"),
+                                                   io.join(out_uri, "state", "impressions"), span)
         imp_state.save(io.join(out_uri, "state", "impressions"), cfg.storage)
         summary["impressions"] = imp
         schemas["impressions"] = pq.read_schema(

@@ -1,0 +1,186 @@
+"""Impression history, hash-partitioned by key: no process holds every key's history.
+
+The distributed executor of ``features/history.py`` (the in-process one is ``features.impression.
+features_in_process``; both run the same pure functions, and a test holds their tables equal):
+
+1. **Partial fits per block.** Each block of the log gives sums / maxima per key × window
+   (``history.window_aggregates``), cut by ``hash(partition key) % parts`` (``history.PARTITION_KEY``: the
+   user-keyed groups — user, pair, topic — share ``user_id``).
+2. **Combine by key with a shuffle.** ``groupby("_part").map_groups``: one task per partition combines
+   that partition's pieces, derives its training (window / past) and apply tables and writes them as
+   Parquet parts — the only copy. The driver gets row counts and the (user, creator) edges the graph is fit
+   from (``graph.graph_edges``: engaged or followed pairs only).
+3. **Join partition against partition.** A group whose training table has more than
+   ``features.broadcast_max_rows`` rows is joined by shuffling the impressions on the same partition id
+   (one shuffle per partition key) so that each task reads only its partition's tables; smaller tables,
+   the graph, account attributes and post features are broadcast to the final map (``join_impressions``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engagesim import datasets, io
+from engagesim.config import StorageConfig
+from engagesim.features import history
+from engagesim.features.graph import graph_edges
+from engagesim.features.impression import history_columns, prepare, with_topic
+from engagesim.features.state import read_parts
+
+PART = "_part"
+MODES = ("train", "apply")
+
+
+def partition_id(key: str, parts: int) -> pl.Expr:
+    """The partition of a key (polars' seeded hash: stable across processes of one polars version)."""
+    return (pl.col(key).hash(seed=0) % parts).cast(pl.Int32).alias(PART)
+
+
+def auto_parts(rows: int, blocks: int, rows_per_part: int) -> int:
+    """At least one partition per block, and about ``rows_per_part`` impressions per join task."""
+    return max(blocks, math.ceil(rows / rows_per_part))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the partitioned tables go: apply tables into the saved state, training tables to scratch."""
+
+    apply_uri: str
+    train_uri: str
+    parts: int
+    storage: StorageConfig | None = None
+
+    def path(self, prefix: str, mode: str, part: int) -> str:
+        root = self.apply_uri if mode == "apply" else self.train_uri
+        return io.join(root, prefix, mode, f"part-{part:05d}.parquet")
+
+    def read(self, prefix: str, mode: str, part: int | None = None) -> pl.DataFrame:
+        """One partition of a table, or (``part=None``, for broadcasting) all of them."""
+        if part is None:
+            return read_parts(io.join(self.apply_uri if mode == "apply" else self.train_uri, prefix, mode),
+                              self.storage)
+        return io.read_parquet(self.path(prefix, mode, part), self.storage)
+
+
+def _ipc(frame: pl.DataFrame) -> bytes:
+    table = frame.to_arrow()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(payload: bytes) -> pl.DataFrame:
+    return pl.from_arrow(pa.ipc.open_stream(payload).read_all())
+
+
+def partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, parts: int,
+                       topics=None) -> pa.Table:
+    """One block → its (group, partition) pieces of the window aggregates, as Arrow IPC payloads."""
+    topics = datasets.fetched({"topics": topics})["topics"] if topics is not None else None
+    df = with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
+    prefixes, ids, payloads = [], [], []
+    for prefix, frame in history.window_aggregates(df.filter(pl.col("t_us") < cutoff_us)).items():
+        cut = frame.with_columns(partition_id(history.PARTITION_KEY[prefix], parts))
+        for (part,), piece in cut.partition_by(PART, as_dict=True).items():
+            prefixes.append(prefix)
+            ids.append(part)
+            payloads.append(_ipc(piece.drop(PART)))
+    return pa.table({"prefix": pa.array(prefixes, pa.string()), PART: pa.array(ids, pa.int32()),
+                     "ipc": pa.array(payloads, pa.binary())})
+
+
+def combine_partition(group: pa.Table, layout: Layout, history_mode: str) -> pa.Table:
+    """All pieces of one partition → its training and apply tables (written), row counts and graph edges."""
+    part = group.column(PART)[0].as_py()
+    pieces: dict[str, list[pl.DataFrame]] = {}
+    for prefix, payload in zip(group.column("prefix").to_pylist(), group.column("ipc").to_pylist()):
+        pieces.setdefault(prefix, []).append(_from_ipc(payload))
+    aggregates = history.combine_aggregates([{k: pl.concat(v) for k, v in pieces.items()}])
+    rows = {}
+    for mode in MODES:
+        for prefix, table in history.feature_tables(aggregates, history_mode if mode == "train" else "apply").items():
+            io.write_parquet(layout.path(prefix, mode, part), table, layout.storage)
+            rows[prefix, mode] = table.height
+    edges = _ipc(graph_edges(aggregates["pair"])) if "pair" in aggregates else None
+    prefixes = sorted(aggregates)
+    return pa.table({"prefix": prefixes, PART: pa.array([part] * len(prefixes), pa.int32()),
+                     "train_rows": [rows[p, "train"] for p in prefixes],
+                     "apply_rows": [rows[p, "apply"] for p in prefixes],
+                     "edges": pa.array([edges if p == "pair" else None for p in prefixes], pa.binary())})
+
+
+def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours: int, history_mode: str,
+                topics_ref=None) -> tuple[dict[str, int], pl.DataFrame]:
+    """Passes 1 and 2: every group's tables written partition by partition.
+
+    Returns the training-table rows per group and the graph's edges (the driver's only share).
+    """
+    pieces = ds.map_batches(partial_aggregates, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": window_hours,
+                                       "parts": layout.parts, "topics": topics_ref})
+    combined = pieces.groupby(PART, num_partitions=layout.parts).map_groups(
+        combine_partition, batch_format="pyarrow", fn_kwargs={"layout": layout, "history_mode": history_mode})
+    summary = pl.from_arrow(datasets.collect(combined))
+    _fill_missing(layout, summary)
+    train_rows = {p: int(n) for p, n in summary.group_by("prefix").agg(pl.col("train_rows").sum()).iter_rows()}
+    edges = [_from_ipc(e) for e in summary["edges"].drop_nulls().to_list()]
+    return train_rows, graph_edges(pl.concat(edges)) if edges else pl.DataFrame()
+
+
+def _fill_missing(layout: Layout, summary: pl.DataFrame) -> None:
+    """A partition no key hashed to still gets an (empty) part, so a join task can always read its own."""
+    for prefix in summary["prefix"].unique().to_list():
+        have = set(summary.filter(pl.col("prefix") == prefix)[PART].to_list())
+        for mode in MODES:
+            schema = None
+            for part in sorted(set(range(layout.parts)) - have):
+                if schema is None:
+                    fs, path = io.filesystem(layout.path(prefix, mode, next(iter(have))), layout.storage)
+                    schema = pq.read_schema(path, filesystem=fs)
+                io.write_parquet(layout.path(prefix, mode, part), pl.from_arrow(schema.empty_table()), layout.storage)
+
+
+def split_by_size(train_rows: dict[str, int], broadcast_max_rows: int) -> tuple[dict[str, list[str]], list[str]]:
+    """(partition key → groups joined partition against partition, groups broadcast)."""
+    rounds: dict[str, list[str]] = {}
+    broadcast = []
+    for prefix in history.GROUPS:
+        if prefix not in train_rows:
+            continue
+        if train_rows[prefix] > broadcast_max_rows:
+            rounds.setdefault(history.PARTITION_KEY[prefix], []).append(prefix)
+        else:
+            broadcast.append(prefix)
+    return rounds, broadcast
+
+
+def join_partition(group: pa.Table, layout: Layout, prefixes: list[str], refs: dict, origin_us: int,
+                   cutoff_us: int, window_hours: int, history_mode: str) -> pa.Table:
+    """One partition of impressions + that partition's tables of ``prefixes`` → the rows with those columns."""
+    part = group.column(PART)[0].as_py()
+    batch = group.drop_columns([PART])
+    df = prepare(batch, datasets.fetched(refs), origin_us, window_hours)
+    tables = {mode: {p: layout.read(p, mode, part) for p in prefixes} for mode in MODES}
+    hist = history_columns(df, tables["train"], tables["apply"], cutoff_us, history_mode)
+    return pl.concat([pl.from_arrow(batch), hist], how="horizontal").to_arrow()
+
+
+def join_rounds(ds, rounds: dict[str, list[str]], layout: Layout, topics_refs: dict, **kwargs):
+    """One shuffle per partition key: the impressions meet their partition's tables (pass 3, before the
+    broadcast join)."""
+    for key, prefixes in rounds.items():
+        keyed = ds.map_batches(_with_part, batch_format="pyarrow", fn_kwargs={"key": key, "parts": layout.parts})
+        ds = keyed.groupby(PART, num_partitions=layout.parts).map_groups(
+            join_partition, batch_format="pyarrow",
+            fn_kwargs={"layout": layout, "prefixes": prefixes, "refs": topics_refs, **kwargs})
+    return ds
+
+
+def _with_part(batch: pa.Table, key: str, parts: int) -> pa.Table:
+    return pl.from_arrow(batch).with_columns(partition_id(key, parts)).to_arrow()
