@@ -53,13 +53,18 @@ def single_process(args: tuple) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-PLANES = {"broadcast": ["features.broadcast_max_rows=1000000000"], "partitioned": ["features.broadcast_max_rows=0"]}
+# "default": the shipped config (history tables over features.broadcast_max_rows rows partitioned);
+# "broadcast": every table broadcast (the plane before partitioning); "partitioned": nothing broadcast.
+PLANES = {"default": [], "broadcast": ["features.broadcast_max_rows=1000000000"],
+          "partitioned": ["features.broadcast_max_rows=0"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 4_000_000])
-    parser.add_argument("--planes", nargs="+", default=list(PLANES), choices=list(PLANES))
+    parser.add_argument("--rows", type=int, nargs="+", default=[2_000_000, 10_000_000])
+    parser.add_argument("--planes", nargs="+", default=["default", "broadcast"], choices=list(PLANES))
+    parser.add_argument("--broadcast-max-rows", type=int, default=4_000_000,
+                        help="run the all-broadcast plane only up to this size (its join tasks hold every table)")
     parser.add_argument("--baseline-max-rows", type=int, default=10_000_000,
                         help="skip the single-process baseline above this size (it may not fit the machine)")
     args = parser.parse_args()
@@ -77,6 +82,8 @@ def main() -> None:
             post_table.write_parquet(post_path)
             rates = {}
             for plane in args.planes:
+                if plane == "broadcast" and n > args.broadcast_max_rows:
+                    continue
                 cfg = load_config(None, [*base, *PLANES[plane]])
                 with PeakMemory() as mem:
                     start = time.perf_counter()
@@ -88,7 +95,8 @@ def main() -> None:
                 emit(bench="features_plane", rows=n, plane=plane, seconds=round(seconds, 1),
                      rows_per_s=round(rates[plane]), peak_rss_mb=mem.peak_mb, driver_peak_mb=mem.driver_mb,
                      largest_worker_mb=mem.worker_mb, partitions=info["history"]["partitions"],
-                     partitioned=info["history"]["partitioned"], history_train_rows=info["history"]["train_rows"])
+                     partitioned=info["history"]["partitioned"], history_train_rows=info["history"]["train_rows"],
+                     phases=info.get("seconds"))
             if n <= args.baseline_max_rows:
                 with spawn.Pool(1) as pool:
                     single = pool.apply(single_process, ((cfg.features, world, post_path),))

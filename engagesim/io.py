@@ -235,6 +235,30 @@ def dataset_files(uri: str, storage: StorageConfig | None = None) -> list[str]:
     return [f"{path}/{name}" for name in manifest["files"]]
 
 
+def column_range(uri: str, column: str, storage: StorageConfig | None = None) -> tuple[int, Any, Any] | None:
+    """(rows, min, max) of one column of a committed dataset from its Parquet footers alone — no pass over
+    the rows (1M impressions: 0.1 s instead of 18 s of Ray Data aggregations). None where a row group has
+    no statistics (the caller then scans)."""
+    fs, _ = filesystem(uri, storage)
+    rows, lo, hi = 0, None, None
+    for path in dataset_files(uri, storage):
+        meta = pq.read_metadata(path, filesystem=fs)
+        index = meta.schema.to_arrow_schema().get_field_index(column)
+        if index < 0:
+            return None
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            rows += group.num_rows
+            if not group.num_rows:
+                continue
+            stats = group.column(index).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            lo = stats.min if lo is None else min(lo, stats.min)
+            hi = stats.max if hi is None else max(hi, stats.max)
+    return rows, lo, hi
+
+
 def dataset_schema(uri: str, storage: StorageConfig | None = None) -> pa.Schema:
     """A committed dataset's schema, from its first part's footer (no rows read)."""
     fs, _ = filesystem(uri, storage)

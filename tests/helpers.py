@@ -105,3 +105,25 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
         env={**os.environ, **(env or {})},
         timeout=timeout,
     )
+
+
+def frame_mismatches(a, b, keys: list[str], tol: float = 1e-6) -> list[str]:
+    """Columns where two polars frames differ once both are sorted by ``keys`` (floats within ``tol``, nulls
+    and NaNs in the same places); [] when they hold the same rows and columns. ["<shape>"] when those differ."""
+    import polars as pl
+
+    if a.columns != b.columns or a.height != b.height:
+        return ["<shape>"]
+    a, b = a.sort(keys), b.sort(keys)
+    bad = []
+    for name in a.columns:
+        x, y = a[name], b[name]
+        if x.dtype.is_float():
+            x, y = x.cast(pl.Float64), y.cast(pl.Float64)
+            same_gaps = (x.is_null() == y.is_null()).all() and (x.is_nan().fill_null(False) ==
+                                                                 y.is_nan().fill_null(False)).all()
+            if not same_gaps or ((x - y).abs().fill_nan(0).max() or 0) > tol:
+                bad.append(name)
+        elif not x.equals(y):
+            bad.append(name)
+    return bad

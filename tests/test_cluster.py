@@ -229,6 +229,34 @@ report = {"written": written, "rows": table.num_rows, "unique": len(pc.unique(id
                   "nodes": len(pc.unique(table.column("node"))), "alive": sum(n["Alive"] for n in ray.nodes()),
                   "killed_after_blocks": killed_at.get("blocks_done"), "blocks": BLOCKS}
 
+# The impression history plane across nodes: fit per block, combined by a key-hash shuffle, every group
+# joined partition against partition (nothing broadcast). Same table as the in-process executor.
+import polars as pl
+sys.path.insert(0, "tests")
+from helpers import frame_mismatches
+from engagesim.config import SynthConfig
+from engagesim.features.impression import features_in_process
+from engagesim.features.post import post_row_features
+from engagesim.pipeline.features import build_impression_features, build_post_features
+from engagesim.synth import generate
+
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+world = out + "_world"
+generate(SynthConfig(users=300, posts=800, impressions=20_000, images=0, rows_per_shard=5_000, days=5, seed=3), world)
+fcfg = load_config(None, ["embed.text=false", "embed.image=false", "embed.sketch=false", "features.valid_hours=24",
+                          "features.broadcast_max_rows=0", "features.partitions=3", "features.blocks=6"])
+users = pl.from_arrow(io.read_table(io.join(world, "users")))
+posts, _, _ = build_post_features(fcfg, post_row_features(io.read_table(io.join(world, "posts"))), users)
+info, _ = build_impression_features(fcfg, io.join(world, "interactions"), io.join(world, "users"), posts,
+                                    out + "_impressions", out + "_state")
+f = fcfg.features
+local = pl.from_arrow(features_in_process(io.read_table(io.join(world, "interactions")), posts, users,
+                                          f.valid_hours, f.window_hours, f.history_mode, f.jaccard_k, f.seed))
+dist = pl.from_arrow(io.read_table(out + "_impressions"))
+report.update({"history_rows": dist.height, "history_rounds": sorted(info["history"]["partitioned"]),
+               "history_mismatches": frame_mismatches(dist, local, ["impression_at", "user_id", "post_id"])})
+
 # XGBoost on Ray Train across nodes: 2 workers on 3 one-CPU nodes; the node of a worker dies after the
 # first checkpoint; Ray Train restarts the group and the fit resumes from that checkpoint.
 import glob
@@ -237,8 +265,6 @@ from ray._private import state
 from engagesim.config import XGBConfig
 from engagesim.models import xgb
 
-cluster.add_node(num_cpus=1)
-cluster.wait_for_nodes()
 rng = np.random.default_rng(0)
 x = rng.normal(size=(40_000, 10)).astype("float32")
 data = pa.table({**{f"f{i}": x[:, i] for i in range(10)},
@@ -280,8 +306,10 @@ cluster.shutdown()
 
 def test_multinode_stage_survives_a_killed_node_with_exact_row_counts(tmp_path):
     """Three raylets on one machine (ray.cluster_utils.Cluster, in its own process): blocks spread over the
-    nodes; one node is killed mid-stage; the committed dataset has every row exactly once. Then XGBoost on
-    Ray Train spreads its workers over nodes, loses one node after a checkpoint, and still finishes."""
+    nodes; one node is killed mid-stage; the committed dataset has every row exactly once. The impression
+    history plane (key-hash shuffles, partition-against-partition joins) runs across the nodes and makes the
+    in-process executor's table. Then XGBoost on Ray Train spreads its workers over nodes, loses one node
+    after a checkpoint, and still finishes."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     result = subprocess.run([venv_bin("python"), "-c", MULTINODE_DRIVER, str(tmp_path / "rows")], env=env,
@@ -291,5 +319,8 @@ def test_multinode_stage_survives_a_killed_node_with_exact_row_counts(tmp_path):
     assert report == {**report, "written": 60_000, "rows": 60_000, "unique": 60_000, "alive": 2}, report
     assert report["nodes"] >= 2, report
     assert report["killed_after_blocks"] < report["blocks"], report  # the node died mid-stage
+    # The partitioned history plane on the cluster: every row, the same table as one process makes.
+    assert report["history_rows"] == 20_000 and report["history_mismatches"] == [], report
+    assert report["history_rounds"] == ["creator_id", "post_id", "user_id"], report
     # XGBoost: workers on more than one node; one of those nodes killed after a checkpoint; the fit finished.
     assert report["train_nodes"] >= 2 and report["train_victim"] and report["rounds"] == 120, report

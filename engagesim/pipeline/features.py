@@ -148,10 +148,29 @@ def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
     return join_impressions(batch, datasets.fetched(refs), **kwargs)
 
 
-def impression_span(ds, valid_hours: float) -> tuple[int, int]:
-    """(first impression, training cutoff) in µs: impressions in the last ``valid_hours`` validate."""
+class _Clock:
+    """Wall seconds per phase, for the stage's summary."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
+
+
+def impression_span(cfg: AppConfig, uri: str) -> tuple[int, int, int]:
+    """(rows, first impression, training cutoff), times in µs: impressions in the last ``features.valid_hours``
+    validate. From the Parquet footers when they carry statistics (free), else two Ray Data aggregations."""
     epoch_us = lambda t: int(pl.Series([t]).dt.epoch("us")[0])  # noqa: E731
-    return epoch_us(ds.min("impression_at")), epoch_us(ds.max("impression_at")) - int(valid_hours * 3600 * 1e6)
+    stats = io.column_range(uri, "impression_at", cfg.storage)
+    if stats is None:
+        ds = _read_ds(uri, cfg)
+        stats = ds.count(), ds.min("impression_at"), ds.max("impression_at")
+    rows, first, last = stats
+    return rows, epoch_us(first), epoch_us(last) - int(cfg.features.valid_hours * 3600 * 1e6)
 
 
 def impression_counts(cfg: AppConfig, interactions_uri: str, cutoff_us: int) -> pl.DataFrame:
@@ -164,19 +183,20 @@ def impression_counts(cfg: AppConfig, interactions_uri: str, cutoff_us: int) -> 
 
 def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
                               post_table: pl.DataFrame, out_uri: str, state_uri: str,
-                              span: tuple[int, int] | None = None) -> tuple[dict, ImpressionState]:
+                              span: tuple[int, int, int] | None = None) -> tuple[dict, ImpressionState]:
     """Impression features for every row, and the snapshot (``ImpressionState``) new rows are joined to.
 
     The history is fit and joined hash-partitioned by key (``pipeline/partitioned.py``); its apply tables
-    are written as parts straight into ``state_uri``. ``span`` is ``impression_span``'s (origin, cutoff)
-    when the caller already has it (two passes saved).
+    are written as parts straight into ``state_uri``. ``span`` is ``impression_span``'s (rows, origin,
+    cutoff) when the caller already has it.
     """
     import ray
 
     f = cfg.features
+    clock = _Clock()
     ds = _read_ds(interactions_uri, cfg)
-    origin_us, cutoff_us = span or impression_span(ds, f.valid_hours)
-    parts = f.partitions or partitioned.auto_parts(ds.count(), f.blocks, f.partition_rows)
+    n_rows, origin_us, cutoff_us = span or impression_span(cfg, interactions_uri)
+    parts = f.partitions or partitioned.auto_parts(n_rows, f.blocks, f.partition_rows)
     scratch = out_uri.rstrip("/") + "_history_train"
     layout = partitioned.Layout(io.join(state_uri, "history"), scratch, parts, cfg.storage)
 
@@ -185,6 +205,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     topics_refs = {"topics": ray.put(topics)} if topics is not None else {}
     train_rows, edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours, f.history_mode,
                                                 topics_refs.get("topics"))
+    clock.lap("history_fit")
     rounds, broadcast = partitioned.split_by_size(train_rows, f.broadcast_max_rows)
     # The graph is fit from the pair aggregates' edges (training rows only), not from another pass over the rows.
     graph = fit_graph_from_pairs(edges, f.jaccard_k, seed=f.seed)
@@ -192,6 +213,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
         schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
                 "follower_ratio": pl.Float32, "verified": pl.Float32,
                 "_user_created": pl.Datetime("us", "UTC")})
+    clock.lap("graph_fit")
     state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, graph, users,
                             impression_post_columns(post_table), topics, history=sorted(train_rows))
     small = {mode: {p: layout.read(p, mode) for p in broadcast} for mode in partitioned.MODES}
@@ -205,11 +227,13 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
                                fn_kwargs={"refs": refs, "done": done, **join_kwargs})
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
+    clock.lap("join_and_write")
     io.remove_tree(scratch, cfg.storage)
     split_rows = pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=["split"]))["split"].value_counts()
     return ({"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us,
              "history": {"partitions": parts, "partitioned": {k: v for k, v in rounds.items()},
-                         "broadcast": broadcast, "train_rows": train_rows, "graph_edges": edges.height}},
+                         "broadcast": broadcast, "train_rows": train_rows, "graph_edges": edges.height},
+             "seconds": clock.laps},
             state)
 
 
@@ -258,8 +282,8 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     users = pl.from_arrow(io.read_table(users_uri, cfg.storage)) if users_uri else None
     span = counts = None
     if interactions_uri:  # the log's span once: it sets the cutoff for author reach and for the history
-        span = impression_span(_read_ds(interactions_uri, cfg), cfg.features.valid_hours)
-        counts = (impression_counts(cfg, interactions_uri, span[1]), span[1])
+        span = impression_span(cfg, interactions_uri)
+        counts = (impression_counts(cfg, interactions_uri, span[2]), span[2])
     post_table, post_info, post_state = build_post_features(cfg, rows, users, counts)
     post_state.save(io.join(out_uri, "state", "posts"), cfg.storage)
     writer = io.DatasetWriter(io.join(out_uri, "posts"), "post_features", cfg.storage)
