@@ -96,7 +96,7 @@ def main() -> None:
                      rows_per_s=round(rates[plane]), peak_rss_mb=mem.peak_mb, driver_peak_mb=mem.driver_mb,
                      largest_worker_mb=mem.worker_mb, partitions=info["history"]["partitions"],
                      partitioned=info["history"]["partitioned"], history_train_rows=info["history"]["train_rows"],
-                     phases=info.get("seconds"))
+                     graph_edges=info["history"]["graph_edges"], phases=info.get("seconds"))
             if n <= args.baseline_max_rows:
                 with spawn.Pool(1) as pool:
                     single = pool.apply(single_process, ((cfg.features, world, post_path),))

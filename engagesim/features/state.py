@@ -302,11 +302,19 @@ class ImpressionState:
 
         meta = io.read_json(io.join(uri, "state.json"), storage)
         return cls(meta["origin_us"], meta["cutoff_us"], meta["window_hours"],
-                   {p: read_parts(cls.history_uri(uri, p), storage) for p in meta["history"]},
+                   {p: _history_table(uri, p, storage) for p in meta["history"]},
                    GraphModel.load(io.join(uri, "graph"), storage),
                    read_parquet(io.join(uri, "users.parquet"), storage),
                    read_parquet(io.join(uri, "posts.parquet"), storage),
                    read_parquet(io.join(uri, "topics.parquet"), storage) if meta["topics"] else None)
+
+
+def _history_table(uri: str, prefix: str, storage=None) -> pl.DataFrame:
+    """A group's apply table: its parts, or the single file that runs before the partitioned plane saved."""
+    single = io.join(uri, f"history_{prefix}.parquet")
+    if io.exists(single, storage):
+        return read_parquet(single, storage)
+    return read_parts(ImpressionState.history_uri(uri, prefix), storage)
 
 
 def read_parts(uri: str, storage=None) -> pl.DataFrame:
