@@ -223,6 +223,10 @@ killer = threading.Thread(target=kill_mid_stage, daemon=True)
 killer.start()
 written = write_streaming(ds, out, "multinode_rows", load_config(None, []))
 killer.join()
+# The GCS marks a killed raylet dead after its health checks fail (seconds, longer on a loaded machine).
+deadline = time.time() + 60
+while sum(n["Alive"] for n in ray.nodes()) > 2 and time.time() < deadline:
+    time.sleep(0.5)
 table = io.read_table(out)
 ids = table.column("i")
 report = {"written": written, "rows": table.num_rows, "unique": len(pc.unique(ids)),
