@@ -266,7 +266,7 @@ class ImpressionState:
     cutoff_us: int
     window_hours: int
     apply_tables: dict[str, pl.DataFrame]
-    graph: Any  # features.graph.GraphModel
+    graph: Any  # features.graph.GraphModel; None when the pipeline's graph task saved it into the state
     users: pl.DataFrame
     posts: pl.DataFrame  # post_id + post_<feature> columns, as joined onto impressions
     topics: pl.DataFrame | None = None
@@ -290,7 +290,8 @@ class ImpressionState:
         write_parquet(io.join(uri, "posts.parquet"), self.posts, storage)
         if self.topics is not None:
             write_parquet(io.join(uri, "topics.parquet"), self.topics, storage)
-        self.graph.save(io.join(uri, "graph"), storage)
+        if self.graph is not None:
+            self.graph.save(io.join(uri, "graph"), storage)
         io.write_json(io.join(uri, "state.json"), {"origin_us": self.origin_us, "cutoff_us": self.cutoff_us,
                                                     "window_hours": self.window_hours,
                                                     "history": sorted({*self.history, *self.apply_tables}),

@@ -8,9 +8,11 @@ Row-local work streams through Ray Data (text statistics, embeddings and image
 statistics in actor pools, the final impression joins). The engagement history —
 the state that grows with the log's keys — is fit per block, combined by key
 with a shuffle and joined partition against partition (``pipeline/partitioned.py``).
-Post-level state (target encodings, PCA, text clusters) is still fit in the driver
-on the post table, and the graph from its edge list; both are broadcast to the
-streaming joins with the history tables under ``features.broadcast_max_rows``.
+The graph is fit from the partitions' edge lists in a Ray task (not the driver)
+while the partitioned joins run. Post-level state (target encodings, PCA, text
+clusters) is still fit in the driver on the post table; it, the graph and the
+history tables under ``features.broadcast_max_rows`` are broadcast to the final
+streaming join.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from engagesim import datasets, io
 from engagesim.config import AppConfig
 from engagesim.embed.actors import encoder_specs
 from engagesim.features import encodings, history
-from engagesim.features.graph import GRAPH_COLUMNS, fit_graph_from_pairs
+from engagesim.features.graph import GRAPH_COLUMNS
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
 from engagesim.features.impression import impression_post_columns, join_impressions
 from engagesim.features.post import post_row_features
@@ -203,21 +205,21 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
               if "text_cluster" in post_table.columns else None)
     topics_refs = {"topics": ray.put(topics)} if topics is not None else {}
-    train_rows, edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours, f.history_mode,
-                                                topics_refs.get("topics"))
+    train_rows, n_edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours,
+                                                  f.history_mode, topics_refs.get("topics"))
     clock.lap("history_fit")
     rounds, broadcast = partitioned.split_by_size(train_rows, f.broadcast_max_rows)
-    # The graph is fit from the pair aggregates' edges (training rows only), not from another pass over the rows.
-    graph = fit_graph_from_pairs(edges, f.jaccard_k, seed=f.seed)
+    # The graph is fit from the pair aggregates' edges (training rows only), in a task, while the joins run.
+    graph_ref, graph_info = partitioned.fit_graph_task(layout, io.join(state_uri, "graph"), f.jaccard_k, f.seed)
     users = user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
         schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
                 "follower_ratio": pl.Float32, "verified": pl.Float32,
                 "_user_created": pl.Datetime("us", "UTC")})
-    clock.lap("graph_fit")
-    state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, graph, users,
+    # graph=None: the task saved it into the state already (the driver never holds it).
+    state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, None, users,
                             impression_post_columns(post_table), topics, history=sorted(train_rows))
     small = {mode: {p: layout.read(p, mode) for p in broadcast} for mode in partitioned.MODES}
-    refs = {"train_tables": ray.put(small["train"]), "apply_tables": ray.put(small["apply"]), "graph": ray.put(graph),
+    refs = {"train_tables": ray.put(small["train"]), "apply_tables": ray.put(small["apply"]), "graph": graph_ref,
             **topics_refs, "users": ray.put(users), "posts": ray.put(state.posts)}
     join_kwargs = {"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": f.window_hours,
                    "history_mode": f.history_mode}
@@ -228,12 +230,13 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
     clock.lap("join_and_write")
+    graph_seconds = ray.get(graph_info)["seconds"]
     io.remove_tree(scratch, cfg.storage)
     split_rows = pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=["split"]))["split"].value_counts()
     return ({"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us,
              "history": {"partitions": parts, "partitioned": {k: v for k, v in rounds.items()},
-                         "broadcast": broadcast, "train_rows": train_rows, "graph_edges": edges.height},
-             "seconds": clock.laps},
+                         "broadcast": broadcast, "train_rows": train_rows, "graph_edges": n_edges},
+             "seconds": {**clock.laps, "graph_fit_task": graph_seconds}},
             state)
 
 

@@ -8,8 +8,8 @@ features_in_process``; both run the same pure functions, and a test holds their 
    user-keyed groups — user, pair, topic — share ``user_id``).
 2. **Combine by key with a shuffle.** ``groupby("_part").map_groups``: one task per partition combines
    that partition's pieces, derives its training (window / past) and apply tables and writes them as
-   Parquet parts — the only copy. The driver gets row counts and the (user, creator) edges the graph is fit
-   from (``graph.graph_edges``: engaged or followed pairs only).
+   Parquet parts — the only copy — and its (user, creator) edges (``graph.graph_edges``: engaged or followed
+   pairs only) as a part of the edge list the graph is fit from. The driver gets row counts only.
 3. **Join partition against partition.** A group whose training table has more than
    ``features.broadcast_max_rows`` rows is joined by shuffling the impressions on the same partition id
    (one shuffle per partition key) so that each task reads only its partition's tables; smaller tables,
@@ -31,6 +31,7 @@ from engagesim.features import history
 from engagesim.features.graph import graph_edges
 from engagesim.features.impression import history_columns, prepare, with_topic
 from engagesim.features.state import read_parts
+from engagesim.schema import ENGAGEMENTS
 
 PART = "_part"
 MODES = ("train", "apply")
@@ -58,6 +59,9 @@ class Layout:
     def path(self, prefix: str, mode: str, part: int) -> str:
         root = self.apply_uri if mode == "apply" else self.train_uri
         return io.join(root, prefix, mode, f"part-{part:05d}.parquet")
+
+    def edges_uri(self) -> str:
+        return io.join(self.train_uri, "_edges")
 
     def read(self, prefix: str, mode: str, part: int | None = None) -> pl.DataFrame:
         """One partition of a table, or (``part=None``, for broadcasting) all of them."""
@@ -107,19 +111,23 @@ def combine_partition(group: pa.Table, layout: Layout, history_mode: str) -> pa.
         for prefix, table in history.feature_tables(aggregates, history_mode if mode == "train" else "apply").items():
             io.write_parquet(layout.path(prefix, mode, part), table, layout.storage)
             rows[prefix, mode] = table.height
-    edges = _ipc(graph_edges(aggregates["pair"])) if "pair" in aggregates else None
+    edges = 0
+    if "pair" in aggregates:
+        table = graph_edges(aggregates["pair"])
+        io.write_parquet(io.join(layout.edges_uri(), f"part-{part:05d}.parquet"), table, layout.storage)
+        edges = table.height
     prefixes = sorted(aggregates)
     return pa.table({"prefix": prefixes, PART: pa.array([part] * len(prefixes), pa.int32()),
                      "train_rows": [rows[p, "train"] for p in prefixes],
                      "apply_rows": [rows[p, "apply"] for p in prefixes],
-                     "edges": pa.array([edges if p == "pair" else None for p in prefixes], pa.binary())})
+                     "edges": [edges if p == "pair" else 0 for p in prefixes]})
 
 
 def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours: int, history_mode: str,
-                topics_ref=None) -> tuple[dict[str, int], pl.DataFrame]:
-    """Passes 1 and 2: every group's tables written partition by partition.
+                topics_ref=None) -> tuple[dict[str, int], int]:
+    """Passes 1 and 2: every group's tables and the graph's edge list written partition by partition.
 
-    Returns the training-table rows per group and the graph's edges (the driver's only share).
+    Returns the training-table rows per group and the number of edges (``Layout.edges_uri`` holds them).
     """
     pieces = ds.map_batches(partial_aggregates, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": window_hours,
@@ -129,8 +137,33 @@ def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours
     summary = pl.from_arrow(datasets.collect(combined))
     _fill_missing(layout, summary)
     train_rows = {p: int(n) for p, n in summary.group_by("prefix").agg(pl.col("train_rows").sum()).iter_rows()}
-    edges = [_from_ipc(e) for e in summary["edges"].drop_nulls().to_list()]
-    return train_rows, graph_edges(pl.concat(edges)) if edges else pl.DataFrame()
+    return train_rows, int(summary["edges"].sum())
+
+
+def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int):
+    """Fit the graph from the edge parts in a Ray task and save it there: (graph ref, info ref).
+
+    Leiden is a global algorithm, so one process holds the whole edge list (engaged or followed pairs, far
+    fewer than impressions: 637,794 at 2M); that process is a worker, not the driver, and it runs while the
+    partitioned joins do. The join tasks fetch the graph from the object store; the driver never does.
+    """
+    import ray
+
+    @ray.remote(num_returns=2)
+    def fit(edges_uri: str) -> tuple:
+        import time
+
+        from engagesim.features.graph import fit_graph_from_pairs
+
+        start = time.perf_counter()
+        edges = read_parts(edges_uri, layout.storage) if io.list_files(edges_uri, layout.storage) else pl.DataFrame(
+            schema={"user_id": pl.String, "creator_id": pl.String, **{f"c_{e}": pl.Float64 for e in ENGAGEMENTS},
+                    "follows": pl.Int8})
+        graph = fit_graph_from_pairs(edges, jaccard_k, seed=seed)
+        graph.save(save_uri, layout.storage)
+        return graph, {"edges": edges.height, "seconds": round(time.perf_counter() - start, 2)}
+
+    return fit.remote(layout.edges_uri())
 
 
 def _fill_missing(layout: Layout, summary: pl.DataFrame) -> None:
