@@ -240,6 +240,11 @@ class TrainConfig(Section):
         "through the driver; below it the table is read once and sliced to the workers (faster to start). "
         "Unset: automatic — stream once the table would take more than 1 GiB in the driver (8 bytes per "
         "value; ~840k rows of the default 160 columns).")
+    valid_fit_rows: int | None = Field(
+        None, ge=10, description="When impression training streams: validation rows (a hash sample, at most half "
+        "of them) gathered into the driver for early stopping and the ensemble's weights and stacker; every "
+        "other validation row is scored on Ray Data from partial sums and gives the reported metrics. Unset: "
+        "the rows whose 8-byte values fill 256 MiB (~200k rows of 160 columns).")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     xgb: XGBConfig = Field(default_factory=XGBConfig)
     nn: NNConfig = Field(default_factory=NNConfig)

@@ -94,3 +94,68 @@ def text_scores(hypotheses: list[str], references: list[str]) -> dict[str, float
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references)]
     return {"bleu": float(bleu), "rouge_l": float(np.mean(rouge)) if rouge else 0.0}
+
+
+# --- binary metrics from partial sums ----------------------------------------------------------------
+
+LOGIT_RANGE = 12.0  # scores binned on logit(p) ∈ [-12, 12]: p from 6e-6 to 1 − 6e-6
+AP_BINS = 8192  # 0.003 logit per bin: AP within 5e-4 of the exact sort on 100k-row tests (2048 bins: 1.3e-3)
+
+
+class BinaryScores:
+    """Partial sums of binary-classification metrics over (outputs × groups), mergeable across blocks.
+
+    Cross entropy, positives and counts are plain sums, so RCE is exact however the rows are split. AP
+    comes from per-bin positive and negative counts of logit(score): it equals sklearn's AP of the scores
+    rounded to their bin (ties form one threshold, as in sklearn), so the only error is the binning.
+    Group ``n_groups`` holds all rows. Pure numpy; a block's sums are a few MB whatever its row count.
+    """
+
+    def __init__(self, outputs: int, n_groups: int, bins: int = AP_BINS):
+        self.bins, self.n_groups = bins, n_groups
+        self.hist = np.zeros((outputs, n_groups + 1, bins, 2), dtype=np.int64)  # [..., 0] negatives, 1 positives
+        self.ce = np.zeros((outputs, n_groups + 1))
+
+    def add(self, labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> "BinaryScores":
+        """(n, outputs) labels and probabilities, (n,) group index in [0, n_groups)."""
+        p = np.clip(np.asarray(probs, float), EPS, 1 - EPS)
+        y = np.asarray(labels, float)
+        z = np.clip(np.log(p) - np.log1p(-p), -LOGIT_RANGE, LOGIT_RANGE)
+        bin_of = np.minimum(((z + LOGIT_RANGE) / (2 * LOGIT_RANGE) * self.bins).astype(np.int64), self.bins - 1)
+        ce = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+        g = np.asarray(groups, np.int64)
+        for k in range(p.shape[1]):
+            cell = (g * self.bins + bin_of[:, k]) * 2 + y[:, k].astype(np.int64)
+            counts = np.bincount(cell, minlength=self.n_groups * self.bins * 2).reshape(self.n_groups, self.bins, 2)
+            self.hist[k, :self.n_groups] += counts
+            self.hist[k, self.n_groups] += counts.sum(axis=0)
+            per_group = np.bincount(g, weights=ce[:, k], minlength=self.n_groups)
+            self.ce[k, :self.n_groups] += per_group
+            self.ce[k, self.n_groups] += per_group.sum()
+        return self
+
+    def merge(self, other: "BinaryScores") -> "BinaryScores":
+        self.hist += other.hist
+        self.ce += other.ce
+        return self
+
+    def rce(self, output: int, group: int | None = None) -> float:
+        g = self.n_groups if group is None else group
+        h = self.hist[output, g]
+        return rce_from_sums(self.ce[output, g], h[:, 1].sum(), h.sum())
+
+    def ap(self, output: int, group: int | None = None) -> float:
+        h = self.hist[output, self.n_groups if group is None else group][::-1]  # highest scores first
+        positives = h[:, 1].sum()
+        if positives == 0:
+            return float("nan")
+        tp, seen = np.cumsum(h[:, 1]), np.cumsum(h.sum(axis=1))
+        hit = h[:, 1] > 0
+        return float(np.sum(h[hit, 1] / positives * tp[hit] / seen[hit]))
+
+    def by_group(self, metric: str, output: int) -> float:
+        """Unweighted mean over groups that have rows, as ``grouped(...)["mean"]``."""
+        fn = self.rce if metric == "rce" else self.ap
+        values = [fn(output, g) for g in range(self.n_groups) if self.hist[output, g].sum()]
+        values = [v for v in values if not np.isnan(v)]
+        return float(np.mean(values)) if values else float("nan")

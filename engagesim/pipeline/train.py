@@ -36,6 +36,7 @@ from engagesim.models.bundle import ensemble_spec
 from engagesim.models.data import feature_columns, label_matrix, sample_negatives
 from engagesim.models.distributed import Resources
 from engagesim.models.family import IMPRESSION, POST, FitContext, Level, family_names, get_family, gpu_available
+from engagesim.pipeline import validation
 from engagesim.runtime import ensure_ray
 from engagesim.schema import ENGAGEMENTS
 
@@ -56,13 +57,16 @@ def _impression_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dic
     return out
 
 
-def _scorer(level: Level, train: pa.Table | None, valid: pa.Table, y: np.ndarray) -> LevelScore:
-    """The level's validation metrics of an (n, outputs) prediction. Popularity groups: creator follower
-    quintiles of the training rows (of the validation rows when training streams and no table is here)."""
+def _popularity_edges(train: pa.Table | None, valid: pa.Table) -> np.ndarray:
+    """Creator follower quintiles of the training rows (of the validation rows when training streams)."""
+    return quantile_edges((train if train is not None else valid).column("creator_follower_count")
+                          .to_numpy(zero_copy_only=False), validation.GROUPS)
+
+
+def _scorer(level: Level, edges: np.ndarray | None, valid: pa.Table, y: np.ndarray) -> LevelScore:
+    """The level's validation metrics of an (n, outputs) prediction, by popularity group at impression level."""
     if level is POST:
         return lambda p: {"rmse": rmse(y[:, 0], p[:, 0])}
-    edges = quantile_edges((train if train is not None else valid).column("creator_follower_count")
-                           .to_numpy(zero_copy_only=False), 5)
     groups = popularity_groups(np.nan_to_num(valid.column("creator_follower_count").to_numpy(zero_copy_only=False)),
                                edges)
     return lambda p: _impression_metrics(y, p, groups)
@@ -119,14 +123,17 @@ def _only_split(batch: pa.Table, split: str) -> pa.Table:
 @dataclass
 class LevelInputs:
     """A level's rows: in memory below ``train.stream_rows``; above it the training split stays a Ray
-    Dataset that families which can stream read shard by shard on their workers (the others, and the
-    validation split, are gathered into the driver)."""
+    Dataset that families which can stream read shard by shard on their workers (the others gather it
+    into the driver), and ``valid`` holds only the validation fit rows: the rest (``valid_scored``) is
+    scored on Ray Data (``pipeline/validation.py``)."""
 
     rows: int
     valid: pa.Table
     train_table: pa.Table | None = None
     train_stream: Any = None
     schema: pa.Schema | None = None
+    valid_scored: Any = None
+    valid_rows: int = 0
 
     @property
     def streamed(self) -> bool:
@@ -161,7 +168,9 @@ def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) 
         return LevelInputs(train.num_rows, valid, train_table=train, schema=table.schema)
     ensure_ray(cfg.ray)
     ds = datasets.read(uri, cfg.storage, cfg.features.blocks)
-    valid = io.read_table(uri, cfg.storage, filters=[("split", "==", "valid")])  # filtered part by part
+    schema = io.dataset_schema(uri, cfg.storage)
+    fit_rows = cfg.train.valid_fit_rows or max(DRIVER_TABLE_BYTES // 4 // (8 * len(schema.names)), 10)
+    valid, scored, valid_rows = validation.split_valid(ds, fit_rows, cfg.train.sample.seed)
     train = ds.map_batches(_only_split, fn_kwargs={"split": "train"}, batch_format="pyarrow")
     sample = cfg.train.sample
     if sample.negatives < 1:
@@ -173,8 +182,8 @@ def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) 
         # execute the split once into the object store, shared by every family's fits and passes.
         log(f"{level.name}: trainers take every CPU; materializing the training split in the object store")
         train = train.materialize()
-    kept = train.count() if sample.negatives < 1 else rows - valid.num_rows  # free once materialized
-    return LevelInputs(kept, valid, train_stream=train, schema=valid.schema)
+    kept = train.count() if sample.negatives < 1 else rows - valid_rows  # free once materialized
+    return LevelInputs(kept, valid, train_stream=train, schema=schema, valid_scored=scored, valid_rows=valid_rows)
 
 
 def _fit_members(cfg: AppConfig, level: Level, data: LevelInputs, features: list[str],
@@ -210,8 +219,10 @@ def train_level(cfg: AppConfig, level: Level, uri: str, models_dir: str, truth_u
         return {"skipped": f"too few {what} (train {data.rows}, valid {valid.num_rows})"}
     features = feature_columns(data.schema)
     y_va = label_matrix(valid, level.labels)
-    score = _scorer(level, data.train_table, valid, y_va)
-    result: dict[str, Any] = {"rows": {"train": data.rows, "valid": valid.num_rows}, "features": len(features),
+    edges = _popularity_edges(data.train_table, valid) if level is IMPRESSION else None
+    score = _scorer(level, edges, valid, y_va)
+    result: dict[str, Any] = {"rows": {"train": data.rows, "valid": data.valid_rows or valid.num_rows},
+                              "features": len(features),
                               "train_input": "ray_data" if data.streamed else "in_memory"}
     if level is IMPRESSION and cfg.train.sample.negatives < 1:
         result["sample"] = {"negatives": cfg.train.sample.negatives, "kept_rows": data.rows}
@@ -239,9 +250,25 @@ def train_level(cfg: AppConfig, level: Level, uri: str, models_dir: str, truth_u
         else:
             spec = {"engagements": specs}
         io.write_json(io.join(models_dir, level.name, "ensemble.json"), {**spec, "families": families})
-    if truth_uri:
+    if data.valid_scored is not None and preds:
+        _streamed_scores(cfg, data, preds, edges, io.join(models_dir, level.name), truth_uri, result, log)
+    elif truth_uri:
         result["oracle"] = score(_oracle(cfg, level, truth_uri, valid))
     return result
+
+
+def _streamed_scores(cfg: AppConfig, data: LevelInputs, preds: dict, edges: np.ndarray, level_dir: str,
+                     truth_uri: str | None, result: dict, log: Callable[[str], None]) -> None:
+    """Replace the figures of the fit rows by those of the scored validation rows (partial sums on Ray
+    Data), which early stopping and the stacker never saw."""
+    scores, scored = validation.stream_scores(cfg, data.valid_scored, level_dir, list(preds), edges, truth_uri, log)
+    result["validation"] = {"fit_rows": data.valid.num_rows, "scored_rows": scored,
+                            "metrics_on": "scored rows; AP from score histograms (within 5e-4)"}
+    result["models"] = {k: scores[k] for k in preds}
+    if "ensemble" in result:
+        result["ensemble"].update(loss_weighted=scores["ensemble_loss_weighted"], stacked=scores["ensemble_stacked"])
+    if validation.ORACLE in scores:
+        result["oracle"] = scores[validation.ORACLE]
 
 
 def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri: str | None = None,
