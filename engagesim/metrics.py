@@ -98,37 +98,54 @@ def text_scores(hypotheses: list[str], references: list[str]) -> dict[str, float
 
 # --- binary metrics from partial sums ----------------------------------------------------------------
 
-LOGIT_RANGE = 12.0  # scores binned on logit(p) ∈ [-12, 12]: p from 6e-6 to 1 − 6e-6
-AP_BINS = 8192  # 0.003 logit per bin: AP within 5e-4 of the exact sort on 100k-row tests (2048 bins: 1.3e-3)
+LOGIT_RANGE = 12.0  # the fixed grid: logit(p) ∈ [-12, 12], p from 6e-6 to 1 − 6e-6
+AP_BINS = 8192
+
+
+def logit_bin_edges(outputs: int, bins: int = AP_BINS) -> np.ndarray:
+    """(outputs, bins − 1) edges evenly spaced in logit: for scores of unknown distribution."""
+    z = np.linspace(-LOGIT_RANGE, LOGIT_RANGE, bins + 1)[1:-1]
+    return np.tile(1 / (1 + np.exp(-z)), (outputs, 1))
+
+
+def quantile_bin_edges(sample: np.ndarray, bins: int = AP_BINS) -> np.ndarray:
+    """(outputs, bins − 1) AP bin edges for each output: half at equal-count quantiles of a uniform
+    sample of its scores (fine where the scores concentrate), half on the logit grid (fine in the tails,
+    where the top-ranked rows that decide AP for rare labels sit)."""
+    quantiles = np.quantile(np.asarray(sample, float), np.linspace(0, 1, bins // 2 + 1)[1:-1], axis=0).T
+    return np.sort(np.concatenate([quantiles, logit_bin_edges(quantiles.shape[0], bins // 2 + 1)], axis=1), axis=1)
 
 
 class BinaryScores:
     """Partial sums of binary-classification metrics over (outputs × groups), mergeable across blocks.
 
     Cross entropy, positives and counts are plain sums, so RCE is exact however the rows are split. AP
-    comes from per-bin positive and negative counts of logit(score): it equals sklearn's AP of the scores
-    rounded to their bin (ties form one threshold, as in sklearn), so the only error is the binning.
-    Group ``n_groups`` holds all rows. Pure numpy; a block's sums are a few MB whatever its row count.
+    and the curves come from per-bin positive and negative counts of the score; with ``edges`` from
+    ``quantile_bin_edges`` of a sample, AP is within 3e-5 of the exact sort from 60k rows (``ap``). Group
+    ``n_groups`` holds all rows. Pure numpy; a block's sums are a few MB whatever its row count, and
+    sums merge only when made with the same edges.
     """
 
-    def __init__(self, outputs: int, n_groups: int, bins: int = AP_BINS):
-        self.bins, self.n_groups = bins, n_groups
-        self.hist = np.zeros((outputs, n_groups + 1, bins, 2), dtype=np.int64)  # [..., 0] negatives, 1 positives
+    def __init__(self, outputs: int, n_groups: int, edges: np.ndarray | None = None):
+        self.edges = logit_bin_edges(outputs) if edges is None else np.asarray(edges, float)
+        self.bins, self.n_groups = self.edges.shape[1] + 1, n_groups
+        self.hist = np.zeros((outputs, n_groups + 1, self.bins, 2), dtype=np.int64)  # [..., 0] negatives, 1 positives
+        self.psum = np.zeros((outputs, self.bins))  # Σ score per bin (all rows): calibration
         self.ce = np.zeros((outputs, n_groups + 1))
 
     def add(self, labels: np.ndarray, probs: np.ndarray, groups: np.ndarray) -> "BinaryScores":
         """(n, outputs) labels and probabilities, (n,) group index in [0, n_groups)."""
         p = np.clip(np.asarray(probs, float), EPS, 1 - EPS)
         y = np.asarray(labels, float)
-        z = np.clip(np.log(p) - np.log1p(-p), -LOGIT_RANGE, LOGIT_RANGE)
-        bin_of = np.minimum(((z + LOGIT_RANGE) / (2 * LOGIT_RANGE) * self.bins).astype(np.int64), self.bins - 1)
         ce = -(y * np.log(p) + (1 - y) * np.log1p(-p))
         g = np.asarray(groups, np.int64)
         for k in range(p.shape[1]):
-            cell = (g * self.bins + bin_of[:, k]) * 2 + y[:, k].astype(np.int64)
+            bin_of = np.searchsorted(self.edges[k], p[:, k], side="right")
+            cell = (g * self.bins + bin_of) * 2 + y[:, k].astype(np.int64)
             counts = np.bincount(cell, minlength=self.n_groups * self.bins * 2).reshape(self.n_groups, self.bins, 2)
             self.hist[k, :self.n_groups] += counts
             self.hist[k, self.n_groups] += counts.sum(axis=0)
+            self.psum[k] += np.bincount(bin_of, weights=p[:, k], minlength=self.bins)
             per_group = np.bincount(g, weights=ce[:, k], minlength=self.n_groups)
             self.ce[k, :self.n_groups] += per_group
             self.ce[k, self.n_groups] += per_group.sum()
@@ -136,6 +153,7 @@ class BinaryScores:
 
     def merge(self, other: "BinaryScores") -> "BinaryScores":
         self.hist += other.hist
+        self.psum += other.psum
         self.ce += other.ce
         return self
 
@@ -145,17 +163,52 @@ class BinaryScores:
         return rce_from_sums(self.ce[output, g], h[:, 1].sum(), h.sum())
 
     def ap(self, output: int, group: int | None = None) -> float:
-        h = self.hist[output, self.n_groups if group is None else group][::-1]  # highest scores first
-        positives = h[:, 1].sum()
-        if positives == 0:
-            return float("nan")
-        tp, seen = np.cumsum(h[:, 1]), np.cumsum(h.sum(axis=1))
-        hit = h[:, 1] > 0
-        return float(np.sum(h[hit, 1] / positives * tp[hit] / seen[hit]))
+        """AP with each bin's rows taken as randomly interleaved: the i-th of a bin's p positives (among
+        p + n rows, after ``a`` positives in ``b`` rows above it) sits at b + i·(p+n+1)/(p+1) on average,
+        and Σᵢ (a+i)/(b + i·c) has the closed form (p + (a − b/c)(ψ(b/c + p + 1) − ψ(b/c + 1)))/c.
+        Measured against sklearn's sort with ``quantile_bin_edges`` (8192 bins, edges from a 30 % sample)
+        on synthetic scores: within 3e-4 at 3k rows, 3e-5 at 60k, 1.2e-5 at 200k; on a tiny run's 8.8k
+        validation rows (rare labels with < 300 positives) within 5e-4. Equal-count bins alone were off by
+        4e-4 at 60k, a logit grid alone by 5e-4 where scores concentrate; the plain step sum over bins
+        (sklearn's tie rule) is biased low."""
+        from scipy.special import digamma
 
-    def by_group(self, metric: str, output: int) -> float:
-        """Unweighted mean over groups that have rows, as ``grouped(...)["mean"]``."""
+        h = self.hist[output, self.n_groups if group is None else group][::-1].astype(float)  # highest first
+        pos, neg = h[:, 1], h[:, 0]
+        total = pos.sum()
+        if total == 0:
+            return float("nan")
+        above_pos, above = np.cumsum(pos) - pos, np.cumsum(pos + neg) - (pos + neg)
+        m = pos > 0
+        p, n, a, b = pos[m], neg[m], above_pos[m], above[m]
+        c = (p + n + 1) / (p + 1)
+        d = b / c
+        return float(np.sum((p + (a - d) * (digamma(d + p + 1) - digamma(d + 1))) / c) / total)
+
+    @property
+    def rows(self) -> int:
+        return int(self.hist[0, self.n_groups].sum()) if len(self.hist) else 0
+
+    def grouped(self, metric: str, output: int) -> dict[str, float]:
+        """``metric`` ("rce" or "ap") per group that has rows and their unweighted mean, as ``grouped``."""
         fn = self.rce if metric == "rce" else self.ap
-        values = [fn(output, g) for g in range(self.n_groups) if self.hist[output, g].sum()]
-        values = [v for v in values if not np.isnan(v)]
-        return float(np.mean(values)) if values else float("nan")
+        per = {f"group_{g}": fn(output, g) for g in range(self.n_groups) if self.hist[output, g].sum()}
+        values = [v for v in per.values() if not np.isnan(v)]
+        per["mean"] = float(np.mean(values)) if values else float("nan")
+        return per
+
+    def curves(self, output: int, calibration_bins: int = 10) -> dict[str, np.ndarray]:
+        """Precision–recall at every bin threshold, and calibration over ``calibration_bins`` quantile
+        buckets of the score (whole bins: mean predicted and observed rate of each bucket's rows)."""
+        h = self.hist[output, self.n_groups]
+        down = h[::-1]
+        tp, seen = np.cumsum(down[:, 1]), np.cumsum(down.sum(axis=1))
+        keep = seen > 0
+        n = h.sum(axis=1)
+        bucket = np.minimum((np.cumsum(n) - n / 2) / max(n.sum(), 1) * calibration_bins, calibration_bins - 1)
+        bucket = bucket.astype(int)
+        count = np.bincount(bucket, weights=n, minlength=calibration_bins)
+        full = count > 0
+        return {"precision": tp[keep] / seen[keep], "recall": tp[keep] / max(tp[-1], 1),
+                "predicted": np.bincount(bucket, weights=self.psum[output], minlength=calibration_bins)[full] / count[full],
+                "observed": np.bincount(bucket, weights=h[:, 1], minlength=calibration_bins)[full] / count[full]}

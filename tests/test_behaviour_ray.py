@@ -165,7 +165,7 @@ def test_impression_training_streams_from_ray_data_above_the_threshold(features,
         for name, p in (("xgb", served["xgb"]), ("stacked", served["ensemble"])):
             got = imp["models"]["xgb"] if name == "xgb" else imp["ensemble"]["stacked"]
             assert got[e]["rce"] == pytest.approx(rce(y[:, k], p[:, k]), abs=1e-3), (name, e)
-            assert abs(got[e]["ap"] - average_precision(y[:, k], p[:, k])) < 5e-4, (name, e)
+            assert abs(got[e]["ap"] - average_precision(y[:, k], p[:, k])) < 1e-3, (name, e)
     assert imp["oracle"]["like"]["rce"] > imp["models"]["xgb"]["like"]["rce"]
     assert served["ensemble"].shape == (scored.num_rows, 4)
 

@@ -9,7 +9,7 @@ impression time), the same rows in every pass:
   stopping, the ensemble's loss weights and its stacker;
 - **scored rows** (all the others, never gathered): an actor pool loads the saved members once per
   actor and predicts block by block; each block becomes a ``BinaryScores`` (cross-entropy sums and
-  per-bin counts) per model, summed in the driver. RCE is exact, AP within 5e-4 (``metrics.AP_BINS``).
+  per-bin counts) per model, summed in the driver. RCE is exact, AP from equal-count score bins (``BinaryScores.ap`` states the error).
 
 So the reported figures are on rows that neither early stopping nor the stacker saw; the loss-weighted
 and stacked ensembles are scored as ``ensemble.json`` holds them. On synthetic worlds the data
@@ -26,9 +26,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engagesim import datasets
+from engagesim import datasets, io
 from engagesim.config import AppConfig
-from engagesim.metrics import BinaryScores, popularity_groups
+from engagesim.metrics import BinaryScores, popularity_groups, quantile_bin_edges, quantile_edges
 from engagesim.models.bundle import ImpressionModels, apply_ensemble
 from engagesim.models.data import label_matrix
 from engagesim.models.family import IMPRESSION
@@ -46,7 +46,8 @@ def is_fit_row(batch: pa.Table, fraction: float, seed: int) -> pa.Array:
     return (u < fraction).to_arrow()
 
 
-def _part(batch: pa.Table, split: str, fraction: float | None = None, seed: int = 0, fit: bool = True) -> pa.Table:
+def rows_of(batch: pa.Table, split: str, fraction: float | None = None, seed: int = 0, fit: bool = True) -> pa.Table:
+    """A block's rows of ``split``; with ``fraction``, only its fit rows (``fit``) or only the others."""
     batch = batch.filter(pc.equal(batch.column("split"), split))
     if fraction is None:
         return batch
@@ -65,17 +66,58 @@ def fit_fraction(valid_rows: int, fit_rows: int) -> float:
 
 def split_valid(ds, fit_rows: int, seed: int) -> tuple[pa.Table, Any, int]:
     """(fit rows in the driver, scored rows as a Ray Dataset, all validation rows) of a feature dataset."""
-    valid_rows = int(ds.select_columns(["split"]).map_batches(_count_valid, batch_format="pyarrow").sum("n") or 0)
+    valid_rows = count_valid(ds)
     fraction = fit_fraction(valid_rows, fit_rows)
-    fit = datasets.collect(ds.map_batches(_part, batch_format="pyarrow",
+    fit = datasets.collect(ds.map_batches(rows_of, batch_format="pyarrow",
                                           fn_kwargs={"split": "valid", "fraction": fraction, "seed": seed}))
-    scored = ds.map_batches(_part, batch_format="pyarrow",
+    scored = ds.map_batches(rows_of, batch_format="pyarrow",
                             fn_kwargs={"split": "valid", "fraction": fraction, "seed": seed, "fit": False})
     return fit, scored, valid_rows
 
 
-class _Scorer:
-    """One actor: this level's saved members and ensembles → per-row probabilities, narrow."""
+def count_valid(ds) -> int:
+    return int(ds.select_columns(["split"]).map_batches(_count_valid, batch_format="pyarrow").sum("n") or 0)
+
+
+def sample_rows(ds, columns: list[str], total_rows: int, rows: int = 200_000, seed: int = 0) -> pa.Table:
+    """A uniform sample of at most about ``rows`` of a dataset's ``columns``, in the driver."""
+    fraction = min(1.0, rows / max(total_rows, 1))
+    sample = ds.select_columns(columns)
+    return datasets.collect(sample.random_sample(fraction, seed=seed) if fraction < 1 else sample)
+
+
+def popularity_edges(valid, valid_rows: int) -> np.ndarray:
+    """Creator follower quintile edges from a uniform sample of the validation rows."""
+    values = sample_rows(valid, ["creator_follower_count"], valid_rows)
+    return quantile_edges(values.column(0).to_numpy(zero_copy_only=False) if values.num_rows else np.zeros(1),
+                          GROUPS)
+
+
+def score_edges(sample: pa.Table, models: list[str]) -> dict[str, np.ndarray]:
+    """Per model, equal-count AP bin edges from a sample of its probability columns."""
+    return {name: quantile_bin_edges(np.column_stack([sample.column(c).to_numpy(zero_copy_only=False)
+                                                      for c in prob_columns(name)]))
+            for name in models if sample.num_rows and all(c in sample.column_names for c in prob_columns(name))}
+
+
+def with_labels(batch: pa.Table, preds: pa.Table, edges: np.ndarray) -> pa.Table:
+    """Predictions + the rows' labels (``y_*``) and creator popularity group: what the metrics read."""
+    y = label_matrix(batch, IMPRESSION.labels)
+    for i, label in enumerate(IMPRESSION.labels):
+        preds = preds.append_column(label, pa.array(y[:, i].astype(np.int8)))
+    follower = np.nan_to_num(batch.column("creator_follower_count").to_numpy(zero_copy_only=False))
+    return preds.append_column("popularity_group", pa.array(popularity_groups(follower, edges)))
+
+
+def prob_columns(name: str) -> list[str]:
+    """The columns of one model's four probabilities, as ``LoadedRun.score_impression_features`` names
+    them (``ensemble``: the served one, without a suffix)."""
+    suffix = "" if name == "ensemble" else f"_{name}"
+    return [f"p_{e}{suffix}" for e in ENGAGEMENTS]
+
+
+class _MemberScorer:
+    """One actor: this level's saved members and both ensembles (as ``ensemble.json`` holds them)."""
 
     def __init__(self, models_dir: str, edges: list[float]):
         self.models = ImpressionModels(models_dir)
@@ -85,66 +127,89 @@ class _Scorer:
         preds = self.models.member_predictions(batch)
         specs = (self.models.ensemble or {}).get("engagements", {})
         if len(preds) >= 2 and specs:
+            members = dict(preds)
             for method in ("loss_weighted", "stacked"):
                 preds[f"ensemble_{method}"] = np.column_stack([
-                    apply_ensemble({**specs[e], "method": method}, {k: v[:, i] for k, v in preds.items()
-                                                                     if not k.startswith("ensemble_")})
+                    apply_ensemble({**specs[e], "method": method}, {k: v[:, i] for k, v in members.items()})
                     for i, e in enumerate(ENGAGEMENTS)])
-        follower = np.nan_to_num(batch.column("creator_follower_count").to_numpy(zero_copy_only=False))
-        out = {c: batch.column(c) for c in KEYS}
-        out["_group"] = pa.array(popularity_groups(follower, self.edges).astype(np.int8))
-        y = label_matrix(batch, IMPRESSION.labels)
-        for i, e in enumerate(ENGAGEMENTS):
-            out[f"_y_{e}"] = pa.array(y[:, i])
-            for name, p in preds.items():
-                out[f"{name}/{e}"] = pa.array(np.asarray(p[:, i], np.float32))
-        return pa.table(out)
+        cols = {c: batch.column(c) for c in KEYS}
+        for name, p in preds.items():
+            cols.update(zip(prob_columns(name), (np.asarray(p[:, i], np.float32) for i in range(p.shape[1]))))
+        return with_labels(batch, pa.table(cols), self.edges)
 
 
-def _partial(batch: pa.Table, models: list[str]) -> dict[str, np.ndarray]:
-    """A block of narrow predictions → one row: every model's ``BinaryScores`` stacked."""
-    y = np.column_stack([batch.column(f"_y_{e}").to_numpy(zero_copy_only=False) for e in ENGAGEMENTS])
-    groups = batch.column("_group").to_numpy(zero_copy_only=False)
-    hist, ce = [], []
+def _partial(batch: pa.Table, models: list[str], edges: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A block of predictions → one row: every model's ``BinaryScores`` stacked."""
+    y = np.column_stack([batch.column(c).to_numpy(zero_copy_only=False) for c in IMPRESSION.labels])
+    groups = batch.column("popularity_group").to_numpy(zero_copy_only=False)
+    out: dict[str, list] = {"hist": [], "psum": [], "ce": []}
     for name in models:
-        p = np.column_stack([np.nan_to_num(batch.column(f"{name}/{e}").to_numpy(zero_copy_only=False), nan=0.5)
-                             for e in ENGAGEMENTS])
-        s = BinaryScores(len(ENGAGEMENTS), GROUPS).add(y, p, groups)
-        hist.append(s.hist)
-        ce.append(s.ce)
-    return {"hist": np.stack(hist)[None], "ce": np.stack(ce)[None]}
+        p = np.column_stack([np.nan_to_num(batch.column(c).to_numpy(zero_copy_only=False), nan=0.5)
+                             for c in prob_columns(name)])
+        s = BinaryScores(len(ENGAGEMENTS), GROUPS, edges.get(name)).add(y, p, groups)
+        for key in out:
+            out[key].append(getattr(s, key))
+    return {key: np.stack(v)[None] for key, v in out.items()}
 
 
-def _metrics(s: BinaryScores) -> dict[str, Any]:
-    return {e: {"ap": s.ap(k), "rce": s.rce(k), "rce_by_popularity": s.by_group("rce", k),
-                "ap_by_popularity": s.by_group("ap", k)} for k, e in enumerate(ENGAGEMENTS)}
-
-
-def stream_scores(cfg: AppConfig, scored, models_dir: str, members: list[str], edges: np.ndarray,
-                  truth_uri: str | None, log: Callable[[str], None]) -> tuple[dict[str, dict], int]:
-    """Metrics of every member, both ensembles and (with ``truth_uri``) the oracle over the scored rows;
-    and how many rows were scored."""
-    import ray
-
-    names = list(members) + (["ensemble_loss_weighted", "ensemble_stacked"] if len(members) >= 2 else [])
-    narrow = scored.map_batches(
-        _Scorer, fn_constructor_kwargs={"models_dir": models_dir, "edges": edges.tolist()},
-        # Half the CPUs at most: the oracle join's shuffle and the partial sums need the others.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(int(ray.cluster_resources().get("CPU", 2)) // 2, 1)),
-        batch_size=SCORE_BATCH, batch_format="pyarrow", num_cpus=1)
+def score_sums(cfg: AppConfig, predictions, models: list[str], edges: dict[str, np.ndarray],
+               truth_uri: str | None, log: Callable[[str], None]) -> dict[str, BinaryScores]:
+    """Per model (and ``oracle`` with ``truth_uri``): the ``BinaryScores`` of a predictions dataset with
+    ``with_labels`` columns, reduced block by block; the driver holds one block's sums at a time.
+    ``edges``: each model's AP bins (``score_edges``; the oracle's from a sample of the truth)."""
+    names, edges = list(models), dict(edges)
     if truth_uri:
         truth = (datasets.read(truth_uri, cfg.storage).select_columns(KEYS + [f"p_{e}" for e in ENGAGEMENTS])
-                 .rename_columns({f"p_{e}": f"{ORACLE}/{e}" for e in ENGAGEMENTS}))
-        narrow = narrow.join(truth, "left_outer", num_partitions=max(cfg.features.blocks or 8, 1), on=tuple(KEYS))
+                 .rename_columns(dict(zip([f"p_{e}" for e in ENGAGEMENTS], prob_columns(ORACLE)))))
+        total = io.read_manifest(truth_uri, cfg.storage).get("rows", 0)
+        edges.update(score_edges(sample_rows(truth, prob_columns(ORACLE), total), [ORACLE]))
+        predictions = predictions.join(truth, "left_outer", num_partitions=max(cfg.features.blocks or 8, 1),
+                                       on=tuple(KEYS))
         names.append(ORACLE)
-    sums = [BinaryScores(len(ENGAGEMENTS), GROUPS) for _ in names]
+    sums = {name: BinaryScores(len(ENGAGEMENTS), GROUPS, edges.get(name)) for name in names}
     blocks = 0
-    for part in narrow.map_batches(_partial, batch_format="pyarrow", batch_size=SCORE_BATCH,
-                                   fn_kwargs={"models": names}).iter_batches(batch_size=1, batch_format="numpy"):
-        for s, hist, ce in zip(sums, part["hist"][0], part["ce"][0]):
-            s.hist += hist
-            s.ce += ce
+    parts = predictions.map_batches(_partial, batch_format="pyarrow", batch_size=SCORE_BATCH,
+                                    fn_kwargs={"models": names, "edges": {n: sums[n].edges for n in names}})
+    for part in parts.iter_batches(batch_size=1, batch_format="numpy"):
+        for i, name in enumerate(names):
+            s = sums[name]
+            s.hist += part["hist"][0][i]
+            s.psum += part["psum"][0][i]
+            s.ce += part["ce"][0][i]
         blocks += 1
-    rows = int(sums[0].hist[0, GROUPS].sum())
-    log(f"impression validation: {rows} scored rows in {blocks} blocks")
-    return {name: _metrics(s) for name, s in zip(names, sums)}, rows
+    log(f"impression validation: {sums[names[0]].rows} rows scored in {blocks} blocks")
+    return sums
+
+
+def metrics_of(s: BinaryScores, by_group: str = "mean") -> dict[str, Any]:
+    """The impression metrics of one model; ``by_group="all"`` gives every group and the mean."""
+    def grouped(metric: str, k: int):
+        per = s.grouped(metric, k)
+        return per if by_group == "all" else per["mean"]
+    return {e: {"ap": s.ap(k), "rce": s.rce(k), "rce_by_popularity": grouped("rce", k),
+                "ap_by_popularity": grouped("ap", k)} for k, e in enumerate(ENGAGEMENTS)}
+
+
+def stream_scores(cfg: AppConfig, scored, models_dir: str, fit_preds: dict[str, np.ndarray], edges: np.ndarray,
+                  truth_uri: str | None, log: Callable[[str], None]) -> tuple[dict[str, dict], int]:
+    """Metrics of every member, both ensembles and (with ``truth_uri``) the oracle over the scored rows;
+    and how many rows were scored. ``fit_preds``: each model's (n, 4) predictions of the fit rows (a
+    uniform sample of the same split), whose quantiles are the AP bins; ``edges``: popularity groups."""
+    import ray
+
+    names = list(fit_preds)
+    predictions = scored.map_batches(
+        _MemberScorer, fn_constructor_kwargs={"models_dir": models_dir, "edges": edges.tolist()},
+        # Half the CPUs at most: the oracle join's shuffle and the partial sums need the others.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors()),
+        batch_size=SCORE_BATCH, batch_format="pyarrow", num_cpus=1)
+    bins = {name: quantile_bin_edges(p) for name, p in fit_preds.items() if len(p)}
+    sums = score_sums(cfg, predictions, names, bins, truth_uri, log)
+    return {name: metrics_of(s) for name, s in sums.items()}, sums[names[0]].rows
+
+
+def actors() -> int:
+    """Scoring actors: half the cluster's CPUs (the join's shuffle and the partial sums need the rest)."""
+    import ray
+
+    return max(int(ray.cluster_resources().get("CPU", 2)) // 2, 1)
