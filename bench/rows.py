@@ -1,0 +1,89 @@
+"""The whole behaviour job at several log sizes: does any process grow with the rows?
+
+Each size runs ``pipeline behaviour`` end to end (synthetic world generated on Ray, EDA, features, post and
+impression training, evaluation, report) in a driver process of its own, on the embedded local Ray, with
+embeddings off and XGBoost only (for time; the data plane is the same for every family). Prints one JSON
+line per size: wall seconds, seconds per stage, the driver's peak RSS, the peak of driver + every Ray worker
+and the largest single worker, which training path ran, and the served ensemble's like RCE. A last line
+gives the growth of the all-process peak between the two largest sizes (the issue's bound: ≤ 1.3× from 10M
+to 40M) and the largest driver peak (bound: ≤ 1.5 GB at every size).
+
+    .venv/bin/python bench/rows.py --impressions 2000000 10000000 40000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import PeakMemory, emit  # noqa: E402
+
+
+def world(impressions: int) -> list[str]:
+    """A world that grows with the log: 1 user per 100 impressions, 1 post per 40 (bench/features.py's)."""
+    return [f"synth.impressions={impressions}", f"synth.users={max(2_000, impressions // 100)}",
+            f"synth.posts={max(5_000, impressions // 40)}", "synth.images=0", "synth.rows_per_shard=250000",
+            "synth.days=14"]
+
+
+def child(impressions: int, out: str, rounds: int) -> None:
+    """One job in this process; prints one JSON line."""
+    from engagesim.config import load_config
+    from engagesim.pipeline import behaviour
+
+    cfg = load_config(None, [*world(impressions), f"output_root={out}", "embed.text=false", "embed.image=false",
+                             "embed.sketch=false", "train.models=['xgb']", f"train.xgb.rounds={rounds}",
+                             f"train.xgb.checkpoint_every={rounds}"])
+    with PeakMemory() as peak:
+        started = time.perf_counter()
+        job = behaviour.run(cfg, f"rows{impressions}", log=lambda m: print(m, file=sys.stderr, flush=True))
+        seconds = time.perf_counter() - started
+    manifest = job.manifest
+    metrics = manifest["metrics"]
+    imp = metrics.get("impression_level", {})
+    print(json.dumps({
+        "seconds": round(seconds, 1), "stages": {k: round(v.get("seconds", 0), 1) for k, v in manifest["stages"].items()},
+        "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "all_peak_mb": peak.peak_mb, "largest_worker_mb": peak.worker_mb,
+        "train_input": imp.get("train_input"), "validation": imp.get("validation"),
+        "like_rce_served": metrics.get("evaluation", {}).get("impression_level", {}).get("models", {})
+        .get("ensemble", {}).get("like", {}).get("rce")}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--impressions", type=int, nargs="+", default=[2_000_000, 10_000_000, 40_000_000])
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.out, args.rounds)
+        return
+    results = {}
+    for n in sorted(args.impressions):
+        with tempfile.TemporaryDirectory() as out:
+            done = subprocess.run([sys.executable, __file__, "--child", str(n), "--out", out, "--rounds",
+                                   str(args.rounds)], capture_output=True, text=True)
+        if done.returncode:
+            emit(bench="rows", impressions=n, failed=done.returncode, stderr_tail=done.stderr[-2000:])
+            continue
+        results[n] = json.loads(done.stdout.strip().splitlines()[-1])
+        emit(bench="rows", impressions=n, **results[n])
+    if len(results) >= 2:
+        small, large = sorted(results)[-2:]
+        emit(bench="rows_growth", sizes=[small, large], rows_ratio=large / small,
+             all_peak_ratio=round(results[large]["all_peak_mb"] / results[small]["all_peak_mb"], 3),
+             driver_peak_max_mb=max(r["driver_peak_mb"] for r in results.values()))
+
+
+if __name__ == "__main__":
+    main()
