@@ -76,7 +76,12 @@ def main() -> None:
         if done.returncode:
             emit(bench="rows", impressions=n, failed=done.returncode, stderr_tail=done.stderr[-2000:])
             continue
-        results[n] = json.loads(done.stdout.strip().splitlines()[-1])
+        # The child's own line: Ray may print after it (shutdown), so take the last line that is ours.
+        ours = [line[line.index('{"seconds"'):] for line in done.stdout.splitlines() if '{"seconds"' in line]
+        if not ours:
+            emit(bench="rows", impressions=n, failed="no result line", stdout_tail=done.stdout[-2000:])
+            continue
+        results[n] = json.loads(ours[-1])
         emit(bench="rows", impressions=n, **results[n])
     if len(results) >= 2:
         small, large = sorted(results)[-2:]
