@@ -17,18 +17,30 @@ def emit(**record) -> None:
     sys.stdout.flush()
 
 
-def process_rss() -> tuple[int, int, int]:
-    """(driver + every Ray worker process on the machine, the driver alone, the largest worker), in bytes."""
-    driver = psutil.Process(os.getpid()).memory_info().rss
-    total, largest = driver, 0
+def _pss(proc: psutil.Process) -> int:
+    """Proportional set size: shared pages (Ray's object store, mapped by every reader) divided among the
+    processes that map them, so the sum over processes counts each page once. RSS where PSS is unreadable."""
+    try:
+        return proc.memory_full_info().pss
+    except (psutil.AccessDenied, AttributeError):
+        return proc.memory_info().rss
+
+
+def process_rss() -> tuple[int, int, int, int]:
+    """(driver + every Ray worker process on the machine, the driver alone, the largest worker, and the same
+    total as PSS), in bytes. The RSS total counts an object-store page once per process that maps it."""
+    me = psutil.Process(os.getpid())
+    driver = me.memory_info().rss
+    total, largest, pss = driver, 0, _pss(me)
     for proc in psutil.process_iter(["name", "memory_info"]):
         try:
             if proc.info["name"] and proc.info["name"].startswith("ray::") and proc.info["memory_info"]:
                 total += proc.info["memory_info"].rss
                 largest = max(largest, proc.info["memory_info"].rss)
+                pss += _pss(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total, driver, largest
+    return total, driver, largest, pss
 
 
 def ray_and_driver_rss() -> int:
@@ -37,8 +49,8 @@ def ray_and_driver_rss() -> int:
 
 
 class PeakMemory:
-    """Samples ``process_rss`` every 0.2 s while the block runs; ``peak_mb`` (all processes), ``driver_mb``
-    and ``worker_mb`` (the largest single Ray worker) afterwards."""
+    """Samples ``process_rss`` every 0.2 s while the block runs; ``peak_mb`` (all processes' RSS), ``pss_mb``
+    (their PSS), ``driver_mb`` and ``worker_mb`` (the largest single Ray worker) afterwards."""
 
     def __enter__(self) -> PeakMemory:
         self.peaks = list(process_rss())
@@ -67,6 +79,11 @@ class PeakMemory:
     @property
     def driver_mb(self) -> float:
         return round(self.peaks[1] / 2**20, 1)
+
+    @property
+    def pss_mb(self) -> float:
+        """All processes' peak proportional set size (object-store pages counted once)."""
+        return round(self.peaks[3] / 2**20, 1)
 
     @property
     def worker_mb(self) -> float:

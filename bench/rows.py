@@ -52,7 +52,7 @@ def child(impressions: int, out: str, rounds: int) -> None:
     print(json.dumps({
         "seconds": round(seconds, 1), "stages": {k: round(v.get("seconds", 0), 1) for k, v in manifest["stages"].items()},
         "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "all_peak_mb": peak.peak_mb, "largest_worker_mb": peak.worker_mb,
+        "all_peak_mb": peak.peak_mb, "all_peak_pss_mb": peak.pss_mb, "largest_worker_mb": peak.worker_mb,
         "train_input": imp.get("train_input"), "validation": imp.get("validation"),
         "like_rce_served": metrics.get("evaluation", {}).get("impression_level", {}).get("models", {})
         .get("ensemble", {}).get("like", {}).get("rce")}))
@@ -87,6 +87,7 @@ def main() -> None:
         small, large = sorted(results)[-2:]
         emit(bench="rows_growth", sizes=[small, large], rows_ratio=large / small,
              all_peak_ratio=round(results[large]["all_peak_mb"] / results[small]["all_peak_mb"], 3),
+             all_peak_pss_ratio=round(results[large]["all_peak_pss_mb"] / results[small]["all_peak_pss_mb"], 3),
              driver_peak_max_mb=max(r["driver_peak_mb"] for r in results.values()))
 
 

@@ -25,6 +25,17 @@ def read(uri: str, storage: StorageConfig | None = None, blocks: int | None = No
     return ray.data.read_parquet(files, filesystem=fs, **kwargs)
 
 
+def frame(batch: pa.Table):
+    """A block as a polars frame. A sliced fixed-size list with nulls (what a shuffle's groups are) trips
+    polars ("validity mask length must be equal..."), so such blocks are copied unsliced first."""
+    import numpy as np
+    import polars as pl
+
+    if any(pa.types.is_fixed_size_list(f.type) for f in batch.schema) and batch.num_rows:
+        batch = batch.take(pa.array(np.arange(batch.num_rows)))
+    return pl.from_arrow(batch)
+
+
 def collect(ds) -> pa.Table:
     """Materialise a (small, narrow) dataset in the driver as one Arrow table."""
     import ray

@@ -97,6 +97,34 @@ def test_partitioned_executor_equals_the_in_process_one(features, world, config)
     assert len(parts) == 3
 
 
+def test_post_plane_equals_the_in_process_executor(features, world, config):
+    """The Ray post plane (split keys from a histogram, target-encoding sums combined by a shuffle, PCA from
+    moments, featurised author by author after a hash join with the impression counts) and the in-process
+    executor on one polars frame make the same post table and the same state."""
+    import polars as pl
+
+    from engagesim.datasets import collect
+    from engagesim.features.state import PostState
+    from engagesim.pipeline.features import _post_rows, build_post_features, impression_counts, impression_span
+
+    out, summary = features
+    cutoff = impression_span(config, io.join(world, "interactions"))[2]
+    rows = collect(_post_rows(config, io.join(world, "posts")))  # cached embeddings: nothing is embedded again
+    local, info, local_state = build_post_features(
+        config, rows, pl.from_arrow(io.read_table(io.join(world, "users"))),
+        (impression_counts(config, io.join(world, "interactions"), cutoff), cutoff))
+    ray_table = pl.from_arrow(io.read_table(io.join(out, "posts")))
+    assert ray_table.height == local.height == 1200
+    assert frame_mismatches(ray_table.drop(["text_emb", "text_sketch", "image_emb"]),
+                            local.drop(["text_emb", "text_sketch", "image_emb"]), ["post_id"]) == []
+    for key in ("rows", "train_rows", "valid_rows", "te_smoothing"):
+        assert summary["posts"][key] == info[key], key
+    saved = PostState.load(io.join(out, "state", "posts"))
+    assert saved.known_posts.height == 1200 and saved.reach.exposed.height == local_state.reach.exposed.height
+    assert saved.top_langs == local_state.top_langs
+    assert np.array_equal(saved.centres, local_state.centres)
+
+
 def test_second_run_embeds_nothing(features, world, config, tmp_path):
     summary = run_features(config, io.join(world, "posts"), str(tmp_path / "again"))
     assert summary["posts"]["texts_embedded_now"] == 0

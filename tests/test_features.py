@@ -212,3 +212,17 @@ def test_author_reach_leaves_the_post_out_and_waits_for_exposure():
     assert got[5]["author_reach_posts"] == 2  # a new post of a known author: all its exposed posts
     lonely = AuthorReach.fit(posts.head(1), counts, origin + 100 * hour, 24).features(posts.head(1)).to_dicts()[0]
     assert lonely["author_reach_posts"] == 0 and lonely["author_reach_log_impressions"] is None
+
+
+def test_graph_task_on_a_log_without_training_engagements(tmp_path):
+    """No edge parts (nothing engaged or followed before the cutoff): the task fits, saves and loads an empty
+    graph whose features are all defined, instead of failing the stage."""
+    from engagesim.features.graph import GraphModel
+    from engagesim.pipeline.partitioned import _graph_task
+
+    graph, seconds = _graph_task(str(tmp_path / "edges"), str(tmp_path / "graph"), None, 20, 0)
+    assert seconds >= 0
+    loaded = GraphModel.load(str(tmp_path / "graph"))
+    feats = loaded.features(pl.Series(["u1", "u2"]), pl.Series(["c1", "c1"]))
+    assert feats.height == 2
+    assert feats.equals(graph.features(pl.Series(["u1", "u2"]), pl.Series(["c1", "c1"])))

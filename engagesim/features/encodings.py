@@ -74,16 +74,20 @@ def empirical_bayes_smoothing(keys: pl.Series, target: np.ndarray, max_smoothing
     key means less the part their sampling noise explains. The posterior mean of a key with n rows
     is then exactly (sum + prior·m) / (n + m). Keys seen once carry no within-key information.
     """
-    df = pl.DataFrame({"k": keys, "y": np.asarray(target, dtype=np.float64)})
-    per = df.group_by("k").agg(pl.len().alias("n"), pl.col("y").mean().alias("mean"),
-                               pl.col("y").var(ddof=1).alias("var"))
-    multi = per.filter(pl.col("n") >= 2)
-    if multi.height < 2:
+    y = np.asarray(target, dtype=np.float64)
+    per = pl.DataFrame({"k": keys, "y": y, "yy": y * y}).group_by("k").agg(
+        pl.len().cast(pl.Float64).alias("n"), pl.col("y").sum().alias("s"), pl.col("yy").sum().alias("ss"))
+    return empirical_bayes_from_sums(per["n"].to_numpy(), per["s"].to_numpy(), per["ss"].to_numpy(), max_smoothing)
+
+
+def empirical_bayes_from_sums(n: np.ndarray, s: np.ndarray, ss: np.ndarray, max_smoothing: float = 1000.0) -> float:
+    """``empirical_bayes_smoothing`` from per-key count, Σy and Σy² — what partial fits combine to."""
+    multi = n >= 2
+    if multi.sum() < 2:
         return max_smoothing
-    n = multi["n"].to_numpy().astype(np.float64)
-    within = float(np.sum((n - 1) * multi["var"].to_numpy()) / np.sum(n - 1))
-    means = multi["mean"].to_numpy()
-    between = float(np.var(means, ddof=1) - np.mean(within / n))
+    n, s, ss = n[multi], s[multi], ss[multi]
+    within = float(np.sum(np.maximum(ss - s * s / n, 0.0)) / np.sum(n - 1))
+    between = float(np.var(s / n, ddof=1) - np.mean(within / n))
     if between <= 0:
         return max_smoothing
     return float(min(within / between, max_smoothing))

@@ -151,7 +151,7 @@ class GraphModel:
             labels = self.communities.get(e)
             same = np.zeros(n, dtype=np.float32)
             inv_size = np.zeros(n, dtype=np.float32)
-            if labels is not None:
+            if labels is not None and len(labels):  # an empty graph (no training edges) knows no one
                 cu = np.where(u >= 0, labels[np.maximum(u, 0)], -1)
                 cc = np.where(c >= 0, labels[n_users + np.maximum(c, 0)], -1)
                 same = ((cu >= 0) & (cu == cc)).astype(np.float32)

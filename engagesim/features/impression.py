@@ -23,6 +23,13 @@ def impression_post_columns(post_table: pl.DataFrame) -> pl.DataFrame:
     return post_table.select(cols).rename({c: f"post_{c}" for c in cols if c != "post_id"})
 
 
+def topics_of(post_table: pl.DataFrame) -> pl.DataFrame | None:
+    """post_id → topic (the text cluster), or None when posts carry no text embedding."""
+    if "text_cluster" not in post_table.columns:
+        return None
+    return post_table.select("post_id", pl.col("text_cluster").alias("topic"))
+
+
 def with_topic(df: pl.DataFrame, topics: pl.DataFrame | None) -> pl.DataFrame:
     """Attach each impression's post topic (text cluster) so the user × topic history can be built."""
     if topics is None:
@@ -113,8 +120,7 @@ def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users:
     from engagesim.features.graph import fit_graph
     from engagesim.features.state import user_attributes
 
-    topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
-              if "text_cluster" in post_table.columns else None)
+    topics = topics_of(post_table)
     t = pl.from_arrow(interactions.select(["impression_at"]))["impression_at"].dt.epoch("us")
     origin_us, cutoff_us = int(t.min()), int(t.max()) - int(valid_hours * 3600 * 1e6)
     df = with_topic(history.with_labels_and_windows(pl.from_arrow(interactions), origin_us, window_hours), topics)

@@ -23,17 +23,15 @@ import pyarrow as pa
 from safetensors.numpy import load as load_arrays
 
 from engagesim import io
-from engagesim.features import encodings
+from engagesim.features import encodings, post_fit
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
 from engagesim.features.post import MEDIA_COLUMNS
+from engagesim.features.post_fit import LIST_SUMMARY, TE_LIST, TE_SCALAR  # noqa: F401 (re-exported)
 from engagesim.features.reach import AuthorReach
 from engagesim.features.temporal import temporal_features
 from engagesim.features.text import TEXT_STAT_COLUMNS
 from engagesim.io import read_parquet, safe_bytes, write_parquet
 
-TE_SCALAR = ["author_id", "company", "language"]
-TE_LIST = ["hashtags", "domains"]
-LIST_SUMMARY = ["top1", "top2", "top3", "sum", "mean", "count"]
 EMBEDDING_BLOCKS = (("text_emb", "text"), ("text_sketch", "sketch"), ("image_emb", "image"))
 AUTHOR_ATTRIBUTES = ("follower_count", "following_count", "follower_ratio", "verified")
 
@@ -74,12 +72,23 @@ class Projection:
 
     @classmethod
     def fit(cls, x: np.ndarray, k: int) -> Projection:
-        from sklearn.decomposition import PCA
+        return cls.from_moments(post_fit.moments_partial(x), k)
 
-        k = max(1, min(k, x.shape[1], x.shape[0] - 1))
-        pca = PCA(n_components=k, random_state=0).fit(x)
-        return cls(pca.mean_.astype(np.float32), pca.components_.astype(np.float32),
-                   float(pca.explained_variance_ratio_.sum()))
+    @classmethod
+    def from_moments(cls, m: dict[str, np.ndarray], k: int) -> Projection:
+        """The top-k eigenvectors of the covariance from n, Σx and Σxxᵀ (summed over blocks). Each
+        component's sign makes its largest-magnitude loading positive, so every executor agrees."""
+        n = float(m["n"][0])
+        mean = m["sum"] / n
+        cov = (m["outer"] - n * np.outer(mean, mean)) / max(n - 1, 1)
+        values, vectors = np.linalg.eigh(cov)
+        order = np.argsort(values)[::-1]
+        k = max(1, min(k, cov.shape[0], int(n) - 1))
+        comps = vectors[:, order[:k]].T
+        comps *= np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])[:, None]
+        total = float(np.clip(values, 0, None).sum())
+        return cls(mean.astype(np.float32), np.ascontiguousarray(comps, dtype=np.float32),
+                   float(np.clip(values[order[:k]], 0, None).sum() / total) if total > 0 else 0.0)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean) @ self.components.T).astype(np.float32)
@@ -103,40 +112,52 @@ class PostState:
     authors: pl.DataFrame | None = None  # author attributes (user_attributes, keyed by author_id)
     known_posts: pl.DataFrame | None = None  # post_id, author_id, created_at: for "time since previous post"
     reach: AuthorReach | None = None  # impressions of authors' posts, when the run has an interaction log
+    tables: post_fit.TargetTables | None = None  # the fit's (key, fold) sums: out-of-fold values, not saved
+    saved_parts: list[str] = field(default_factory=list)  # per-post tables already written as parts (Ray executor)
 
     # -- fit ------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, df: pl.DataFrame, y: np.ndarray, train: np.ndarray, users: pl.DataFrame | None,
             smoothing: encodings.Smoothing, pca_components: int, text_clusters: int, has_likes: bool,
-            reach: AuthorReach | None = None) -> PostState:
-        state = cls(reach=reach)
-        tr = np.flatnonzero(train)
+            reach: AuthorReach | None = None, fold: np.ndarray | None = None) -> PostState:
+        """The in-process executor: every partial fit on the whole frame as one block."""
+        fold = np.zeros(df.height, np.int64) if fold is None else fold
+        te = post_fit.te_partial(df, y, train, fold)
+        moments = {prefix: post_fit.moments_partial(block_matrix(df, column)[train & df[column].is_not_null().to_numpy()])
+                   for column, prefix in EMBEDDING_BLOCKS if column in df.columns}
+        sample = None
+        if "text_emb" in df.columns:
+            fraction = post_fit.KMEANS_SAMPLE / max(int(train.sum()), 1)
+            sample = df.filter(pl.Series(train & post_fit.in_kmeans_sample(df, fraction))).select("post_id", "text_emb")
+        prior = float(y[train].mean()) if has_likes and train.any() else 0.0
+        return cls.from_parts(te, has_likes, smoothing, prior, moments, sample, pca_components, text_clusters, users,
+                              df.select("post_id", "author_id", "created_at"), reach)
+
+    @classmethod
+    def from_parts(cls, te: pl.DataFrame, has_likes: bool, smoothing: encodings.Smoothing, prior: float,
+                   moments: dict[str, dict], kmeans_sample: pl.DataFrame | None,
+                   pca_components: int, text_clusters: int, users: pl.DataFrame | None,
+                   known_posts: pl.DataFrame | None, reach: AuthorReach | None) -> PostState:
+        """Finalize the combined partial fits (both executors end here). ``te``: the combined
+        ``post_fit.te_partial`` (its language counts give the one-hot languages even without likes)."""
+        state = cls(reach=reach, prior=prior, known_posts=known_posts)
         if has_likes:
-            state.prior = float(y[tr].mean()) if len(tr) else 0.0
-            for key in TE_SCALAR:
-                keys = _scalar_keys(df, key)
-                state.te_scalar[key] = encodings.fit_target_stats(keys[tr], y[tr], smoothing)
-            for key in TE_LIST:
-                rows, elems = _exploded(df, key)
-                in_train = train[rows]
-                state.te_list[key] = encodings.fit_target_stats(elems.filter(pl.Series(in_train)),
-                                                                y[rows[in_train]], smoothing)
-        state.top_langs = (df.filter(pl.Series(train))["language"].drop_nulls().value_counts(sort=True)
-                           .head(8)["language"].to_list())
-        for column, prefix in EMBEDDING_BLOCKS:
-            if column in df.columns:
-                fit_rows = train & df[column].is_not_null().to_numpy()
-                if fit_rows.sum() >= 2:
-                    state.projections[prefix] = Projection.fit(block_matrix(df, column)[fit_rows], pca_components)
-        if "text_emb" in df.columns and train.sum() >= text_clusters:
+            state.tables = post_fit.TargetTables.fit(te, smoothing)
+            state.te_scalar = {k: state.tables.stats[k] for k in TE_SCALAR}
+            state.te_list = {k: state.tables.stats[k] for k in TE_LIST}
+        state.top_langs = post_fit.top_languages(te)
+        for prefix, m in moments.items():
+            if m["n"][0] >= 2:
+                state.projections[prefix] = Projection.from_moments(m, pca_components)
+        if kmeans_sample is not None and kmeans_sample.height >= text_clusters:
             from sklearn.cluster import MiniBatchKMeans
 
-            x = block_matrix(df, "text_emb")[train]
-            state.centres = MiniBatchKMeans(n_clusters=text_clusters, random_state=0, n_init=3).fit(x).cluster_centers_
-            state.centres = state.centres.astype(np.float32)
+            # In post_id order: mini-batches follow row order, which a distributed gather does not keep.
+            x = block_matrix(kmeans_sample.sort("post_id"), "text_emb")
+            km = MiniBatchKMeans(n_clusters=text_clusters, random_state=0, n_init=3).fit(x)
+            state.centres = km.cluster_centers_.astype(np.float32)
         if users is not None:
             state.authors = user_attributes(users).rename({"user_id": "author_id"})
-        state.known_posts = df.select("post_id", "author_id", "created_at")
         return state
 
     # -- apply ----------------------------------------------------------------------------------
@@ -191,9 +212,9 @@ class PostState:
     def _target_encodings(self, df: pl.DataFrame) -> pl.DataFrame:
         cols: dict[str, np.ndarray] = {}
         for key, stats in self.te_scalar.items():
-            cols[f"te_{key}"] = stats.apply(_scalar_keys(df, key)).astype(np.float32)
+            cols[f"te_{key}"] = stats.apply(post_fit.key_rows(df, key)[1]).astype(np.float32)
         for key, stats in self.te_list.items():
-            rows, elems = _exploded(df, key)
+            rows, elems = post_fit.key_rows(df, key)
             summary = encodings.list_te_summary(rows, stats.apply(elems), df.height, self.prior)
             for k, name in enumerate(LIST_SUMMARY):
                 cols[f"te_{key}_{name}"] = summary[:, k]
@@ -209,7 +230,7 @@ class PostState:
                 "projections": {k: p.explained_variance for k, p in self.projections.items()},
                 "projection_order": list(self.projections),
                 "has_centres": self.centres is not None, "has_authors": self.authors is not None,
-                "has_reach": self.reach is not None}
+                "has_reach": self.reach is not None or "reach_exposed" in self.saved_parts}
         for name, stats in {**{f"scalar:{k}": v for k, v in self.te_scalar.items()},
                             **{f"list:{k}": v for k, v in self.te_list.items()}}.items():
             write_parquet(io.join(uri, f"te_{name.replace(':', '_')}.parquet"), stats.table, storage)
@@ -220,8 +241,9 @@ class PostState:
         io.write_bytes(io.join(uri, "arrays.safetensors"), safe_bytes(arrays) if arrays else b"", storage)
         if self.authors is not None:
             write_parquet(io.join(uri, "authors.parquet"), self.authors, storage)
-        write_parquet(io.join(uri, "known_posts.parquet"), self.known_posts, storage)
-        if self.reach is not None:
+        if "known_posts" not in self.saved_parts:
+            write_parquet(io.join(uri, "known_posts.parquet"), self.known_posts, storage)
+        if self.reach is not None and "reach_exposed" not in self.saved_parts:
             write_parquet(io.join(uri, "reach_exposed.parquet"), self.reach.exposed, storage)
         io.write_json(io.join(uri, "state.json"), meta, storage)
 
@@ -242,19 +264,21 @@ class PostState:
         state.centres = arrays.get("centres") if meta["has_centres"] else None
         if meta["has_authors"]:
             state.authors = read_parquet(io.join(uri, "authors.parquet"), storage)
-        state.known_posts = read_parquet(io.join(uri, "known_posts.parquet"), storage)
+        state.known_posts = _table_or_parts(uri, "known_posts", storage)
         if meta.get("has_reach"):
-            state.reach = AuthorReach(read_parquet(io.join(uri, "reach_exposed.parquet"), storage))
+            state.reach = AuthorReach(_table_or_parts(uri, "reach_exposed", storage))
         return state
 
 
-def _scalar_keys(df: pl.DataFrame, key: str) -> pl.Series:
-    return df[key].fill_null("<none>").cast(pl.String)
+def _table_or_parts(uri: str, name: str, storage=None) -> pl.DataFrame:
+    """``<name>.parquet`` (in-process executor) or the committed dataset ``<name>/`` (Ray executor), read whole."""
+    single = io.join(uri, f"{name}.parquet")
+    if io.exists(single, storage):
+        return read_parquet(single, storage)
+    fs, _ = io.filesystem(uri, storage)
+    import pyarrow.parquet as pq
 
-
-def _exploded(df: pl.DataFrame, key: str) -> tuple[np.ndarray, pl.Series]:
-    exploded = df.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
-    return exploded["row"].to_numpy(), exploded[key]
+    return pl.from_arrow(pq.read_table(io.dataset_files(io.join(uri, name), storage), filesystem=fs))
 
 
 @dataclass

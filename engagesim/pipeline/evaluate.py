@@ -28,7 +28,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 from engagesim import datasets, io  # noqa: E402
-from engagesim.metrics import average_precision, grouped, popularity_groups, quantile_edges, rce, rmse  # noqa: E402
+from engagesim.metrics import AP_FROM_BINS, average_precision, grouped, popularity_groups, quantile_edges, rce, rmse  # noqa: E402
 from engagesim.models.data import label_matrix  # noqa: E402
 from engagesim.pipeline import validation  # noqa: E402
 from engagesim.pipeline.train import stream_threshold  # noqa: E402
@@ -176,8 +176,8 @@ def _evaluate_impressions_streamed(run: LoadedRun, out: Path, uri: str, predicti
                                   names)
     truth = run.manifest["stages"].get("data", {}).get("outputs", {}).get("truth/interactions")
     sums = validation.score_sums(run.config, predictions, names, bins, truth, lambda _: None)
-    result: dict[str, Any] = {"rows": rows, "metrics_from": "partial sums on Ray Data; AP from score histograms "
-                              "(within 3e-5 of the exact sort from 60k rows)", "models": {n: validation.metrics_of(sums[n], "all") for n in names}}
+    result: dict[str, Any] = {"rows": rows, "metrics_from": f"partial sums on Ray Data; {AP_FROM_BINS}",
+                              "models": {n: validation.metrics_of(sums[n], "all") for n in names}}
     if validation.ORACLE in sums:
         result["oracle"] = validation.metrics_of(sums[validation.ORACLE], "all")
     _plot_impressions(out, {e: sums["ensemble"].curves(k) for k, e in enumerate(ENGAGEMENTS)}, result)

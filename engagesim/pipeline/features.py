@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,15 +27,16 @@ import pyarrow.parquet as pq
 from engagesim import datasets, io
 from engagesim.config import AppConfig
 from engagesim.embed.actors import encoder_specs
-from engagesim.features import encodings, history
+from engagesim.features import history
 from engagesim.features.graph import GRAPH_COLUMNS
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.impression import impression_post_columns, join_impressions
+from engagesim.features.impression import impression_post_columns, join_impressions, topics_of
 from engagesim.features.post import post_row_features
-from engagesim.features.reach import REACH_COLUMNS, AuthorReach, impressions_per_post
-from engagesim.features.state import LIST_SUMMARY, TE_LIST, TE_SCALAR, ImpressionState, PostState, user_attributes
+from engagesim.features.reach import REACH_COLUMNS, impressions_per_post
+from engagesim.features.state import ImpressionState, PostState, user_attributes
 from engagesim.features.temporal import TEMPORAL_COLUMNS
-from engagesim.pipeline import partitioned
+from engagesim.pipeline import partitioned, post_plane
+from engagesim.pipeline.post_plane import build_post_features  # noqa: F401 (the in-process executor)
 from engagesim.runtime import ensure_ray
 from engagesim.schema import ENGAGEMENTS
 
@@ -59,88 +59,12 @@ def _actor_args(cfg: AppConfig) -> dict[str, Any]:
 
 # --- post level -------------------------------------------------------------------------------
 
-def _stream_post_rows(cfg: AppConfig, posts_uri: str) -> pa.Table:
-    """Text statistics, embeddings, sketches and image statistics, streamed through Ray Data."""
+def _post_rows(cfg: AppConfig, posts_uri: str):
+    """Text statistics, embeddings, sketches and image statistics: a Ray Dataset of post rows."""
     ds = _read_ds(posts_uri, cfg).map_batches(post_row_features, batch_format="pyarrow", batch_size=4096)
     for encoder, kwargs in encoder_specs(cfg.embed, cfg.storage):
         ds = ds.map_batches(encoder, fn_constructor_kwargs=kwargs, **_actor_args(cfg))
-    return datasets.collect(ds)
-
-
-def _train_target_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, cfg: AppConfig,
-                            state: PostState) -> pl.DataFrame:
-    """LAYER6 target encoding of the *training* rows: out-of-fold (time folds) or past-only by mode.
-
-    Validation and new rows get the training statistics instead (``PostState.transform``); both use
-    the smoothing the state resolved per key, so the two encodings mean the same thing.
-    """
-    f = cfg.features
-    times = df["created_at"].dt.epoch("us").to_numpy()
-    tr = np.flatnonzero(train)
-    sub = df[tr]
-    cols: dict[str, np.ndarray] = {}
-    for key in TE_SCALAR:
-        keys = sub[key].fill_null("<none>").cast(pl.String)
-        cols[f"te_{key}"] = encodings.target_encode_train(keys, y[tr], times[tr], f.te_mode, f.te_folds,
-                                                          state.te_scalar[key].smoothing).astype(np.float32)
-    prior = float(y[tr].mean())
-    for key in TE_LIST:
-        exploded = sub.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
-        rows = exploded["row"].to_numpy()
-        values = np.zeros(len(rows), dtype=np.float64)
-        if len(rows):
-            values = encodings.target_encode_train(exploded[key], y[tr][rows], times[tr][rows], f.te_mode,
-                                                   f.te_folds, state.te_list[key].smoothing)
-        summary = encodings.list_te_summary(rows, values, sub.height, prior)
-        for k, name in enumerate(LIST_SUMMARY):
-            cols[f"te_{key}_{name}"] = summary[:, k]
-    return pl.DataFrame(cols)
-
-
-def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | None,
-                        impressions: tuple[pl.DataFrame, int] | None = None) -> tuple[pl.DataFrame, dict, PostState]:
-    """Fit the post state on the training split, featurise every row with it, then give the training
-    rows their out-of-fold target encodings. Validation rows are thus featurised exactly as a new post
-    is at scoring time."""
-    df = pl.from_arrow(rows).sort("created_at", "post_id")
-    n = df.height
-    cut = int(np.floor(n * (1 - cfg.features.valid_fraction)))
-    split = np.where(np.arange(n) < cut, "train", "valid")
-    train = split == "train"
-    has_likes = df["likes"].null_count() < n
-    y = np.log1p(df["likes"].fill_null(0).to_numpy().astype(np.float64))
-    reach = None
-    if impressions is not None:
-        counts, cutoff_us = impressions
-        reach = AuthorReach.fit(df.select("post_id", "author_id", "created_at"), counts, cutoff_us,
-                                cfg.features.reach_exposure_hours)
-    state = PostState.fit(df, y, train, users, cfg.features.te_smoothing, cfg.embed.pca_components,
-                          cfg.features.text_clusters, has_likes, reach)
-    table = state.transform(df)
-    if has_likes and train.any():
-        oof = _train_target_encodings(df, y, train, cfg, state)
-        replaced = []
-        for c in oof.columns:
-            values = table[c].to_numpy().astype(np.float32)  # a copy: the apply version for every row
-            values[train] = oof[c].to_numpy()
-            replaced.append(pl.Series(c, values))
-        table = table.with_columns(replaced)
-    table = table.with_columns(
-        pl.Series("split", split),
-        pl.Series("label_log1p_likes", np.where(df["likes"].is_null().to_numpy(), np.nan, y)),
-    )
-    info: dict[str, Any] = {"rows": n, "train_rows": int(train.sum()), "valid_rows": int((~train).sum())}
-    if state.te_scalar:
-        info["te_smoothing"] = {key: round(stats.smoothing, 3) for key, stats in {**state.te_scalar,
-                                                                                   **state.te_list}.items()}
-    info.update({f"{k}_pca": {"components": int(p.components.shape[0]), "explained_variance": p.explained_variance}
-                 for k, p in state.projections.items()})
-    if "image_error" in df.columns:
-        info["image_errors"] = int(df["image_error"].is_not_null().sum())
-        info["images_embedded_now"] = int(df["image_emb_computed"].sum())
-    if "text_emb_computed" in df.columns:
-        info["texts_embedded_now"] = int(df["text_emb_computed"].sum())
-    return table, info, state
+    return ds
 
 
 # --- impression level --------------------------------------------------------------------------
@@ -202,15 +126,14 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     scratch = out_uri.rstrip("/") + "_history_train"
     layout = partitioned.Layout(io.join(state_uri, "history"), scratch, parts, cfg.storage)
 
-    topics = (post_table.select("post_id", pl.col("text_cluster").alias("topic"))
-              if "text_cluster" in post_table.columns else None)
+    topics = topics_of(post_table)
     topics_refs = {"topics": ray.put(topics)} if topics is not None else {}
     train_rows, n_edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours,
                                                   f.history_mode, topics_refs.get("topics"))
     clock.lap("history_fit")
     rounds, broadcast = partitioned.split_by_size(train_rows, f.broadcast_max_rows)
     # The graph is fit from the pair aggregates' edges (training rows only), in a task, while the joins run.
-    graph_ref, graph_info = partitioned.fit_graph_task(layout, io.join(state_uri, "graph"), f.jaccard_k, f.seed)
+    graph_ref, graph_seconds = partitioned.fit_graph_task(layout, io.join(state_uri, "graph"), f.jaccard_k, f.seed)
     users = user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
         schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
                 "follower_ratio": pl.Float32, "verified": pl.Float32,
@@ -230,13 +153,13 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
     clock.lap("join_and_write")
-    graph_seconds = ray.get(graph_info)["seconds"]
     io.remove_tree(scratch, cfg.storage)
-    split_rows = pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=["split"]))["split"].value_counts()
-    return ({"rows": dict(split_rows.iter_rows()), "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us,
+    # Counted on Ray Data from the written parts (the driver gets one row per split, not the column).
+    split_rows = datasets.read(out_uri, cfg.storage).select_columns(["split"]).groupby("split").count().take_all()
+    return ({"rows": {r["split"]: int(r["count()"]) for r in split_rows}, "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us,
              "history": {"partitions": parts, "partitioned": {k: v for k, v in rounds.items()},
                          "broadcast": broadcast, "train_rows": train_rows, "graph_edges": n_edges},
-             "seconds": {**clock.laps, "graph_fit_task": graph_seconds}},
+             "seconds": {**clock.laps, "graph_fit_task": ray.get(graph_seconds)}},
             state)
 
 
@@ -276,27 +199,41 @@ def manifest(tables: dict[str, pa.Schema]) -> list[dict]:
     return out
 
 
+def _posts_in_process(cfg: AppConfig, posts_uri: str, out_uri: str, users: pl.DataFrame | None,
+                      counts: tuple[pl.DataFrame, int] | None) -> tuple[dict, PostState]:
+    """``features.te_mode=past``: the in-process executor (every earlier post of a key, in time order)."""
+    table, info, state = build_post_features(cfg, datasets.collect(_post_rows(cfg, posts_uri)), users, counts)
+    state.save(io.join(out_uri, "state", "posts"), cfg.storage)
+    writer = io.DatasetWriter(io.join(out_uri, "posts"), "post_features", cfg.storage)
+    for lo in range(0, table.height, 200_000):
+        writer.write(table.slice(lo, 200_000).to_arrow())
+    writer.commit(info)
+    return info, state
+
+
 def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | None = None,
                  interactions_uri: str | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
     ensure_ray(cfg.ray)
     started = time.perf_counter()
-    rows = _stream_post_rows(cfg, posts_uri)
-    log(f"post rows streamed: {rows.num_rows:,}")
     users = pl.from_arrow(io.read_table(users_uri, cfg.storage)) if users_uri else None
-    span = counts = None
+    span = None
     if interactions_uri:  # the log's span once: it sets the cutoff for author reach and for the history
         span = impression_span(cfg, interactions_uri)
-        counts = (impression_counts(cfg, interactions_uri, span[2]), span[2])
-    post_table, post_info, post_state = build_post_features(cfg, rows, users, counts)
-    post_state.save(io.join(out_uri, "state", "posts"), cfg.storage)
-    writer = io.DatasetWriter(io.join(out_uri, "posts"), "post_features", cfg.storage)
-    for lo in range(0, post_table.height, 200_000):
-        writer.write(post_table.slice(lo, 200_000).to_arrow())
-    writer.commit(post_info)
-    schemas = {"posts": post_table.to_arrow().schema}
+    posts_out = io.join(out_uri, "posts")
+    if cfg.features.te_mode == "past":
+        log("post features in process: features.te_mode=past needs each key's earlier posts in time order")
+        counts = (impression_counts(cfg, interactions_uri, span[2]), span[2]) if span else None
+        post_info, _ = _posts_in_process(cfg, posts_uri, out_uri, users, counts)
+    else:
+        post_info, _ = post_plane.run_post_plane(
+            cfg, _post_rows(cfg, posts_uri), out_uri.rstrip("/") + "_post_rows", posts_out,
+            io.join(out_uri, "state", "posts"), users, _read_ds(interactions_uri, cfg) if interactions_uri else None,
+            span[2] if span else None, log)
+    schemas = {"posts": io.dataset_schema(posts_out, cfg.storage)}
     summary: dict[str, Any] = {"posts": post_info, "out": out_uri}
-    log(f"post features: {post_table.height:,} rows × {post_table.width} columns")
+    log(f"post features: {post_info['rows']:,} rows × {len(schemas['posts'].names)} columns")
     if interactions_uri:
+        post_table = post_plane.impression_side(cfg, posts_out)
         imp, imp_state = build_impression_features(cfg, interactions_uri, users_uri, post_table,
                                                    io.join(out_uri, "impressions"),
                                                    io.join(out_uri, "state", "impressions"), span)

@@ -18,7 +18,9 @@ features_in_process``; both run the same pure functions, and a test holds their 
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import dataclass
 
 import polars as pl
@@ -141,29 +143,34 @@ def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours
 
 
 def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int):
-    """Fit the graph from the edge parts in a Ray task and save it there: (graph ref, info ref).
+    """Fit the graph from the edge parts in a Ray task and save it there: (graph ref, seconds ref).
 
     Leiden is a global algorithm, so one process holds the whole edge list (engaged or followed pairs, far
     fewer than impressions: 637,794 at 2M); that process is a worker, not the driver, and it runs while the
     partitioned joins do. The join tasks fetch the graph from the object store; the driver never does.
     """
+    return _graph_remote().remote(layout.edges_uri(), save_uri, layout.storage, jaccard_k, seed)
+
+
+def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: int) -> tuple:
+    """The task's body: (graph, seconds). An empty edge list (no training engagements) fits an empty graph."""
+    from engagesim.features.graph import fit_graph_from_pairs
+
+    start = time.perf_counter()
+    edges = read_parts(edges_uri, storage) if io.list_files(edges_uri, storage) else pl.DataFrame(
+        schema={"user_id": pl.String, "creator_id": pl.String, **{f"c_{e}": pl.Float64 for e in ENGAGEMENTS},
+                "follows": pl.Int8})
+    graph = fit_graph_from_pairs(edges, jaccard_k, seed=seed)
+    graph.save(save_uri, storage)
+    return graph, round(time.perf_counter() - start, 2)
+
+
+@functools.cache
+def _graph_remote():
+    """The task, registered once per driver (Ray imported only when a stage runs it)."""
     import ray
 
-    @ray.remote(num_returns=2)
-    def fit(edges_uri: str) -> tuple:
-        import time
-
-        from engagesim.features.graph import fit_graph_from_pairs
-
-        start = time.perf_counter()
-        edges = read_parts(edges_uri, layout.storage) if io.list_files(edges_uri, layout.storage) else pl.DataFrame(
-            schema={"user_id": pl.String, "creator_id": pl.String, **{f"c_{e}": pl.Float64 for e in ENGAGEMENTS},
-                    "follows": pl.Int8})
-        graph = fit_graph_from_pairs(edges, jaccard_k, seed=seed)
-        graph.save(save_uri, layout.storage)
-        return graph, {"edges": edges.height, "seconds": round(time.perf_counter() - start, 2)}
-
-    return fit.remote(layout.edges_uri())
+    return ray.remote(num_returns=2)(_graph_task)
 
 
 def _fill_missing(layout: Layout, summary: pl.DataFrame) -> None:

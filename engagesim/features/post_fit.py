@@ -1,0 +1,220 @@
+"""The post state as partial fits: per block ``*_partial`` → combined by key → finalized.
+
+Both executors run these functions. The in-process one (``pipeline/features.build_post_features``, tests,
+the benchmark's baseline) calls each on the whole frame as a single block; the Ray one
+(``pipeline/post_plane.py``) maps them over Ray Data blocks and combines the parts with a hash shuffle.
+So the fitted state is the same whichever executor ran, up to float summation order (≤ 1e-9 here).
+
+- **Split and time folds**: the latest ``valid_fraction`` of posts by (created_at, post_id) validate; the
+  training posts form ``te_folds`` contiguous time folds. Both are cut by the keys at a few global ranks
+  (``PostSplit``), found exactly from a time histogram and the few rows of the buckets that hold them.
+- **Target encodings**: per (column, key, fold) sums of y, y² and counts (``te_partial``). The apply
+  version sums over folds, the out-of-fold one subtracts the row's own fold; the empirical-Bayes
+  pseudo-count comes from the per-key sums (``encodings.empirical_bayes_from_sums``). A list element
+  (hashtag, domain) takes its post's fold.
+- **PCA** from the moments n, Σx, Σxxᵀ (``moments_partial``, ``Projection.from_moments``).
+- **Text clusters**: k-means on a bounded sample of training posts, chosen by a hash of post_id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from engagesim.features import encodings
+
+TE_SCALAR = ["author_id", "company", "language"]
+TE_LIST = ["hashtags", "domains"]
+LIST_SUMMARY = ["top1", "top2", "top3", "sum", "mean", "count"]
+KMEANS_SAMPLE = 50_000  # posts k-means sees at most (24 clusters × 384 dims fit in seconds; quality flat above)
+HIST_BINS = 1 << 16
+
+
+def order_keys(df: pl.DataFrame) -> pl.DataFrame:
+    """(t µs, post_id): the total order of posts the split and folds follow."""
+    return df.select(pl.col("created_at").dt.epoch("us").alias("t"), pl.col("post_id").cast(pl.String))
+
+
+def _at_or_after(keys: pl.DataFrame, key: tuple[int, str] | None) -> np.ndarray:
+    if key is None:
+        return np.zeros(keys.height, dtype=bool)
+    t, pid = key
+    return ((keys["t"] > t) | ((keys["t"] == t) & (keys["post_id"] >= pid))).to_numpy()
+
+
+@dataclass
+class PostSplit:
+    """Where validation starts and each training fold begins, as (t µs, post_id) keys (None: never)."""
+
+    rows: int
+    train_rows: int
+    cut: tuple[int, str] | None
+    folds: list[tuple[int, str] | None]
+
+    @staticmethod
+    def ranks(rows: int, valid_fraction: float, folds: int) -> tuple[int, list[int]]:
+        """(rank of the first validation post, rank of the first post of folds 1..k-1)."""
+        cut = int(np.floor(rows * (1 - valid_fraction)))
+        return cut, [math.ceil(j * cut / folds) for j in range(1, folds)]
+
+    @classmethod
+    def from_keys(cls, rows: int, cut: int, keys: dict[int, tuple[int, str]], fold_ranks: list[int]) -> PostSplit:
+        return cls(rows, cut, keys.get(cut), [keys.get(r) for r in fold_ranks])
+
+    @classmethod
+    def of_frame(cls, df: pl.DataFrame, valid_fraction: float, folds: int) -> PostSplit:
+        """The in-process executor: one sort."""
+        keys = order_keys(df).sort("t", "post_id")
+        cut, fold_ranks = cls.ranks(keys.height, valid_fraction, folds)
+        at = {r: (int(keys["t"][r]), keys["post_id"][r]) for r in {cut, *fold_ranks} if r < keys.height}
+        return cls.from_keys(keys.height, cut, at, fold_ranks)
+
+    def is_train(self, df: pl.DataFrame) -> np.ndarray:
+        return ~_at_or_after(order_keys(df), self.cut)
+
+    def fold(self, df: pl.DataFrame) -> np.ndarray:
+        """Time fold 0..k-1 of training posts (a validation post gets the last)."""
+        keys = order_keys(df)
+        return sum((_at_or_after(keys, k).astype(np.int64) for k in self.folds), np.zeros(df.height, np.int64))
+
+
+# --- exact rank keys from a histogram (the Ray executor; the in-process one sorts) -------------
+
+def time_histogram(df: pl.DataFrame, lo: int, width: int, bins: int = HIST_BINS) -> np.ndarray:
+    b = np.minimum((order_keys(df)["t"].to_numpy() - lo) // width, bins - 1)
+    return np.bincount(b, minlength=bins)
+
+
+def locate(hist: np.ndarray, ranks: list[int]) -> dict[int, tuple[int, int]]:
+    """rank → (bucket, rank within the bucket), for ranks inside the table."""
+    ends = np.cumsum(hist)
+    out = {}
+    for r in ranks:
+        if r < ends[-1]:
+            b = int(np.searchsorted(ends, r, side="right"))
+            out[r] = (b, r - int(ends[b - 1] if b else 0))
+    return out
+
+
+def bucket_rows(df: pl.DataFrame, lo: int, width: int, buckets: list[int], bins: int = HIST_BINS) -> pl.DataFrame:
+    keys = order_keys(df)
+    b = np.minimum((keys["t"].to_numpy() - lo) // width, bins - 1)
+    return keys.with_columns(pl.Series("bucket", b)).filter(pl.col("bucket").is_in(buckets))
+
+
+def keys_in_buckets(rows: pl.DataFrame, where: dict[int, tuple[int, int]]) -> dict[int, tuple[int, str]]:
+    out = {}
+    for rank, (bucket, within) in where.items():
+        ordered = rows.filter(pl.col("bucket") == bucket).sort("t", "post_id")
+        out[rank] = (int(ordered["t"][within]), ordered["post_id"][within])
+    return out
+
+
+# --- target encodings --------------------------------------------------------------------------
+
+def key_rows(df: pl.DataFrame, column: str) -> tuple[np.ndarray, pl.Series]:
+    """(row of each key, the keys): one per row for scalar columns (null → "<none>"), one per list element."""
+    if column in TE_SCALAR:
+        return np.arange(df.height), df[column].fill_null("<none>").cast(pl.String)
+    exploded = df.select(pl.int_range(pl.len()).alias("row"), pl.col(column)).explode(column).drop_nulls(column)
+    return exploded["row"].to_numpy(), exploded[column].cast(pl.String)
+
+
+def te_partial(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, fold: np.ndarray) -> pl.DataFrame:
+    """One block's training rows → (column, key, fold, s, ss, c)."""
+    parts = []
+    sub, y, fold = df.filter(pl.Series(train)), y[train], fold[train]
+    for column in TE_SCALAR + TE_LIST:
+        rows, keys = key_rows(sub, column)
+        v = y[rows]
+        parts.append(pl.DataFrame({"column": pl.Series([column] * len(rows), dtype=pl.String), "key": keys,
+                                   "fold": fold[rows].astype(np.int32), "s": v, "ss": v * v,
+                                   "c": np.ones(len(rows), np.float64)}))
+    return combine_te(pl.concat(parts))
+
+
+def combine_te(parts: pl.DataFrame) -> pl.DataFrame:
+    return parts.group_by("column", "key", "fold").agg(pl.col("s", "ss", "c").sum())
+
+
+@dataclass
+class TargetTables:
+    """The combined (column, key, fold) sums, finalized: per column the apply stats and the fold totals."""
+
+    folds: pl.DataFrame  # column, key, fold, s, c (training rows only)
+    stats: dict[str, encodings.TargetStats]
+
+    @classmethod
+    def fit(cls, combined: pl.DataFrame, smoothing: encodings.Smoothing) -> TargetTables:
+        stats = {}
+        for column in TE_SCALAR + TE_LIST:
+            rows = combined.filter(pl.col("column") == column)
+            per_key = rows.group_by("key").agg(pl.col("s", "ss", "c").sum())
+            m = (encodings.empirical_bayes_from_sums(per_key["c"].to_numpy(), per_key["s"].to_numpy(),
+                                                     per_key["ss"].to_numpy())
+                 if smoothing == "auto" else float(smoothing))
+            n = float(per_key["c"].sum() or 0)
+            table = per_key.select(pl.col("key").alias(column), pl.col("s").alias("te_sum"),
+                                   pl.col("c").alias("te_count"))
+            stats[column] = encodings.TargetStats(column, table, float(per_key["s"].sum() or 0) / n if n else 0.0, m)
+        return cls(combined.select("column", "key", "fold", "s", "c"), stats)
+
+    def out_of_fold(self, column: str, keys: pl.Series, fold: np.ndarray, folds: int) -> np.ndarray:
+        """Training rows' values: the key's sums and the prior from the other folds only."""
+        own = self.folds.filter(pl.col("column") == column)
+        by_fold = own.group_by("fold").agg(pl.col("s", "c").sum())
+        fs, fc = np.zeros(folds), np.zeros(folds)
+        fs[by_fold["fold"].to_numpy()] = by_fold["s"].to_numpy()
+        fc[by_fold["fold"].to_numpy()] = by_fold["c"].to_numpy()
+        prior = ((fs.sum() - fs) / np.maximum(fc.sum() - fc, 1))[fold]
+        stats = self.stats[column]
+        rows = pl.DataFrame({"key": keys, "fold": fold.astype(np.int32)}).with_row_index("_i")
+        totals = stats.table.rename({column: "key"})
+        joined = (rows.join(totals, on="key", how="left")
+                  .join(own.select("key", "fold", pl.col("s").alias("fs"), pl.col("c").alias("fc")),
+                        on=["key", "fold"], how="left").sort("_i"))
+        s = (joined["te_sum"].fill_null(0) - joined["fs"].fill_null(0)).to_numpy()
+        c = (joined["te_count"].fill_null(0) - joined["fc"].fill_null(0)).to_numpy()
+        m = stats.smoothing
+        return (s + prior * m) / (c + m)
+
+
+def oof_encodings(df: pl.DataFrame, train: np.ndarray, fold: np.ndarray, tables: TargetTables, folds: int,
+                  prior: float) -> pl.DataFrame:
+    """Out-of-fold target-encoding columns of a block's training rows (row-aligned with those rows)."""
+    sub, fold = df.filter(pl.Series(train)), fold[train]
+    cols: dict[str, np.ndarray] = {}
+    for column in TE_SCALAR + TE_LIST:
+        rows, keys = key_rows(sub, column)
+        values = tables.out_of_fold(column, keys, fold[rows], folds) if len(rows) else np.zeros(0)
+        if column in TE_SCALAR:
+            cols[f"te_{column}"] = values.astype(np.float32)
+            continue
+        summary = encodings.list_te_summary(rows, values, sub.height, prior)
+        for k, name in enumerate(LIST_SUMMARY):
+            cols[f"te_{column}_{name}"] = summary[:, k]
+    return pl.DataFrame(cols)
+
+
+# --- PCA moments, the k-means sample, languages -----------------------------------------------
+
+def moments_partial(x: np.ndarray) -> dict[str, np.ndarray]:
+    x = x.astype(np.float64)
+    return {"n": np.array([len(x)], np.float64), "sum": x.sum(0), "outer": x.T @ x}
+
+
+def in_kmeans_sample(df: pl.DataFrame, fraction: float, seed: int = 0) -> np.ndarray:
+    """Whether each post is in the k-means sample: a hash of its id, so any block split picks the same posts."""
+    u = df.select(pl.col("post_id").cast(pl.String).hash(seed + 17) / float(2 ** 64)).to_series().to_numpy()
+    return u < fraction
+
+
+def top_languages(te: pl.DataFrame, k: int = 8) -> list[str]:
+    """The k most frequent training languages (from the combined ``te_partial``); ties by name, so every
+    executor orders them alike."""
+    rows = te.filter((pl.col("column") == "language") & (pl.col("key") != "<none>"))
+    per = rows.group_by("key").agg(pl.col("c").sum()).sort(["c", "key"], descending=[True, False])
+    return per.head(k)["key"].to_list()

@@ -1,0 +1,278 @@
+"""Post features as a dataset from read to write: two executors of the same partial fits.
+
+- **Ray** (``run_post_plane``, what ``run_features`` runs): the streamed rows (text statistics, embeddings,
+  image statistics) are written once to a scratch dataset. The split and fold keys come from a time
+  histogram and the few rows of the buckets holding them; the target-encoding sums are combined by
+  (column, key, fold) with a hash shuffle; PCA comes from summed moments and k-means from a bounded
+  sample. Each post then meets its impression count (a hash join on post_id), and the posts are
+  featurised author by author (a shuffle on author_id: "time since the previous post" and author reach
+  only look at the same author's posts). The driver holds histograms, moments, the (key, fold) sums and
+  at most ``post_fit.KMEANS_SAMPLE`` embeddings; never a post row.
+- **In-process** (``build_post_features``): the same functions on one polars frame. Tests compare the two.
+
+``features.te_mode=past`` needs every earlier post of a key in time order; it runs in process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from engagesim import datasets, io
+from engagesim.config import AppConfig
+from engagesim.features import encodings, post_fit
+from engagesim.features.reach import AuthorReach, impressions_per_post
+from engagesim.features.state import EMBEDDING_BLOCKS, LIST_SUMMARY, TE_LIST, TE_SCALAR, PostState, block_matrix
+
+VECTORS = ("text_emb", "text_sketch", "image_emb")
+
+
+def labels_of(df: pl.DataFrame) -> np.ndarray:
+    return np.log1p(df["likes"].fill_null(0).to_numpy().astype(np.float64))
+
+
+def featurise(state: PostState, df: pl.DataFrame, split: post_fit.PostSplit, cfg: AppConfig,
+              has_likes: bool) -> pl.DataFrame:
+    """Rows → post features: the apply version for every row, out-of-fold target encodings on training
+    rows, then the split and the label. Row-aligned with ``df``; any block of whole authors will do."""
+    y, train, fold = labels_of(df), split.is_train(df), split.fold(df)
+    table = state.transform(df)
+    if has_likes and train.any():
+        if cfg.features.te_mode == "oof":
+            oof = post_fit.oof_encodings(df, train, fold, state.tables, cfg.features.te_folds, state.prior)
+        else:
+            oof = _past_encodings(df, y, train, state)
+        replaced = []
+        for c in oof.columns:
+            values = table[c].to_numpy().astype(np.float32)  # a copy: the apply version for every row
+            values[train] = oof[c].to_numpy()
+            replaced.append(pl.Series(c, values))
+        table = table.with_columns(replaced)
+    return table.with_columns(
+        pl.Series("split", np.where(train, "train", "valid")),
+        pl.Series("label_log1p_likes", np.where(df["likes"].is_null().to_numpy(), np.nan, y)),
+    )
+
+
+def _past_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, state: PostState) -> pl.DataFrame:
+    """``te_mode=past``: each training row sees only strictly earlier rows of its key (in process only)."""
+    times = df["created_at"].dt.epoch("us").to_numpy()
+    tr = np.flatnonzero(train)
+    sub = df[tr]
+    cols: dict[str, np.ndarray] = {}
+    for key in TE_SCALAR:
+        keys = sub[key].fill_null("<none>").cast(pl.String)
+        cols[f"te_{key}"] = encodings.target_encode_train(keys, y[tr], times[tr], "past",
+                                                          smoothing=state.te_scalar[key].smoothing).astype(np.float32)
+    for key in TE_LIST:
+        exploded = sub.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
+        rows = exploded["row"].to_numpy()
+        values = np.zeros(len(rows), dtype=np.float64)
+        if len(rows):
+            values = encodings.target_encode_train(exploded[key], y[tr][rows], times[tr][rows], "past",
+                                                   smoothing=state.te_list[key].smoothing)
+        summary = encodings.list_te_summary(rows, values, sub.height, state.prior)
+        for k, name in enumerate(LIST_SUMMARY):
+            cols[f"te_{key}_{name}"] = summary[:, k]
+    return pl.DataFrame(cols)
+
+
+def post_info(split: post_fit.PostSplit, state: PostState, counts: dict[str, int]) -> dict[str, Any]:
+    info: dict[str, Any] = {"rows": split.rows, "train_rows": split.train_rows,
+                            "valid_rows": split.rows - split.train_rows}
+    if state.te_scalar:
+        info["te_smoothing"] = {key: round(s.smoothing, 3) for key, s in {**state.te_scalar, **state.te_list}.items()}
+    info.update({f"{k}_pca": {"components": int(p.components.shape[0]), "explained_variance": p.explained_variance}
+                 for k, p in state.projections.items()})
+    return info | counts
+
+
+def _media_counts(df: pl.DataFrame) -> dict[str, int]:
+    out = {}
+    if "image_error" in df.columns:
+        out["image_errors"] = int(df["image_error"].is_not_null().sum())
+        out["images_embedded_now"] = int(df["image_emb_computed"].sum())
+    if "text_emb_computed" in df.columns:
+        out["texts_embedded_now"] = int(df["text_emb_computed"].sum())
+    return out
+
+
+def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | None,
+                        impressions: tuple[pl.DataFrame, int] | None = None) -> tuple[pl.DataFrame, dict, PostState]:
+    """The in-process executor: fit the post state on the training split, featurise every row with it.
+    Validation rows are thus featurised exactly as a new post is at scoring time."""
+    f = cfg.features
+    df = pl.from_arrow(rows).sort("created_at", "post_id")
+    split = post_fit.PostSplit.of_frame(df, f.valid_fraction, f.te_folds)
+    train = split.is_train(df)
+    has_likes = df["likes"].null_count() < df.height
+    reach = None
+    if impressions is not None:
+        counts, cutoff_us = impressions
+        reach = AuthorReach.fit(df.select("post_id", "author_id", "created_at"), counts, cutoff_us,
+                                f.reach_exposure_hours)
+    state = PostState.fit(df, labels_of(df), train, users, f.te_smoothing, cfg.embed.pca_components,
+                          f.text_clusters, has_likes, reach, split.fold(df))
+    table = featurise(state, df, split, cfg, has_likes)
+    return table, post_info(split, state, _media_counts(df)), state
+
+
+# --- the Ray executor --------------------------------------------------------------------------
+
+def _block_stats(batch: pa.Table) -> pa.Table:
+    df = datasets.frame(batch)
+    t = post_fit.order_keys(df)["t"]
+    stats = {"n": df.height, "lo": t.min(), "hi": t.max(), "likes": int(df["likes"].is_not_null().sum()),
+             **_media_counts(df)}
+    return pa.table({k: [v] for k, v in stats.items()})
+
+
+def _histogram(batch: pa.Table, lo: int, width: int) -> dict[str, np.ndarray]:
+    return {"hist": post_fit.time_histogram(datasets.frame(batch), lo, width)[None]}
+
+
+def _bucket_rows(batch: pa.Table, lo: int, width: int, buckets: list[int]) -> pa.Table:
+    return post_fit.bucket_rows(datasets.frame(batch), lo, width, buckets).to_arrow()
+
+
+def _te_partial(batch: pa.Table, split: post_fit.PostSplit) -> pa.Table:
+    df = datasets.frame(batch)
+    return post_fit.te_partial(df, labels_of(df), split.is_train(df), split.fold(df)).to_arrow()
+
+
+def _moments(batch: pa.Table, split: post_fit.PostSplit, columns: list[str]) -> dict[str, np.ndarray]:
+    df = datasets.frame(batch)
+    train = split.is_train(df)
+    out = {"y": np.array([[labels_of(df)[train].sum(), float(train.sum())]])}
+    for column in columns:
+        m = post_fit.moments_partial(block_matrix(df, column)[train & df[column].is_not_null().to_numpy()])
+        out.update({f"{column}:{k}": v[None] for k, v in m.items()})
+    return out
+
+
+def _kmeans_rows(batch: pa.Table, split: post_fit.PostSplit, fraction: float) -> pa.Table:
+    df = datasets.frame(batch)
+    keep = split.is_train(df) & post_fit.in_kmeans_sample(df, fraction)
+    return df.filter(pl.Series(keep)).select("post_id", "text_emb").to_arrow()
+
+
+def _featurise_group(group: pa.Table, refs: Any, cfg: AppConfig, has_likes: bool, cutoff_us: int | None) -> pa.Table:
+    """One author's posts (joined to their impression counts) → their feature rows."""
+    ctx = datasets.fetched(refs)
+    df = datasets.frame(group)
+    known = df.select("post_id", "author_id", "created_at")
+    reach = None
+    if cutoff_us is not None:
+        counts = df.select("post_id", pl.col("impressions").fill_null(0))
+        reach = AuthorReach.fit(known, counts, cutoff_us, cfg.features.reach_exposure_hours)
+        df = df.drop("impressions")
+    state = dataclasses.replace(ctx["state"], known_posts=known, reach=reach)
+    return featurise(state, df, ctx["split"], cfg, has_likes).to_arrow()
+
+
+def _split_keys(ds, n: int, lo: int, hi: int, cfg: AppConfig) -> post_fit.PostSplit:
+    """The exact (t, post_id) at the split's ranks: a histogram pass, then the rows of the few buckets."""
+    width = max((hi - lo) // post_fit.HIST_BINS + 1, 1)
+    hist = None
+    for part in ds.map_batches(_histogram, batch_format="pyarrow", batch_size=None,
+                               fn_kwargs={"lo": lo, "width": width}).iter_batches(batch_size=1, batch_format="numpy"):
+        hist = part["hist"][0] if hist is None else hist + part["hist"][0]
+    cut, fold_ranks = post_fit.PostSplit.ranks(n, cfg.features.valid_fraction, cfg.features.te_folds)
+    where = post_fit.locate(hist, [cut, *fold_ranks])
+    rows = pl.from_arrow(datasets.collect(ds.map_batches(
+        _bucket_rows, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"lo": lo, "width": width, "buckets": sorted({b for b, _ in where.values()})})))
+    return post_fit.PostSplit.from_keys(n, cut, post_fit.keys_in_buckets(rows, where), fold_ranks)
+
+
+def _sum_rows(parts) -> dict[str, np.ndarray]:
+    total: dict[str, np.ndarray] = {}
+    for part in parts.iter_batches(batch_size=1, batch_format="numpy"):
+        for k, v in part.items():
+            total[k] = v[0] if k not in total else total[k] + v[0]
+    return total
+
+
+def run_post_plane(cfg: AppConfig, rows_ds, scratch: str, out_uri: str, state_uri: str, users: pl.DataFrame | None,
+                   interactions, cutoff_us: int | None, log: Callable[[str], None]) -> tuple[dict, PostState]:
+    """Streamed post rows (a Ray Dataset) → ``out_uri`` (post features) and the fitted state in ``state_uri``."""
+    import ray
+
+    f = cfg.features
+    datasets.write_streaming(rows_ds, scratch, "post_rows", cfg.storage)
+    ds = datasets.read(scratch, cfg.storage, f.blocks)
+    per_block = pl.from_arrow(datasets.collect(ds.map_batches(_block_stats, batch_format="pyarrow", batch_size=None)))
+    n = int(per_block["n"].sum())
+    split = _split_keys(ds, n, int(per_block["lo"].min()), int(per_block["hi"].max()), cfg)
+    has_likes = int(per_block["likes"].sum()) > 0
+    te = pl.from_arrow(datasets.collect(ds.map_batches(_te_partial, batch_format="pyarrow", batch_size=None,
+                                                       fn_kwargs={"split": split})
+                                        .groupby(["column", "key", "fold"], num_partitions=f.blocks)
+                                        .sum(["s", "ss", "c"])))
+    te = te.rename({"sum(s)": "s", "sum(ss)": "ss", "sum(c)": "c"}).with_columns(pl.col("fold").cast(pl.Int32))
+    blocks = [(c, p) for c, p in EMBEDDING_BLOCKS if c in ds.schema().names]
+    m = _sum_rows(ds.map_batches(_moments, batch_format="pyarrow", batch_size=None,
+                                 fn_kwargs={"split": split, "columns": [c for c, _ in blocks]}))
+    moments = {p: {k: m[f"{c}:{k}"] for k in ("n", "sum", "outer")} for c, p in blocks}
+    sample = None
+    if "text_emb" in ds.schema().names:
+        fraction = post_fit.KMEANS_SAMPLE / max(split.train_rows, 1)
+        sample = pl.from_arrow(datasets.collect(ds.map_batches(
+            _kmeans_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"split": split, "fraction": fraction})))
+    prior = float(m["y"][0] / m["y"][1]) if has_likes and m["y"][1] else 0.0
+    state = PostState.from_parts(te, has_likes, f.te_smoothing, prior, moments, sample, cfg.embed.pca_components,
+                                 f.text_clusters, users, None, None)
+    log(f"post state fit from {len(per_block)} blocks: {te.height:,} (key, fold) sums")
+
+    posts = ds
+    counts = None
+    if cutoff_us is not None:
+        counts = (interactions.map_batches(impressions_per_post, batch_format="pyarrow", batch_size=None,
+                                           fn_kwargs={"cutoff_us": cutoff_us})
+                  .groupby("post_id", num_partitions=f.blocks).sum("impressions")
+                  .rename_columns({"sum(impressions)": "impressions"}).materialize())
+        posts = ds.join(counts, "left_outer", num_partitions=f.blocks, on=("post_id",))
+    refs = {"state": ray.put(state), "split": ray.put(split)}
+    featured = posts.groupby("author_id", num_partitions=f.blocks).map_groups(
+        _featurise_group, batch_format="pyarrow",
+        fn_kwargs={"refs": refs, "cfg": cfg, "has_likes": has_likes, "cutoff_us": cutoff_us})
+    info = post_info(split, state, {k: int(per_block[k].sum()) for k in
+                                    ("image_errors", "images_embedded_now", "texts_embedded_now")
+                                    if k in per_block.columns})
+    datasets.write_streaming(featured, out_uri, "post_features", cfg.storage, info)
+    _save_keyed_state(cfg, out_uri, state_uri, counts, cutoff_us)
+    state.saved_parts = ["known_posts", *(["reach_exposed"] if counts is not None else [])]
+    state.save(state_uri, cfg.storage)
+    io.remove_tree(scratch, cfg.storage)
+    return info, state
+
+
+def _exposed(batch: pa.Table, cutoff_us: int, exposure_hours: float) -> pa.Table:
+    df = datasets.frame(batch)
+    counts = df.select("post_id", pl.col("impressions").fill_null(0))
+    return AuthorReach.fit(df.select("post_id", "author_id", "created_at"), counts, cutoff_us,
+                           exposure_hours).exposed.to_arrow()
+
+
+def _save_keyed_state(cfg: AppConfig, out_uri: str, state_uri: str, counts, cutoff_us: int | None) -> None:
+    """The state's per-post tables (known posts; exposed posts for author reach) written as parts by Ray Data."""
+    f = cfg.features
+    known = datasets.read(out_uri, cfg.storage).select_columns(["post_id", "author_id", "created_at"])
+    datasets.write_streaming(known, io.join(state_uri, "known_posts"), "known_posts", cfg.storage)
+    if counts is not None:
+        exposed = known.join(counts, "left_outer", num_partitions=f.blocks, on=("post_id",)).map_batches(
+            _exposed, batch_format="pyarrow", batch_size=None,
+            fn_kwargs={"cutoff_us": cutoff_us, "exposure_hours": f.reach_exposure_hours})
+        datasets.write_streaming(exposed, io.join(state_uri, "reach_exposed"), "reach_exposed", cfg.storage)
+
+
+def impression_side(cfg: AppConfig, out_uri: str) -> pl.DataFrame:
+    """The post columns the impression stage joins (everything but the raw vectors), read from the written
+    post features. Still gathered in the driver: the impression join broadcasts it (the next step is a hash
+    join of impressions on post_id)."""
+    schema = io.dataset_schema(out_uri, cfg.storage)
+    return pl.from_arrow(io.read_table(out_uri, cfg.storage, columns=[c for c in schema.names if c not in VECTORS]))
