@@ -142,6 +142,10 @@ class FeaturesConfig(Section):
         "max(blocks, impressions / partition_rows).")
     partition_rows: int = Field(1_000_000, ge=1, description="Impressions per history partition when "
                                 "features.partitions is empty: bounds each join task's memory.")
+    post_stream_rows: int = Field(
+        50_000, ge=0, description="Post tables with more posts run on the Ray post plane (fit from partial sums, "
+        "featurised author by author; the driver holds no post row); smaller ones in process, which is faster "
+        "there (bench/posts.py: 100k posts with 384-float embeddings, 3.9 s and 1.5 GB in process).")
     broadcast_max_rows: int = Field(
         1_000_000, ge=0, description="History tables with at most this many rows are broadcast to every join "
         "task; larger ones are joined partition against partition (one shuffle of the impressions per key).")

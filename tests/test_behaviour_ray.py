@@ -29,9 +29,10 @@ def world(ray_local, tmp_path_factory):
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
-    # broadcast_max_rows=0: every history group is joined partition against partition (the large-log path).
+    # broadcast_max_rows=0: every history group (and the post features) is joined partition against partition, and
+    # post_stream_rows=0: the post features run on the Ray post plane (the large-log paths).
     return load_config(None, [f"embed.cache_dir={cache}", "features.valid_hours=24", "embed.pca_components=4",
-                              "features.broadcast_max_rows=0", "features.partitions=3",
+                              "features.broadcast_max_rows=0", "features.partitions=3", "features.post_stream_rows=0",
                               "train.xgb.rounds=30", "train.xgb.checkpoint_every=10", "train.nn.epochs=2",
                               "train.nn.layer6_preset=0"])
 
@@ -95,6 +96,16 @@ def test_partitioned_executor_equals_the_in_process_one(features, world, config)
     # The apply tables are saved as parts, one per partition, and the state reads them whole.
     parts = io.list_files(io.join(out, "state", "impressions", "history", "pair", "apply"))
     assert len(parts) == 3
+    # The post features met the impressions by a hash join; the serving snapshot's post tables were written
+    # as parts and load back as the table the broadcast path would have held.
+    from engagesim.features.impression import impression_post_columns
+    from engagesim.features.state import ImpressionState
+
+    assert summary["impressions"]["posts"] == "hash join on post_id"
+    snapshot = ImpressionState.load(io.join(out, "state", "impressions"))
+    want = impression_post_columns(pl.from_arrow(io.read_table(io.join(out, "posts"))))
+    assert frame_mismatches(snapshot.posts, want, ["post_id"]) == []
+    assert snapshot.topics.height == 1200 and set(snapshot.topics.columns) == {"post_id", "topic"}
 
 
 def test_post_plane_equals_the_in_process_executor(features, world, config):

@@ -17,10 +17,15 @@ POST_ONLY = ("author_id", "username", "created_at", "likes", "split", "label_log
              "image_emb")
 
 
+def post_side_columns(columns: list[str]) -> dict[str, str]:
+    """Post table column → its name on an impression row: everything but ids, labels and raw vectors, as post_*."""
+    return {c: c if c == "post_id" else f"post_{c}" for c in columns if c not in POST_ONLY}
+
+
 def impression_post_columns(post_table: pl.DataFrame) -> pl.DataFrame:
-    """The post features an impression row carries: everything but ids, labels and raw vectors, as post_*."""
-    cols = [c for c in post_table.columns if c not in POST_ONLY]
-    return post_table.select(cols).rename({c: f"post_{c}" for c in cols if c != "post_id"})
+    """The post features an impression row carries (``post_side_columns``)."""
+    names = post_side_columns(post_table.columns)
+    return post_table.select(list(names)).rename(names)
 
 
 def topics_of(post_table: pl.DataFrame) -> pl.DataFrame | None:
@@ -62,13 +67,14 @@ def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cu
 
 
 def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int, window_hours: int,
-                     history_mode: str, done: tuple[str, ...] = ()) -> pa.Table:
+                     history_mode: str, done: tuple[str, ...] = (), post_columns: tuple[str, ...] = ()) -> pa.Table:
     """Impression rows + everything fit on the training data (``ctx``) → the impression feature table.
 
     Pure: ``ctx`` holds plain objects (history lookup tables, the graph model, user attributes, post
     features), so the benchmark's single-process baseline calls exactly this on the whole table.
     ``done`` names history groups whose columns the batch already carries (joined partition by partition
     earlier, ``features/partitioned.py``); their columns are kept in the place the in-process join puts them.
+    Likewise ``ctx["posts"] = None``: the batch already carries ``post_columns`` (a hash join on post_id).
     """
     df = prepare(batch, ctx, origin_us, window_hours)
     is_valid = df["t_us"] >= cutoff_us
@@ -94,7 +100,10 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
             ((pl.col("impression_at") - pl.col(f"{prefix}__user_created")).dt.total_seconds() / 86400.0)
             .cast(pl.Float32).alias(f"{prefix}_account_age_days"),
         ))
-    posts = df.select("_i", "post_id").join(ctx["posts"], on="post_id", how="left").sort("_i").drop("_i", "post_id")
+    if ctx["posts"] is None:
+        posts = df.select(list(post_columns))
+    else:
+        posts = df.select("_i", "post_id").join(ctx["posts"], on="post_id", how="left").sort("_i").drop("_i", "post_id")
     out = pl.concat(
         [
             df.select("user_id", "post_id", "creator_id", "impression_at",

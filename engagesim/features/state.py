@@ -296,6 +296,7 @@ class ImpressionState:
     topics: pl.DataFrame | None = None
 
     history: list[str] = field(default_factory=list)  # groups whose apply tables are already saved as parts
+    saved_parts: list[str] = field(default_factory=list)  # "posts" / "topics" already written as datasets
 
     def context(self) -> dict:
         """The ``ctx`` that ``join_impressions`` takes for rows that are all past the training data."""
@@ -311,15 +312,17 @@ class ImpressionState:
         for prefix, table in self.apply_tables.items():
             write_parquet(io.join(self.history_uri(uri, prefix), "part-00000.parquet"), table, storage)
         write_parquet(io.join(uri, "users.parquet"), self.users, storage)
-        write_parquet(io.join(uri, "posts.parquet"), self.posts, storage)
-        if self.topics is not None:
+        if "posts" not in self.saved_parts:
+            write_parquet(io.join(uri, "posts.parquet"), self.posts, storage)
+        if self.topics is not None and "topics" not in self.saved_parts:
             write_parquet(io.join(uri, "topics.parquet"), self.topics, storage)
         if self.graph is not None:
             self.graph.save(io.join(uri, "graph"), storage)
         io.write_json(io.join(uri, "state.json"), {"origin_us": self.origin_us, "cutoff_us": self.cutoff_us,
                                                     "window_hours": self.window_hours,
                                                     "history": sorted({*self.history, *self.apply_tables}),
-                                                    "topics": self.topics is not None}, storage)
+                                                    "topics": self.topics is not None or "topics" in self.saved_parts},
+                      storage)
 
     @classmethod
     def load(cls, uri: str, storage=None) -> ImpressionState:
@@ -330,8 +333,8 @@ class ImpressionState:
                    {p: _history_table(uri, p, storage) for p in meta["history"]},
                    GraphModel.load(io.join(uri, "graph"), storage),
                    read_parquet(io.join(uri, "users.parquet"), storage),
-                   read_parquet(io.join(uri, "posts.parquet"), storage),
-                   read_parquet(io.join(uri, "topics.parquet"), storage) if meta["topics"] else None)
+                   _table_or_parts(uri, "posts", storage),
+                   _table_or_parts(uri, "topics", storage) if meta["topics"] else None)
 
 
 def _history_table(uri: str, prefix: str, storage=None) -> pl.DataFrame:

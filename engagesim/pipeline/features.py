@@ -18,6 +18,7 @@ streaming join.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import polars as pl
@@ -30,7 +31,7 @@ from engagesim.embed.actors import encoder_specs
 from engagesim.features import history
 from engagesim.features.graph import GRAPH_COLUMNS
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.impression import impression_post_columns, join_impressions, topics_of
+from engagesim.features.impression import impression_post_columns, join_impressions, post_side_columns, topics_of
 from engagesim.features.post import post_row_features
 from engagesim.features.reach import REACH_COLUMNS, impressions_per_post
 from engagesim.features.state import ImpressionState, PostState, user_attributes
@@ -87,6 +88,39 @@ class _Clock:
         self._last = now
 
 
+@dataclass
+class _PostSide:
+    """How impressions get their post's features: broadcast frames, or datasets for a hash join."""
+
+    posts: pl.DataFrame | None = None
+    topics: pl.DataFrame | None = None
+    posts_ds: Any = None
+    topics_ds: Any = None
+    columns: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: AppConfig, posts: pl.DataFrame | str, parts: int) -> _PostSide:
+        if isinstance(posts, str) and io.read_manifest(posts, cfg.storage).get("rows", 0) > cfg.features.broadcast_max_rows:
+            names = post_side_columns(io.dataset_schema(posts, cfg.storage).names)
+            table = datasets.read(posts, cfg.storage, parts)
+            side = cls(posts_ds=table.select_columns(list(names)).rename_columns(names),
+                       columns=tuple(n for n in names.values() if n != "post_id"))
+            if "text_cluster" in names:
+                side.topics_ds = table.select_columns(["post_id", "text_cluster"]).rename_columns(
+                    {"text_cluster": "topic"})
+            return side
+        table = posts if isinstance(posts, pl.DataFrame) else post_plane.impression_side(cfg, posts)
+        return cls(posts=impression_post_columns(table), topics=topics_of(table))
+
+    def save(self, cfg: AppConfig, state_uri: str, state: ImpressionState) -> None:
+        """The serving snapshot's post tables, written as parts by Ray Data (``ImpressionState.load`` reads them)."""
+        datasets.write_streaming(self.posts_ds, io.join(state_uri, "posts"), "impression_posts", cfg.storage)
+        state.saved_parts.append("posts")
+        if self.topics_ds is not None:
+            datasets.write_streaming(self.topics_ds, io.join(state_uri, "topics"), "topics", cfg.storage)
+            state.saved_parts.append("topics")
+
+
 def impression_span(cfg: AppConfig, uri: str) -> tuple[int, int, int]:
     """(rows, first impression, training cutoff), times in µs: impressions in the last ``features.valid_hours``
     validate. From the Parquet footers when they carry statistics (free), else two Ray Data aggregations."""
@@ -108,9 +142,13 @@ def impression_counts(cfg: AppConfig, interactions_uri: str, cutoff_us: int) -> 
 
 
 def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: str | None,
-                              post_table: pl.DataFrame, out_uri: str, state_uri: str,
+                              posts: pl.DataFrame | str, out_uri: str, state_uri: str,
                               span: tuple[int, int, int] | None = None) -> tuple[dict, ImpressionState]:
     """Impression features for every row, and the snapshot (``ImpressionState``) new rows are joined to.
+
+    ``posts``: the post feature table, or the URI of the written one. Over ``features.broadcast_max_rows``
+    posts the impressions meet their post's features (and topic) by a hash join on post_id; below it the
+    narrow post table is broadcast.
 
     The history is fit and joined hash-partitioned by key (``pipeline/partitioned.py``); its apply tables
     are written as parts straight into ``state_uri``. ``span`` is ``impression_span``'s (rows, origin,
@@ -126,8 +164,10 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     scratch = out_uri.rstrip("/") + "_history_train"
     layout = partitioned.Layout(io.join(state_uri, "history"), scratch, parts, cfg.storage)
 
-    topics = topics_of(post_table)
-    topics_refs = {"topics": ray.put(topics)} if topics is not None else {}
+    side = _PostSide.of(cfg, posts, parts)
+    if side.topics_ds is not None:  # each impression's topic by a hash join, before the history sees them
+        ds = ds.join(side.topics_ds, "left_outer", num_partitions=parts, on=("post_id",))
+    topics_refs = {"topics": ray.put(side.topics)} if side.topics is not None else {}
     train_rows, n_edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours,
                                                   f.history_mode, topics_refs.get("topics"))
     clock.lap("history_fit")
@@ -139,17 +179,20 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
                 "follower_ratio": pl.Float32, "verified": pl.Float32,
                 "_user_created": pl.Datetime("us", "UTC")})
     # graph=None: the task saved it into the state already (the driver never holds it).
-    state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, None, users,
-                            impression_post_columns(post_table), topics, history=sorted(train_rows))
+    state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, None, users, side.posts, side.topics,
+                            history=sorted(train_rows))
     small = {mode: {p: layout.read(p, mode) for p in broadcast} for mode in partitioned.MODES}
     refs = {"train_tables": ray.put(small["train"]), "apply_tables": ray.put(small["apply"]), "graph": graph_ref,
-            **topics_refs, "users": ray.put(users), "posts": ray.put(state.posts)}
+            **topics_refs, "users": ray.put(users), "posts": ray.put(side.posts)}
     join_kwargs = {"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": f.window_hours,
                    "history_mode": f.history_mode}
     keyed = partitioned.join_rounds(ds, rounds, layout, topics_refs, **join_kwargs)
     done = tuple(p for prefixes in rounds.values() for p in prefixes)
+    if side.posts_ds is not None:
+        keyed = keyed.join(side.posts_ds, "left_outer", num_partitions=parts, on=("post_id",))
+        side.save(cfg, state_uri, state)
     joined = keyed.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
-                               fn_kwargs={"refs": refs, "done": done, **join_kwargs})
+                               fn_kwargs={"refs": refs, "done": done, "post_columns": side.columns, **join_kwargs})
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
     clock.lap("join_and_write")
@@ -157,6 +200,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     # Counted on Ray Data from the written parts (the driver gets one row per split, not the column).
     split_rows = datasets.read(out_uri, cfg.storage).select_columns(["split"]).groupby("split").count().take_all()
     return ({"rows": {r["split"]: int(r["count()"]) for r in split_rows}, "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us,
+             "posts": "hash join on post_id" if side.posts_ds is not None else "broadcast",
              "history": {"partitions": parts, "partitioned": {k: v for k, v in rounds.items()},
                          "broadcast": broadcast, "train_rows": train_rows, "graph_edges": n_edges},
              "seconds": {**clock.laps, "graph_fit_task": ray.get(graph_seconds)}},
@@ -220,8 +264,11 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     if interactions_uri:  # the log's span once: it sets the cutoff for author reach and for the history
         span = impression_span(cfg, interactions_uri)
     posts_out = io.join(out_uri, "posts")
-    if cfg.features.te_mode == "past":
-        log("post features in process: features.te_mode=past needs each key's earlier posts in time order")
+    n_posts = io.read_manifest(posts_uri, cfg.storage).get("rows", 0)
+    if cfg.features.te_mode == "past" or n_posts <= cfg.features.post_stream_rows:
+        log("post features in process: " + ("features.te_mode=past needs each key's earlier posts in time order"
+                                            if cfg.features.te_mode == "past" else
+                                            f"{n_posts:,} posts <= features.post_stream_rows"))
         counts = (impression_counts(cfg, interactions_uri, span[2]), span[2]) if span else None
         post_info, _ = _posts_in_process(cfg, posts_uri, out_uri, users, counts)
     else:
@@ -233,8 +280,7 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
     summary: dict[str, Any] = {"posts": post_info, "out": out_uri}
     log(f"post features: {post_info['rows']:,} rows × {len(schemas['posts'].names)} columns")
     if interactions_uri:
-        post_table = post_plane.impression_side(cfg, posts_out)
-        imp, imp_state = build_impression_features(cfg, interactions_uri, users_uri, post_table,
+        imp, imp_state = build_impression_features(cfg, interactions_uri, users_uri, posts_out,
                                                    io.join(out_uri, "impressions"),
                                                    io.join(out_uri, "state", "impressions"), span)
         imp_state.save(io.join(out_uri, "state", "impressions"), cfg.storage)

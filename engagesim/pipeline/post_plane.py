@@ -123,16 +123,15 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
 
 # --- the Ray executor --------------------------------------------------------------------------
 
-def _block_stats(batch: pa.Table) -> pa.Table:
-    df = datasets.frame(batch)
-    t = post_fit.order_keys(df)["t"]
-    stats = {"n": df.height, "lo": t.min(), "hi": t.max(), "likes": int(df["likes"].is_not_null().sum()),
-             **_media_counts(df)}
-    return pa.table({k: [v] for k, v in stats.items()})
+COUNTS = ("likes", "image_errors", "images_embedded_now", "texts_embedded_now")
 
 
 def _histogram(batch: pa.Table, lo: int, width: int) -> dict[str, np.ndarray]:
-    return {"hist": post_fit.time_histogram(datasets.frame(batch), lo, width)[None]}
+    """One block → its time histogram and the counts the stage reports (one pass for both)."""
+    df = datasets.frame(batch)
+    counts = {"likes": int(df["likes"].is_not_null().sum()), **_media_counts(df)}
+    return {"hist": post_fit.time_histogram(df, lo, width)[None],
+            **{k: np.array([counts.get(k, 0)]) for k in COUNTS}}
 
 
 def _bucket_rows(batch: pa.Table, lo: int, width: int, buckets: list[int]) -> pa.Table:
@@ -144,20 +143,41 @@ def _te_partial(batch: pa.Table, split: post_fit.PostSplit) -> pa.Table:
     return post_fit.te_partial(df, labels_of(df), split.is_train(df), split.fold(df)).to_arrow()
 
 
-def _moments(batch: pa.Table, split: post_fit.PostSplit, columns: list[str]) -> dict[str, np.ndarray]:
+def _fit_partial(batch: pa.Table, split: post_fit.PostSplit, columns: list[str], fraction: float) -> pa.Table:
+    """One block → one row: Σy and the training count, each embedding block's moments, and its k-means
+    sample rows (Arrow IPC). What ``run_post_plane`` sums; the target-encoding sums go through a shuffle."""
     df = datasets.frame(batch)
     train = split.is_train(df)
-    out = {"y": np.array([[labels_of(df)[train].sum(), float(train.sum())]])}
+    out: dict[str, list] = {"y": [[float(labels_of(df)[train].sum()), float(train.sum())]]}
     for column in columns:
         m = post_fit.moments_partial(block_matrix(df, column)[train & df[column].is_not_null().to_numpy()])
-        out.update({f"{column}:{k}": v[None] for k, v in m.items()})
-    return out
+        out.update({f"{column}:{k}": [v.ravel().tolist()] for k, v in m.items()})
+    sample = b""
+    if "text_emb" in columns:
+        rows = df.filter(pl.Series(train & post_fit.in_kmeans_sample(df, fraction))).select("post_id", "text_emb")
+        sink = pa.BufferOutputStream()
+        table = rows.to_arrow()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        sample = sink.getvalue().to_pybytes()
+    out["sample"] = [sample]
+    return pa.table(out)
 
 
-def _kmeans_rows(batch: pa.Table, split: post_fit.PostSplit, fraction: float) -> pa.Table:
-    df = datasets.frame(batch)
-    keep = split.is_train(df) & post_fit.in_kmeans_sample(df, fraction)
-    return df.filter(pl.Series(keep)).select("post_id", "text_emb").to_arrow()
+def _sum_fits(parts, columns: list[str], dims: dict[str, int]) -> tuple[np.ndarray, dict, pl.DataFrame | None]:
+    """The blocks' ``_fit_partial`` rows, added up one at a time: (Σy, n), moments per column, the sample."""
+    y = np.zeros(2)
+    moments = {c: {"n": np.zeros(1), "sum": np.zeros(dims[c]), "outer": np.zeros((dims[c], dims[c]))} for c in columns}
+    samples = []
+    for part in parts.iter_batches(batch_size=1, batch_format="pyarrow"):
+        y += np.asarray(part.column("y")[0].as_py())
+        for c in columns:
+            for k, total in moments[c].items():
+                total += np.asarray(part.column(f"{c}:{k}")[0].as_py()).reshape(total.shape)
+        payload = part.column("sample")[0].as_py()
+        if payload:
+            samples.append(pl.from_arrow(pa.ipc.open_stream(payload).read_all()))
+    return y, moments, pl.concat(samples) if samples else None
 
 
 def _featurise_group(group: pa.Table, refs: Any, cfg: AppConfig, has_likes: bool, cutoff_us: int | None) -> pa.Table:
@@ -174,19 +194,22 @@ def _featurise_group(group: pa.Table, refs: Any, cfg: AppConfig, has_likes: bool
     return featurise(state, df, ctx["split"], cfg, has_likes).to_arrow()
 
 
-def _split_keys(ds, n: int, lo: int, hi: int, cfg: AppConfig) -> post_fit.PostSplit:
-    """The exact (t, post_id) at the split's ranks: a histogram pass, then the rows of the few buckets."""
+def _split_keys(ds, scratch: str, cfg: AppConfig) -> tuple[post_fit.PostSplit, dict[str, int]]:
+    """The exact (t, post_id) at the split's ranks — a histogram pass (with the stage's counts), then the
+    rows of the few buckets holding them — and those counts. The time range comes from the Parquet footers."""
+    n, first, last = io.column_range(scratch, "created_at", cfg.storage)
+    epoch_us = lambda t: int(pl.Series([t]).dt.epoch("us")[0])  # noqa: E731
+    lo, hi = epoch_us(first), epoch_us(last)
     width = max((hi - lo) // post_fit.HIST_BINS + 1, 1)
-    hist = None
-    for part in ds.map_batches(_histogram, batch_format="pyarrow", batch_size=None,
-                               fn_kwargs={"lo": lo, "width": width}).iter_batches(batch_size=1, batch_format="numpy"):
-        hist = part["hist"][0] if hist is None else hist + part["hist"][0]
+    totals = _sum_rows(ds.map_batches(_histogram, batch_format="pyarrow", batch_size=None,
+                                      fn_kwargs={"lo": lo, "width": width}))
     cut, fold_ranks = post_fit.PostSplit.ranks(n, cfg.features.valid_fraction, cfg.features.te_folds)
-    where = post_fit.locate(hist, [cut, *fold_ranks])
+    where = post_fit.locate(totals["hist"], [cut, *fold_ranks])
     rows = pl.from_arrow(datasets.collect(ds.map_batches(
         _bucket_rows, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"lo": lo, "width": width, "buckets": sorted({b for b, _ in where.values()})})))
-    return post_fit.PostSplit.from_keys(n, cut, post_fit.keys_in_buckets(rows, where), fold_ranks)
+    split = post_fit.PostSplit.from_keys(n, cut, post_fit.keys_in_buckets(rows, where), fold_ranks)
+    return split, {k: int(totals[k]) for k in COUNTS}
 
 
 def _sum_rows(parts) -> dict[str, np.ndarray]:
@@ -205,28 +228,29 @@ def run_post_plane(cfg: AppConfig, rows_ds, scratch: str, out_uri: str, state_ur
     f = cfg.features
     datasets.write_streaming(rows_ds, scratch, "post_rows", cfg.storage)
     ds = datasets.read(scratch, cfg.storage, f.blocks)
-    per_block = pl.from_arrow(datasets.collect(ds.map_batches(_block_stats, batch_format="pyarrow", batch_size=None)))
-    n = int(per_block["n"].sum())
-    split = _split_keys(ds, n, int(per_block["lo"].min()), int(per_block["hi"].max()), cfg)
-    has_likes = int(per_block["likes"].sum()) > 0
+    if not io.read_manifest(scratch, cfg.storage).get("rows"):
+        raise ValueError("no posts to featurise: the posts dataset is empty")
+    split, counts_info = _split_keys(ds, scratch, cfg)
+    has_likes = counts_info.pop("likes") > 0
     te = pl.from_arrow(datasets.collect(ds.map_batches(_te_partial, batch_format="pyarrow", batch_size=None,
                                                        fn_kwargs={"split": split})
                                         .groupby(["column", "key", "fold"], num_partitions=f.blocks)
                                         .sum(["s", "ss", "c"])))
     te = te.rename({"sum(s)": "s", "sum(ss)": "ss", "sum(c)": "c"}).with_columns(pl.col("fold").cast(pl.Int32))
-    blocks = [(c, p) for c, p in EMBEDDING_BLOCKS if c in ds.schema().names]
-    m = _sum_rows(ds.map_batches(_moments, batch_format="pyarrow", batch_size=None,
-                                 fn_kwargs={"split": split, "columns": [c for c, _ in blocks]}))
-    moments = {p: {k: m[f"{c}:{k}"] for k in ("n", "sum", "outer")} for c, p in blocks}
-    sample = None
-    if "text_emb" in ds.schema().names:
-        fraction = post_fit.KMEANS_SAMPLE / max(split.train_rows, 1)
-        sample = pl.from_arrow(datasets.collect(ds.map_batches(
-            _kmeans_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"split": split, "fraction": fraction})))
-    prior = float(m["y"][0] / m["y"][1]) if has_likes and m["y"][1] else 0.0
+    schema = ds.schema()
+    blocks = [(c, p) for c, p in EMBEDDING_BLOCKS if c in schema.names]
+    dims = {c: schema.base_schema.field(c).type.list_size for c, _ in blocks}
+    fraction = post_fit.KMEANS_SAMPLE / max(split.train_rows, 1)
+    y, m, sample = _sum_fits(ds.map_batches(_fit_partial, batch_format="pyarrow", batch_size=None,
+                                            fn_kwargs={"split": split, "columns": list(dims), "fraction": fraction}),
+                             list(dims), dims)
+    moments = {p: m[c] for c, p in blocks}
+    if "text_emb" in dims and sample is None:
+        sample = pl.DataFrame(schema={"post_id": pl.String})
+    prior = float(y[0] / y[1]) if has_likes and y[1] else 0.0
     state = PostState.from_parts(te, has_likes, f.te_smoothing, prior, moments, sample, cfg.embed.pca_components,
                                  f.text_clusters, users, None, None)
-    log(f"post state fit from {len(per_block)} blocks: {te.height:,} (key, fold) sums")
+    log(f"post state fit: {split.rows:,} posts, {te.height:,} (key, fold) sums")
 
     posts = ds
     counts = None
@@ -240,15 +264,18 @@ def run_post_plane(cfg: AppConfig, rows_ds, scratch: str, out_uri: str, state_ur
     featured = posts.groupby("author_id", num_partitions=f.blocks).map_groups(
         _featurise_group, batch_format="pyarrow",
         fn_kwargs={"refs": refs, "cfg": cfg, "has_likes": has_likes, "cutoff_us": cutoff_us})
-    info = post_info(split, state, {k: int(per_block[k].sum()) for k in
-                                    ("image_errors", "images_embedded_now", "texts_embedded_now")
-                                    if k in per_block.columns})
+    info = post_info(split, state, {k: v for k, v in counts_info.items() if _has_source(schema.names, k)})
     datasets.write_streaming(featured, out_uri, "post_features", cfg.storage, info)
     _save_keyed_state(cfg, out_uri, state_uri, counts, cutoff_us)
     state.saved_parts = ["known_posts", *(["reach_exposed"] if counts is not None else [])]
     state.save(state_uri, cfg.storage)
     io.remove_tree(scratch, cfg.storage)
     return info, state
+
+
+def _has_source(columns: list[str], count: str) -> bool:
+    """Whether the rows carry what a media count is counted from (as ``_media_counts`` reports it)."""
+    return ("image_error" in columns) if count.startswith("image") else ("text_emb_computed" in columns)
 
 
 def _exposed(batch: pa.Table, cutoff_us: int, exposure_hours: float) -> pa.Table:
