@@ -252,13 +252,20 @@ fcfg = load_config(None, ["embed.text=false", "embed.image=false", "embed.sketch
                           "features.broadcast_max_rows=0", "features.partitions=3", "features.blocks=6"])
 users = pl.from_arrow(io.read_table(io.join(world, "users")))
 posts, _, _ = build_post_features(fcfg, post_row_features(io.read_table(io.join(world, "posts"))), users)
-info, _ = build_impression_features(fcfg, io.join(world, "interactions"), io.join(world, "users"), posts,
+# The Ray post plane across the nodes too; the impressions then meet its table by a hash join on post_id.
+from engagesim import datasets
+from engagesim.pipeline.post_plane import run_post_plane
+rows = datasets.read(io.join(world, "posts"), blocks=6).map_batches(post_row_features, batch_format="pyarrow")
+run_post_plane(fcfg, rows, out + "_post_rows", out + "_posts", out + "_post_state", users, None, None, print)
+report["post_mismatches"] = frame_mismatches(pl.from_arrow(io.read_table(out + "_posts")), posts, ["post_id"])
+info, _ = build_impression_features(fcfg, io.join(world, "interactions"), io.join(world, "users"), out + "_posts",
                                     out + "_impressions", out + "_state")
 f = fcfg.features
 local = pl.from_arrow(features_in_process(io.read_table(io.join(world, "interactions")), posts, users,
                                           f.valid_hours, f.window_hours, f.history_mode, f.jaccard_k, f.seed))
 dist = pl.from_arrow(io.read_table(out + "_impressions"))
 report.update({"history_rows": dist.height, "history_rounds": sorted(info["history"]["partitioned"]),
+               "post_join": info["posts"],
                "history_mismatches": frame_mismatches(dist, local, ["impression_at", "user_id", "post_id"])})
 
 # XGBoost on Ray Train across nodes: 2 workers on 3 one-CPU nodes; the node of a worker dies after the
@@ -310,8 +317,8 @@ cluster.shutdown()
 
 def test_multinode_stage_survives_a_killed_node_with_exact_row_counts(tmp_path):
     """Three raylets on one machine (ray.cluster_utils.Cluster, in its own process): blocks spread over the
-    nodes; one node is killed mid-stage; the committed dataset has every row exactly once. The impression
-    history plane (key-hash shuffles, partition-against-partition joins) runs across the nodes and makes the
+    nodes; one node is killed mid-stage; the committed dataset has every row exactly once. The post plane and
+    the impression history plane (key-hash shuffles, partition-against-partition joins) runs across the nodes and makes the
     in-process executor's table. Then XGBoost on Ray Train spreads its workers over nodes, loses one node
     after a checkpoint, and still finishes."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
@@ -324,6 +331,8 @@ def test_multinode_stage_survives_a_killed_node_with_exact_row_counts(tmp_path):
     assert report["nodes"] >= 2, report
     assert report["killed_after_blocks"] < report["blocks"], report  # the node died mid-stage
     # The partitioned history plane on the cluster: every row, the same table as one process makes.
+    # The post plane on the cluster makes the in-process post table; impressions join it by post_id.
+    assert report["post_mismatches"] == [] and report["post_join"] == "hash join on post_id", report
     assert report["history_rows"] == 20_000 and report["history_mismatches"] == [], report
     assert report["history_rounds"] == ["creator_id", "post_id", "user_id"], report
     # XGBoost: workers on more than one node; one of those nodes killed after a checkpoint; the fit finished.
