@@ -153,7 +153,7 @@ def _fit_partial(batch: pa.Table, split: post_fit.PostSplit, columns: list[str],
     out: dict[str, list] = {"y": [[float(labels_of(df)[train].sum()), float(train.sum())]]}
     for column in columns:
         m = post_fit.moments_partial(block_matrix(df, column)[train & df[column].is_not_null().to_numpy()])
-        out.update({f"{column}:{k}": [v.ravel().tolist()] for k, v in m.items()})
+        out.update({f"{column}:{k}": [v.astype("<f8").tobytes()] for k, v in m.items()})  # d×d: bytes, not lists
     sample = b""
     if "text_emb" in columns:
         rows = df.filter(pl.Series(train & post_fit.in_kmeans_sample(df, fraction))).select("post_id", "text_emb")
@@ -175,7 +175,7 @@ def _sum_fits(parts, columns: list[str], dims: dict[str, int]) -> tuple[np.ndarr
         y += np.asarray(part.column("y")[0].as_py())
         for c in columns:
             for k, total in moments[c].items():
-                total += np.asarray(part.column(f"{c}:{k}")[0].as_py()).reshape(total.shape)
+                total += np.frombuffer(part.column(f"{c}:{k}")[0].as_py(), "<f8").reshape(total.shape)
         payload = part.column("sample")[0].as_py()
         if payload:
             samples.append(pl.from_arrow(pa.ipc.open_stream(payload).read_all()))
@@ -247,8 +247,6 @@ def run_post_plane(cfg: AppConfig, rows_ds, scratch: str, out_uri: str, state_ur
                                             fn_kwargs={"split": split, "columns": list(dims), "fraction": fraction}),
                              list(dims), dims)
     moments = {p: m[c] for c, p in blocks}
-    if "text_emb" in dims and sample is None:
-        sample = pl.DataFrame(schema={"post_id": pl.String})
     prior = float(y[0] / y[1]) if has_likes and y[1] else 0.0
     state = PostState.from_parts(te, has_likes, f.te_smoothing, prior, moments, sample, cfg.embed.pca_components,
                                  f.text_clusters, users, None, None)
