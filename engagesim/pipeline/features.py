@@ -9,10 +9,10 @@ statistics in actor pools, the final impression joins). The engagement history â
 the state that grows with the log's keys â€” is fit per block, combined by key
 with a shuffle and joined partition against partition (``pipeline/partitioned.py``).
 The graph is fit from the partitions' edge lists in a Ray task (not the driver)
-while the partitioned joins run. Post-level state (target encodings, PCA, text
-clusters) is still fit in the driver on the post table; it, the graph and the
-history tables under ``features.broadcast_max_rows`` are broadcast to the final
-streaming join.
+while the partitioned joins run. Post features above ``features.post_stream_rows`` posts
+are fit from partial sums and featurised on Ray Data (``pipeline/post_plane.py``); the
+impressions meet them by a hash join on post_id above ``features.broadcast_max_rows``
+posts. The graph and the smaller tables are broadcast to the final streaming join.
 """
 
 from __future__ import annotations
