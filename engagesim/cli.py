@@ -110,26 +110,17 @@ def ingest(
 
     Example: `engagesim ingest ../shared/data/adobe/content_simulation_test_company.xlsx --out data/adobe`
     """
-    from engagesim.loaders.route import RECSYS_FORMATS, ingest_files, parse_mapping
+    from engagesim.loaders.route import RECSYS_FORMATS, check_inputs, ingest_files, parse_mapping
 
-    try:
-        pairs = parse_mapping(mapping)
-    except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    pairs = parse_mapping(mapping)
     cfg = _config(config, overrides)
+    check_inputs(sources, fmt, kind, pairs, cfg.storage)
     quiet_ray()
     with progress() as bar:
         task = bar.add_task(f"ingest {len(sources)} file(s)", total=None)
-        try:
-            summary = ingest_files(sources, fmt, out_uri, cfg, kind=kind, mapping=pairs, tokenizer=tokenizer,
-                                   log=lambda m: err.print(f"[green]✓[/green] {m}"),
-                                   on_batch=lambda n: bar.advance(task, n))
-        except ValueError as exc:
-            if not str(exc).startswith("--format"):
-                raise
-            err.print(f"[red]{exc}[/red]")
-            raise typer.Exit(2) from None
+        summary = ingest_files(sources, fmt, out_uri, cfg, kind=kind, mapping=pairs, tokenizer=tokenizer,
+                               log=lambda m: err.print(f"[green]✓[/green] {m}"),
+                               on_batch=lambda n: bar.advance(task, n))
     brief = ("read", "written", "rejected", "out")
     more = ("posts", "users", "seconds") if fmt in RECSYS_FORMATS else ("rejects", "rejects by reason")
     finish({k: summary[k] for k in (brief if as_json else brief + more)}, as_json,
@@ -523,6 +514,52 @@ def print_metrics(rows: list[dict], title: str = "validation metrics (later in t
         table.add_row(r["level"], r["model"], r["metric"], f"{r['value']:.4f}",
                       "" if r["oracle"] is None else f"{r['oracle']:.4f}")
     out.print(table)
+
+
+_DEBUG = {"on": False}
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an input error too."),
+    version: bool = typer.Option(False, "--version", help="Print the engagesim version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from engagesim import __version__
+
+        out.print(f"engagesim {__version__}")
+        raise typer.Exit(0)
+    _DEBUG["on"] = debug
+
+
+def _one_line_errors(callback):
+    """A user's mistake (``UserError``: a missing file, a bad option, a busy output) ends in one line that says
+    what to do and exit code 2; anything else is a bug and keeps its traceback."""
+    import functools
+
+    from engagesim.errors import UserError
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except UserError as exc:
+            if _DEBUG["on"]:
+                raise
+            err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _install_error_handler(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        command.callback = _one_line_errors(command.callback)
+    for group in typer_app.registered_groups:
+        _install_error_handler(group.typer_instance)
+
+
+_install_error_handler(app)
 
 
 def main() -> None:  # pragma: no cover - console entry

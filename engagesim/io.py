@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import socket
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,14 +26,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from engagesim.config import StorageConfig
+from engagesim.errors import UserError
 from engagesim.schema import METADATA_KIND_KEY, METADATA_VERSION_KEY, SCHEMA_VERSION, SCHEMAS, schema_for, with_metadata
 
 SUCCESS = "_SUCCESS"
 REJECTS_DIR = "_rejects"
+LOCKS_DIR = "_locks"
 
 
-class DatasetNotCommitted(FileNotFoundError):
+class DatasetNotCommitted(UserError, FileNotFoundError):
     """The dataset has no _SUCCESS manifest: it was never finished, or never written."""
+
+
+class OutputBusy(UserError):
+    """Another writer holds the output's lock."""
 
 
 def is_s3(uri: str) -> bool:
@@ -123,7 +133,81 @@ def remove_tree(uri: str, storage: StorageConfig | None = None) -> None:
     """Delete a directory (or prefix on S3) and everything under it; a missing one is fine."""
     fs, path = filesystem(uri, storage)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_dir(path)
+        try:
+            fs.delete_dir(path)
+        except FileNotFoundError:  # S3: a prefix that listed a moment ago may be gone (or only a marker)
+            pass
+
+
+def _alive(lock: dict[str, Any]) -> bool:
+    """A lock's holder still runs — known only on its own host; elsewhere it is assumed alive."""
+    if lock.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(lock.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def _live_locks(fs: pafs.FileSystem, folder: str, mine: str) -> list[tuple[str, dict[str, Any]]]:
+    """The other writers' locks in ``folder``; a lock whose process is gone (same host) is cleared."""
+    live = []
+    for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+        if info.base_name == mine or not info.base_name.endswith(".json"):
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                other = json.loads(f.read())
+        except (OSError, ValueError):
+            continue  # released while we looked
+        if _alive(other):
+            live.append((info.base_name, other))
+        else:
+            fs.delete_file(info.path)
+    return live
+
+
+@contextmanager
+def output_lock(uri: str, storage: StorageConfig | None = None, what: str = "a writer") -> Iterator[None]:
+    """Hold ``<uri>/_locks/`` for one run, so two runs never write (and clean up) one output at once.
+
+    Works the same on a local disk and on S3 (which has no exclusive create in pyarrow): each writer puts its
+    own lock object, then lists the others. Any live other lock → take ours back; if that lock is still there
+    after a short random wait it is a real holder → refuse; if it went (the other backed off too), try again.
+    Two writers never both proceed; two that start in the same instant almost always end with one."""
+    import random
+
+    fs, path = filesystem(uri, storage)
+    folder = f"{path}/{LOCKS_DIR}"
+    mine = f"{uuid.uuid4().hex}.json"
+    record = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for attempt in range(4):
+        write_json(join(uri, LOCKS_DIR, mine), record, storage)
+        others = _live_locks(fs, folder, mine)
+        if not others:
+            break
+        fs.delete_file(f"{folder}/{mine}")
+        time.sleep(random.uniform(0.05, 0.3))
+        still = [o for o in _live_locks(fs, folder, mine) if o[0] in {n for n, _ in others}]
+        if still or attempt == 3:
+            name, other = (still or others)[0]
+            raise OutputBusy(
+                f"{uri} is being written by {other.get('what', 'another run')} (pid {other.get('pid')} on "
+                f"{other.get('host')}, since {other.get('started')}); wait for it to finish — or, if it died, "
+                f"delete {join(uri, LOCKS_DIR, name)}")
+    try:
+        yield
+    finally:
+        try:
+            fs.delete_file(f"{folder}/{mine}")
+            if isinstance(fs, pafs.LocalFileSystem) and not os.listdir(folder):
+                os.rmdir(folder)
+        except OSError:
+            pass
 
 
 @dataclass
@@ -171,7 +255,10 @@ class DatasetWriter:
             if info.base_name.startswith(prefix) and info.base_name.endswith(".parquet"):
                 self.add_written(info.base_name, pq.ParquetFile(self.fs.open_input_file(info.path)).metadata.num_rows)
 
-    def commit(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def commit(self, extra: dict[str, Any] | None = None, *, owner: str | None = None,
+               keep_stale: bool = False) -> dict[str, Any]:
+        """Publish the parts written here. ``owner`` (another dataset's URI) makes this manifest valid only
+        while that dataset's manifest carries the same run token — see ``commit_group``."""
         if not self.files and self.schema is not None:
             self.write(self.schema.empty_table())
         manifest = {
@@ -179,12 +266,24 @@ class DatasetWriter:
             "schema_version": SCHEMA_VERSION,
             "files": sorted(self.files),
             "rows": self.rows,
+            "run": self.token,
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"owner": _relative(join(owner, SUCCESS), self.uri)} if owner else {}),
             **(extra or {}),
         }
         write_bytes(join(self.uri, SUCCESS), json.dumps(manifest, indent=2).encode(), self.storage)
-        self._remove_stale(set(manifest["files"]))
+        if not keep_stale:
+            self._remove_stale(set(manifest["files"]))
         return manifest
+
+    def discard(self) -> None:
+        """A failed run: delete the parts this writer made (best effort); the committed manifest is untouched."""
+        for name in self.files:
+            try:
+                self.fs.delete_file(f"{self.path}/{name}")
+            except OSError:
+                pass
+        self.files, self.rows = [], 0
 
     def _remove_stale(self, keep: set[str]) -> None:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
@@ -192,6 +291,48 @@ class DatasetWriter:
             name = info.base_name
             if info.type == pafs.FileType.File and name.startswith("part-") and name not in keep:
                 self.fs.delete_file(info.path)
+
+
+def _split_scheme(uri: str) -> tuple[str, str]:
+    return ("s3://", uri[5:]) if is_s3(uri) else ("", os.path.abspath(uri.removeprefix("file://")))
+
+
+def _relative(target: str, start: str) -> str:
+    """``target`` relative to the directory ``start`` (so a copied run directory stays consistent)."""
+    return posixpath.relpath(_split_scheme(target)[1], _split_scheme(start)[1])
+
+
+def _resolve(start: str, relative: str) -> str:
+    scheme, path = _split_scheme(start)
+    return scheme + posixpath.normpath(posixpath.join(path, relative))
+
+
+def commit_group(primary: DatasetWriter, others: list[DatasetWriter], extra: dict[str, Any] | None = None,
+                 extras: dict[str, dict[str, Any]] | None = None) -> None:
+    """Commit several datasets of one run so that a crash at any point leaves the old run or the new one.
+
+    S3 cannot publish two manifests in one step, so the others commit first, each naming ``primary`` as its
+    owner and carrying the run token; ``read_manifest`` accepts such a manifest only while the owner's manifest
+    carries the same token. The primary's manifest is the run's single commit point; only after it are the
+    stale parts of earlier runs removed."""
+    extras = extras or {}
+    for writer in others:
+        writer.token = primary.token
+        writer.commit({**(extra or {}), **extras.get(writer.uri, {})}, owner=primary.uri, keep_stale=True)
+    primary.commit({**(extra or {}), **extras.get(primary.uri, {})})
+    for writer in others:
+        writer._remove_stale(set(writer.files))
+
+
+def remove_parts(uri: str, prefix: str, storage: StorageConfig | None = None) -> int:
+    """Delete a failed run's ``prefix*`` parts of one dataset (never a manifest); how many went."""
+    fs, path = filesystem(uri, storage)
+    gone = 0
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.type == pafs.FileType.File and info.base_name.startswith(prefix):
+            fs.delete_file(info.path)
+            gone += 1
+    return gone
 
 
 def write_named_part(uri: str, name: str, table: pa.Table, kind: str, storage: StorageConfig | None = None) -> int:
@@ -221,11 +362,22 @@ def write_part(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
 
 def read_manifest(uri: str, storage: StorageConfig | None = None) -> dict[str, Any]:
     try:
-        return read_json(join(uri, SUCCESS), storage)
+        manifest = read_json(join(uri, SUCCESS), storage)
     except (FileNotFoundError, OSError) as exc:
         if exists(join(uri, SUCCESS), storage):
             raise
         raise DatasetNotCommitted(f"{uri} is not a committed dataset (no {SUCCESS}); was its writer interrupted?") from exc
+    owner = manifest.get("owner")
+    if owner:
+        owner_uri = _resolve(uri, owner)
+        try:
+            owner_run = read_json(owner_uri, storage).get("run")
+        except (FileNotFoundError, OSError):
+            owner_run = None
+        if owner_run != manifest.get("run"):
+            raise DatasetNotCommitted(f"{uri} belongs to a run that did not commit ({owner} has another run); "
+                                      "re-run the command that wrote it")
+    return manifest
 
 
 def dataset_files(uri: str, storage: StorageConfig | None = None) -> list[str]:

@@ -150,6 +150,9 @@ def conform(table: pa.Table, kind: str) -> pa.Table:
     """
     schema = schema_for(kind)
     n = table.num_rows
+    missing = [f.name for f in schema if not f.nullable and f.name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{kind}: required column(s) {', '.join(repr(m) for m in missing)} missing")
     columns = []
     for field in schema:
         if field.name in table.column_names:

@@ -9,7 +9,11 @@ the manifests are published.
 
 from __future__ import annotations
 
+import csv
 import os
+import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -17,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 
 from engagesim.config import AppConfig
-from engagesim.io import REJECTS_DIR, DatasetWriter, join
+from engagesim.errors import UserError
+from engagesim.io import REJECTS_DIR, DatasetWriter, commit_group, join, output_lock
 from engagesim.loaders.coerce import coerce
 from engagesim.loaders.readers import RawBatch, read_raw
-from engagesim.schema import ID_COLUMNS, make_rejects, validate
+from engagesim.schema import ID_COLUMNS, SchemaError, make_rejects, validate
 
 
 class CountMismatch(RuntimeError):
@@ -41,16 +46,21 @@ class IngestSummary:
         return asdict(self)
 
 
-def _fill_adobe_defaults(batch: RawBatch) -> None:
+def _fill_defaults(batch: RawBatch, fmt: str, kind: str) -> None:
+    """What a file may leave out: no media column = no media; one of author_id / username stands for both."""
     frame = batch.frame
+    if kind != "posts":
+        return
     if "author_id" not in frame.columns and "username" in frame.columns:
         frame["author_id"] = frame["username"]
-    if "text" not in frame.columns:
-        # content_simulation_test_company.xlsx has no text: it was that task's target.
-        frame["text"] = ""
+    if "username" not in frame.columns and "author_id" in frame.columns:
+        frame["username"] = frame["author_id"]
     if "media" not in frame.columns:
         # train_sample2355_with_likes.csv carries a BLIP caption instead of media URLs.
         frame["media"] = None
+    if fmt == "adobe" and "text" not in frame.columns:
+        # content_simulation_test_company.xlsx has no text: it was that task's target.
+        frame["text"] = ""
 
 
 def _mark_seen_ids(table: pa.Table, kind: str, seen: set[str], reasons: np.ndarray) -> None:
@@ -62,6 +72,25 @@ def _mark_seen_ids(table: pa.Table, kind: str, seen: set[str], reasons: np.ndarr
     reasons[dup & (reasons == None)] = f"duplicate {ID_COLUMNS[kind]}"  # noqa: E711
 
 
+def _file_errors(name: str, batches: Iterator[RawBatch]) -> Iterator[RawBatch]:
+    """A file that cannot be read as its format (truncated, garbage, not what its name says) is the user's to
+    fix: one line naming it, never a traceback from deep in a reader."""
+    try:
+        yield from batches
+    except UserError:
+        raise
+    except (OSError, EOFError, zlib.error, csv.Error, zipfile.BadZipFile, KeyError, ValueError, pa.ArrowException,
+            openpyxl_errors()) as exc:
+        raise UserError(f"{name} could not be read ({type(exc).__name__}: {str(exc)[:200]}); check that it is a "
+                        "complete file of the --format given") from exc
+
+
+def openpyxl_errors() -> type[Exception]:
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    return InvalidFileException
+
+
 def ingest(
     sources: list[str],
     fmt: str,
@@ -71,9 +100,22 @@ def ingest(
     mapping: dict[str, str] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> IngestSummary:
+    """Every source → ``out`` (+ ``out/_rejects``), committed together or not at all, under ``out``'s lock."""
     storage = config.storage
-    writer = DatasetWriter(out, kind, storage)
-    rejects_writer = DatasetWriter(join(out, REJECTS_DIR), "rejects", storage)
+    with output_lock(out, storage, what=f"an ingest of {len(sources)} {fmt} file(s)"):
+        writer = DatasetWriter(out, kind, storage)
+        rejects_writer = DatasetWriter(join(out, REJECTS_DIR), "rejects", storage, token=writer.token)
+        try:
+            return _ingest(sources, fmt, out, config, kind, mapping, on_batch, writer, rejects_writer)
+        except BaseException:
+            # A failed run leaves the committed dataset as it was: its own parts go, no manifest changes.
+            writer.discard()
+            rejects_writer.discard()
+            raise
+
+
+def _ingest(sources, fmt, out, config, kind, mapping, on_batch, writer, rejects_writer) -> IngestSummary:
+    storage = config.storage
     seen: set[str] = set()
     read = 0
     by_source: dict[str, dict[str, int]] = {}
@@ -81,21 +123,20 @@ def ingest(
     for source in sources:
         name = os.path.basename(source.rstrip("/"))
         counts = by_source.setdefault(name, {"read": 0, "written": 0, "rejected": 0})
-        for batch in read_raw(source, fmt, mapping, storage, config.ingest.batch_rows):
-            if fmt == "adobe":
-                _fill_adobe_defaults(batch)
+        for batch in _file_errors(name, read_raw(source, fmt, mapping, storage, config.ingest.batch_rows)):
+            _fill_defaults(batch, fmt, kind)
             table, reasons = coerce(batch.frame, kind, batch.reasons)
             _mark_seen_ids(table, kind, seen, reasons)
             pre_bad = reasons != None  # noqa: E711
             keep = np.flatnonzero(~pre_bad)
-            valid, rejects = validate(
-                table.take(pa.array(keep, type=pa.int64())),
-                kind,
-                name,
-                row_numbers=batch.rows[keep],
-                max_text_chars=config.ingest.max_text_chars if kind == "posts" else None,
-                raw=[batch.raw[i] for i in keep],
-            )
+            try:
+                valid, rejects = validate(
+                    table.take(pa.array(keep, type=pa.int64())), kind, name, row_numbers=batch.rows[keep],
+                    max_text_chars=config.ingest.max_text_chars if kind == "posts" else None,
+                    raw=[batch.raw[i] for i in keep])
+            except SchemaError as exc:
+                raise UserError(f"{name}: {exc}; rename a source column to it with --map SOURCE=FIELD "
+                                "(csv/jsonl/parquet)") from None
             pre = np.flatnonzero(pre_bad)
             early = make_rejects(name, batch.rows[pre].tolist(), reasons[pre].tolist(), [batch.raw[i] for i in pre])
             if kind in ID_COLUMNS:
@@ -117,6 +158,5 @@ def ingest(
     if read != writer.rows + rejects_writer.rows:
         raise CountMismatch(f"read {read} rows but wrote {writer.rows} + rejected {rejects_writer.rows}")
     extra = {"sources": sources, "format": fmt, "read": read, "rejected": rejects_writer.rows}
-    rejects_writer.commit(extra)
-    writer.commit(extra)
+    commit_group(writer, [rejects_writer], extra)
     return IngestSummary(read, writer.rows, rejects_writer.rows, out, join(out, REJECTS_DIR), by_reason, by_source)
