@@ -50,7 +50,7 @@ USERS = pa.schema(
         pa.field("follower_count", pa.int64(), nullable=False),
         pa.field("following_count", pa.int64(), nullable=False),
         pa.field("verified", pa.bool_(), nullable=False),
-        pa.field("created_at", TIMESTAMP, nullable=False),
+        pa.field("created_at", TIMESTAMP),  # unknown for some accounts (RecSys logs leave it empty)
         pa.field("language", pa.string()),
     ]
 )

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import ast
 import json
+import math
+import re
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import numpy as np
@@ -89,32 +92,143 @@ def _first_reason(reasons: np.ndarray, failing: np.ndarray, reason: str) -> None
     reasons[failing & (reasons == None)] = reason  # noqa: E711
 
 
-def _present(series: pd.Series) -> np.ndarray:
-    return (series.notna() & (series.astype(str).str.strip() != "")).to_numpy()
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT or (
+        isinstance(value, str) and not value.strip())
+
+
+# --- one cell at a time: each returns (value, None) or (None, reason); a blank cell is (None, None) ---------
+# Exactness is the rule: a value is written only if it is the one in the file. Python ints and Decimal carry
+# every digit; a float is only trusted while it is exact (below 2^53).
+
+INT64 = (-(2**63), 2**63 - 1)
+EXACT_FLOAT = 2**53
+
+
+def int_value(value: Any, name: str) -> tuple[int | None, str | None]:
+    if _blank(value):
+        return None, None
+    if isinstance(value, (bool, np.bool_)):
+        return None, f"non-integer {name}"
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value) or not float(value).is_integer():
+            return None, f"non-integer {name}"
+        if abs(value) > INT64[1]:
+            return None, f"{name} out of range"
+        if abs(value) >= EXACT_FLOAT:
+            return None, f"{name} too large to be exact as a floating-point number (export it as text)"
+        value = int(value)
+    elif not isinstance(value, (int, np.integer)):
+        try:
+            number = Decimal(str(value).strip())
+        except InvalidOperation:
+            return None, f"non-integer {name}"
+        if not number.is_finite() or number != number.to_integral_value():
+            return None, f"non-integer {name}"
+        if abs(number.adjusted()) > 30:
+            return None, f"{name} out of range"
+        value = int(number)
+    value = int(value)
+    if not INT64[0] <= value <= INT64[1]:
+        return None, f"{name} out of range"
+    return value, None
+
+
+def id_value(value: Any, name: str) -> tuple[str | None, str | None]:
+    """Ids are text. A number is accepted only where its digits are certain: a float id (Excel keeps 19-digit
+    ids as doubles) that is not exact is a reject, never a rounded id that collides with another."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, None
+    if isinstance(value, (bool, np.bool_)):
+        return None, f"{name} is a boolean"
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value) or not float(value).is_integer() or abs(value) >= EXACT_FLOAT:
+            return None, f"{name} {value!r} arrived as a floating-point number and lost digits (export ids as text)"
+        return str(int(value)), None
+    if isinstance(value, (int, np.integer)):
+        return str(int(value)), None
+    return str(value), None
+
+
+RELATIVE_DATES = {"now", "today", "yesterday", "tomorrow"}
+TIME_RANGE_US = (0, 4_102_444_800 * 1_000_000)  # [1970-01-01, 2100-01-01) UTC
+# A number as a time is a Unix epoch; its unit is read from its magnitude (documented in the README):
+# below 1e11 seconds (to year 5138), below 1e14 milliseconds, below 1e17 microseconds, else nanoseconds
+# (floored to the contract's microseconds). Digit strings of 9+ digits are epochs too; shorter ones
+# ("20240131") go to the date parser.
+_YEAR = re.compile(r"(?<![\d.:])[1-9]\d{3}(?![\d:])|^[1-9]\d{7}(?!\d)")  # a year (or 20240131), not a time
+_EPOCH_DIGITS = re.compile(r"^-?\d{9,20}(\.\d+)?$")
+
+
+def _epoch_us(number: int | float) -> int:
+    magnitude = abs(number)
+    if isinstance(number, int):
+        return (number * 1_000_000 if magnitude < 10**11 else number * 1_000 if magnitude < 10**14
+                else number if magnitude < 10**17 else number // 1_000)
+    scale = 1e6 if magnitude < 1e11 else 1e3 if magnitude < 1e14 else 1.0 if magnitude < 1e17 else 1e-3
+    return int(round(number * scale))
+
+
+def time_value(value: Any, name: str) -> tuple[int | None, str | None]:
+    """One cell → µs since the epoch (UTC; naive times are UTC), or a reason."""
+    if _blank(value):
+        return None, None
+    if isinstance(value, (bool, np.bool_)):
+        return None, f"unparseable {name}"
+    number: int | float | None = None
+    if isinstance(value, (int, np.integer, float, np.floating)):
+        number = value.item() if isinstance(value, np.generic) else value
+    elif isinstance(value, str) and _EPOCH_DIGITS.match(value.strip()):
+        text = value.strip()
+        number = float(text) if "." in text else int(text)
+    if number is not None:
+        if isinstance(number, float) and not math.isfinite(number):
+            return None, f"unparseable {name}"
+        us = _epoch_us(number)
+    else:
+        text = value.strip() if isinstance(value, str) else None
+        if text is not None and text.lower() in RELATIVE_DATES:
+            return None, f"relative date {text!r} in {name}: give the date itself"
+        if text is not None and not _YEAR.search(text):
+            # A parser fills what is missing from today ("10:00") or from year 1: a changed value, refused.
+            return None, f"unparseable {name}"
+        try:
+            stamp = pd.Timestamp(text if text is not None else value)
+            if stamp is pd.NaT:
+                return None, f"unparseable {name}"
+            stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+            us = int(stamp.as_unit("us").asm8.view("i8"))
+        except (ValueError, TypeError, OverflowError, pd.errors.OutOfBoundsDatetime):
+            return None, f"unparseable {name}"
+    if not TIME_RANGE_US[0] <= us < TIME_RANGE_US[1]:
+        return None, f"{name} out of range (before 1970 or after 2100; a wrong epoch unit?)"
+    return us, None
+
+
+def _cells(series: pd.Series, name: str, reasons: np.ndarray, convert) -> list:
+    values = []
+    for i, value in enumerate(series.tolist()):
+        out, reason = convert(value, name)
+        if reason is not None and reasons[i] is None:
+            reasons[i] = reason
+        values.append(out)
+    return values
 
 
 def to_int(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
-    present = _present(series)
-    numeric = pd.to_numeric(series.where(present), errors="coerce")
-    bad = present & (numeric.isna().to_numpy() | (numeric.fillna(0) % 1 != 0).to_numpy())
-    _first_reason(reasons, bad, f"non-integer {name}")
-    values = numeric.where(present & ~bad).round()
-    return pa.array(values.astype("Int64"), type=pa.int64(), from_pandas=True)
+    return pa.array(_cells(series, name, reasons, int_value), type=pa.int64())
+
+
+def to_id(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
+    return pa.array(_cells(series, name, reasons, id_value), type=pa.string())
 
 
 def to_timestamp(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
-    present = _present(series)
-    if pd.api.types.is_numeric_dtype(series):
-        parsed = pd.to_datetime(series, unit="s", utc=True, errors="coerce")
-    else:
-        parsed = pd.to_datetime(series.where(present), utc=True, errors="coerce", format="mixed")
-    bad = present & parsed.isna().to_numpy()
-    _first_reason(reasons, bad, f"unparseable {name}")
-    return pa.array(parsed.dt.as_unit("us"), type=TIMESTAMP, from_pandas=True)
+    return pa.array(_cells(series, name, reasons, time_value), type=pa.int64()).cast(TIMESTAMP)
 
 
 def to_bool(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
-    present = _present(series)
+    present = np.array([not _blank(v) for v in series.tolist()], dtype=bool)
     text = series.astype(str).str.strip().str.lower()
     truth = text.isin(["true", "1", "yes", "t"]).to_numpy()
     false = text.isin(["false", "0", "no", "f"]).to_numpy()
@@ -135,8 +249,11 @@ def to_media(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
 
 
 def to_string(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
-    present = series.notna().to_numpy()
-    return pa.array(np.where(present, series.astype(str), None), type=pa.string(), from_pandas=True)
+    return pa.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                     for v in series.tolist()], type=pa.string())
+
+
+ID_FIELDS = {"post_id", "author_id", "user_id", "creator_id"}
 
 
 _CONVERTERS = {
@@ -160,7 +277,7 @@ def coerce(frame: pd.DataFrame, kind: str, reasons: np.ndarray | None = None) ->
     for field in schema:
         if field.name not in frame.columns:
             continue
-        converter = _CONVERTERS[field.type]
+        converter = to_id if field.name in ID_FIELDS else _CONVERTERS[field.type]
         arrays.append(converter(frame[field.name], field.name, reasons))
         names.append(field.name)
     return pa.Table.from_arrays(arrays, names=names), reasons

@@ -25,7 +25,7 @@ from engagesim.errors import UserError
 from engagesim.io import REJECTS_DIR, DatasetWriter, commit_group, join, output_lock
 from engagesim.loaders.coerce import coerce
 from engagesim.loaders.readers import RawBatch, read_raw
-from engagesim.schema import ID_COLUMNS, SchemaError, make_rejects, validate
+from engagesim.schema import ID_COLUMNS, SchemaError, make_rejects, schema_for, validate
 
 
 class CountMismatch(RuntimeError):
@@ -129,14 +129,16 @@ def _ingest(sources, fmt, out, config, kind, mapping, on_batch, writer, rejects_
             _mark_seen_ids(table, kind, seen, reasons)
             pre_bad = reasons != None  # noqa: E711
             keep = np.flatnonzero(~pre_bad)
-            try:
-                valid, rejects = validate(
-                    table.take(pa.array(keep, type=pa.int64())), kind, name, row_numbers=batch.rows[keep],
-                    max_text_chars=config.ingest.max_text_chars if kind == "posts" else None,
-                    raw=[batch.raw[i] for i in keep])
-            except SchemaError as exc:
-                raise UserError(f"{name}: {exc}; rename a source column to it with --map SOURCE=FIELD "
-                                "(csv/jsonl/parquet)") from None
+            valid, rejects = schema_for(kind).empty_table(), make_rejects(name, [], [], [])
+            if len(keep):  # (a batch of only unparseable rows has no columns to check)
+                try:
+                    valid, rejects = validate(
+                        table.take(pa.array(keep, type=pa.int64())), kind, name, row_numbers=batch.rows[keep],
+                        max_text_chars=config.ingest.max_text_chars if kind == "posts" else None,
+                        raw=[batch.raw[i] for i in keep])
+                except SchemaError as exc:
+                    raise UserError(f"{name}: {exc}; rename a source column to it with --map SOURCE=FIELD "
+                                    "(csv/jsonl/parquet)") from None
             pre = np.flatnonzero(pre_bad)
             early = make_rejects(name, batch.rows[pre].tolist(), reasons[pre].tolist(), [batch.raw[i] for i in pre])
             if kind in ID_COLUMNS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -18,6 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from engagesim.config import StorageConfig
+from engagesim.errors import UserError
 from engagesim.io import filesystem
 
 FORMATS = ("adobe", "csv", "jsonl", "parquet")
@@ -69,7 +71,8 @@ def _raw_batch(records: list[dict[str, Any]], start: int, rename: dict[str, str]
             record = {k: _clean(v) for k, v in record.items()}
             records[i] = record
         raw.append(json.dumps(record, default=str, ensure_ascii=False))
-    frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    # object dtype: pandas would turn ints with one blank into floats ("55" → "55.0", 2^53+1 → rounded).
+    frame = pd.DataFrame(records, dtype=object) if records else pd.DataFrame()
     frame = frame.rename(columns=rename)
     frame = frame.loc[:, [c for c in frame.columns if c in set(rename.values())]]
     frame = frame.loc[:, ~frame.columns.duplicated()]
@@ -79,8 +82,27 @@ def _raw_batch(records: list[dict[str, Any]], start: int, rename: dict[str, str]
 def _text_stream(uri: str, storage: StorageConfig | None) -> io.TextIOBase:
     fs, path = filesystem(uri, storage)
     binary = fs.open_input_stream(path, compression="detect")
-    # surrogateescape keeps undecodable bytes visible so the row can be rejected, not lost.
-    return io.TextIOWrapper(binary, encoding="utf-8", errors="surrogateescape", newline="")
+    # surrogateescape keeps undecodable bytes visible so the row can be rejected, not lost;
+    # utf-8-sig drops the byte-order mark Excel's "CSV UTF-8" puts first.
+    return io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _header(names: list[str], uri: str) -> list[str]:
+    """A header that cannot name its columns is the file's problem, not a row's: one clear error."""
+    header = [str(h).strip() if h is not None else "" for h in names]
+    bad = next((h for h in header if _has_surrogates(h)), None)
+    if bad is not None:
+        raise UserError(f"{uri}: the header has bytes that are not UTF-8 ({_clean(bad)!r}); save the file as UTF-8")
+    seen: set[str] = set()
+    dup = next((h for h in header if h and (h.lower() in seen or seen.add(h.lower()))), None)
+    if dup is not None:
+        raise UserError(f"{uri}: column {dup!r} appears twice in the header; rename or drop one")
+    return header
+
+
+# One field may be large (a long post, a JSON blob): the text-length check rejects it with a reason,
+# instead of the csv module's 128 KiB limit aborting the whole file.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 def _chunks(rows: Iterator[dict[str, Any]], batch_rows: int) -> Iterator[tuple[int, list[dict[str, Any]]]]:
@@ -99,11 +121,15 @@ def _chunks(rows: Iterator[dict[str, Any]], batch_rows: int) -> Iterator[tuple[i
 def _csv_records(uri: str, storage: StorageConfig | None) -> Iterator[dict[str, Any]]:
     with _text_stream(uri, storage) as f:
         reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
+        header = _header(next(reader, []), uri)
         for values in reader:
             if not any(v.strip() for v in values):
                 continue
-            yield {h: (v if v != "" else None) for h, v in zip(header, values) if h}
+            record = {h: (v if v != "" else None) for h, v in zip(header, values) if h}
+            if len(values) != len(header):  # a ragged row: which value belongs to which column is unknown
+                record = {**dict.fromkeys(h for h in header if h), "__unparseable__": ",".join(values)[:2000],
+                          "__error__": f"row has {len(values)} fields, the header has {len(header)}"}
+            yield record
 
 
 def adobe_records(uri: str, storage: StorageConfig | None = None) -> Iterator[dict[str, Any]]:
@@ -119,7 +145,7 @@ def _xlsx_records(uri: str, storage: StorageConfig | None) -> Iterator[dict[str,
         book = load_workbook(io.BytesIO(f.read()), read_only=True, data_only=True)
     sheet = book.worksheets[0]
     rows = sheet.iter_rows(values_only=True)
-    header = [str(h).strip() if h is not None else "" for h in next(rows, ())]
+    header = _header(list(next(rows, ())), uri)
     for values in rows:
         if all(v is None for v in values):
             continue
@@ -135,7 +161,9 @@ def _jsonl_records(uri: str, storage: StorageConfig | None) -> Iterator[dict[str
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                record = {"__unparseable__": line.rstrip("\n"), "__error__": exc.msg}
+                record = {"__unparseable__": line.rstrip("\n")[:2000], "__error__": exc.msg}
+            except RecursionError:
+                record = {"__unparseable__": line.rstrip("\n")[:2000], "__error__": "nested too deeply"}
             yield record if isinstance(record, dict) else {"__unparseable__": line.rstrip("\n"), "__error__": "not an object"}
 
 

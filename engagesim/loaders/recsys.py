@@ -76,6 +76,27 @@ def _int(value: str, name: str) -> int:
         raise LineError(f"non-numeric {name}: {value[:30]!r}") from None
 
 
+INT64_MAX = 2**63 - 1
+
+
+def _count(value: str, name: str) -> int:
+    """A follower / following count: a whole number in [0, 2^63)."""
+    number = _int(value, name)
+    if number < 0:
+        raise LineError(f"negative {name}: {value[:30]}")
+    if number > INT64_MAX:
+        raise LineError(f"{name} out of range: {value[:30]}")
+    return number
+
+
+def _token(value: str, vocab_size: int | None) -> int:
+    """A wordpiece id the tokenizer knows (an unknown one would decode to nothing: a silently emptied text)."""
+    token = _int(value, "text_tokens")
+    if token < 0 or token >= (vocab_size or 2**31):
+        raise LineError(f"unknown token id {value[:30]} (the tokenizer has {vocab_size} ids)")
+    return token
+
+
 def _bool(value: str, name: str) -> bool:
     v = value.strip().lower()
     if v in TRUE:
@@ -95,7 +116,7 @@ def _ts(value: str, name: str) -> int | None:
     return seconds * 1_000_000
 
 
-def parse_line(line: str) -> dict[str, Any]:
+def parse_line(line: str, vocab_size: int | None = None) -> dict[str, Any]:
     """One log line → a dict of typed values; LineError with the reason if malformed."""
     fields = line.rstrip("\r\n").split("\x01")
     if len(fields) not in (20, 24):
@@ -120,16 +141,16 @@ def parse_line(line: str) -> dict[str, Any]:
             raise LineError(f"{name} engagement before the tweet")
         engagements[name] = at
     return {
-        "token_ids": [_int(t, "text_tokens") for t in _list(f["text_tokens"])],
+        "token_ids": [_token(t, vocab_size) for t in _list(f["text_tokens"])],
         "hashtags": _list(f["hashtags"]), "tweet_id": f["tweet_id"], "media": [MEDIA[m] for m in media],
         "links": _list(f["present_links"]), "domains": _list(f["present_domains"]), "tweet_type": tweet_type,
         "language": f["language"] or None, "tweet_at": tweet_at,
-        "creator": (f["engaged_with_user_id"], _int(f["engaged_with_user_follower_count"], "follower_count"),
-                    _int(f["engaged_with_user_following_count"], "following_count"),
+        "creator": (f["engaged_with_user_id"], _count(f["engaged_with_user_follower_count"], "follower_count"),
+                    _count(f["engaged_with_user_following_count"], "following_count"),
                     _bool(f["engaged_with_user_is_verified"], "is_verified"),
                     _ts(f["engaged_with_user_account_creation"], "account_creation")),
-        "user": (f["engaging_user_id"], _int(f["engaging_user_follower_count"], "follower_count"),
-                 _int(f["engaging_user_following_count"], "following_count"),
+        "user": (f["engaging_user_id"], _count(f["engaging_user_follower_count"], "follower_count"),
+                 _count(f["engaging_user_following_count"], "following_count"),
                  _bool(f["engaging_user_is_verified"], "is_verified"),
                  _ts(f["engaging_user_account_creation"], "account_creation")),
         "follows": _bool(f["engagee_follows_engager"], "engagee_follows_engager"),
@@ -178,7 +199,7 @@ def tables(parsed: list[dict[str, Any]], decode) -> dict[str, pa.Table]:
         "follower_count": [s[0][1] for s in snapshots],
         "following_count": [s[0][2] for s in snapshots],
         "verified": [s[0][3] for s in snapshots],
-        "created_at": _ts_array([s[0][4] if s[0][4] is not None else 0 for s in snapshots]),
+        "created_at": _ts_array([s[0][4] for s in snapshots]),  # missing stays missing, never 1970
         "language": pa.nulls(len(snapshots), pa.string()),
     }, schema=USERS).append_column("_seen_at", _ts_array([s[1] for s in snapshots]))
     return {"interactions": interactions, "posts": posts, "post_meta": meta, "users": users}
@@ -196,6 +217,7 @@ def make_decoder(tokenizer_name: str):
     def decode(batch: list[list[int]]) -> list[str]:
         return tokenizer.batch_decode(batch, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
+    decode.vocab_size = len(tokenizer)  # ids at or above it are rejected, not decoded to nothing
     return decode
 
 
@@ -211,6 +233,8 @@ def latest_per_key(table: pa.Table, key: str, order: str) -> pa.Table:
 # --- vectorised fast path ------------------------------------------------------------------------
 
 _DIGITS = r"^[0-9]+$"
+_COUNT_DIGITS = r"^[0-9]{1,18}$"  # below 2^63 for sure; a longer count takes the exact path
+_TOKEN_DIGITS = r"^[0-9]{1,9}$"
 
 
 def _split_list(col: pa.ChunkedArray | pa.Array) -> pa.ListArray:
@@ -236,13 +260,13 @@ def _bad_elements(lists: pa.ListArray, ok_element) -> np.ndarray:
     return bad
 
 
-def _valid_mask(t: pa.Table) -> np.ndarray:
+def _valid_mask(t: pa.Table, vocab_size: int | None = None) -> np.ndarray:
     """True where a row passes every rule ``parse_line`` enforces (used to route rows: fast or exact path)."""
     import pyarrow.compute as pc
 
-    def digits(name: str, allow_empty: bool = False) -> np.ndarray:
+    def digits(name: str, allow_empty: bool = False, pattern: str = _DIGITS) -> np.ndarray:
         col = t.column(name)
-        ok = pc.match_substring_regex(col, _DIGITS)
+        ok = pc.match_substring_regex(col, pattern)
         if allow_empty:
             ok = pc.or_(ok, pc.equal(col, ""))
         return ok.to_numpy(zero_copy_only=False)
@@ -256,9 +280,10 @@ def _valid_mask(t: pa.Table) -> np.ndarray:
         ok &= pc.not_equal(t.column(name), "").to_numpy(zero_copy_only=False)
     ok &= pc.is_in(t.column("tweet_type"), pa.array(sorted(TWEET_TYPES))).to_numpy(zero_copy_only=False)
     ok &= ~_bad_elements(_split_list(t.column("present_media")), lambda f: pc.is_in(f, pa.array(sorted(MEDIA))))
-    ok &= ~_bad_elements(_split_list(t.column("text_tokens")), lambda f: pc.match_substring_regex(f, _DIGITS))
-    for name in (*COUNT_FIELDS, "tweet_timestamp"):
-        ok &= digits(name)
+    ok &= ~_bad_elements(_split_list(t.column("text_tokens")), lambda f: _known_token(f, vocab_size))
+    for name in COUNT_FIELDS:
+        ok &= digits(name, pattern=_COUNT_DIGITS)
+    ok &= digits("tweet_timestamp")
     for name in OPTIONAL_TIME_FIELDS:
         ok &= digits(name, allow_empty=True)
     for name in BOOL_FIELDS:
@@ -272,6 +297,14 @@ def _valid_mask(t: pa.Table) -> np.ndarray:
         at = _seconds(t.column(name), ok)
         ok &= np.isnan(at) | ((at >= tweet) & (at <= limit))
     return ok
+
+
+def _known_token(flat, vocab_size: int | None):
+    import pyarrow.compute as pc
+
+    digits = pc.match_substring_regex(flat, _TOKEN_DIGITS)
+    ids = pc.cast(pc.if_else(digits, flat, "0"), pa.int64())
+    return pc.and_(digits, pc.less(ids, vocab_size or 2**31))
 
 
 def _seconds(col, ok: np.ndarray) -> np.ndarray:
@@ -338,14 +371,13 @@ def fast_tables(t: pa.Table, decode) -> dict[str, pa.Table]:
     }, schema=POST_META)
 
     def role(prefix: str) -> pa.Table:
-        created = pc.if_else(pc.equal(arrays[f"{prefix}_account_creation"], ""), "0",
-                             arrays[f"{prefix}_account_creation"])
+        created = arrays[f"{prefix}_account_creation"]  # empty → null: an unknown creation date, never 1970
         return pa.table({
             "user_id": arrays[f"{prefix}_id"],
             "follower_count": pc.cast(arrays[f"{prefix}_follower_count"], pa.int64()),
             "following_count": pc.cast(arrays[f"{prefix}_following_count"], pa.int64()),
             "verified": _bool_array(arrays[f"{prefix}_is_verified"]),
-            "created_at": _us(created, mask_empty=False),
+            "created_at": _us(created),
             "language": pa.nulls(n, pa.string()),
         }, schema=USERS).append_column("_seen_at", tweet_at)
 
@@ -386,11 +418,12 @@ def parse_chunk(lines: list[str], decode) -> tuple[dict[str, pa.Table] | None, l
         convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in COLUMNS},
                                             strings_can_be_null=False, quoted_strings_can_be_null=False),
     )
-    ok = _valid_mask(table)
+    vocab_size = getattr(decode, "vocab_size", None)
+    ok = _valid_mask(table, vocab_size)
     slow = []
     for j in np.flatnonzero(~ok):
         try:
-            slow.append(parse_line(shaped[j]))  # stricter vectorised rule than needed: exact path decides
+            slow.append(parse_line(shaped[j], vocab_size))  # stricter vectorised rule than needed: exact path decides
         except LineError as exc:
             rejects.append((shaped_idx[j], str(exc)))
     good = fast_tables(table.filter(pa.array(ok)), decode)
