@@ -119,3 +119,22 @@ def test_any_media_text_parses_or_is_rejected_with_a_reason(text):
         assert str(exc)
         return
     assert all(set(i) == {"kind", "uri"} and isinstance(i["uri"], str) and i["uri"] for i in items)
+
+
+@given(st.lists(st.one_of(ANY_CELL, MOMENT.map(lambda m: m.isoformat()), INT64.map(str),
+                          st.sampled_from(["2024-02-30", "2024-01-01T25:00:00Z", "9999-01-01", "1969-12-31T23:59:59Z"])),
+                max_size=30))
+def test_the_vectorised_columns_equal_the_cell_by_cell_rules(cells):
+    """The fast paths (plain ints, ISO times) take whole columns at once: they must agree with the exact rules."""
+    import numpy as np
+    import pandas as pd
+
+    from engagesim.loaders.coerce import to_int, to_timestamp
+
+    series = pd.Series(cells, dtype=object)
+    for column, rule in ((to_int, int_value), (to_timestamp, time_value)):
+        reasons = np.full(len(cells), None, dtype=object)
+        values = column(series, "x", reasons).cast("int64").to_pylist()
+        expected = [rule(c, "x") for c in cells]
+        assert values == [v for v, _ in expected]
+        assert list(reasons) == [r for _, r in expected]

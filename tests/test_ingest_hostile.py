@@ -393,3 +393,30 @@ def test_hostile_recsys_line(case, decode):
             assert max(u["follower_count"] for u in users) == 2**63 - 1  # every digit kept
     else:
         assert [i for i, _ in bad] == [1] and reason in bad[0][1], bad
+
+
+@pytest.mark.ray
+def test_hostile_recsys_file_through_the_ray_job(ray_local, tmp_path):
+    """Every edge line in one file: the job finishes, each dataset's counts add up, each reject keeps its line."""
+    from test_recsys import line
+
+    from engagesim.config import load_config
+    from engagesim.loaders.recsys_ingest import ingest_recsys
+
+    cases = _recsys_cases()
+    lines = [line(tweet=f"ok{i}", user=f"v{i}") for i in range(5)] + [c[1] for c in cases]
+    src = tmp_path / "hostile.tsv"
+    src.write_bytes("\n".join(lines).encode("utf-8", "surrogateescape") + b"\n")
+    summary = ingest_recsys([str(src)], str(tmp_path / "out"), load_config(), chunk_lines=4)
+    bad = [c for c in cases if c[2]]
+    assert (summary["read"], summary["written"], summary["rejected"]) == (len(lines), len(lines) - len(bad), len(bad))
+    rejects = sorted(io.read_table(str(tmp_path / "out" / io.REJECTS_DIR)).to_pylist(), key=lambda r: r["row"])
+    first_bad = 5 + 1  # 1-based line numbers
+    expected = [(first_bad + i, c) for i, c in enumerate(cases) if c[2]]
+    assert [r["row"] for r in rejects] == [n for n, _ in expected]
+    for r, (_, c) in zip(rejects, expected):
+        assert c[2] in r["reason"]
+        assert r["raw"] == c[1].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    for name in ("posts", "users", "post_meta"):
+        manifest = io.read_manifest(str(tmp_path / "out" / name))
+        assert manifest["staged"] == manifest["rows"] + manifest["deduplicated"]

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from engagesim.schema import MEDIA_ITEM, TIMESTAMP, schema_for
 
@@ -205,18 +206,64 @@ def time_value(value: Any, name: str) -> tuple[int | None, str | None]:
     return us, None
 
 
-def _cells(series: pd.Series, name: str, reasons: np.ndarray, convert) -> list:
-    values = []
-    for i, value in enumerate(series.tolist()):
-        out, reason = convert(value, name)
+def _cells(series: pd.Series, name: str, reasons: np.ndarray, convert, fast=None) -> list:
+    """``convert`` cell by cell; ``fast(series) → (mask, values)`` first takes the common, unambiguous cells in
+    one vectorised step (300k ISO dates: 2.1 s → 0.2 s), and the cells it leaves get the exact path."""
+    values: list = [None] * len(series)
+    todo = np.ones(len(series), dtype=bool)
+    if fast is not None and len(series):
+        done, quick = fast(series)
+        for i in np.flatnonzero(done):
+            values[i] = quick[i]
+        todo &= ~done
+    cells = series.tolist()
+    for i in np.flatnonzero(todo):
+        out, reason = convert(cells[i], name)
         if reason is not None and reasons[i] is None:
             reasons[i] = reason
-        values.append(out)
+        values[i] = out
     return values
 
 
+def _matching(series: pd.Series, pattern: str) -> np.ndarray:
+    """Which cells are strings matching ``pattern`` (columns mix types: JSON gives ints beside strings)."""
+    cells = series.to_numpy(dtype=object)
+    is_text = np.fromiter((type(v) is str for v in cells), dtype=bool, count=len(cells))
+    mask = np.zeros(len(cells), dtype=bool)
+    if is_text.any():
+        mask[is_text] = pd.Series(cells[is_text], dtype=object).str.fullmatch(pattern).to_numpy(dtype=bool)
+    return mask
+
+
+_PLAIN_INT = r"\s*-?\d{1,18}\s*"  # fits int64 whatever the digits
+_ISO_TIME = r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)?(?:Z|[+-]\d{2}:\d{2})?"
+
+
+def _fast_ints(series: pd.Series) -> tuple[np.ndarray, list]:
+    mask = _matching(series, _PLAIN_INT)
+    values = [None] * len(series)
+    if mask.any():
+        parsed = pa.compute.cast(pa.array(series[mask].str.strip().tolist(), pa.string()), pa.int64()).to_pylist()
+        for i, v in zip(np.flatnonzero(mask), parsed):
+            values[i] = v
+    return mask, values
+
+
+def _fast_times(series: pd.Series) -> tuple[np.ndarray, list]:
+    mask = _matching(series, _ISO_TIME)
+    values = [None] * len(series)
+    if mask.any():
+        parsed = pd.to_datetime(series[mask], format="ISO8601", utc=True, errors="coerce")
+        us = parsed.dt.as_unit("us").astype("int64").to_numpy()
+        ok = parsed.notna().to_numpy() & (us >= TIME_RANGE_US[0]) & (us < TIME_RANGE_US[1])
+        for i, good, v in zip(np.flatnonzero(mask), ok, us):
+            values[i] = int(v) if good else None
+        mask[np.flatnonzero(mask)[~ok]] = False  # out of range or not a real date: the exact path says why
+    return mask, values
+
+
 def to_int(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
-    return pa.array(_cells(series, name, reasons, int_value), type=pa.int64())
+    return pa.array(_cells(series, name, reasons, int_value, _fast_ints), type=pa.int64())
 
 
 def to_id(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
@@ -224,7 +271,7 @@ def to_id(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
 
 
 def to_timestamp(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
-    return pa.array(_cells(series, name, reasons, time_value), type=pa.int64()).cast(TIMESTAMP)
+    return pa.array(_cells(series, name, reasons, time_value, _fast_times), type=pa.int64()).cast(TIMESTAMP)
 
 
 def to_bool(series: pd.Series, name: str, reasons: np.ndarray) -> pa.Array:
