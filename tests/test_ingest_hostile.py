@@ -271,6 +271,11 @@ CASES = [
          fmt="adobe", code=2, message="appears twice"),
     Case("adobe-real-csv", "train.csv", lambda a: (a / "train_sample2355_with_likes.csv").read_bytes(), fmt="adobe",
          written=2355),
+    Case("adobe-real-csv-as-excel-saves-it", "train.csv",  # "CSV UTF-8": a byte-order mark and CRLF line ends
+         lambda a: b"\xef\xbb\xbf" + (a / "train_sample2355_with_likes.csv").read_bytes().replace(b"\r\n", b"\n")
+         .replace(b"\n", b"\r\n"), fmt="adobe", written=2355),
+    Case("adobe-real-csv-gzip", "train.csv.gz",
+         lambda a: gzip.compress((a / "train_sample2355_with_likes.csv").read_bytes()), fmt="adobe", written=2355),
     # --- Parquet
     Case("parquet-basic", "p.parquet", parquet_bytes(pa.table({
         "post_id": ["q1"], "author_id": ["a"], "username": ["u"], "text": ["x"], "likes": pa.array([2**62], pa.int64()),
@@ -304,6 +309,54 @@ CASES = [
 ]
 
 
+ADOBE_FIELDS = {"id": "post_id", "username": "username", "content": "text", "likes": "likes"}
+EXACT = ("post_id", "author_id", "username", "text", "company", "user_id")
+
+
+def _source_rows(case: Case, src: Path) -> dict[str, dict[str, Any]]:
+    """The rows as the file has them (csv module / json), under contract names — to compare field by field."""
+    import csv
+
+    if case.fmt == "jsonl":
+        rows = []
+        for raw in src.read_bytes().decode("utf-8-sig", "replace").splitlines():
+            try:
+                record = json.loads(raw)
+            except (ValueError, RecursionError):
+                continue
+            rows.append(record if isinstance(record, dict) else {})
+    elif case.fmt in ("csv", "adobe") and not case.name.endswith((".gz", ".zst")):
+        text = src.read_bytes().decode("utf-8-sig", "replace")
+        rows = list(csv.DictReader(pyio.StringIO(text, newline="")))
+        if case.fmt == "adobe":
+            rows = [{ADOBE_FIELDS[k.lower()]: v for k, v in r.items() if k and k.lower() in ADOBE_FIELDS} for r in rows]
+    else:
+        return {}
+    key = {"posts": "post_id", "users": "user_id", "interactions": "post_id"}[case.kind]
+    first: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get(key) not in (None, ""):
+            first.setdefault(str(r[key]), r)  # a later duplicate is the reject
+    return first
+
+
+def _check_against_source(written: list[dict], source: dict[str, dict], key: str) -> int:
+    compared = 0
+    for row in written:
+        original = source.get(row[key])
+        if original is None:
+            continue
+        for name in EXACT:
+            if name in original and original[name] not in (None, ""):
+                assert row[name] == str(original[name]).replace("\r\n", "\n") or row[name] == original[name], (
+                    row[key], name)
+        likes = original.get("likes")
+        if isinstance(likes, int) or (isinstance(likes, str) and likes.strip().lstrip("-").isdigit()):
+            assert row["likes"] == int(likes), (row[key], "likes")
+        compared += 1
+    return compared
+
+
 def _norm(value: Any) -> Any:
     return value.astimezone(UTC) if isinstance(value, dt.datetime) else value
 
@@ -332,6 +385,10 @@ def test_hostile_file(case: Case, tmp_path, adobe_dir):
     for reason in case.reasons:
         assert any(reason in r["reason"] for r in rejects), (reason, [r["reason"] for r in rejects])
     key = {"posts": "post_id", "users": "user_id", "interactions": "post_id"}[case.kind]
+    if case.kind == "posts" and not case.args:
+        compared = _check_against_source(written, _source_rows(case, src), key)  # every written row, field by field
+        if case.fmt in ("csv", "jsonl", "adobe") and not case.name.endswith((".gz", ".zst", ".xlsx")):
+            assert compared == len(written), (compared, len(written))
     by_id = {r[key]: r for r in written}
     for ident, fields in case.values.items():
         assert ident in by_id, (ident, sorted(by_id))
