@@ -156,8 +156,9 @@ def _plots(records: list[dict], out: Path) -> list[str]:
         width = 0.8 / (len(imp) + 1)
         for i, r in enumerate(imp):
             ax.bar(np.arange(4) + i * width, [r[f"rce_{e}"] for e in ENGAGEMENTS], width, label=r["run"])
-        ax.bar(np.arange(4) + len(imp) * width, [imp[0][f"rce_{e}_oracle"] or 0 for e in ENGAGEMENTS], width,
-               label="oracle", color="#bbbbbb")
+        if any(imp[0].get(f"rce_{e}_oracle") is not None for e in ENGAGEMENTS):  # only synthetic worlds have one
+            ax.bar(np.arange(4) + len(imp) * width, [imp[0][f"rce_{e}_oracle"] or 0 for e in ENGAGEMENTS], width,
+                   label="oracle", color="#bbbbbb")
         ax.set_xticks(np.arange(4) + 0.4 - width / 2, ENGAGEMENTS)
         ax.set_ylabel("RCE (validation)")
         ax.legend(fontsize=7)
@@ -166,10 +167,15 @@ def _plots(records: list[dict], out: Path) -> list[str]:
     if post:
         fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(post)))
         ax.barh([r["run"] for r in post], [r["rmse"] for r in post], color="#4477aa", label="ensemble")
-        ax.scatter([r["rmse_oracle"] or np.nan for r in post], [r["run"] for r in post], color="#ee6677",
-                   zorder=3, label="oracle")
+        # Real data has no oracle; an all-NaN scatter breaks matplotlib's legend, so only what exists is drawn.
+        for key, style in (("rmse_oracle", {"color": "#ee6677", "label": "oracle"}),
+                           ("rmse_account_mean", {"color": "#222222", "marker": "|", "s": 200,
+                                                  "label": "account mean (baseline)"})):
+            if any(r.get(key) is not None for r in post):
+                ax.scatter([r.get(key) if r.get(key) is not None else np.nan for r in post],
+                           [r["run"] for r in post], zorder=3, **style)
         ax.set_xlabel("RMSE on log1p(likes), validation")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         paths.append(save_figure(fig, out / "rmse.png"))
     for key, label, name in (("rce_like_by_group", "RCE like", "rce_like_by_popularity.png"),
                              ("rmse_by_group", "RMSE log1p(likes)", "rmse_by_popularity.png")):

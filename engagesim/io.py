@@ -366,6 +366,12 @@ def read_manifest(uri: str, storage: StorageConfig | None = None) -> dict[str, A
     except (FileNotFoundError, OSError) as exc:
         if exists(join(uri, SUCCESS), storage):
             raise
+        fs, path = filesystem(uri, storage)
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            raise DatasetNotCommitted(f"{uri} is a file, not a dataset: ingest it first "
+                                      f"(`engagesim ingest {uri} --out data/NAME`) and give data/NAME") from exc
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise DatasetNotCommitted(f"{uri}: no such dataset (check the path)") from exc
         raise DatasetNotCommitted(f"{uri} is not a committed dataset (no {SUCCESS}); was its writer interrupted?") from exc
     owner = manifest.get("owner")
     if owner:

@@ -111,14 +111,14 @@ def report_dir(uri: str) -> Iterator[Path]:
 
 def eda(posts_uri: str, out_dir: str, storage: StorageConfig | None = None, top_accounts: int = 15) -> dict:
     """Write the EDA plots and index.html for a posts dataset; return the summary."""
+    df = _posts_frame(posts_uri, storage)  # a wrong input fails before the report directory is made
     with report_dir(out_dir) as out:
-        summary = _eda(posts_uri, out, storage, top_accounts)
+        summary = _eda(df, out, top_accounts, posts_uri)
     summary["out"] = join(out_dir, "index.html")
     return summary
 
 
-def _eda(posts_uri: str, out: Path, storage: StorageConfig | None, top_accounts: int) -> dict:
-    df = _posts_frame(posts_uri, storage)
+def _eda(df: pl.DataFrame, out: Path, top_accounts: int, posts_uri: str) -> dict:
     has_likes = df["likes"].drop_nulls().len() > 0
     plots = []
     if has_likes:

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from engagesim import io
 from engagesim.config import AppConfig
+from engagesim.errors import UserError
 from engagesim.features.impression import impression_post_columns, join_impressions
 from engagesim.features.post import post_row_features
 from engagesim.features.state import ImpressionState, PostState
@@ -181,8 +182,18 @@ class LoadedRun:
         return self.predict([viewer], posts=[probe]).slice(0, 0)
 
 
+class RunNotFound(UserError, FileNotFoundError):
+    """The path given as a run is not one."""
+
+
 def load_run(uri: str, storage=None) -> LoadedRun:
     """Open a run directory (local or s3://) written by the behaviour job."""
-    if not io.exists(io.join(uri, "manifest.json"), storage):
-        raise FileNotFoundError(f"{uri} is not a run directory (no manifest.json)")
+    check_run(uri, storage)
     return LoadedRun(uri, storage)
+
+
+def check_run(uri: str, storage=None) -> None:
+    """A run directory, or one line saying it is not (before a service or a job is started on it)."""
+    if not io.exists(io.join(uri, "manifest.json"), storage):
+        raise RunNotFound(f"{uri} is not a run directory (no manifest.json); runs are the directories "
+                          "`engagesim pipeline behaviour` prints (under output_root, runs/ by default)")

@@ -20,10 +20,11 @@ KINDS = ("posts", "users", "interactions")  # the contracts a user may ingest in
 
 def check_sources(sources: list[str], storage: StorageConfig | None = None) -> list[str]:
     """The input files, checked before any output directory is made or Ray starts: every missing one named."""
-    paths = io.expand_paths(sources)
-    if not paths:
+    if not sources:
         raise UserError("no input files given")
-    missing = [p for p in paths if not io.exists(p, storage)]
+    unmatched = [s for s in sources if not io.expand_paths([s])]  # a local glob that matches nothing
+    paths = io.expand_paths(sources)
+    missing = unmatched + [p for p in paths if not io.exists(p, storage)]
     if missing:
         raise UserError(f"no such file: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} "
                         "(check the path; globs are expanded locally)")

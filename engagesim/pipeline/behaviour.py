@@ -26,8 +26,6 @@ def data_stage(run: Run) -> dict[str, str]:
         run.metrics("oracle", summary["oracle"])
         return summary["datasets"]
     sources = io.expand_paths(cfg.data.paths)
-    if not sources:
-        raise ValueError(f"data.paths: no input files for data.source={cfg.data.source!r}")
     run.add_inputs(sources)
     if cfg.data.source == "recsys":
         from engagesim.loaders.recsys_ingest import ingest_recsys
@@ -48,6 +46,10 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
     from engagesim.pipeline.train import train_impression_level, train_post_level
     from engagesim.report import behaviour_report
 
+    if config.data.source != "synth":  # a missing input is found before a run directory is made or Ray starts
+        from engagesim.loaders.route import check_sources
+
+        check_sources(config.data.paths, config.storage)
     with Run.open(config, "behaviour", run_id, log) as job:
         with Timer() as t:
             datasets = data_stage(job)

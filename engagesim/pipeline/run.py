@@ -96,7 +96,9 @@ class Run:
         try:
             ensure_ray(config.ray)
             yield run
-        except BaseException:
+        except BaseException as exc:
+            # The manifest says why, so a failed run directory explains itself without the terminal.
+            run.manifest["error"] = {"type": type(exc).__name__, "message": str(exc)[:2000]}
             run.finish("failed")
             raise
         run.finish()

@@ -56,11 +56,11 @@ def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, pos
     """Score every row of ``in_uri`` (a posts or interactions dataset) with the run's served ensemble."""
     import ray
 
-    ensure_ray(ray_config)
-    run = load_run(run_uri, storage)
+    run = load_run(run_uri, storage)  # the run and the input are checked before Ray starts
     storage = storage or run.config.storage
     files = io.dataset_files(in_uri, storage)
     fs, _ = io.filesystem(in_uri, storage)
+    ensure_ray(ray_config)
     if kind is None:
         kind = "interactions" if "impression_at" in pq.read_schema(files[0], filesystem=fs).names else "posts"
     started = time.perf_counter()

@@ -229,7 +229,10 @@ def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000,
     ``gpus_per_replica`` > 0 puts scorer replicas on GPU nodes (the encoders and the NN use CUDA there).
     ``content_run`` adds ``POST /v1/generate`` (its candidates ranked by this run's ensemble).
     """
+    from engagesim.runs import check_run
+
     digests = key_digests(keys if keys is not None else os.environ.get(KEYS_ENV))
+    check_run(run_uri)  # before any replica starts: a wrong path is one line, not a failed deployment
     options: dict = {}
     if scorer_replicas is not None:
         options.update(num_replicas=scorer_replicas, autoscaling_config=None)
