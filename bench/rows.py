@@ -3,7 +3,8 @@
 Each size runs ``pipeline behaviour`` end to end (synthetic world generated on Ray, EDA, features, post and
 impression training, evaluation, report) in a driver process of its own, on the embedded local Ray, with
 embeddings off and XGBoost only (for time; the data plane is the same for every family). Prints one JSON
-line per size: wall seconds, seconds per stage, the driver's peak RSS, the peak of driver + every Ray worker
+line per size: wall seconds, seconds per stage, the driver's peak RSS (and the steps of the job where it
+peaked: the driver's RSS between two of its log lines), the peak of driver + every Ray worker
 and the largest single worker, which training path ran, and the served ensemble's like RCE. A last line
 gives the growth of the all-process peak between the two largest sizes (the issue's bound: ≤ 1.3× from 10M
 to 40M) and the largest driver peak (bound: ≤ 1.5 GB at every size).
@@ -19,6 +20,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +36,34 @@ def world(impressions: int) -> list[str]:
             "synth.days=14"]
 
 
+class DriverSteps:
+    """The driver's peak RSS between consecutive log lines of the job: which step of which stage holds the most
+    (sampled every 0.1 s; a step is named by the log line that ends it)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc, self._peak, self.steps = psutil.Process(), 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            time.sleep(0.1)
+
+    def log(self, message: str) -> None:
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self.steps.append((message.strip()[:90], round(self._peak / 2**20, 1)))
+        self._peak = 0
+        print(message, file=sys.stderr, flush=True)
+
+    def top(self, k: int = 6) -> list[tuple[str, float]]:
+        self._stop.set()
+        return sorted(self.steps, key=lambda s: -s[1])[:k]
+
+
 def child(impressions: int, out: str, rounds: int) -> None:
     """One job in this process; prints one JSON line."""
     from engagesim.config import load_config
@@ -42,9 +72,10 @@ def child(impressions: int, out: str, rounds: int) -> None:
     cfg = load_config(None, [*world(impressions), f"output_root={out}", "embed.text=false", "embed.image=false",
                              "embed.sketch=false", "train.models=['xgb']", f"train.xgb.rounds={rounds}",
                              f"train.xgb.checkpoint_every={rounds}"])
+    steps = DriverSteps()
     with PeakMemory() as peak:
         started = time.perf_counter()
-        job = behaviour.run(cfg, f"rows{impressions}", log=lambda m: print(m, file=sys.stderr, flush=True))
+        job = behaviour.run(cfg, f"rows{impressions}", log=steps.log)
         seconds = time.perf_counter() - started
     manifest = job.manifest
     metrics = manifest["metrics"]
@@ -52,6 +83,7 @@ def child(impressions: int, out: str, rounds: int) -> None:
     print(json.dumps({
         "seconds": round(seconds, 1), "stages": {k: round(v.get("seconds", 0), 1) for k, v in manifest["stages"].items()},
         "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "driver_peak_steps_mb": steps.top(),
         "all_peak_mb": peak.peak_mb, "all_peak_pss_mb": peak.pss_mb, "largest_worker_mb": peak.worker_mb,
         "train_input": imp.get("train_input"), "validation": imp.get("validation"),
         "like_rce_served": metrics.get("evaluation", {}).get("impression_level", {}).get("models", {})
