@@ -25,6 +25,13 @@ def read(uri: str, storage: StorageConfig | None = None, blocks: int | None = No
     return ray.data.read_parquet(files, filesystem=fs, **kwargs)
 
 
+def epoch_us(moment: Any) -> int:
+    """A timestamp as a Parquet footer or Arrow scalar gives it (datetime, pandas or numpy) → µs since the epoch."""
+    import polars as pl
+
+    return int(pl.Series([moment]).dt.epoch("us")[0])
+
+
 def frame(batch: pa.Table):
     """A block as a polars frame. A sliced fixed-size list with nulls (what a shuffle's groups are) trips
     polars ("validity mask length must be equal..."), so such blocks are copied unsliced first."""

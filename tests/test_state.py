@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from engagesim.features import post_fit
 from engagesim.features.graph import GraphModel, fit_graph
 from engagesim.features.state import PostState, Projection
 from engagesim.features.temporal import temporal_features
@@ -37,7 +38,7 @@ def test_post_state_roundtrip_is_exact(tmp_path):
     df = _posts(120)
     y = np.log1p(df["likes"].to_numpy().astype(float))
     train = np.arange(120) < 96
-    state = PostState.fit(df, y, train, None, smoothing=10, pca_components=4, text_clusters=5, has_likes=True)
+    state = PostState.fit(df, y, train, None, post_fit.PostOptions(10, 4, 5), has_likes=True)
     before = state.transform(df)
     state.save(str(tmp_path / "state"))
     after = PostState.load(str(tmp_path / "state")).transform(df)

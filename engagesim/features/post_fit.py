@@ -19,6 +19,7 @@ So the fitted state is the same whichever executor ran, up to float summation or
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,11 +186,19 @@ class TargetTables:
 def oof_encodings(df: pl.DataFrame, train: np.ndarray, fold: np.ndarray, tables: TargetTables, folds: int,
                   prior: float) -> pl.DataFrame:
     """Out-of-fold target-encoding columns of a block's training rows (row-aligned with those rows)."""
-    sub, fold = df.filter(pl.Series(train)), fold[train]
+    fold = fold[train]
+    return te_columns(df.filter(pl.Series(train)), prior,
+                      lambda column, rows, keys: tables.out_of_fold(column, keys, fold[rows], folds))
+
+
+def te_columns(sub: pl.DataFrame, prior: float, encode: Callable[[str, np.ndarray, pl.Series], np.ndarray]
+               ) -> pl.DataFrame:
+    """The target-encoding columns of ``sub``'s rows: ``encode(column, rows, keys)`` gives one value per key
+    (``key_rows``); scalar columns take it as is, list columns are summarised per row (``LIST_SUMMARY``)."""
     cols: dict[str, np.ndarray] = {}
     for column in TE_SCALAR + TE_LIST:
         rows, keys = key_rows(sub, column)
-        values = tables.out_of_fold(column, keys, fold[rows], folds) if len(rows) else np.zeros(0)
+        values = np.asarray(encode(column, rows, keys), dtype=np.float64) if len(rows) else np.zeros(0)
         if column in TE_SCALAR:
             cols[f"te_{column}"] = values.astype(np.float32)
             continue
@@ -200,6 +209,31 @@ def oof_encodings(df: pl.DataFrame, train: np.ndarray, fold: np.ndarray, tables:
 
 
 # --- PCA moments, the k-means sample, languages -----------------------------------------------
+
+@dataclass
+class PostFit:
+    """A post table's partial fits, combined (by either executor): what ``PostState.from_parts`` finalizes."""
+
+    te: pl.DataFrame  # te_partial summed by (column, key, fold); its language counts give the one-hot languages
+    has_likes: bool
+    prior: float  # the training rows' mean log1p(likes)
+    moments: dict[str, dict[str, np.ndarray]]  # per embedding block (PCA prefix): n, Σx, Σxxᵀ
+    kmeans_sample: pl.DataFrame | None  # post_id, text_emb of the hash-chosen sample
+
+
+@dataclass(frozen=True)
+class PostOptions:
+    """The settings a post state is fit with (``features.te_smoothing``, ``embed.pca_components``,
+    ``features.text_clusters``)."""
+
+    smoothing: encodings.Smoothing
+    pca_components: int
+    text_clusters: int
+
+    @classmethod
+    def of(cls, cfg) -> PostOptions:
+        return cls(cfg.features.te_smoothing, cfg.embed.pca_components, cfg.features.text_clusters)
+
 
 def moments_partial(x: np.ndarray) -> dict[str, np.ndarray]:
     x = x.astype(np.float64)

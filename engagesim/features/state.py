@@ -118,11 +118,10 @@ class PostState:
     # -- fit ------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, df: pl.DataFrame, y: np.ndarray, train: np.ndarray, users: pl.DataFrame | None,
-            smoothing: encodings.Smoothing, pca_components: int, text_clusters: int, has_likes: bool,
-            reach: AuthorReach | None = None, fold: np.ndarray | None = None) -> PostState:
+            options: post_fit.PostOptions, has_likes: bool, reach: AuthorReach | None = None,
+            fold: np.ndarray | None = None) -> PostState:
         """The in-process executor: every partial fit on the whole frame as one block."""
         fold = np.zeros(df.height, np.int64) if fold is None else fold
-        te = post_fit.te_partial(df, y, train, fold)
         moments = {prefix: post_fit.moments_partial(block_matrix(df, column)[train & df[column].is_not_null().to_numpy()])
                    for column, prefix in EMBEDDING_BLOCKS if column in df.columns}
         sample = None
@@ -130,31 +129,29 @@ class PostState:
             fraction = post_fit.KMEANS_SAMPLE / max(int(train.sum()), 1)
             sample = df.filter(pl.Series(train & post_fit.in_kmeans_sample(df, fraction))).select("post_id", "text_emb")
         prior = float(y[train].mean()) if has_likes and train.any() else 0.0
-        return cls.from_parts(te, has_likes, smoothing, prior, moments, sample, pca_components, text_clusters, users,
-                              df.select("post_id", "author_id", "created_at"), reach)
+        fit = post_fit.PostFit(post_fit.te_partial(df, y, train, fold), has_likes, prior, moments, sample)
+        return cls.from_parts(fit, options, users, df.select("post_id", "author_id", "created_at"), reach)
 
     @classmethod
-    def from_parts(cls, te: pl.DataFrame, has_likes: bool, smoothing: encodings.Smoothing, prior: float,
-                   moments: dict[str, dict], kmeans_sample: pl.DataFrame | None,
-                   pca_components: int, text_clusters: int, users: pl.DataFrame | None,
-                   known_posts: pl.DataFrame | None, reach: AuthorReach | None) -> PostState:
-        """Finalize the combined partial fits (both executors end here). ``te``: the combined
-        ``post_fit.te_partial`` (its language counts give the one-hot languages even without likes)."""
-        state = cls(reach=reach, prior=prior, known_posts=known_posts)
-        if has_likes:
-            state.tables = post_fit.TargetTables.fit(te, smoothing)
+    def from_parts(cls, fit: post_fit.PostFit, options: post_fit.PostOptions, users: pl.DataFrame | None,
+                   known_posts: pl.DataFrame | None = None, reach: AuthorReach | None = None) -> PostState:
+        """Finalize the combined partial fits (both executors end here)."""
+        state = cls(reach=reach, prior=fit.prior, known_posts=known_posts)
+        if fit.has_likes:
+            state.tables = post_fit.TargetTables.fit(fit.te, options.smoothing)
             state.te_scalar = {k: state.tables.stats[k] for k in TE_SCALAR}
             state.te_list = {k: state.tables.stats[k] for k in TE_LIST}
-        state.top_langs = post_fit.top_languages(te)
-        for prefix, m in moments.items():
+        state.top_langs = post_fit.top_languages(fit.te)
+        for prefix, m in fit.moments.items():
             if m["n"][0] >= 2:
-                state.projections[prefix] = Projection.from_moments(m, pca_components)
-        if kmeans_sample is not None and kmeans_sample.height >= text_clusters:
+                state.projections[prefix] = Projection.from_moments(m, options.pca_components)
+        sample = fit.kmeans_sample
+        if sample is not None and sample.height >= options.text_clusters:
             from sklearn.cluster import MiniBatchKMeans
 
             # In post_id order: mini-batches follow row order, which a distributed gather does not keep.
-            x = block_matrix(kmeans_sample.sort("post_id"), "text_emb")
-            km = MiniBatchKMeans(n_clusters=text_clusters, random_state=0, n_init=3).fit(x)
+            x = block_matrix(sample.sort("post_id"), "text_emb")
+            km = MiniBatchKMeans(n_clusters=options.text_clusters, random_state=0, n_init=3).fit(x)
             state.centres = km.cluster_centers_.astype(np.float32)
         if users is not None:
             state.authors = user_attributes(users).rename({"user_id": "author_id"})

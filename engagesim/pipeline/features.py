@@ -124,13 +124,12 @@ class _PostSide:
 def impression_span(cfg: AppConfig, uri: str) -> tuple[int, int, int]:
     """(rows, first impression, training cutoff), times in µs: impressions in the last ``features.valid_hours``
     validate. From the Parquet footers when they carry statistics (free), else two Ray Data aggregations."""
-    epoch_us = lambda t: int(pl.Series([t]).dt.epoch("us")[0])  # noqa: E731
     stats = io.column_range(uri, "impression_at", cfg.storage)
     if stats is None:
         ds = _read_ds(uri, cfg)
         stats = ds.count(), ds.min("impression_at"), ds.max("impression_at")
     rows, first, last = stats
-    return rows, epoch_us(first), epoch_us(last) - int(cfg.features.valid_hours * 3600 * 1e6)
+    return rows, datasets.epoch_us(first), datasets.epoch_us(last) - int(cfg.features.valid_hours * 3600 * 1e6)
 
 
 def impression_counts(cfg: AppConfig, interactions_uri: str, cutoff_us: int) -> pl.DataFrame:

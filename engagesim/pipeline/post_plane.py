@@ -24,9 +24,10 @@ import pyarrow as pa
 
 from engagesim import datasets, io
 from engagesim.config import AppConfig
+from engagesim.errors import UserError
 from engagesim.features import encodings, post_fit
 from engagesim.features.reach import AuthorReach, impressions_per_post
-from engagesim.features.state import EMBEDDING_BLOCKS, LIST_SUMMARY, TE_LIST, TE_SCALAR, PostState, block_matrix
+from engagesim.features.state import EMBEDDING_BLOCKS, PostState, block_matrix
 from engagesim.pipeline import partitioned
 
 VECTORS = ("text_emb", "text_sketch", "image_emb")
@@ -62,25 +63,11 @@ def featurise(state: PostState, df: pl.DataFrame, split: post_fit.PostSplit, cfg
 
 def _past_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, state: PostState) -> pl.DataFrame:
     """``te_mode=past``: each training row sees only strictly earlier rows of its key (in process only)."""
-    times = df["created_at"].dt.epoch("us").to_numpy()
     tr = np.flatnonzero(train)
-    sub = df[tr]
-    cols: dict[str, np.ndarray] = {}
-    for key in TE_SCALAR:
-        keys = sub[key].fill_null("<none>").cast(pl.String)
-        cols[f"te_{key}"] = encodings.target_encode_train(keys, y[tr], times[tr], "past",
-                                                          smoothing=state.te_scalar[key].smoothing).astype(np.float32)
-    for key in TE_LIST:
-        exploded = sub.select(pl.int_range(pl.len()).alias("row"), pl.col(key)).explode(key).drop_nulls(key)
-        rows = exploded["row"].to_numpy()
-        values = np.zeros(len(rows), dtype=np.float64)
-        if len(rows):
-            values = encodings.target_encode_train(exploded[key], y[tr][rows], times[tr][rows], "past",
-                                                   smoothing=state.te_list[key].smoothing)
-        summary = encodings.list_te_summary(rows, values, sub.height, state.prior)
-        for k, name in enumerate(LIST_SUMMARY):
-            cols[f"te_{key}_{name}"] = summary[:, k]
-    return pl.DataFrame(cols)
+    y, times = y[tr], df["created_at"].dt.epoch("us").to_numpy()[tr]
+    stats = {**state.te_scalar, **state.te_list}
+    return post_fit.te_columns(df[tr], state.prior, lambda column, rows, keys: encodings.target_encode_train(
+        keys, y[rows], times[rows], "past", smoothing=stats[column].smoothing))
 
 
 def post_info(split: post_fit.PostSplit, state: PostState, counts: dict[str, int]) -> dict[str, Any]:
@@ -117,8 +104,8 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
         counts, cutoff_us = impressions
         reach = AuthorReach.fit(df.select("post_id", "author_id", "created_at"), counts, cutoff_us,
                                 f.reach_exposure_hours)
-    state = PostState.fit(df, labels_of(df), train, users, f.te_smoothing, cfg.embed.pca_components,
-                          f.text_clusters, has_likes, reach, split.fold(df))
+    state = PostState.fit(df, labels_of(df), train, users, post_fit.PostOptions.of(cfg), has_likes, reach,
+                          split.fold(df))
     table = featurise(state, df, split, cfg, has_likes)
     return table, post_info(split, state, _media_counts(df)), state
 
@@ -156,12 +143,8 @@ def _fit_partial(batch: pa.Table, split: post_fit.PostSplit, columns: list[str],
         out.update({f"{column}:{k}": [v.astype("<f8").tobytes()] for k, v in m.items()})  # d×d: bytes, not lists
     sample = b""
     if "text_emb" in columns:
-        rows = df.filter(pl.Series(train & post_fit.in_kmeans_sample(df, fraction))).select("post_id", "text_emb")
-        sink = pa.BufferOutputStream()
-        table = rows.to_arrow()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        sample = sink.getvalue().to_pybytes()
+        sample = partitioned._ipc(df.filter(pl.Series(train & post_fit.in_kmeans_sample(df, fraction)))
+                                  .select("post_id", "text_emb"))
     out["sample"] = [sample]
     return pa.table(out)
 
@@ -178,7 +161,7 @@ def _sum_fits(parts, columns: list[str], dims: dict[str, int]) -> tuple[np.ndarr
                 total += np.frombuffer(part.column(f"{c}:{k}")[0].as_py(), "<f8").reshape(total.shape)
         payload = part.column("sample")[0].as_py()
         if payload:
-            samples.append(pl.from_arrow(pa.ipc.open_stream(payload).read_all()))
+            samples.append(partitioned._from_ipc(payload))
     return y, moments, pl.concat(samples) if samples else None
 
 
@@ -200,8 +183,7 @@ def _split_keys(ds, scratch: str, cfg: AppConfig) -> tuple[post_fit.PostSplit, d
     """The exact (t, post_id) at the split's ranks — a histogram pass (with the stage's counts), then the
     rows of the few buckets holding them — and those counts. The time range comes from the Parquet footers."""
     n, first, last = io.column_range(scratch, "created_at", cfg.storage)
-    epoch_us = lambda t: int(pl.Series([t]).dt.epoch("us")[0])  # noqa: E731
-    lo, hi = epoch_us(first), epoch_us(last)
+    lo, hi = datasets.epoch_us(first), datasets.epoch_us(last)
     width = max((hi - lo) // post_fit.HIST_BINS + 1, 1)
     totals = _sum_rows(ds.map_batches(_histogram, batch_format="pyarrow", batch_size=None,
                                       fn_kwargs={"lo": lo, "width": width}))
@@ -231,7 +213,8 @@ def run_post_plane(cfg: AppConfig, rows_ds, scratch: str, out_uri: str, state_ur
     datasets.write_streaming(rows_ds, scratch, "post_rows", cfg.storage)
     ds = datasets.read(scratch, cfg.storage, f.blocks)
     if not io.read_manifest(scratch, cfg.storage).get("rows"):
-        raise ValueError("no posts to featurise: the posts dataset is empty")
+        raise UserError("no posts to featurise: the posts dataset is empty (did its ingest reject every row? "
+                        "see its _rejects)")
     split, counts_info = _split_keys(ds, scratch, cfg)
     has_likes = counts_info.pop("likes") > 0
     te = pl.from_arrow(datasets.collect(ds.map_batches(_te_partial, batch_format="pyarrow", batch_size=None,
@@ -246,10 +229,9 @@ def run_post_plane(cfg: AppConfig, rows_ds, scratch: str, out_uri: str, state_ur
     y, m, sample = _sum_fits(ds.map_batches(_fit_partial, batch_format="pyarrow", batch_size=None,
                                             fn_kwargs={"split": split, "columns": list(dims), "fraction": fraction}),
                              list(dims), dims)
-    moments = {p: m[c] for c, p in blocks}
     prior = float(y[0] / y[1]) if has_likes and y[1] else 0.0
-    state = PostState.from_parts(te, has_likes, f.te_smoothing, prior, moments, sample, cfg.embed.pca_components,
-                                 f.text_clusters, users, None, None)
+    fit = post_fit.PostFit(te, has_likes, prior, {p: m[c] for c, p in blocks}, sample)
+    state = PostState.from_parts(fit, post_fit.PostOptions.of(cfg), users)
     log(f"post state fit: {split.rows:,} posts, {te.height:,} (key, fold) sums")
 
     posts = ds
