@@ -472,6 +472,10 @@ def serve_command(
     gpus: float = typer.Option(0.0, help="GPUs per scorer replica (GPU nodes; encoders and NN then use CUDA)."),
     content_run: Optional[str] = typer.Option(None, help="A content run: adds POST /v1/generate (best-of-N posts "
                                                           "ranked by this run's ensemble)."),
+    media_hosts: Optional[list[str]] = typer.Option(
+        None, "--media-host", help="Let requests name https:// media on this host (and its subdomains); repeatable. "
+        "None: requests may only upload an image (post.image_base64); a path or s3:// URI is always refused."),
+    rate: float = typer.Option(50.0, "--rate-limit", min=0.1, help="Requests per second per API key (429 beyond)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -484,9 +488,11 @@ def serve_command(
     import yaml
 
     from engagesim.serve.app import build_app, serve_config
+    from engagesim.serve.guard import RateLimit
 
+    hosts = tuple(media_hosts or ())
     if write_config is not None:
-        write_config.write_text(yaml.safe_dump(serve_config(run_dir, host, port, gpus, content_run),
+        write_config.write_text(yaml.safe_dump(serve_config(run_dir, host, port, gpus, content_run, hosts),
                                                  sort_keys=False))
         finish({"config": str(write_config), "deploy": f"serve deploy {write_config}"}, False, "serve config")
         return
@@ -496,7 +502,8 @@ def serve_command(
 
     cfg = _config(config, overrides)
     try:
-        application = build_app(run_dir, gpus_per_replica=gpus, content_run=content_run)
+        application = build_app(run_dir, gpus_per_replica=gpus, content_run=content_run, media_hosts=hosts,
+                                rate=RateLimit(per_second=rate, burst=max(1, int(2 * rate))))
     except RuntimeError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None

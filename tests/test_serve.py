@@ -26,7 +26,9 @@ def service(behaviour_run):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(behaviour_run.uri, keys=f"other-key,{KEY}", max_batch_rows=200, scorer_replicas=1),
+    # The world's media URLs are on an unresolvable host: allowed here, they fail as they did in evaluation.
+    serve.run(build_app(behaviour_run.uri, keys=f"{'other-key-' * 2},{KEY}", max_batch_rows=200, scorer_replicas=1,
+                        media_hosts=("media.engagesim.invalid",)),
               name="engagesim", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     try:
@@ -39,19 +41,32 @@ def _auth(key: str = KEY) -> dict:
     return {"Authorization": f"Bearer {key}"}
 
 
-def _post_body(row: dict) -> dict:
-    return {"post_id": row["post_id"], "account": row["author_id"], "username": row["username"],
+def _post_body(row: dict) -> dict | None:
+    """A post as a client sends it. Its photo travels as bytes (image_base64): a request may not name a file
+    on the server. Posts with other media (a video's thumbnail on disk) cannot be sent alike: None."""
+    import base64
+
+    body = {"post_id": row["post_id"], "account": row["author_id"], "username": row["username"],
             "company": row["company"], "text": row["text"], "created_at": row["created_at"].isoformat(),
-            "language": row["language"], "media": row["media"]}
+            "language": row["language"]}
+    if all(m["uri"].startswith("https://") for m in row["media"]):  # (the world's unreachable .invalid URLs)
+        return {**body, "media": row["media"]}
+    if len(row["media"]) == 1 and row["media"][0]["kind"] == "photo":
+        return {**body, "image_base64": base64.b64encode(io.read_bytes(row["media"][0]["uri"])).decode()}
+    return None
 
 
 def test_predictions_equal_the_evaluation(service):
     url, run = service
     evaluated = pl.from_arrow(io.read_table(io.join(run.uri, "predictions", "posts")))
     posts = pl.from_arrow(io.read_table(io.join(run.uri, "data", "posts")))
-    raw = posts.filter(pl.col("post_id").is_in(evaluated["post_id"].implode())).head(60)
+    evaluated_posts = posts.filter(pl.col("post_id").is_in(evaluated["post_id"].implode()))
+    local_photo = pl.col("media").list.eval(~pl.element().struct.field("uri").str.starts_with("https://")).list.any()
+    uploads = evaluated_posts.filter(local_photo).head(5)  # these go as image_base64 uploads
+    assert uploads.height, "the tiny world should have evaluated posts with drawn photos"
+    raw = pl.concat([uploads, evaluated_posts.filter(~local_photo).head(55)])
     expected = dict(zip(evaluated["post_id"], evaluated["log1p_likes"]))
-    rows = [{"post": _post_body(r)} for r in raw.to_dicts()]
+    rows = [{"post": b} for b in map(_post_body, raw.to_dicts()) if b is not None]
     batch = requests.post(f"{url}/v1/predict:batch", json={"rows": rows}, headers=_auth(), timeout=60)
     assert batch.status_code == 200, batch.text
     for p in batch.json()["predictions"]:
@@ -68,7 +83,8 @@ def test_predictions_equal_the_evaluation(service):
     by_id = {r["post_id"]: r for r in posts.filter(pl.col("post_id").is_in(inter["post_id"].implode())).to_dicts()}
     requests_ = [{"post": _post_body(by_id[r["post_id"]]),
                   "viewer": {"user_id": r["user_id"], "follows_creator": r["follows_creator"],
-                             "impression_at": r["impression_at"].isoformat()}} for r in inter.to_dicts()]
+                             "impression_at": r["impression_at"].isoformat()}} for r in inter.to_dicts()
+                 if _post_body(by_id[r["post_id"]]) is not None]
     got = requests.post(f"{url}/v1/predict:batch", json={"rows": requests_}, headers=_auth(), timeout=60).json()
     want = {(r["user_id"], r["post_id"], r["impression_at"]): r for r in imp.to_dicts()}
     for req, pred in zip(requests_, got["predictions"]):
@@ -98,6 +114,12 @@ def test_auth_and_bad_input_are_4xx_and_the_service_keeps_answering(service):
         return payload
 
     bad("{not json", None)
+    for hostile in ("../../etc/passwd", "/dev/zero", "s3://bucket/key.png", "file:///etc/passwd"):  # never read
+        bad({"post": {**good["post"], "media": [{"kind": "photo", "uri": hostile}]}}, "post.media.0.uri")
+    started = time.perf_counter()  # an unauthenticated 8 MiB body is refused before it is parsed
+    unauth = requests.post(f"{url}/v1/predict", data=b"{" + b" " * (8 * 1024 * 1024 - 10) + b"}",
+                           headers={"Content-Type": "application/json"}, timeout=60)
+    assert unauth.status_code == 401 and time.perf_counter() - started < 2.0
     bad({"post": {"text": "no account", "created_at": "2024-01-01T00:00:00Z"}}, "post.account")
     bad({"post": {**good["post"], "created_at": "not a time"}}, "post.created_at")
     bad({"post": {**good["post"], "follower_count": -5}}, "post.follower_count")
@@ -201,7 +223,7 @@ def test_generated_serve_config_passes_serves_schema(tmp_path):
 
     out = tmp_path / "serve.yaml"
     result = run_cli("serve", "--run", "s3://bucket/runs/abc", "--write-config", str(out), "--gpus", "1",
-                     "--content-run", "s3://bucket/runs/content")
+                     "--content-run", "s3://bucket/runs/content", env={"ENGAGESIM_API_KEYS": KEY})
     assert result.returncode == 0, result.stderr
     schema = ServeDeploySchema.model_validate(yaml.safe_load(out.read_text()))
     app = schema.applications[0]
@@ -210,7 +232,8 @@ def test_generated_serve_config_passes_serves_schema(tmp_path):
     assert scorer.ray_actor_options.num_gpus == 1 and schema.http_options.host == "127.0.0.1"
     assert app.args["content_run"] == "s3://bucket/runs/content"
     assert any(d.name == "ContentGenerator" for d in app.deployments)
-    assert "KEY" not in out.read_text().upper()  # keys never land in the config file
+    assert KEY not in out.read_text()  # keys never land in the config file: their digests do (serve deploy
+    assert app.runtime_env["env_vars"]["ENGAGESIM_API_KEY_DIGESTS"]  # does not carry the user's environment)
 
 
 def test_serve_refuses_to_start_without_api_keys():

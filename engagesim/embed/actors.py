@@ -73,6 +73,8 @@ class ImageFeaturizer:
         self.encoder = ImageEncoder(model)
         self.cache = EmbeddingCache(cache_dir, model, storage)
         self.storage, self.fetch_http, self.stat_size = storage, fetch_http, stat_size
+        # Datasets' media: any URI of the user's own data. A Serve replica swaps in serve.media.MediaFetcher.
+        self.fetch = lambda uri: fetch(uri, self.storage, self.fetch_http)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         uris = batch.column("photo_uri").to_pylist()
@@ -85,7 +87,7 @@ class ImageFeaturizer:
             if not uri:
                 continue
             try:
-                data = fetch(uri, self.storage, self.fetch_http)
+                data = self.fetch(uri)
                 rgb = decode(data, self.stat_size)
             except Exception as exc:  # unreachable or corrupt media: a reason, not a crash
                 errors[i] = f"{type(exc).__name__}: {exc}"[:200]

@@ -35,8 +35,11 @@ from engagesim.serve.api import (
     Prediction,
     PredictRequest,
 )
+from engagesim.serve.guard import Guard, RateLimit
+from engagesim.serve.media import MediaPolicy, check_uri
 
 KEYS_ENV = "ENGAGESIM_API_KEYS"
+DIGESTS_ENV = "ENGAGESIM_API_KEY_DIGESTS"
 
 app = FastAPI(
     title="engagesim",
@@ -69,24 +72,29 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
 
 @app.exception_handler(StarletteHTTPException)
 async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, "http_error", exc.detail)
+    return _error(exc.status_code, "payload_too_large" if exc.status_code == 413 else "http_error", exc.detail)
 
 
-@app.middleware("http")
-async def _limit_body(request: Request, call_next):
-    limit = getattr(request.app.state, "max_body_bytes", 8 * 1024 * 1024)
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return _error(413, "payload_too_large", f"request body over {limit} bytes")
-    return await call_next(request)
+app.add_middleware(Guard)
+
+
+MIN_KEY_CHARS = 16
 
 
 def key_digests(keys: str | None) -> list[str]:
-    digests = [hashlib.sha256(k.strip().encode()).hexdigest() for k in (keys or "").split(",") if k.strip()]
-    if not digests:
+    """SHA-256 digests of the comma-separated keys; refuses none, and keys too short to resist guessing."""
+    keys_ = [k.strip() for k in (keys or "").split(",") if k.strip()]
+    if not keys_:
+        digests = [d.strip() for d in os.environ.get(DIGESTS_ENV, "").split(",") if d.strip()]
+        if digests and all(len(d) == 64 and all(c in "0123456789abcdef" for c in d) for d in digests):
+            return digests  # a `serve deploy` config carries only these (--write-config)
         raise RuntimeError(f"set {KEYS_ENV} (comma-separated API keys) in the environment; the service refuses "
                            "to start without keys")
-    return digests
+    short = sum(len(k) < MIN_KEY_CHARS for k in keys_)
+    if short:
+        raise RuntimeError(f"{KEYS_ENV}: {short} key(s) shorter than {MIN_KEY_CHARS} characters; use long random "
+                           "keys, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`")
+    return [hashlib.sha256(k.encode()).hexdigest() for k in keys_]
 
 
 @serve.deployment(
@@ -98,10 +106,10 @@ def key_digests(keys: str | None) -> list[str]:
 class Scorer:
     """Holds one run's feature state and models; scores lists of requests."""
 
-    def __init__(self, run_uri: str):
+    def __init__(self, run_uri: str, media: MediaPolicy | None = None):
         from engagesim.serve.predictor import RequestPredictor
 
-        self.predictor = RequestPredictor(run_uri)
+        self.predictor = RequestPredictor(run_uri, media)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def predict_one(self, requests: list[PredictRequest]) -> list[dict]:
@@ -133,25 +141,33 @@ class ContentGenerator:
         from engagesim.serve.api import save_upload
 
         image = save_upload(body.image_base64, self.uploads) if body.image_base64 else None
-        return self.simulator.simulate(body.account, body.created_at, n=body.n, company=body.company,
-                                       image_path=image, target_likes=body.target_likes, seed=body.seed)
+        try:
+            return self.simulator.simulate(body.account, body.created_at, n=body.n, company=body.company,
+                                           image_path=image, target_likes=body.target_likes, seed=body.seed)
+        finally:
+            if image:
+                os.remove(image)  # an upload lives only while its request runs
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Gateway:
     def __init__(self, scorer: DeploymentHandle, digests: list[str], max_batch_rows: int = 1000,
-                 max_body_bytes: int = 8 * 1024 * 1024, generator: DeploymentHandle | None = None):
-        self.scorer, self.digests, self.max_batch_rows = scorer, digests, max_batch_rows
-        self.generator = generator
-        app.state.max_body_bytes = max_body_bytes
+                 max_body_bytes: int = 8 * 1024 * 1024, generator: DeploymentHandle | None = None,
+                 media: MediaPolicy | None = None, rate: RateLimit | None = None):
+        self.scorer, self.max_batch_rows = scorer, max_batch_rows
+        self.generator, self.media = generator, media or MediaPolicy()
+        # What the Guard middleware checks before a route (and its body parsing) runs.
+        app.state.digests, app.state.max_body_bytes = list(digests), max_body_bytes
+        app.state.rate = rate or RateLimit()
         self.limits: dict | None = None
 
     def _authorise(self, request: Request) -> None:
+        """Kept as a second check on every route (the Guard middleware has already refused a bad key)."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         presented = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(presented, d) for d in self.digests):
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(presented, d) for d in app.state.digests):
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <API key>",
                            {"WWW-Authenticate": "Bearer"})
 
@@ -167,6 +183,10 @@ class Gateway:
             if r.viewer is not None and not self.limits["impressions"]:
                 raise ApiError(422, "invalid_request", [{"field": f"{where}viewer",
                                                          "message": "this run has no impression-level models"}])
+            for k, item in enumerate(r.post.media):  # never a path or bucket on the server; https on the allowlist
+                reason = check_uri(item.uri, self.media)
+                if reason:
+                    raise ApiError(422, "invalid_request", [{"field": f"{where}post.media.{k}.uri", "message": reason}])
 
     async def _call(self, method, *args):
         """A call to the scorer; a replica lost mid-request becomes a 503 the client can retry."""
@@ -223,11 +243,15 @@ class Gateway:
 
 
 def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000, scorer_replicas: int | None = None,
-              gpus_per_replica: float = 0.0, content_run: str | None = None):
-    """The Serve application for a run (keys default to the environment's ENGAGESIM_API_KEYS).
+              gpus_per_replica: float = 0.0, content_run: str | None = None, media_hosts: tuple[str, ...] = (),
+              rate: RateLimit | None = None):
+    """The Serve application for a run (keys default to the environment's ENGAGESIM_API_KEYS, or the digests in
+    ENGAGESIM_API_KEY_DIGESTS that a ``serve deploy`` config carries).
 
     ``gpus_per_replica`` > 0 puts scorer replicas on GPU nodes (the encoders and the NN use CUDA there).
     ``content_run`` adds ``POST /v1/generate`` (its candidates ranked by this run's ensemble).
+    ``media_hosts``: hosts whose https:// media requests may name (none: no fetching; uploads still work).
+    ``rate``: requests per second per key and gateway replica (429 with Retry-After beyond it).
     """
     from engagesim.runs import check_run
 
@@ -240,20 +264,28 @@ def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000,
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus_per_replica}
     scorer = Scorer.options(**options) if options else Scorer
     generator = ContentGenerator.bind(content_run, run_uri) if content_run else None
-    return Gateway.bind(scorer.bind(run_uri), digests, max_batch_rows, generator=generator)
+    media = MediaPolicy(hosts=tuple(media_hosts))
+    return Gateway.bind(scorer.bind(run_uri, media), digests, max_batch_rows, generator=generator, media=media,
+                        rate=rate)
 
 
 def app_builder(args: dict[str, str]):
     """For ``serve run engagesim.serve.app:app_builder run=RUN_DIR`` and Serve config files."""
     if "run" not in args:
         raise ValueError("args.run: the run directory to serve is required")
+    hosts = tuple(h for h in str(args.get("media_hosts", "")).split(",") if h)
     return build_app(args["run"], max_batch_rows=int(args.get("max_batch_rows", 1000)),
-                     gpus_per_replica=float(args.get("gpus_per_replica", 0)), content_run=args.get("content_run"))
+                     gpus_per_replica=float(args.get("gpus_per_replica", 0)), content_run=args.get("content_run"),
+                     media_hosts=hosts)
 
 
 def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_per_replica: float = 0.0,
-                 content_run: str | None = None) -> dict:
-    """A Serve config file for ``serve deploy`` (keys still come from the cluster's environment)."""
+                 content_run: str | None = None, media_hosts: tuple[str, ...] = ()) -> dict:
+    """A Serve config file for ``serve deploy``. ``serve deploy`` does not carry the user's shell environment
+    to the cluster, so the digests of ENGAGESIM_API_KEYS (never the keys) go into the application's
+    ``runtime_env``; without keys in this environment the cluster's own environment must provide them."""
+    keys = os.environ.get(KEYS_ENV)
+    runtime_env = {"env_vars": {DIGESTS_ENV: ",".join(key_digests(keys))}} if keys else {}
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},
@@ -262,7 +294,9 @@ def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_p
             "route_prefix": "/",
             "import_path": "engagesim.serve.app:app_builder",
             "args": {"run": run_uri, "max_batch_rows": 1000, "gpus_per_replica": gpus_per_replica,
-                     **({"content_run": content_run} if content_run else {})},
+                     **({"content_run": content_run} if content_run else {}),
+                     **({"media_hosts": ",".join(media_hosts)} if media_hosts else {})},
+            **({"runtime_env": runtime_env} if runtime_env else {}),
             "deployments": [
                 {"name": "Scorer", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
                                                           "target_ongoing_requests": 16},

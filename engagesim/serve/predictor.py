@@ -7,6 +7,7 @@ evaluated one for the same row.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -17,17 +18,23 @@ import pyarrow as pa
 from engagesim.runs import LoadedRun, load_run
 from engagesim.schema import ENGAGEMENTS
 from engagesim.serve.api import PredictRequest, to_rows
+from engagesim.serve.media import MediaFetcher, MediaPolicy
 
 
 class RequestPredictor:
-    def __init__(self, run_uri: str, upload_dir: str | None = None):
+    def __init__(self, run_uri: str, media: MediaPolicy | None = None):
         self.run: LoadedRun = load_run(run_uri)
         self.version = self.run.run_id
-        self.upload_dir = upload_dir or os.path.join(tempfile.gettempdir(), "engagesim-uploads")
+        # Uploaded images live in this replica's own directory (mode 0700) only while their request is scored.
+        self.upload_dir = tempfile.mkdtemp(prefix="engagesim-uploads-")
+        self.media = dataclasses.replace(media or MediaPolicy(), upload_dir=self.upload_dir)
         self.max_text_chars = self.run.config.ingest.max_text_chars
         self.has_impressions = self.run.has_impression_models
         # Load models, state and encoders now, not on the first request.
         _ = self.run.post_models, self.run.post_state, self.run._encoders
+        for encoder in self.run._encoders:  # request media: https on the allowlist, or this replica's uploads
+            if hasattr(encoder, "fetch"):
+                encoder.fetch = MediaFetcher(self.media)
         if self.has_impressions:
             _ = self.run.impression_models, self.run.impression_state
 
@@ -39,6 +46,13 @@ class RequestPredictor:
                 "metrics": self.run.metrics.get("evaluation", {})}
 
     def predict(self, requests: list[PredictRequest]) -> list[dict]:
+        try:
+            return self._predict(requests)
+        finally:
+            for name in os.listdir(self.upload_dir):  # scored: the uploads go (calls run one at a time)
+                os.remove(os.path.join(self.upload_dir, name))
+
+    def _predict(self, requests: list[PredictRequest]) -> list[dict]:
         posts, impressions, accounts = to_rows(requests, self.upload_dir)
         post_rows = pa.Table.from_pylist(posts)
         new_accounts = pl.DataFrame(accounts) if accounts else None
