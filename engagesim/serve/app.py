@@ -13,6 +13,7 @@ travel to the replicas.
 """
 
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -110,13 +111,20 @@ class Scorer:
         from engagesim.serve.predictor import RequestPredictor
 
         self.predictor = RequestPredictor(run_uri, media)
+        self._one_at_a_time = asyncio.Lock()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def predict_one(self, requests: list[PredictRequest]) -> list[dict]:
-        return self.predictor.predict(requests)
+        return await self._predict(requests)
 
     async def predict_many(self, requests: list[PredictRequest]) -> list[dict]:
-        return self.predictor.predict(requests)
+        return await self._predict(requests)
+
+    async def _predict(self, requests: list[PredictRequest]) -> list[dict]:
+        """In a worker thread, one call at a time: the replica's event loop keeps taking requests (and health
+        checks) while a batch is scored."""
+        async with self._one_at_a_time:
+            return await asyncio.to_thread(self.predictor.predict, requests)
 
     def models(self) -> dict:
         return self.predictor.models()
@@ -154,8 +162,8 @@ class ContentGenerator:
 class Gateway:
     def __init__(self, scorer: DeploymentHandle, digests: list[str], max_batch_rows: int = 1000,
                  max_body_bytes: int = 8 * 1024 * 1024, generator: DeploymentHandle | None = None,
-                 media: MediaPolicy | None = None, rate: RateLimit | None = None):
-        self.scorer, self.max_batch_rows = scorer, max_batch_rows
+                 media: MediaPolicy | None = None, rate: RateLimit | None = None, deadline_s: float = 30.0):
+        self.scorer, self.max_batch_rows, self.deadline_s = scorer, max_batch_rows, deadline_s
         self.generator, self.media = generator, media or MediaPolicy()
         # What the Guard middleware checks before a route (and its body parsing) runs.
         app.state.digests, app.state.max_body_bytes = list(digests), max_body_bytes
@@ -189,11 +197,15 @@ class Gateway:
                     raise ApiError(422, "invalid_request", [{"field": f"{where}post.media.{k}.uri", "message": reason}])
 
     async def _call(self, method, *args):
-        """A call to the scorer; a replica lost mid-request becomes a 503 the client can retry."""
+        """A call to the scorer under the request deadline (504 past it); a replica lost mid-request becomes a
+        503 the client can retry."""
         from ray.exceptions import RayActorError, RayTaskError
 
         try:
-            return await method(*args)
+            return await asyncio.wait_for(method(*args), self.deadline_s)
+        except asyncio.TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within {self.deadline_s:g} s; retry, or send fewer rows",
+                           {"Retry-After": "1"}) from None
         except (RayActorError, RayTaskError) as exc:
             if isinstance(exc, RayTaskError) and isinstance(exc.cause, ValueError):
                 raise ApiError(422, "invalid_request", str(exc.cause)) from None
