@@ -248,7 +248,7 @@ class TrainConfig(Section):
         None, ge=10, description="When impression training streams: validation rows (a hash sample, at most half "
         "of them) gathered into the driver for early stopping and the ensemble's weights and stacker; every "
         "other validation row is scored on Ray Data from partial sums and gives the reported metrics. Unset: "
-        "the rows whose 8-byte values fill 256 MiB (~200k rows of 160 columns).")
+        "the rows whose 8-byte values fill 128 MiB (~100k rows of 160 columns).")
     sample: SampleConfig = Field(default_factory=SampleConfig)
     xgb: XGBConfig = Field(default_factory=XGBConfig)
     nn: NNConfig = Field(default_factory=NNConfig)

@@ -146,6 +146,10 @@ class LevelInputs:
 
 
 DRIVER_TABLE_BYTES = 1 << 30  # automatic train.stream_rows: the most a level's table may take in the driver
+# Automatic train.valid_fit_rows: the validation fit rows' 8-byte values. At 256 MiB (262k rows of 128 columns)
+# the driver went from 1.13 to 1.66 GB while XGBoost fit at 4M impressions (bench/rows.py, its steps): the rows,
+# their copy in the object store and the members' prediction matrices. Half of that keeps it under 1.5 GB.
+VALID_FIT_BYTES = 1 << 27
 
 
 def stream_threshold(cfg: AppConfig, columns: int) -> int:
@@ -166,7 +170,7 @@ def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) 
     ensure_ray(cfg.ray)
     ds = datasets.read(uri, cfg.storage, cfg.features.blocks)
     schema = io.dataset_schema(uri, cfg.storage)
-    fit_rows = cfg.train.valid_fit_rows or max(DRIVER_TABLE_BYTES // 4 // (8 * len(schema.names)), 10)
+    fit_rows = cfg.train.valid_fit_rows or max(VALID_FIT_BYTES // (8 * len(schema.names)), 10)
     valid, scored, valid_rows = validation.split_valid(ds, fit_rows, cfg.train.sample.seed)
     train = ds.map_batches(validation.rows_of, fn_kwargs={"split": "train"}, batch_format="pyarrow")
     sample = cfg.train.sample
