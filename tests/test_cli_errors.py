@@ -45,12 +45,15 @@ CASE_IDS = [c[0] for c in _cases(__import__("pathlib").Path("/nonexistent"))]
 
 @pytest.mark.parametrize("index", range(len(CASE_IDS)), ids=CASE_IDS)
 def test_a_mistake_is_one_line_and_exit_2(index, tmp_path, monkeypatch):
-    import engagesim.runtime
+    import ray
 
     def no_ray(*_, **__):
         raise AssertionError("Ray was started for a mistake the inputs already show")
 
-    monkeypatch.setattr(engagesim.runtime, "ensure_ray", no_ray)
+    # ray.init itself (looked up at call time): patching engagesim.runtime.ensure_ray would stay bound in
+    # modules that import it by name during the test, and leak into later tests.
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setenv("ENGAGESIM_API_KEYS", "k" * 32)
     (tmp_path / "raw.csv").write_text(CSV)
     name, args, message = _cases(tmp_path)[index]
