@@ -47,7 +47,7 @@ def single_process(args: tuple) -> dict:
     inter = io.read_table(io.join(world, "interactions"))
     out = features_in_process(inter, pl.read_parquet(post_path), pl.from_arrow(io.read_table(io.join(world, "users"))),
                               features.valid_hours, features.window_hours, features.history_mode, features.jaccard_k,
-                              features.seed)
+                              features.seed, test_share=features.test_share)
     assert out.num_rows == inter.num_rows
     return {"rows_per_s": inter.num_rows / (time.perf_counter() - start),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -79,14 +79,14 @@ def child(impressions: int, out: str, rounds: int) -> None:
         seconds = time.perf_counter() - started
     manifest = job.manifest
     metrics = manifest["metrics"]
-    imp = metrics.get("impression_level", {})
+    imp = metrics.get("valid", {}).get("impression_level", {})
     print(json.dumps({
         "seconds": round(seconds, 1), "stages": {k: round(v.get("seconds", 0), 1) for k, v in manifest["stages"].items()},
         "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "driver_peak_steps_mb": steps.top(),
         "all_peak_mb": peak.peak_mb, "all_peak_pss_mb": peak.pss_mb, "largest_worker_mb": peak.worker_mb,
         "train_input": imp.get("train_input"), "validation": imp.get("validation"),
-        "like_rce_served": metrics.get("evaluation", {}).get("impression_level", {}).get("models", {})
+        "like_rce_served": metrics.get("test", {}).get("impression_level", {}).get("models", {})
         .get("ensemble", {}).get("like", {}).get("rce")}))
 
 

@@ -257,7 +257,7 @@ def pipeline_behaviour(
     quiet_ray()
     job = run(cfg, run_id, log=lambda m: err.print(m))
     if not as_json:
-        print_metrics(metric_rows(job.manifest["metrics"]))
+        print_metrics(metric_rows(job.manifest["metrics"].get("test", {})))
     finish({"run": job.uri, "status": job.manifest["status"],
             "report": job.manifest["stages"].get("report", {}).get("outputs", {}).get("report")}, as_json, "behaviour run")
 
@@ -419,7 +419,7 @@ def evaluate(
     run_dir: str = typer.Argument(..., help="A run directory (runs/<id> or s3://…/runs/<id>)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Re-score a run's validation rows with its saved models; write predictions, metrics.json and plots.
+    """Re-score a run's untouched test rows (the latest in time); write predictions, metrics.json and plots.
 
     Output: RUN/predictions/{posts,impressions} and RUN/reports/evaluation/ (calibration and PR curves,
     feature importance, error by author-popularity quintile, metrics.json, index.html). On synthetic data
@@ -436,7 +436,7 @@ def evaluate(
 def _print_evaluation(result: dict) -> None:
     from engagesim.report import metric_rows
 
-    print_metrics(metric_rows(result), "evaluation (validation rows, saved models)")
+    print_metrics(metric_rows(result))
 
 
 @app.command()
@@ -513,13 +513,17 @@ def serve_command(
     serve.run(application, name="engagesim", route_prefix="/", blocking=True)
 
 
-def print_metrics(rows: list[dict], title: str = "validation metrics (later in time than training)") -> None:
-    table = Table(title=title)
-    for column in ("level", "model", "metric", "value", "oracle"):
+TEST_TITLE = "test metrics: the latest rows, untouched by fitting, early stopping, stacking and tuning"
+TEST_CAPTION = "rmse: lower is better · ap, rce: higher is better (rce 0 = predicting the training rate)"
+
+
+def print_metrics(rows: list[dict], title: str = TEST_TITLE) -> None:
+    table = Table(title=title, caption=TEST_CAPTION)
+    for column in ("level", "model", "metric", "value", "oracle", "note"):
         table.add_column(column)
     for r in rows:
         table.add_row(r["level"], r["model"], r["metric"], f"{r['value']:.4f}",
-                      "" if r["oracle"] is None else f"{r['oracle']:.4f}")
+                      "" if r["oracle"] is None else f"{r['oracle']:.4f}", r.get("note", ""))
     out.print(table)
 
 

@@ -58,16 +58,16 @@ def summarise(run_uri: str, measure: bool = True) -> dict[str, Any]:
     }
     if cfg["data"]["source"] == "synth":
         record["data_size"] = f"{cfg['synth']['posts']} posts, {cfg['synth']['impressions']} impressions"
-    evaluation = metrics.get("evaluation", {})
-    post = evaluation.get("post_level", {})
+    test = metrics.get("test", {})  # the untouched test split, as every command reports it
+    post = test.get("post_level", {})
     if post.get("models"):
         ens = post["models"].get("ensemble", {})
         record["rmse"] = ens.get("rmse")
         record["rmse_fair"] = ens.get("rmse_by_popularity", {}).get("mean")
         record["rmse_oracle"] = post.get("oracle", {}).get("rmse")
-        record["rmse_account_mean"] = metrics.get("post_level", {}).get("baselines", {}).get("account_mean", {}).get("rmse")
-        record["post_rows_valid"] = post.get("rows")
-    imp = evaluation.get("impression_level", {})
+        record["rmse_account_mean"] = post.get("baselines", {}).get("account_mean", {}).get("rmse")
+        record["post_rows_test"] = post.get("rows")
+    imp = test.get("impression_level", {})
     if imp.get("models"):
         ens = imp["models"]["ensemble"]
         for e in ENGAGEMENTS:
@@ -75,7 +75,7 @@ def summarise(run_uri: str, measure: bool = True) -> dict[str, Any]:
             record[f"ap_{e}"] = ens[e]["ap"]
             record[f"rce_{e}_fair"] = ens[e]["rce_by_popularity"]["mean"]
             record[f"rce_{e}_oracle"] = imp.get("oracle", {}).get(e, {}).get("rce")
-        record["impression_rows_valid"] = imp.get("rows")
+        record["impression_rows_test"] = imp.get("rows")
         groups = ens["like"]["rce_by_popularity"]
         record["rce_like_by_group"] = [groups[g] for g in sorted(groups) if g != "mean"]
     elif post.get("models"):

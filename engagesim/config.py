@@ -107,11 +107,15 @@ class EmbedConfig(Section):
 
 class FeaturesConfig(Section):
     valid_hours: float = Field(
-        48, gt=0, description="Forward-in-time validation: impressions in the last N hours are the validation set."
+        48, gt=0, description="Forward-in-time hold-out: impressions in the last N hours are validation, then test."
     )
     valid_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Post-level chronological split: the latest fraction of posts is validation."
+        0.2, gt=0, lt=1, description="Post-level chronological split: the latest fraction of posts is held out."
     )
+    test_share: float = Field(
+        0.5, gt=0, lt=1, description="Latest share of the held-out posts and impressions (valid_fraction, "
+        "valid_hours) kept as the untouched test split every command reports; the earlier rest validates "
+        "(early stopping, stacking, tuning).")
     history_mode: Literal["window", "past"] = Field(
         "window", description="Training-row history: other 24h windows (LAYER6) or strictly earlier ones."
     )
@@ -230,10 +234,11 @@ class TrainConfig(Section):
         True, description="Build impression features and train P(engagement) models when the data has impressions; "
                           "post-level (likes) models are always trained. Off for post-level recipes (Adobe, SMP).")
     models: list[str] = Field(
-        default_factory=lambda: ["xgb", "nn", "knn", "stacked_mlp"],
-        description="Model families to train: xgb, nn, knn, stacked_mlp, slm, or any registered with "
-                    "engagesim.models.family.register_family (knn and the SMP stacked MLP: post level only; slm: "
-                    "the transformer text encoder + MLP trained end to end, see train.slm).",
+        default_factory=lambda: ["xgb", "nn", "knn", "stacked_mlp", "account_mean"],
+        description="Model families to train: xgb, nn, knn, stacked_mlp, account_mean, slm, or any registered "
+                    "with engagesim.models.family.register_family (knn, the SMP stacked MLP and account_mean — the "
+                    "shrunk per-account mean as a member the stacker may choose: post level only; slm: the "
+                    "transformer text encoder + MLP trained end to end, see train.slm).",
     )
     ensemble: Literal["loss_weighted", "stacked"] = Field(
         "stacked", description="How the served ensemble combines models (both are always evaluated)."

@@ -158,27 +158,57 @@ def _eda(df: pl.DataFrame, out: Path, top_accounts: int, posts_uri: str) -> dict
 
 # --- behaviour models ---------------------------------------------------------------------------
 
+def _served(level: dict) -> str | None:
+    """The row name of what is served: the evaluation's "ensemble" column, the training result's chosen
+    ensemble variant, or its one member when there is no ensemble."""
+    if "ensemble" in level.get("models", {}):
+        return "ensemble"
+    if "served" in level.get("ensemble", {}):
+        return f"ensemble:{level['ensemble']['served']}"
+    return next(iter(level["models"])) if len(level.get("models", {})) == 1 else None
+
+
+def _note(*parts: str) -> str:
+    return ", ".join(p for p in parts if p)
+
+
 def metric_rows(metrics: dict) -> list[dict]:
-    """Flat rows (level, model, metric, value, oracle) for tables: one place that reads the metrics layout."""
+    """Flat rows (level, model, metric, value, oracle, note) of one split's {post_level, impression_level}
+    (a training result or the evaluation's): the one place that reads the metrics layout.
+
+    ``note`` marks the served model, a member that loses to the best baseline (post level: RMSE above
+    the account or global mean; impression level: RCE ≤ 0, no better than predicting the training rate),
+    and (training results) a member the served ensemble dropped for losing to it on the validation rows."""
     rows: list[dict] = []
     post = metrics.get("post_level", {})
     oracle_rmse = post.get("oracle", {}).get("rmse")
-    for group in ("baselines", "models"):
-        for name, values in post.get(group, {}).items():
-            rows.append({"level": "post", "model": name, "metric": "rmse", "value": values["rmse"], "oracle": oracle_rmse})
-    for name, values in post.get("ensemble", {}).items():
-        if isinstance(values, dict):
-            rows.append({"level": "post", "model": f"ensemble:{name}", "metric": "rmse", "value": values["rmse"],
-                         "oracle": oracle_rmse})
+    baselines, served = post.get("baselines", {}), _served(post)
+    best = min(baselines, key=lambda k: baselines[k]["rmse"]) if baselines else None
+    for name, values in baselines.items():
+        rows.append({"level": "post", "model": name, "metric": "rmse", "value": values["rmse"], "oracle": oracle_rmse,
+                     "note": "baseline"})
+    members = {**post.get("models", {}),
+               **{f"ensemble:{k}": v for k, v in post.get("ensemble", {}).items() if k in ("loss_weighted", "stacked")}}
+    dropped = post.get("ensemble", {}).get("dropped", {}).get("log1p_likes", {})
+    for name, values in members.items():
+        loses = best is not None and values["rmse"] > baselines[best]["rmse"]
+        rows.append({"level": "post", "model": name, "metric": "rmse", "value": values["rmse"], "oracle": oracle_rmse,
+                     "note": _note("served" if name == served else "", f"loses to {best}" if loses else "",
+                                   "dropped from the ensemble" if name in dropped else "")})
     imp = metrics.get("impression_level", {})
-    oracle = imp.get("oracle", {})
+    oracle, served = imp.get("oracle", {}), _served(imp)
+    dropped = imp.get("ensemble", {}).get("dropped", {})
     members = {**imp.get("models", {}), **{f"ensemble:{k}": v for k, v in imp.get("ensemble", {}).items()
                                            if k in ("loss_weighted", "stacked")}}
     for name, per in members.items():
         for engagement, values in per.items():
             for metric in ("ap", "rce"):
+                flat = metric == "rce" and values[metric] <= 0
                 rows.append({"level": "impression", "model": name, "metric": f"{metric}_{engagement}",
-                             "value": values[metric], "oracle": oracle.get(engagement, {}).get(metric)})
+                             "value": values[metric], "oracle": oracle.get(engagement, {}).get(metric),
+                             "note": _note("served" if name == served else "",
+                                           "no better than the training rate" if flat else "",
+                                           "dropped from the ensemble" if name in dropped.get(engagement, {}) else "")})
     return rows
 
 
@@ -191,7 +221,8 @@ def behaviour_report(metrics: dict, out_dir: str) -> str:
 
 def _behaviour_report(metrics: dict, out: Path) -> None:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    rows = metric_rows(metrics)
+    # The plots show the test split (what every command reports); the table has both splits.
+    rows = metric_rows(metrics.get("test", {}))
     plots = []
     post = [r for r in rows if r["level"] == "post"]
     if post:
@@ -200,7 +231,7 @@ def _behaviour_report(metrics: dict, out: Path) -> None:
         if post[0]["oracle"] is not None:
             ax.axvline(post[0]["oracle"], color="#ee6677", linestyle="--", label="oracle")
             ax.legend()
-        ax.set_xlabel("RMSE on log1p(likes) — validation (later in time)")
+        ax.set_xlabel("RMSE on log1p(likes), test split (latest in time) — lower is better")
         plots.append(save_figure(fig, out / "post_rmse.png"))
     imp = [r for r in rows if r["level"] == "impression" and r["metric"].startswith("rce_")]
     if imp:
@@ -215,21 +246,24 @@ def _behaviour_report(metrics: dict, out: Path) -> None:
         if all(o is not None for o in oracle):
             ax.bar(np.arange(len(engagements)) + len(models) * width, oracle, width, label="oracle", color="#bbbbbb")
         ax.set_xticks(np.arange(len(engagements)) + 0.4 - width / 2, engagements)
-        ax.set_ylabel("RCE (validation)")
+        ax.set_ylabel("RCE, test split — higher is better")
         ax.legend(fontsize=7)
         plots.append(save_figure(fig, out / "impression_rce.png"))
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.4f}"
 
     table = "".join(
-        f"<tr><td>{r['level']}</td><td>{html.escape(r['model'])}</td><td>{r['metric']}</td>"
-        f"<td>{cell(r['value'])}</td><td>{cell(r['oracle'])}</td></tr>"
-        for r in rows
+        f"<tr><td>{split}</td><td>{r['level']}</td><td>{html.escape(r['model'])}</td><td>{r['metric']}</td>"
+        f"<td>{cell(r['value'])}</td><td>{cell(r['oracle'])}</td><td>{html.escape(r['note'])}</td></tr>"
+        for split in ("test", "valid") for r in metric_rows(metrics.get(split, {}))
     )
     images = "".join(f'<figure><img src="{p}" alt="{p}"></figure>' for p in plots)
     (out / "index.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>engagesim behaviour models</title>"
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto} td{padding:2px 8px}</style></head>"
-        f"<body><h1>Behaviour models — validation metrics</h1>{images}<table><tr><th>level</th><th>model</th>"
-        f"<th>metric</th><th>value</th><th>oracle</th></tr>{table}</table></body></html>"
+        f"<body><h1>Behaviour models</h1><p>test: the latest rows, untouched by fitting, early stopping, "
+        f"stacking and tuning (what every command reports); valid: the rows before them, which chose those. "
+        f"RMSE: lower is better; AP, RCE: higher is better (RCE 0 = predicting the training rate).</p>"
+        f"{images}<table><tr><th>split</th><th>level</th><th>model</th><th>metric</th><th>value</th>"
+        f"<th>oracle</th><th>note</th></tr>{table}</table></body></html>"
     )

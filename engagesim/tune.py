@@ -20,7 +20,7 @@ import yaml
 from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.models import xgb
-from engagesim.models.data import feature_columns
+from engagesim.models.data import feature_columns, rows_of_split
 
 
 def xgb_space() -> dict[str, Any]:
@@ -60,8 +60,7 @@ def tune_xgb(cfg: AppConfig, features_uri: str, out_yaml: str, storage_path: str
     if level == "post":
         table = table.filter(pc.invert(pc.is_nan(table.column(label))))
     features = feature_columns(table.schema)
-    is_train = pc.equal(table.column("split"), "train")
-    parts = [table.filter(is_train), table.filter(pc.invert(is_train))]
+    parts = [rows_of_split(table, "train"), rows_of_split(table, "valid")]  # the test rows stay untouched
     data = [(matrix(t, features), t.column(label).to_numpy(zero_copy_only=False).astype(np.float32)) for t in parts]
     objective = "binary:logistic" if level == "impression" else "reg:squarederror"
     base = xgb.params_for(cfg.train.xgb.preset, objective, {"nthread": 1, "seed": seed})

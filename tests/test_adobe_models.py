@@ -20,7 +20,8 @@ def test_adobe_features_and_models_beat_baselines(ray_local, adobe_dir, tmp_path
     posts = str(tmp_path / "posts")
     ingest([str(adobe_dir / "content_simulation_test_company.xlsx")], "adobe", posts, cfg)
     summary = run_features(cfg, posts, str(tmp_path / "features"))
-    assert summary["posts"]["rows"] == 10_000 and summary["posts"]["valid_rows"] == 2_000
+    assert summary["posts"]["rows"] == 10_000 and summary["posts"]["valid_rows"] == 1_000
+    assert summary["posts"]["test_rows"] == 1_000  # the latest half of the held-out 20 %
     manifest = json.load(open(os.path.join(tmp_path, "features", "features.json")))
     names = {f["name"] for f in manifest["features"]}
     assert {"te_author_id", "te_company", "secs_since_prev_post", "day_of_week", "n_video", "text_pca_0"} <= names

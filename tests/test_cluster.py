@@ -120,7 +120,7 @@ def test_job_submission_with_token_and_refusal_without(token_head, tmp_path):
     assert re.search(r"succeeded", status.stdout + status.stderr, re.I)
     manifest = json.loads((runs / "from-job" / "manifest.json").read_text())
     assert manifest["status"] == "succeeded"
-    assert manifest["metrics"]["evaluation"]["post_level"]["models"]["ensemble"]["rmse"] > 0
+    assert manifest["metrics"]["test"]["post_level"]["models"]["ensemble"]["rmse"] > 0
 
 
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
@@ -262,7 +262,8 @@ info, _ = build_impression_features(fcfg, io.join(world, "interactions"), io.joi
                                     out + "_impressions", out + "_state")
 f = fcfg.features
 local = pl.from_arrow(features_in_process(io.read_table(io.join(world, "interactions")), posts, users,
-                                          f.valid_hours, f.window_hours, f.history_mode, f.jaccard_k, f.seed))
+                                          f.valid_hours, f.window_hours, f.history_mode, f.jaccard_k, f.seed,
+                                          test_share=f.test_share))
 dist = pl.from_arrow(io.read_table(out + "_impressions"))
 report.update({"history_rows": dist.height, "history_rounds": sorted(info["history"]["partitioned"]),
                "post_join": info["posts"],

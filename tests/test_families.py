@@ -55,6 +55,9 @@ def _table(level, seed: int) -> pa.Table:
                     created_at=pa.array(when, pa.timestamp("us", tz="UTC")), text=texts)
         vectors = rng.normal(size=(N, DIM)).astype(np.float32)
         cols["text_emb"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM)
+        author = np.arange(N) % 20  # an account's mean label, as the post state's apply-mode encoding gives it
+        means = np.bincount(author, cols["label_log1p_likes"]) / np.bincount(author)
+        cols["te_author_id"] = means[author].astype(np.float32)
     else:
         for k, label in enumerate(IMPRESSION.labels):
             p = 1 / (1 + np.exp(-(signal - 1 - k)))
@@ -195,10 +198,10 @@ def test_a_family_registered_outside_trains_serves_and_is_reported(toy_family, r
     run = engagesim.load_run(job.uri)
     assert run.post_models.members == ["xgb", "author_mean"]
     assert io.read_json(run.path("models", "post", "ensemble.json"))["families"]["author_mean"] == "author_mean"
-    post = run.metrics["post_level"]
+    post = run.metrics["valid"]["post_level"]
     assert post["author_mean_accounts"] > 0 and np.isfinite(post["models"]["author_mean"]["rmse"])
     report = json.load(open(os.path.join(run.uri, "reports", "evaluation", "metrics.json")))
-    assert "author_mean" in report["post_level"]["models"]
+    assert "author_mean" in report["test"]["post_level"]["models"]
     evaluated = pl.from_arrow(io.read_table(run.path("predictions", "posts")))
     raw = pl.from_arrow(io.read_table(run.path("data", "posts"))).filter(
         pl.col("post_id").is_in(evaluated["post_id"].implode()))

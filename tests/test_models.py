@@ -194,3 +194,42 @@ def test_weighted_models_on_sampled_rows_stay_calibrated():
                                        mean=mean, std=std, task="binary"))
     nn.train_epochs(model, x, y, epochs=4, batch_size=256, lr=3e-3, w=s.column(WEIGHT).to_numpy())
     assert abs(model.predict(matrix(test, ["x"])).mean() / rate - 1) < 0.1
+
+
+def test_members_that_lose_to_the_best_baseline_leave_the_served_ensemble():
+    from engagesim.config import load_config
+    from engagesim.models.family import IMPRESSION, POST
+    from engagesim.pipeline.train import _ensembles, _winners
+    from engagesim.report import metric_rows
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    y = rng.normal(size=(n, 1))
+    good, bad = y + rng.normal(0, 0.5, (n, 1)), 2 * rng.normal(size=(n, 1))
+    base = {"account_mean": np.zeros(n)}  # RMSE ≈ 1; bad's ≈ 2.2
+    kept, dropped = _winners(POST, {"good": good, "bad": bad, "also": y + rng.normal(0, 0.7, (n, 1))}, y, base,
+                             lambda _: None)
+    assert kept == [["good", "also"]] and list(dropped["log1p_likes"]) == ["bad"]
+    assert "≥ account_mean" in dropped["log1p_likes"]["bad"]
+    specs, _, _, stacked, served = _ensembles(load_config(None, []), POST, {"good": good, "bad": bad, "also": y},
+                                              y, kept)
+    assert sorted(specs["log1p_likes"]["members"]) == ["also", "good"] and np.array_equal(served, stacked)
+    # Nobody beats the baseline: the best member is served alone (loss-weighted, weight 1).
+    kept, _ = _winners(POST, {"bad": bad, "worse": 2 * bad}, y, base, lambda _: None)
+    specs, _, weighted, _, served = _ensembles(load_config(None, []), POST, {"bad": bad, "worse": 2 * bad}, y, kept)
+    assert kept == [["bad"]] and specs["log1p_likes"]["method"] == "loss_weighted"
+    np.testing.assert_allclose(served, bad)
+    # Impression level: the baseline is the validation rate; per engagement.
+    labels = (rng.random((n, 4)) < 0.2).astype(float)
+    informed = np.clip(0.6 * labels + 0.1, 0, 1)
+    wrong = np.full((n, 4), 0.8)
+    kept, dropped = _winners(IMPRESSION, {"informed": informed, "wrong": wrong}, labels, {}, lambda _: None)
+    assert kept == [["informed"]] * 4 and set(dropped) == set(IMPRESSION.outputs)
+    # The printed table says so.
+    rows = metric_rows({"post_level": {"baselines": {"account_mean": {"rmse": 1.0}},
+                                       "models": {"good": {"rmse": 0.5}, "bad": {"rmse": 2.2}},
+                                       "ensemble": {"stacked": {"rmse": 0.45}, "loss_weighted": {"rmse": 0.48},
+                                                    "served": "stacked", "dropped": {"log1p_likes": {"bad": "x"}}}}})
+    notes = {r["model"]: r["note"] for r in rows}
+    assert notes == {"account_mean": "baseline", "good": "", "bad": "loses to account_mean, dropped from the ensemble",
+                     "ensemble:stacked": "served", "ensemble:loss_weighted": ""}

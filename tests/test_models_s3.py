@@ -54,8 +54,8 @@ def test_reports_publish_to_s3(s3_bucket):
     from engagesim.report import behaviour_report
 
     uri = f"s3://{s3_bucket}/runs/r1/reports/behaviour"
-    metrics = {"post_level": {"baselines": {"global_mean": {"rmse": 1.0}}, "models": {"xgb": {"rmse": 0.8}},
-                              "oracle": {"rmse": 0.6}}}
+    metrics = {"test": {"post_level": {"baselines": {"global_mean": {"rmse": 1.0}}, "models": {"xgb": {"rmse": 0.8}},
+                                       "oracle": {"rmse": 0.6}}}}
     out = behaviour_report(metrics, uri)
     assert out == f"{uri}/index.html" and io.exists(out)
     assert io.read_json(f"{uri}/metrics.json") == metrics and io.exists(f"{uri}/post_rmse.png")

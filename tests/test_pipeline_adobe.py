@@ -9,7 +9,7 @@ from engagesim.pipeline.behaviour import run
 
 
 @pytest.fixture(scope="module")
-def adobe_run(tmp_path_factory, adobe_dir):
+def adobe_run(ray_local, tmp_path_factory, adobe_dir):
     root = tmp_path_factory.mktemp("adobe_runs")
     cfg = load_config(DEFAULT_CONFIG, [f"output_root={root}", "data.source=adobe",
                                        f"data.paths=['{adobe_dir}/content_simulation_train_sample22.xlsx']"])

@@ -76,15 +76,15 @@ def test_preset_runs_end_to_end_on_a_tiny_world(preset_runs, name):
     assert manifest["status"] == "succeeded" and manifest["config"]["preset"]["name"] == name
     metrics = manifest["metrics"]
     if manifest["config"]["preset"]["task"] == "behaviour":
-        assert metrics["evaluation"]["post_level"]["models"]["ensemble"]["rmse"] > 0
+        assert metrics["test"]["post_level"]["models"]["ensemble"]["rmse"] > 0
         if manifest["config"]["train"]["impression_level"]:
             train = manifest["config"]["train"]
             trained = set(train["models"]) - {"knn", "stacked_mlp"}
             if "slm" in trained and train["slm"]["distill_layers"]:
                 trained.add("slm_distilled")
-            assert set(metrics["evaluation"]["impression_level"]["models"]) == trained | {"ensemble"}
+            assert set(metrics["test"]["impression_level"]["models"]) == trained | {"ensemble"}
         else:  # a post-level recipe: no impression features, no impression models
-            assert "train_impression_level" not in manifest["stages"] and not metrics["evaluation"]["impression_level"]
+            assert "train_impression_level" not in manifest["stages"] and not metrics["test"]["impression_level"]
     elif name == "okboomer":
         assert set(manifest["stages"]) == {"data", "captions", "hashtags"}  # the paper's task only
         assert metrics["hashtags"]["model@3"]["posts"] > 0
@@ -100,7 +100,7 @@ def test_report_compare_tables_every_run_with_measured_costs(preset_runs, tmp_pa
     result = compare([preset_runs[n] for n in ("layer6_recsys2021", "smp2019", "okboomer")], str(tmp_path))
     records = {r["preset"]: r for r in result["records"]}
     assert records["layer6_recsys2021"]["rce_like"] == pytest.approx(json.loads(
-        Path(preset_runs["layer6_recsys2021"], "manifest.json").read_text())["metrics"]["evaluation"][
+        Path(preset_runs["layer6_recsys2021"], "manifest.json").read_text())["metrics"]["test"][
         "impression_level"]["models"]["ensemble"]["like"]["rce"])
     assert records["smp2019"]["rows_per_s"] > 0 and records["smp2019"]["latency_ms"] > 0
     assert records["okboomer"]["hashtag_bleu"] is not None and "rows_per_s" not in records["okboomer"]

@@ -123,9 +123,9 @@ def test_behaviour_job_on_recsys_logs(ray_local, tmp_path):
     job = run(cfg, "recsys", log=lambda _: None)
     manifest = json.loads((tmp_path / "runs" / "recsys" / "manifest.json").read_text())
     assert manifest["status"] == "succeeded" and manifest["metrics"]["ingest"]["read"] == 12_000
-    like = job.manifest["metrics"]["impression_level"]["models"]["xgb"]["like"]
+    like = job.manifest["metrics"]["test"]["impression_level"]["models"]["xgb"]["like"]
     assert like["rce"] > 0 and like["ap"] > 0.4
-    assert set(job.manifest["metrics"]["impression_level"]["models"]["xgb"]) == {"like", "reply", "retweet", "quote"}
+    assert set(job.manifest["metrics"]["test"]["impression_level"]["models"]["xgb"]) == {"like", "reply", "retweet", "quote"}
 
 
 def test_vectorised_chunk_parser_matches_line_parser():

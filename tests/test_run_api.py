@@ -35,13 +35,16 @@ def test_run_directory_is_complete(run):
     assert {"metrics.json", "index.html", "post_calibration_and_groups.png", "impression_calibration_pr_groups.png",
             "importance_post.png", "importance_impression.png"} <= names
     metrics = json.load(open(os.path.join(report, "metrics.json")))
-    imp = metrics["impression_level"]
+    assert metrics["valid"] == run.metrics["valid"] and metrics["test"] == run.metrics["test"]
+    imp = metrics["test"]["impression_level"]
     assert set(imp["models"]) == {"xgb", "nn", "ensemble"}
     assert imp["oracle"]["like"]["rce"] > 0 and "mean" in imp["models"]["ensemble"]["like"]["rce_by_popularity"]
-    post = metrics["post_level"]
+    post = metrics["test"]["post_level"]
     assert {"xgb", "nn", "knn", "stacked_mlp", "ensemble"} <= set(post["models"])
-    # The models learned something: better than predicting the training mean for every post.
-    assert post["models"]["ensemble"]["rmse"] < run.metrics["post_level"]["baselines"]["global_mean"]["rmse"]
+    # The models learned something: better than predicting the training mean for every post, on the test rows.
+    assert post["models"]["ensemble"]["rmse"] < post["baselines"]["global_mean"]["rmse"]
+    # Test and validation are different rows: the stacker was fit on the validation ones.
+    assert post["rows"] > 0 and run.metrics["valid"]["post_level"]["rows"]["valid"] > 0
 
 
 def test_predict_posts_from_raw_rows_equals_evaluation(run):
@@ -81,12 +84,13 @@ def test_streamed_impression_evaluation_equals_the_in_memory_one(run, tmp_path):
     writes the same predictions as the in-process one and the same metrics: RCE exactly, AP within the
     histogram's error. That error is one of rank: a bin holding a positive and a negative at different scores
     is counted as randomly interleaved, so it scales with one positive's share of AP (1/P). On this run's
-    8.8k rows, labels with under 100 positives measured up to 2e-3 (xgb, quote, ~50 positives): the bound is
-    max(1e-3, 0.2/P)."""
+    8.8k validation rows, labels with under 100 positives measured up to 2e-3 (xgb, quote, ~50 positives); on
+    its test rows (the later half of them) up to 2.1e-3 for nn, reply, 163 positives, i.e. 0.34/P: the bound
+    is max(1e-3, 0.4/P)."""
     from engagesim.pipeline.evaluate import evaluate_impressions
 
     streamed = evaluate_impressions(run, tmp_path, io.join(str(tmp_path), "predictions"), stream=True)
-    exact = json.load(open(os.path.join(run.uri, "reports", "evaluation", "metrics.json")))["impression_level"]
+    exact = json.load(open(os.path.join(run.uri, "reports", "evaluation", "metrics.json")))["test"]["impression_level"]
     assert streamed["rows"] == exact["rows"] and set(streamed["models"]) == set(exact["models"])
     written = io.read_table(io.join(str(tmp_path), "predictions"))
     positives = {e: max(int(pc.sum(written.column(f"y_{e}")).as_py() or 0), 1) for e in ENGAGEMENTS}
@@ -94,7 +98,7 @@ def test_streamed_impression_evaluation_equals_the_in_memory_one(run, tmp_path):
         got, want = (streamed, exact) if name == "oracle" else (streamed["models"], exact["models"])
         for e in ENGAGEMENTS:
             assert got[name][e]["rce"] == pytest.approx(want[name][e]["rce"], abs=1e-6), (name, e)
-            assert abs(got[name][e]["ap"] - want[name][e]["ap"]) < max(1e-3, 0.2 / positives[e]), (name, e)
+            assert abs(got[name][e]["ap"] - want[name][e]["ap"]) < max(1e-3, 0.4 / positives[e]), (name, e)
             assert got[name][e]["rce_by_popularity"] == pytest.approx(want[name][e]["rce_by_popularity"], abs=1e-6)
     keys = ["user_id", "post_id", "impression_at"]
     ours = pl.from_arrow(io.read_table(io.join(str(tmp_path), "predictions"))).sort(keys)
@@ -139,3 +143,29 @@ def test_score_command_matches_evaluation_and_rejects_bad_rows(run, tmp_path):
     assert (scored["log1p_likes"] - scored["log1p_likes_eval"]).abs().max() <= 1e-6
     rejects = pl.from_arrow(io.read_table(result["rejects"]))
     assert rejects.height == 3 and rejects["reason"].str.contains("text").all()
+
+
+def test_every_command_reports_the_same_test_figure(run):
+    """pipeline (its printed table), evaluate, /v1/models and report compare all give the served model's
+    figure on the untouched test rows; the validation figures are a different section."""
+    from helpers import run_cli
+
+    from engagesim.compare import summarise
+    from engagesim.report import metric_rows
+    from engagesim.serve.predictor import RequestPredictor
+
+    test = run.metrics["test"]
+    served = test["post_level"]["models"]["ensemble"]["rmse"]
+    rows = [r for r in metric_rows(test) if r["level"] == "post" and "served" in r["note"]]
+    assert [(r["model"], r["value"]) for r in rows] == [("ensemble", served)]
+    assert summarise(run.uri, measure=False)["rmse"] == served
+    assert RequestPredictor(run.uri).models()["metrics"] == test
+    proc = run_cli("evaluate", run.uri)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if " ensemble " in x and "rmse" in x)
+    assert f"{served:.4f}" in line and "served" in line
+    # Members that lose to the best baseline are flagged in the same table.
+    best = min(v["rmse"] for v in test["post_level"]["baselines"].values())
+    for r in metric_rows(test):
+        if r["level"] == "post" and r["note"] != "baseline":
+            assert ("loses to" in r["note"]) == (r["value"] > best), r

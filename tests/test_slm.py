@@ -139,7 +139,7 @@ def test_slm_family_in_a_behaviour_run_is_served_by_load_run(ray_local, tmp_path
                              "train.slm.distill_layers=1", "train.slm.lr=0.003"])
     run = behaviour.run(cfg, "slm", log=lambda _: None)
     metrics = json.loads(Path(run.uri, "manifest.json").read_text())["metrics"]
-    post, impression = metrics["post_level"], metrics["impression_level"]
+    post, impression = metrics["valid"]["post_level"], metrics["valid"]["impression_level"]
     assert {"slm", "slm_distilled"} <= set(post["models"]) and {"slm", "slm_distilled"} <= set(
         impression["models"])
     assert post["models"]["slm"]["rmse"] < post["baselines"]["global_mean"]["rmse"]

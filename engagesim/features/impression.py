@@ -66,8 +66,14 @@ def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cu
     return pl.concat(parts).sort("_i").drop("_i")
 
 
+def test_from(cutoff_us: int, valid_hours: float, test_share: float) -> int:
+    """Where the test split starts (µs): the latest ``test_share`` of the held-out hours after the cutoff."""
+    return cutoff_us + int((1 - test_share) * valid_hours * 3600 * 1e6)
+
+
 def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int, window_hours: int,
-                     history_mode: str, done: tuple[str, ...] = (), post_columns: tuple[str, ...] = ()) -> pa.Table:
+                     history_mode: str, done: tuple[str, ...] = (), post_columns: tuple[str, ...] = (),
+                     test_from_us: int | None = None) -> pa.Table:
     """Impression rows + everything fit on the training data (``ctx``) → the impression feature table.
 
     Pure: ``ctx`` holds plain objects (history lookup tables, the graph model, user attributes, post
@@ -75,6 +81,7 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
     ``done`` names history groups whose columns the batch already carries (joined partition by partition
     earlier, ``features/partitioned.py``); their columns are kept in the place the in-process join puts them.
     Likewise ``ctx["posts"] = None``: the batch already carries ``post_columns`` (a hash join on post_id).
+    Rows from ``cutoff_us`` are "valid", from ``test_from_us`` (None: never) "test"; both are apply-mode.
     """
     df = prepare(batch, ctx, origin_us, window_hours)
     is_valid = df["t_us"] >= cutoff_us
@@ -104,10 +111,13 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
         posts = df.select(list(post_columns))
     else:
         posts = df.select("_i", "post_id").join(ctx["posts"], on="post_id", how="left").sort("_i").drop("_i", "post_id")
+    split = pl.when(is_valid).then(pl.lit("valid")).otherwise(pl.lit("train"))
+    if test_from_us is not None:
+        split = pl.when(pl.col("t_us") >= test_from_us).then(pl.lit("test")).otherwise(split)
     out = pl.concat(
         [
             df.select("user_id", "post_id", "creator_id", "impression_at",
-                      pl.when(is_valid).then(pl.lit("valid")).otherwise(pl.lit("train")).alias("split"),
+                      split.alias("split"),
                       *[pl.col(f"y_{e}") for e in ENGAGEMENTS],
                       pl.col("follows_creator").cast(pl.Float32)),
             hist, graph, *attrs, posts,
@@ -119,7 +129,7 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
 
 def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users: pl.DataFrame,
                         valid_hours: float, window_hours: int, history_mode: str, jaccard_k: int = 20,
-                        seed: int = 0) -> pa.Table:
+                        seed: int = 0, *, test_share: float) -> pa.Table:
     """The in-process executor: the whole impression feature table from one polars frame.
 
     The same functions the Ray pipeline maps over blocks and partitions (``pipeline/partitioned.py``), with
@@ -140,4 +150,5 @@ def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users:
            "graph": fit_graph(train, jaccard_k, seed),
            "users": user_attributes(users),
            "posts": impression_post_columns(post_table), **({"topics": topics} if topics is not None else {})}
-    return join_impressions(interactions, ctx, origin_us, cutoff_us, window_hours, history_mode)
+    return join_impressions(interactions, ctx, origin_us, cutoff_us, window_hours, history_mode,
+                            test_from_us=test_from(cutoff_us, valid_hours, test_share))

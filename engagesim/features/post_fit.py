@@ -5,8 +5,9 @@ the benchmark's baseline) calls each on the whole frame as a single block; the R
 (``pipeline/post_plane.py``) maps them over Ray Data blocks and combines the parts with a hash shuffle.
 So the fitted state is the same whichever executor ran, up to float summation order (≤ 1e-9 here).
 
-- **Split and time folds**: the latest ``valid_fraction`` of posts by (created_at, post_id) validate; the
-  training posts form ``te_folds`` contiguous time folds. Both are cut by the keys at a few global ranks
+- **Split and time folds**: the latest ``valid_fraction`` of posts by (created_at, post_id) are held out —
+  the earlier part validates (early stopping, stacking, tuning), the latest ``test_share`` of them is the
+  untouched test split every command reports — and the training posts form ``te_folds`` contiguous time folds. Both are cut by the keys at a few global ranks
   (``PostSplit``), found exactly from a time histogram and the few rows of the buckets that hold them.
 - **Target encodings**: per (column, key, fold) sums of y, y² and counts (``te_partial``). The apply
   version sums over folds, the out-of-fold one subtracts the row's own fold; the empirical-Bayes
@@ -48,33 +49,43 @@ def _at_or_after(keys: pl.DataFrame, key: tuple[int, str] | None) -> np.ndarray:
 
 @dataclass
 class PostSplit:
-    """Where validation starts and each training fold begins, as (t µs, post_id) keys (None: never)."""
+    """Where validation and test start and each training fold begins, as (t µs, post_id) keys (None: never)."""
 
     rows: int
     train_rows: int
+    test_rows: int
     cut: tuple[int, str] | None
+    test_cut: tuple[int, str] | None
     folds: list[tuple[int, str] | None]
 
     @staticmethod
-    def ranks(rows: int, valid_fraction: float, folds: int) -> tuple[int, list[int]]:
-        """(rank of the first validation post, rank of the first post of folds 1..k-1)."""
+    def ranks(rows: int, valid_fraction: float, test_share: float, folds: int) -> tuple[int, int, list[int]]:
+        """(rank of the first held-out post, of the first test post, of the first post of folds 1..k-1)."""
         cut = int(np.floor(rows * (1 - valid_fraction)))
-        return cut, [math.ceil(j * cut / folds) for j in range(1, folds)]
+        test = cut + int(np.floor((rows - cut) * (1 - test_share)))
+        return cut, test, [math.ceil(j * cut / folds) for j in range(1, folds)]
 
     @classmethod
-    def from_keys(cls, rows: int, cut: int, keys: dict[int, tuple[int, str]], fold_ranks: list[int]) -> PostSplit:
-        return cls(rows, cut, keys.get(cut), [keys.get(r) for r in fold_ranks])
+    def from_keys(cls, rows: int, ranks: tuple[int, int, list[int]], keys: dict[int, tuple[int, str]]) -> PostSplit:
+        cut, test, fold_ranks = ranks
+        return cls(rows, cut, rows - test, keys.get(cut), keys.get(test), [keys.get(r) for r in fold_ranks])
 
     @classmethod
-    def of_frame(cls, df: pl.DataFrame, valid_fraction: float, folds: int) -> PostSplit:
+    def of_frame(cls, df: pl.DataFrame, valid_fraction: float, test_share: float, folds: int) -> PostSplit:
         """The in-process executor: one sort."""
         keys = order_keys(df).sort("t", "post_id")
-        cut, fold_ranks = cls.ranks(keys.height, valid_fraction, folds)
-        at = {r: (int(keys["t"][r]), keys["post_id"][r]) for r in {cut, *fold_ranks} if r < keys.height}
-        return cls.from_keys(keys.height, cut, at, fold_ranks)
+        ranks = cls.ranks(keys.height, valid_fraction, test_share, folds)
+        at = {r: (int(keys["t"][r]), keys["post_id"][r]) for r in {ranks[0], ranks[1], *ranks[2]} if r < keys.height}
+        return cls.from_keys(keys.height, ranks, at)
 
     def is_train(self, df: pl.DataFrame) -> np.ndarray:
         return ~_at_or_after(order_keys(df), self.cut)
+
+    def labels(self, df: pl.DataFrame) -> np.ndarray:
+        """"train" / "valid" / "test" per row."""
+        keys = order_keys(df)
+        held, test = _at_or_after(keys, self.cut), _at_or_after(keys, self.test_cut)
+        return np.where(test, "test", np.where(held, "valid", "train"))
 
     def fold(self, df: pl.DataFrame) -> np.ndarray:
         """Time fold 0..k-1 of training posts (a validation post gets the last)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from engagesim.schema import ENGAGEMENTS
 
@@ -12,6 +13,13 @@ NON_FEATURES = {"post_id", "author_id", "username", "created_at", "likes", "spli
                 "creator_id", "impression_at", "image_error", "photo_uri", "clean_text", "text",
                 "post_text"}
 LABELS = [f"y_{e}" for e in ENGAGEMENTS]
+
+
+SPLITS = ("train", "valid", "test")  # valid: early stopping, stacking, tuning; test: untouched, what is reported
+
+
+def rows_of_split(table: pa.Table, split: str) -> pa.Table:
+    return table.filter(pc.equal(table.column("split"), split))
 
 
 def feature_columns(schema: pa.Schema) -> list[str]:

@@ -75,19 +75,19 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
         with Timer() as t:
             post = train_post_level(config, job.path("features", "posts"), models_dir, datasets.get("truth/posts"),
                                     log=lambda m: log(f"  {m}"))
-        job.metrics("post_level", post)
+        job.metrics("valid", {"post_level": post})
         job.stage("train_post_level", {"models": job.path("models", "post")}, t.seconds)
         log(f"post-level models ({t.seconds:.1f}s)")
         if "impressions" in feats:
             with Timer() as t:
                 impression = train_impression_level(config, job.path("features", "impressions"), models_dir,
                                                     datasets.get("truth/interactions"), log=lambda m: log(f"  {m}"))
-            job.metrics("impression_level", impression)
+            job.metrics("valid", {"post_level": post, "impression_level": impression})
             job.stage("train_impression_level", {"models": job.path("models", "impression")}, t.seconds)
             log(f"impression-level models ({t.seconds:.1f}s)")
         with Timer() as t:
             evaluation = evaluate(job.uri, config.storage)
-        job.metrics("evaluation", {k: v for k, v in evaluation.items() if k != "report"})
+        job.metrics("test", {k: v for k, v in evaluation.items() if k != "report"})
         job.stage("evaluate", {"predictions": job.path("predictions"), "report": evaluation["report"]}, t.seconds)
         log(f"evaluation ({t.seconds:.1f}s): {evaluation['report']}")
         with Timer() as t:

@@ -1,16 +1,18 @@
-"""The evaluation stage: a run's saved models on its validation rows → predictions, metrics, plots.
+"""The evaluation stage: a run's saved models on its untouched test rows → predictions, metrics, plots.
 
 (run URI) → ``<run>/predictions/{posts,impressions}``, ``<run>/reports/evaluation/``
 (``metrics.json``, calibration and PR curves, feature importance, error by
 author-popularity group, ``index.html``). It scores with ``load_run`` — the
 objects Serve and ``engagesim score`` use — so these predictions are the
 reference the online paths are checked against. Impression tables of ``train.stream_rows`` rows or
-more are never gathered: the validation rows stream through scoring actors into the predictions dataset,
+more are never gathered: the test rows stream through scoring actors into the predictions dataset,
 whose partial sums give the metrics and the curves (``pipeline/validation.py``).
 
-The ensemble scored here is the persisted one (its stacker was fit on these
-validation rows); the out-of-fold ensemble figures in the training metrics
-are the honest ones and both are reported.
+The test split is the latest ``features.test_share`` of the held-out rows (forward in time). Early
+stopping, the ensemble's weights and stacker and ``tune`` only ever see the validation rows before it,
+so the served ensemble is scored here exactly as it is persisted, on rows nothing was fit or chosen on.
+These are the figures ``pipeline``, ``evaluate``, ``/v1/models`` and ``report compare`` print; the
+validation figures stay in the manifest (``metrics.valid``) for diagnosis.
 """
 
 from __future__ import annotations
@@ -31,16 +33,20 @@ from engagesim import datasets, io  # noqa: E402
 from engagesim.metrics import AP_FROM_BINS, average_precision, grouped, popularity_groups, quantile_edges, rce, rmse  # noqa: E402
 from engagesim.models.data import label_matrix  # noqa: E402
 from engagesim.pipeline import validation  # noqa: E402
-from engagesim.pipeline.train import stream_threshold  # noqa: E402
+from engagesim.pipeline.train import post_baselines, stream_threshold  # noqa: E402
 from engagesim.report import report_dir, save_figure  # noqa: E402
 from engagesim.runs import LoadedRun, load_run  # noqa: E402
 from engagesim.runtime import ensure_ray  # noqa: E402
 from engagesim.schema import ENGAGEMENTS  # noqa: E402
 
 
-def _valid(run: LoadedRun, name: str) -> pa.Table:
-    """The validation rows of a feature table, filtered part by part while reading (never the whole table)."""
-    return io.read_table(run.path("features", name), run.storage, filters=[("split", "==", "valid")])
+def _rows(run: LoadedRun, name: str, split: str = "test", columns: list[str] | None = None) -> pa.Table:
+    """A split's rows of a feature table, filtered part by part while reading (never the whole table)."""
+    return io.read_table(run.path("features", name), run.storage, columns=columns, filters=[("split", "==", split)])
+
+
+def _labelled(table: pa.Table) -> pa.Table:
+    return table.filter(pc.invert(pc.is_nan(table.column("label_log1p_likes"))))
 
 
 def _write(uri: str, table: pa.Table, kind: str, storage) -> str:
@@ -70,8 +76,7 @@ def _oracle_impressions(run: LoadedRun, keys: pa.Table) -> np.ndarray | None:
 
 
 def evaluate_posts(run: LoadedRun, out: Path) -> dict[str, Any]:
-    features = _valid(run, "posts")
-    features = features.filter(pc.invert(pc.is_nan(features.column("label_log1p_likes"))))
+    features = _labelled(_rows(run, "posts"))
     if features.num_rows == 0 or not io.exists(run.path("models", "post", "ensemble.json"), run.storage):
         return {}
     preds = run.score_post_features(features)
@@ -80,7 +85,8 @@ def evaluate_posts(run: LoadedRun, out: Path) -> dict[str, Any]:
                   if "author_follower_count" in features.column_names else features.column("te_author_id").to_numpy())
     groups = popularity_groups(np.nan_to_num(popularity), quantile_edges(np.nan_to_num(popularity)))
     models = [c for c in preds.column_names if c.startswith("log1p_likes")]
-    result: dict[str, Any] = {"rows": features.num_rows, "models": {}}
+    train = _labelled(_rows(run, "posts", "train", ["author_id", "label_log1p_likes"]))
+    result: dict[str, Any] = {"rows": features.num_rows, "baselines": post_baselines(train, features), "models": {}}
     for c in models:
         name = "ensemble" if c == "log1p_likes" else c[len("log1p_likes_"):]
         p = preds.column(c).to_numpy()
@@ -97,7 +103,7 @@ def evaluate_posts(run: LoadedRun, out: Path) -> dict[str, Any]:
 
 def evaluate_impressions(run: LoadedRun, out: Path, predictions_uri: str | None = None,
                          stream: bool | None = None) -> dict[str, Any]:
-    """Score the impression validation rows. Tables of ``train.stream_rows`` rows or more (``stream``)
+    """Score the impression test rows. Tables of ``train.stream_rows`` rows or more (``stream``)
     are scored on Ray Data and their metrics come from partial sums; smaller ones in this process."""
     if not run.has_impression_models:
         return {}
@@ -108,7 +114,7 @@ def evaluate_impressions(run: LoadedRun, out: Path, predictions_uri: str | None 
         stream = io.read_manifest(uri, run.storage).get("rows", 0) >= stream_threshold(run.config, columns)
     if stream:
         return _evaluate_impressions_streamed(run, out, uri, predictions_uri)
-    features = _valid(run, "impressions")
+    features = _rows(run, "impressions")
     if features.num_rows == 0:
         return {}
     preds = run.score_impression_features(features)
@@ -153,18 +159,18 @@ class _RunScorer:
 
 
 def _evaluate_impressions_streamed(run: LoadedRun, out: Path, uri: str, predictions_uri: str) -> dict[str, Any]:
-    """Validation rows streamed through scoring actors into the predictions dataset; the metrics from
+    """Test rows streamed through scoring actors into the predictions dataset; the metrics from
     that dataset's partial sums (RCE exact, AP from score bins) and the plots from its score histograms."""
     import ray
 
     ensure_ray(run.config.ray)
     ds = datasets.read(uri, run.storage, run.config.features.blocks)
-    valid_rows = validation.count_valid(ds)
-    if valid_rows == 0:
+    test_rows = validation.count_splits(ds)["test"]
+    if test_rows == 0:
         return {}
-    valid = ds.map_batches(validation.rows_of, fn_kwargs={"split": "valid"}, batch_format="pyarrow")
-    edges = validation.popularity_edges(valid, valid_rows)
-    scored = valid.map_batches(
+    test = ds.map_batches(validation.rows_of, fn_kwargs={"split": "test"}, batch_format="pyarrow")
+    edges = validation.popularity_edges(test, test_rows)
+    scored = test.map_batches(
         _RunScorer, fn_constructor_kwargs={"run_uri": run.uri, "storage": run.storage, "edges": edges.tolist()},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=validation.actors()),
         batch_size=validation.SCORE_BATCH, batch_format="pyarrow", num_cpus=1)
@@ -262,13 +268,16 @@ def _plot_importance(run: LoadedRun, out: Path) -> list[str]:
 
 
 def evaluate(run_uri: str, storage=None) -> dict[str, Any]:
-    """Score the validation rows with the saved models and write predictions, metrics.json and plots."""
+    """Score the test rows with the saved models and write predictions, metrics.json and plots.
+
+    Returns the test metrics ({post_level, impression_level}) and the report's URI; metrics.json holds
+    them as ``test`` beside the training stage's ``valid`` figures."""
     run = load_run(run_uri, storage)
     target = run.path("reports", "evaluation")
     with report_dir(target) as out:
         result = {"post_level": evaluate_posts(run, out), "impression_level": evaluate_impressions(run, out)}
         _plot_importance(run, out)
-        io.write_json(str(out / "metrics.json"), result)
+        io.write_json(str(out / "metrics.json"), {"valid": run.metrics.get("valid", {}), "test": result})
         images = "".join(f'<figure><img src="{p.name}" alt="{p.name}"></figure>' for p in sorted(out.glob("*.png")))
         (out / "index.html").write_text(
             "<!doctype html><html><head><meta charset='utf-8'><title>engagesim evaluation</title></head>"

@@ -31,7 +31,13 @@ from engagesim.embed.actors import encoder_specs
 from engagesim.features import history
 from engagesim.features.graph import GRAPH_COLUMNS
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.impression import impression_post_columns, join_impressions, post_side_columns, topics_of
+from engagesim.features.impression import (
+    impression_post_columns,
+    join_impressions,
+    post_side_columns,
+    test_from,
+    topics_of,
+)
 from engagesim.features.post import post_row_features
 from engagesim.features.reach import REACH_COLUMNS, impressions_per_post
 from engagesim.features.state import ImpressionState, PostState, user_attributes
@@ -190,15 +196,18 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     if side.posts_ds is not None:
         keyed = keyed.join(side.posts_ds, "left_outer", num_partitions=parts, on=("post_id",))
         side.save(cfg, state_uri, state)
+    test_from_us = test_from(cutoff_us, f.valid_hours, f.test_share)
     joined = keyed.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
-                               fn_kwargs={"refs": refs, "done": done, "post_columns": side.columns, **join_kwargs})
+                               fn_kwargs={"refs": refs, "done": done, "post_columns": side.columns,
+                                          "test_from_us": test_from_us, **join_kwargs})
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
     clock.lap("join_and_write")
     io.remove_tree(scratch, cfg.storage)
     # Counted on Ray Data from the written parts (the driver gets one row per split, not the column).
     split_rows = datasets.read(out_uri, cfg.storage).select_columns(["split"]).groupby("split").count().take_all()
-    return ({"rows": {r["split"]: int(r["count()"]) for r in split_rows}, "total_rows": rows, "cutoff_us": cutoff_us, "origin_us": origin_us,
+    return ({"rows": {r["split"]: int(r["count()"]) for r in split_rows}, "total_rows": rows, "cutoff_us": cutoff_us,
+             "test_from_us": test_from_us, "origin_us": origin_us,
              "posts": "hash join on post_id" if side.posts_ds is not None else "broadcast",
              "history": {"partitions": parts, "partitioned": {k: v for k, v in rounds.items()},
                          "broadcast": broadcast, "train_rows": train_rows, "graph_edges": n_edges},

@@ -56,7 +56,7 @@ def featurise(state: PostState, df: pl.DataFrame, split: post_fit.PostSplit, cfg
             replaced.append(pl.Series(c, values))
         table = table.with_columns(replaced)
     return table.with_columns(
-        pl.Series("split", np.where(train, "train", "valid")),
+        pl.Series("split", split.labels(df)),
         pl.Series("label_log1p_likes", np.where(df["likes"].is_null().to_numpy(), np.nan, y)),
     )
 
@@ -72,7 +72,8 @@ def _past_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, state: P
 
 def post_info(split: post_fit.PostSplit, state: PostState, counts: dict[str, int]) -> dict[str, Any]:
     info: dict[str, Any] = {"rows": split.rows, "train_rows": split.train_rows,
-                            "valid_rows": split.rows - split.train_rows}
+                            "valid_rows": split.rows - split.train_rows - split.test_rows,
+                            "test_rows": split.test_rows}
     if state.te_scalar:
         info["te_smoothing"] = {key: round(s.smoothing, 3) for key, s in {**state.te_scalar, **state.te_list}.items()}
     info.update({f"{k}_pca": {"components": int(p.components.shape[0]), "explained_variance": p.explained_variance}
@@ -96,7 +97,7 @@ def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | No
     Validation rows are thus featurised exactly as a new post is at scoring time."""
     f = cfg.features
     df = pl.from_arrow(rows).sort("created_at", "post_id")
-    split = post_fit.PostSplit.of_frame(df, f.valid_fraction, f.te_folds)
+    split = post_fit.PostSplit.of_frame(df, f.valid_fraction, f.test_share, f.te_folds)
     train = split.is_train(df)
     has_likes = df["likes"].null_count() < df.height
     reach = None
@@ -187,12 +188,13 @@ def _split_keys(ds, scratch: str, cfg: AppConfig) -> tuple[post_fit.PostSplit, d
     width = max((hi - lo) // post_fit.HIST_BINS + 1, 1)
     totals = _sum_rows(ds.map_batches(_histogram, batch_format="pyarrow", batch_size=None,
                                       fn_kwargs={"lo": lo, "width": width}))
-    cut, fold_ranks = post_fit.PostSplit.ranks(n, cfg.features.valid_fraction, cfg.features.te_folds)
-    where = post_fit.locate(totals["hist"], [cut, *fold_ranks])
+    f = cfg.features
+    ranks = post_fit.PostSplit.ranks(n, f.valid_fraction, f.test_share, f.te_folds)
+    where = post_fit.locate(totals["hist"], [ranks[0], ranks[1], *ranks[2]])
     rows = pl.from_arrow(datasets.collect(ds.map_batches(
         _bucket_rows, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"lo": lo, "width": width, "buckets": sorted({b for b, _ in where.values()})})))
-    split = post_fit.PostSplit.from_keys(n, cut, post_fit.keys_in_buckets(rows, where), fold_ranks)
+    split = post_fit.PostSplit.from_keys(n, ranks, post_fit.keys_in_buckets(rows, where))
     return split, {k: int(totals[k]) for k in COUNTS}
 
 

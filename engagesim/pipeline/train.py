@@ -34,7 +34,7 @@ from engagesim.metrics import (
 )
 from engagesim.models import distributed, ensemble
 from engagesim.models.bundle import ensemble_spec
-from engagesim.models.data import feature_columns, label_matrix, sample_negatives
+from engagesim.models.data import feature_columns, label_matrix, rows_of_split, sample_negatives
 from engagesim.models.distributed import Resources
 from engagesim.models.family import IMPRESSION, POST, FitContext, Level, family_names, get_family, gpu_available
 from engagesim.pipeline import validation
@@ -45,8 +45,8 @@ LevelScore = Callable[[np.ndarray], dict[str, Any]]
 
 
 def _split(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    is_train = pc.equal(table.column("split"), "train")
-    return table.filter(is_train), table.filter(pc.invert(is_train))
+    """(train, valid); the test rows stay for the evaluation stage."""
+    return rows_of_split(table, "train"), rows_of_split(table, "valid")
 
 
 def _impression_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
@@ -77,14 +77,41 @@ def _loss(level: Level, y: np.ndarray, p: np.ndarray) -> float:
     return rmse(y, p) if level.task == "regression" else cross_entropy_sum(y, p) / len(p)
 
 
-def _post_baselines(train: pa.Table, valid: pa.Table) -> dict[str, dict]:
+def post_baseline_predictions(train: pa.Table, valid: pa.Table) -> dict[str, np.ndarray]:
+    """The training mean, and each account's training mean (the global one for a new account), per row."""
     y_tr = train.column("label_log1p_likes").to_numpy()
-    y_va = valid.column("label_log1p_likes").to_numpy()
-    baselines = {"global_mean": np.full(len(y_va), y_tr.mean())}
+    out = {"global_mean": np.full(valid.num_rows, y_tr.mean())}
     acct = pl.DataFrame({"a": train.column("author_id").to_pylist(), "y": y_tr}).group_by("a").agg(pl.col("y").mean())
     per = pl.DataFrame({"a": valid.column("author_id").to_pylist()}).join(acct, on="a", how="left", maintain_order="left")
-    baselines["account_mean"] = per["y"].fill_null(y_tr.mean()).to_numpy()
-    return {k: {"rmse": rmse(y_va, v)} for k, v in baselines.items()}
+    out["account_mean"] = per["y"].fill_null(y_tr.mean()).to_numpy()
+    return out
+
+
+def post_baselines(train: pa.Table, valid: pa.Table) -> dict[str, dict]:
+    """RMSE of each of ``post_baseline_predictions`` on ``valid``."""
+    y_va = valid.column("label_log1p_likes").to_numpy()
+    return {k: {"rmse": rmse(y_va, v)} for k, v in post_baseline_predictions(train, valid).items()}
+
+
+def _winners(level: Level, preds: dict[str, np.ndarray], y: np.ndarray, baselines: dict[str, np.ndarray],
+             log: Callable[[str], None]) -> tuple[list[list[str]], dict[str, dict[str, str]]]:
+    """Per output, the members that beat the best baseline on the validation rows (the served ensemble is
+    made of these), and why each other one was dropped. Post level: the global and account means; impression
+    level: the validation rate itself (RCE ≤ 0). If none wins, the best member alone is kept."""
+    kept, dropped = [], {}
+    for k, output in enumerate(level.outputs):
+        base = {n: _loss(level, y[:, k], np.asarray(v, dtype=np.float64)) for n, v in baselines.items()} or {
+            "the validation rate": _loss(level, y[:, k], np.full(len(y), y[:, k].mean()))}
+        best = min(base, key=base.get)
+        loss = {n: _loss(level, y[:, k], p[:, k]) for n, p in preds.items()}
+        wins = [n for n in preds if loss[n] < base[best]] or [min(loss, key=loss.get)]
+        kept.append(wins)
+        metric = "RMSE" if level.task == "regression" else "log loss"
+        for n in preds:
+            if n not in wins:
+                dropped.setdefault(output, {})[n] = f"validation {metric} {loss[n]:.4f} ≥ {best} {base[best]:.4f}"
+                log(f"{level.name} {output}: {n} dropped from the served ensemble ({dropped[output][n]})")
+    return kept, dropped
 
 
 def _oracle(cfg: AppConfig, level: Level, truth_uri: str, valid: pa.Table) -> np.ndarray:
@@ -98,22 +125,26 @@ def _oracle(cfg: AppConfig, level: Level, truth_uri: str, valid: pa.Table) -> np
     return np.column_stack([joined[c].to_numpy() for c in columns])
 
 
-def _ensembles(cfg: AppConfig, level: Level, preds: dict[str, np.ndarray], y: np.ndarray):
-    """Per output: loss weights and (with ≥ 2 members) the out-of-fold stacker → (specs, weights, the
-    loss-weighted and stacked predictions, the served one)."""
-    weighted, stacked = np.zeros_like(y), np.zeros_like(y)
+STACK_MIN_ROWS = 50  # validation rows the 5-fold stacker needs (10 a fold); fewer: loss weights only
+
+
+def _ensembles(cfg: AppConfig, level: Level, preds: dict[str, np.ndarray], y: np.ndarray, kept: list[list[str]]):
+    """Per output, over its ``kept`` members: loss weights and (with ≥ 2) the out-of-fold stacker → (specs,
+    weights, the loss-weighted and stacked predictions, the served one)."""
+    weighted, stacked, served = np.zeros_like(y), np.zeros_like(y), np.zeros_like(y)
     specs, weights = {}, {}
     for k, output in enumerate(level.outputs):
-        member = {name: p[:, k] for name, p in preds.items()}
+        member = {name: preds[name][:, k] for name in kept[k]}
         w = ensemble.loss_weights({name: _loss(level, y[:, k], v) for name, v in member.items()})
         weighted[:, k] = ensemble.weighted(member, w)
-        if len(preds) >= 2:
+        if len(member) >= 2 and len(y) >= STACK_MIN_ROWS:
             stacked[:, k], stacker, names = ensemble.stacked_cv(member, y[:, k], level.task)
             specs[output] = ensemble_spec(cfg.train.ensemble, w, stacker, names, level.task)
         else:
+            stacked[:, k] = weighted[:, k]
             specs[output] = {"method": "loss_weighted", "task": level.task, "members": list(member), "weights": w}
+        served[:, k] = stacked[:, k] if specs[output]["method"] == "stacked" else weighted[:, k]
         weights[output] = w
-    served = stacked if len(preds) >= 2 and cfg.train.ensemble == "stacked" else weighted
     return specs, weights, weighted, stacked, served
 
 
@@ -183,7 +214,7 @@ def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) 
         # execute the split once into the object store, shared by every family's fits and passes.
         log(f"{level.name}: trainers take every CPU; materializing the training split in the object store")
         train = train.materialize()
-    kept = train.count() if sample.negatives < 1 else rows - valid_rows  # free once materialized
+    kept = train.count() if sample.negatives < 1 else validation.count_splits(ds)["train"]
     return LevelInputs(kept, valid, train_stream=train, schema=schema, valid_scored=scored, valid_rows=valid_rows)
 
 
@@ -229,17 +260,20 @@ def train_level(cfg: AppConfig, level: Level, uri: str, models_dir: str, truth_u
     if level is IMPRESSION and cfg.train.sample.negatives < 1:
         result["sample"] = {"negatives": cfg.train.sample.negatives, "kept_rows": data.rows}
     if level is POST:
-        result["baselines"] = _post_baselines(data.train_table, valid)
+        result["baselines"] = post_baselines(data.train_table, valid)
 
     preds, seconds, families, info = _fit_members(cfg, level, data, features, models_dir, log)
     result.update(info)
     result["models"] = {k: score(v) | ({"seconds": round(seconds[k], 1)} if level is POST else {})
                         for k, v in preds.items()}
     if preds:
-        specs, weights, weighted, stacked, served = _ensembles(cfg, level, preds, y_va)
+        baselines = post_baseline_predictions(data.train_table, valid) if level is POST else {}
+        kept, dropped = _winners(level, preds, y_va, baselines, log)
+        specs, weights, weighted, stacked, served = _ensembles(cfg, level, preds, y_va, kept)
         if len(preds) >= 2:
             result["ensemble"] = {"loss_weighted": score(weighted), "stacked": score(stacked),
-                                  "served": cfg.train.ensemble}
+                                  "served": "stacked" if any(s["method"] == "stacked" for s in specs.values())
+                                  else "loss_weighted", "dropped": dropped}
             if level is POST:
                 result["ensemble"]["loss_weighted"]["weights"] = weights[POST.outputs[0]]
             else:

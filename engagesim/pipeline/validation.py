@@ -35,7 +35,7 @@ from engagesim import datasets, io
 from engagesim.config import AppConfig
 from engagesim.metrics import BinaryScores, popularity_groups, quantile_bin_edges, quantile_edges
 from engagesim.models.bundle import ImpressionModels, apply_ensemble
-from engagesim.models.data import label_matrix
+from engagesim.models.data import SPLITS, label_matrix
 from engagesim.models.family import IMPRESSION
 from engagesim.schema import ENGAGEMENTS
 
@@ -60,8 +60,8 @@ def rows_of(batch: pa.Table, split: str, fraction: float | None = None, seed: in
     return batch.filter(mask if fit else pc.invert(mask))
 
 
-def _count_valid(batch: pa.Table) -> dict[str, np.ndarray]:
-    return {"n": np.array([int(pc.sum(pc.equal(batch.column("split"), "valid")).as_py() or 0)])}
+def _count_splits(batch: pa.Table) -> dict[str, np.ndarray]:
+    return {s: np.array([int(pc.sum(pc.equal(batch.column("split"), s)).as_py() or 0)]) for s in SPLITS}
 
 
 def fit_fraction(valid_rows: int, fit_rows: int) -> float:
@@ -71,7 +71,7 @@ def fit_fraction(valid_rows: int, fit_rows: int) -> float:
 
 def split_valid(ds, fit_rows: int, seed: int) -> tuple[pa.Table, Any, int]:
     """(fit rows in the driver, scored rows as a Ray Dataset, all validation rows) of a feature dataset."""
-    valid_rows = count_valid(ds)
+    valid_rows = count_splits(ds)["valid"]
     fraction = fit_fraction(valid_rows, fit_rows)
     fit = datasets.collect(ds.map_batches(rows_of, batch_format="pyarrow",
                                           fn_kwargs={"split": "valid", "fraction": fraction, "seed": seed}))
@@ -80,8 +80,10 @@ def split_valid(ds, fit_rows: int, seed: int) -> tuple[pa.Table, Any, int]:
     return fit, scored, valid_rows
 
 
-def count_valid(ds) -> int:
-    return int(ds.select_columns(["split"]).map_batches(_count_valid, batch_format="pyarrow").sum("n") or 0)
+def count_splits(ds) -> dict[str, int]:
+    """Rows per split, one pass (partial counts per block, summed)."""
+    sums = ds.select_columns(["split"]).map_batches(_count_splits, batch_format="pyarrow").sum(list(SPLITS))
+    return {s: int((sums or {}).get(f"sum({s})") or 0) for s in SPLITS}
 
 
 def sample_rows(ds, columns: list[str], total_rows: int, rows: int = 200_000, seed: int = 0) -> pa.Table:

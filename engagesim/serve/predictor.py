@@ -43,7 +43,7 @@ class RequestPredictor:
         return {"model_version": self.version, "post_level": {"members": post.members,
                                                               "ensemble": (post.ensemble or {}).get("method")},
                 "impression_level": {"available": self.has_impressions},
-                "metrics": self.run.metrics.get("evaluation", {})}
+                "metrics": self.run.metrics.get("test", {})}  # the untouched test split
 
     def predict(self, requests: list[PredictRequest]) -> list[dict]:
         try:
