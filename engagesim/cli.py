@@ -534,6 +534,7 @@ _DEBUG = {"on": False}
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an input error too."),
     version: bool = typer.Option(False, "--version", help="Print the engagesim version and exit.", is_eager=True),
+    verbose: bool = typer.Option(False, "--verbose", help="Let Ray and Ray Data print their own logs and progress."),
 ) -> None:
     if version:
         from engagesim import __version__
@@ -541,6 +542,7 @@ def _root(
         out.print(f"engagesim {__version__}")
         raise typer.Exit(0)
     _DEBUG["on"] = debug
+    quiet_ray(verbose)
 
 
 def _one_line_errors(callback):

@@ -234,10 +234,10 @@ class TrainConfig(Section):
         True, description="Build impression features and train P(engagement) models when the data has impressions; "
                           "post-level (likes) models are always trained. Off for post-level recipes (Adobe, SMP).")
     models: list[str] = Field(
-        default_factory=lambda: ["xgb", "nn", "knn", "stacked_mlp", "account_mean"],
-        description="Model families to train: xgb, nn, knn, stacked_mlp, account_mean, slm, or any registered "
-                    "with engagesim.models.family.register_family (knn, the SMP stacked MLP and account_mean — the "
-                    "shrunk per-account mean as a member the stacker may choose: post level only; slm: the "
+        default_factory=lambda: ["xgb", "nn", "knn", "stacked_mlp", "account_mean_eb"],
+        description="Model families to train: xgb, nn, knn, stacked_mlp, account_mean_eb, slm, or any registered "
+                    "with engagesim.models.family.register_family (knn, the SMP stacked MLP and account_mean_eb — the "
+                    "empirical-Bayes shrunk per-account mean as a member the stacker may choose: post level only; slm: the "
                     "transformer text encoder + MLP trained end to end, see train.slm).",
     )
     ensemble: Literal["loss_weighted", "stacked"] = Field(

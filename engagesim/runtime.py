@@ -3,6 +3,7 @@ stage (synth, features, training, scoring, the CLI) starts Ray through."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 from engagesim.config import RayConfig
@@ -38,17 +39,37 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     local_ray_env()
-    kwargs = {"include_dashboard": False, "log_to_driver": False}
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
+    if _QUIET["on"]:
+        kwargs["logging_level"] = logging.ERROR  # the token-auth notice and "Started a local Ray instance"
     if config.num_cpus:
         kwargs["num_cpus"] = config.num_cpus
     if config.object_store_memory_mb:
         kwargs["object_store_memory"] = config.object_store_memory_mb << 20
     ray.init(**kwargs)
+    if _QUIET["on"]:
+        _quiet_loggers()
 
 
-def quiet_ray() -> None:
-    """Keep Ray Data's per-operator logging out of the terminal; progress bars stay."""
-    import logging
+# The CLI's default (``--verbose`` turns it off): a pipeline run printed 225 lines of Ray Data progress
+# dumps out of 244 on stderr, because Ray (re)configures its loggers in ``ray.init`` and when ray.data is
+# first imported — levels set before either are lost. So they are set again right after ``ray.init``.
+_QUIET = {"on": False}
+
+
+def _quiet_loggers() -> None:
+    import ray.data  # noqa: F401  (configures its loggers on import: after it, not before)
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+
+
+def quiet_ray(verbose: bool | None = None) -> None:
+    """Keep Ray's and Ray Data's own logging out of the terminal (engagesim's stage lines stay), unless
+    ``verbose`` (default: the CLI's ``--verbose``) — now and for a Ray started later by ``ensure_ray``."""
+    if verbose is not None:
+        _QUIET["verbose"] = verbose
+    if _QUIET.get("verbose"):
+        return
+    _QUIET["on"] = True
     logging.getLogger("ray").setLevel(logging.WARNING)

@@ -114,7 +114,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {}
-BUILTIN_FAMILIES = ("xgb", "stacked_mlp", "knn", "nn", "slm", "account_mean")  # registered by importing models.families
+BUILTIN_FAMILIES = ("xgb", "stacked_mlp", "knn", "nn", "slm", "account_mean_eb")  # registered by importing models.families
 
 
 def register_family(family: type[Family]) -> type[Family]:

@@ -91,6 +91,7 @@ def evaluate_posts(run: LoadedRun, out: Path) -> dict[str, Any]:
         name = "ensemble" if c == "log1p_likes" else c[len("log1p_likes_"):]
         p = preds.column(c).to_numpy()
         result["models"][name] = {"rmse": rmse(y, p), "rmse_by_popularity": grouped(rmse, y, p, groups)}
+    result.update(_dropped(run, "post_level"))
     oracle = _oracle_posts(run, features.column("post_id").to_pylist())
     if oracle is not None:
         result["oracle"] = {"rmse": rmse(y, oracle), "rmse_by_popularity": grouped(rmse, y, oracle, groups)}
@@ -128,6 +129,7 @@ def evaluate_impressions(run: LoadedRun, out: Path, predictions_uri: str | None 
         p = np.column_stack([preds.column(c).to_numpy() for c in validation.prob_columns(name)])
         scores[name] = p
         result["models"][name] = _engagement_metrics(y, p, groups)
+    result.update(_dropped(run, "impression_level"))
     oracle = _oracle_impressions(run, features.select(["user_id", "post_id", "impression_at"]))
     if oracle is not None:
         result["oracle"] = _engagement_metrics(y, oracle, groups)
@@ -135,6 +137,12 @@ def evaluate_impressions(run: LoadedRun, out: Path, predictions_uri: str | None 
     _plot_impressions(out, {e: _exact_curves(y[:, k], scores["ensemble"][:, k]) for k, e in enumerate(ENGAGEMENTS)},
                       result)
     return _with_gap(result)
+
+
+def _dropped(run: LoadedRun, level: str) -> dict[str, Any]:
+    """The members training dropped from the served ensemble (for the table's note), as training chose them."""
+    dropped = run.metrics.get("valid", {}).get(level, {}).get("ensemble", {}).get("dropped")
+    return {"ensemble": {"dropped": dropped}} if dropped else {}
 
 
 def _model_names(columns: list[str]) -> list[str]:
@@ -183,7 +191,8 @@ def _evaluate_impressions_streamed(run: LoadedRun, out: Path, uri: str, predicti
     truth = run.manifest["stages"].get("data", {}).get("outputs", {}).get("truth/interactions")
     sums = validation.score_sums(run.config, predictions, names, bins, truth, lambda _: None)
     result: dict[str, Any] = {"rows": rows, "metrics_from": f"partial sums on Ray Data; {AP_FROM_BINS}",
-                              "models": {n: validation.metrics_of(sums[n], "all") for n in names}}
+                              "models": {n: validation.metrics_of(sums[n], "all") for n in names},
+                              **_dropped(run, "impression_level")}
     if validation.ORACLE in sums:
         result["oracle"] = validation.metrics_of(sums[validation.ORACLE], "all")
     _plot_impressions(out, {e: sums["ensemble"].curves(k) for k, e in enumerate(ENGAGEMENTS)}, result)

@@ -8,5 +8,5 @@ from engagesim.models.families import stacked_mlp  # noqa: F401
 from engagesim.models.families import knn  # noqa: F401
 from engagesim.models.families import nn  # noqa: F401
 from engagesim.models.families import slm  # noqa: F401
-from engagesim.models.families import account_mean  # noqa: F401
+from engagesim.models.families import account_mean_eb  # noqa: F401
 # isort: on

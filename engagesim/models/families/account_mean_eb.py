@@ -11,7 +11,8 @@ Why a member and not only a reported baseline: on real accounts with few posts e
 mean beat every model (1.028 vs 1.105 RMSE for the stacked ensemble on a later period, issue 21); as a
 member the stacker can lean on it, and a model that loses to the best baseline is dropped from the
 served ensemble. Not yet hierarchical (account → company → global): the state does not say which
-accounts it saw, so a company fallback would have to guess it. File: ``account_mean.json``."""
+accounts it saw, so a company fallback would have to guess it. Named apart from the ``account_mean``
+baseline (the raw mean, reported beside it). File: ``account_mean_eb.json``."""
 
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import pyarrow as pa
 from engagesim import io
 from engagesim.models.family import Family, FitContext, Level, Member, register_family
 
-FILE = "account_mean.json"
+FILE = "account_mean_eb.json"
 
 
 class AccountMeanMember(Member):
-    name = "account_mean"
+    name = "account_mean_eb"
 
     def __init__(self, prior: float):
         self.prior = prior
@@ -43,7 +44,7 @@ class AccountMeanMember(Member):
 
 @register_family
 class AccountMeanFamily(Family):
-    name = "account_mean"
+    name = "account_mean_eb"
     levels = ("post",)
 
     def fit(self, level: Level, train: pa.Table, valid: pa.Table, features: list[str],
