@@ -178,7 +178,7 @@ def metric_rows(metrics: dict) -> list[dict]:
 
     ``note`` marks the served model, a member that loses to the best baseline (post level: RMSE above
     the account or global mean; impression level: RCE ≤ 0, no better than predicting the training rate),
-    and (training results) a member the served ensemble dropped for losing to it on the validation rows."""
+    and "dropped": a member the served ensemble left out for losing to it on the validation rows."""
     rows: list[dict] = []
     post = metrics.get("post_level", {})
     oracle_rmse = post.get("oracle", {}).get("rmse")
@@ -194,7 +194,7 @@ def metric_rows(metrics: dict) -> list[dict]:
         loses = best is not None and values["rmse"] > baselines[best]["rmse"]
         rows.append({"level": "post", "model": name, "metric": "rmse", "value": values["rmse"], "oracle": oracle_rmse,
                      "note": _note("served" if name == served else "", f"loses to {best}" if loses else "",
-                                   "dropped from the ensemble" if name in dropped else "")})
+                                   "dropped" if name in dropped else "")})
     imp = metrics.get("impression_level", {})
     oracle, served = imp.get("oracle", {}), _served(imp)
     dropped = imp.get("ensemble", {}).get("dropped", {})
@@ -208,7 +208,7 @@ def metric_rows(metrics: dict) -> list[dict]:
                              "value": values[metric], "oracle": oracle.get(engagement, {}).get(metric),
                              "note": _note("served" if name == served else "",
                                            "no better than the training rate" if flat else "",
-                                           "dropped from the ensemble" if name in dropped.get(engagement, {}) else "")})
+                                           "dropped" if name in dropped.get(engagement, {}) else "")})
     return rows
 
 

@@ -231,5 +231,5 @@ def test_members_that_lose_to_the_best_baseline_leave_the_served_ensemble():
                                        "ensemble": {"stacked": {"rmse": 0.45}, "loss_weighted": {"rmse": 0.48},
                                                     "served": "stacked", "dropped": {"log1p_likes": {"bad": "x"}}}}})
     notes = {r["model"]: r["note"] for r in rows}
-    assert notes == {"account_mean": "baseline", "good": "", "bad": "loses to account_mean, dropped from the ensemble",
+    assert notes == {"account_mean": "baseline", "good": "", "bad": "loses to account_mean, dropped",
                      "ensemble:stacked": "served", "ensemble:loss_weighted": ""}
