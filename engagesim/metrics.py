@@ -187,6 +187,27 @@ class BinaryScores:
         d = b / c
         return float(np.sum((p + (a - d) * (digamma(d + p + 1) - digamma(d + 1))) / c) / total)
 
+    def ap_bounds(self, output: int, group: int | None = None) -> tuple[float, float]:
+        """The lowest and highest AP any ordering of the rows inside each bin could give: each bin's
+        positives after its negatives, then before them. The exact AP of the rows (sklearn's, ties
+        included) lies between the two, so ``hi − lo`` bounds the histogram's error on this data:
+        small at scale, wide on a few hundred rows with a rare label. Σᵢ₌₁ᵖ (a+i)/(B+i) =
+        p − (B − a)(ψ(B+p+1) − ψ(B+1)) with B the rows above the first positive."""
+        from scipy.special import digamma
+
+        h = self.hist[output, self.n_groups if group is None else group][::-1].astype(float)
+        pos, neg = h[:, 1], h[:, 0]
+        total = pos.sum()
+        if total == 0:
+            return float("nan"), float("nan")
+        above_pos, above = np.cumsum(pos) - pos, np.cumsum(pos + neg) - (pos + neg)
+        m = pos > 0
+        p, n, a, b = pos[m], neg[m], above_pos[m], above[m]
+
+        def steps(first: np.ndarray) -> float:
+            return float(np.sum(p - (first - a) * (digamma(first + p + 1) - digamma(first + 1))) / total)
+        return steps(b + n), steps(b)
+
     @property
     def rows(self) -> int:
         return int(self.hist[0, self.n_groups].sum()) if len(self.hist) else 0

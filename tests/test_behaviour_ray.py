@@ -166,7 +166,7 @@ def test_impression_training_streams_from_ray_data_above_the_threshold(features,
     (weights 2); a hash half of the validation rows is gathered for early stopping and the stacker, and
     the other half is scored on Ray Data into partial sums. The booster matches plain in-process xgboost
     on the same weighted rows; the streamed RCE equals the exact one of the served models on the scored
-    rows and AP is within the documented histogram error; the oracle comes through the hash join."""
+    rows and the exact AP lies inside the reported histogram bracket; the oracle comes through the hash join."""
     import xgboost
 
     from engagesim.config import SampleConfig
@@ -204,7 +204,11 @@ def test_impression_training_streams_from_ray_data_above_the_threshold(features,
         for name, p in (("xgb", served["xgb"]), ("stacked", served["ensemble"])):
             got = imp["models"]["xgb"] if name == "xgb" else imp["ensemble"]["stacked"]
             assert got[e]["rce"] == pytest.approx(rce(y[:, k], p[:, k]), abs=1e-3), (name, e)
-            assert abs(got[e]["ap"] - average_precision(y[:, k], p[:, k])) < 1e-3, (name, e)
+            # AP from score bins: the exact AP lies inside the reported bracket (positives last / first
+            # within each bin), which is wide on ~1.5k rows of a rare label; the estimate sits inside it.
+            lo, hi = got[e]["ap_bounds"]
+            assert lo - 1e-5 <= average_precision(y[:, k], p[:, k]) <= hi + 1e-5, (name, e, lo, hi)
+            assert lo <= got[e]["ap"] <= hi and hi - lo < 0.05, (name, e, lo, hi)
     assert imp["oracle"]["like"]["rce"] > imp["models"]["xgb"]["like"]["rce"]
     assert served["ensemble"].shape == (scored.num_rows, 4)
 

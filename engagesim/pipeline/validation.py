@@ -193,7 +193,7 @@ def metrics_of(s: BinaryScores, by_group: str = "mean") -> dict[str, Any]:
     def grouped(metric: str, k: int):
         per = s.grouped(metric, k)
         return per if by_group == "all" else per["mean"]
-    return {e: {"ap": s.ap(k), "rce": s.rce(k), "rce_by_popularity": grouped("rce", k),
+    return {e: {"ap": s.ap(k), "ap_bounds": list(s.ap_bounds(k)), "rce": s.rce(k), "rce_by_popularity": grouped("rce", k),
                 "ap_by_popularity": grouped("ap", k)} for k, e in enumerate(ENGAGEMENTS)}
 
 
