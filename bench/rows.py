@@ -64,14 +64,14 @@ class DriverSteps:
         return sorted(self.steps, key=lambda s: -s[1])[:k]
 
 
-def child(impressions: int, out: str, rounds: int) -> None:
+def child(impressions: int, out: str, rounds: int, overrides: list[str]) -> None:
     """One job in this process; prints one JSON line."""
     from engagesim.config import load_config
     from engagesim.pipeline import behaviour
 
     cfg = load_config(None, [*world(impressions), f"output_root={out}", "embed.text=false", "embed.image=false",
                              "embed.sketch=false", "train.models=['xgb']", f"train.xgb.rounds={rounds}",
-                             f"train.xgb.checkpoint_every={rounds}"])
+                             f"train.xgb.checkpoint_every={rounds}", *overrides])
     steps = DriverSteps()
     with PeakMemory() as peak:
         started = time.perf_counter()
@@ -94,17 +94,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impressions", type=int, nargs="+", default=[2_000_000, 10_000_000, 40_000_000])
     parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every size, e.g. --set train.stream_rows=1 (the streamed path "
+                             "at any size); repeatable")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.out, args.rounds)
+        child(args.child, args.out, args.rounds, args.overrides)
         return
     results = {}
     for n in sorted(args.impressions):
         with tempfile.TemporaryDirectory() as out:
             done = subprocess.run([sys.executable, __file__, "--child", str(n), "--out", out, "--rounds",
-                                   str(args.rounds)], capture_output=True, text=True)
+                                   str(args.rounds), *(f"--set={o}" for o in args.overrides)],
+                                  capture_output=True, text=True)
         if done.returncode:
             emit(bench="rows", impressions=n, failed=done.returncode, stderr_tail=done.stderr[-2000:])
             continue
@@ -114,7 +118,7 @@ def main() -> None:
             emit(bench="rows", impressions=n, failed="no result line", stdout_tail=done.stdout[-2000:])
             continue
         results[n] = json.loads(ours[-1])
-        emit(bench="rows", impressions=n, **results[n])
+        emit(bench="rows", impressions=n, overrides=args.overrides, **results[n])
     if len(results) >= 2:
         small, large = sorted(results)[-2:]
         emit(bench="rows_growth", sizes=[small, large], rows_ratio=large / small,

@@ -37,6 +37,8 @@ app.add_typer(pipeline_app, name="pipeline")
 content_app = typer.Typer(help="Content simulation pieces one at a time (`engagesim pipeline content` runs them all).",
                           no_args_is_help=True)
 app.add_typer(content_app, name="content")
+config_app = typer.Typer(help="Every config key, its value and what it does.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
 
 err = Console(stderr=True)
 out = Console()
@@ -276,6 +278,10 @@ def pipeline_content(
     The same code as `jobs/content.py`. Example on the real Adobe sample:
     `engagesim pipeline content -c configs/content.yaml`
     """
+    from engagesim.errors import require_extra
+
+    require_extra("content")
+
     from engagesim.pipeline.content import run
 
     cfg = _config(config, overrides, preset, data, "content")
@@ -307,6 +313,10 @@ def content_caption(
     as_json: bool = JsonOpt,
 ) -> None:
     """Caption every post's first photo (Ray Data actor pool) into a (post_id, caption, model, error) dataset."""
+    from engagesim.errors import require_extra
+
+    require_extra("content")
+
     from engagesim.content.captions import caption_posts
     from engagesim.runtime import ensure_ray
 
@@ -330,6 +340,10 @@ def content_train_llm(
     Tune with `--set content.llm.workers=2 --set content.llm.deepspeed=true` (ZeRO-2), or on GPUs with
     `--set content.llm.use_gpu=true`.
     """
+    from engagesim.errors import require_extra
+
+    require_extra("content")
+
     from engagesim.pipeline.content import run_llm_only
 
     cfg = _config(config, overrides)
@@ -356,6 +370,9 @@ def generate(
 
     Example: `engagesim generate --run runs/content-… --account TimHortonsPH --time 2021-03-05T08:00 --n 8`
     """
+    from engagesim.errors import require_extra
+
+    require_extra("content")
     import datetime as dt
 
     from engagesim.content.best_of_n import ContentSimulator
@@ -527,6 +544,32 @@ def print_metrics(rows: list[dict], title: str = TEST_TITLE) -> None:
     out.print(table)
 
 
+@config_app.command("show")
+def config_show(
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    preset: Optional[str] = PresetOpt,
+    defaults: bool = typer.Option(False, "--defaults", help="The built-in defaults, without configs/local.yaml."),
+    bare: bool = typer.Option(False, "--bare", help="Values only: no descriptions, no '# default:' notes."),
+) -> None:
+    """Print the resolved config as YAML: each key under its description, with the built-in default beside
+    every value that differs from it. The output is a valid config file (`> my.yaml`, then `-c my.yaml`).
+
+    Examples: `engagesim config show`, `engagesim config show --preset smp2019 --set train.xgb.rounds=50`,
+    `engagesim config show --defaults --bare`
+    """
+    from engagesim.config_show import render
+
+    if defaults:
+        if config or overrides or preset:
+            err.print("[red]error:[/red] --defaults shows the built-in values; drop --config/--set/--preset")
+            raise typer.Exit(2)
+        cfg = AppConfig()
+    else:
+        cfg = _config(config, overrides, preset)
+    sys.stdout.write(render(cfg, docs=not bare, compare=not bare))
+
+
 _DEBUG = {"on": False}
 
 
@@ -559,7 +602,9 @@ def _one_line_errors(callback):
         except UserError as exc:
             if _DEBUG["on"]:
                 raise
-            err.print(f"[red]error:[/red] {exc}", soft_wrap=True, highlight=False)
+            from rich.markup import escape
+
+            err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+# The shipped configs live in the package (``engagesim/configs``, package data: a non-editable install keeps
+# them); ``configs/`` at the repository root links there, so ``-c configs/local.yaml`` works in a checkout.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "local.yaml"
 
 
 class ConfigError(ValueError):

@@ -84,3 +84,19 @@ def test_version():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"engagesim {__version__}"
+
+
+@pytest.mark.parametrize("args", [["pipeline", "content"], ["generate", "--run", "x", "--account", "a", "--time", "2021-03-05T18:00"]])
+def test_content_without_its_extra_names_the_install(args, tmp_path, monkeypatch):
+    """The behaviour job needs none of the content packages; a content command without them is one line with
+    the pip command, before any config is read or directory made."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else find_spec(name, *a))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "diffusers not installed" in lines[0] and "pip install 'engagesim[content]'" in lines[0]
+    assert not any(tmp_path.iterdir())

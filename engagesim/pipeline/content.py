@@ -243,6 +243,9 @@ def run_llm_only(config: AppConfig, run_id: str | None = None,
 
 def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None] = print) -> Run:
     from engagesim.content.examples import account_profiles
+    from engagesim.errors import require_extra
+
+    require_extra("content")  # before a run directory is made
 
     with Run.open(config, "content", run_id, log) as job:
         ex = examples_stage(job, log)
