@@ -50,6 +50,8 @@ JsonOpt = typer.Option(False, "--json", help="Make the last stdout line a JSON o
 
 PresetOpt = typer.Option(None, "--preset", help="A recipe of a source system (configs/presets/NAME.yaml): "
                          "adobe_team83, adobe_team83_content, layer6_recsys2021, synerise_recsys2021, smp2019, okboomer.")
+OutOpt = typer.Option(None, "--out", "-o", help="Where the run directory goes (local path or s3:// URI; "
+                      "sets output_root, default runs/).")
 DataOpt = typer.Option(None, "--data", help="'synth', or comma-separated files: .csv/.xlsx Adobe posts, "
                        ".tsv/.gz/.zst RecSys logs, Parquet posts datasets.")
 
@@ -72,6 +74,11 @@ def _config(path: Optional[Path], overrides: Optional[list[str]], preset: Option
     except ConfigError as exc:
         err.print(f"[red]config error[/red]\n{exc}")
         raise typer.Exit(2) from None
+
+
+def _with_out(overrides: Optional[list[str]], out_root: Optional[str]) -> list[str]:
+    """``--out DIR`` as the ``output_root`` override (after the user's own ``--set``s, so it wins)."""
+    return [*(overrides or []), *([f"output_root={out_root}"] if out_root else [])]
 
 
 def finish(result: dict[str, Any], as_json: bool, title: str) -> None:
@@ -244,6 +251,7 @@ def pipeline_behaviour(
     overrides: Optional[list[str]] = SetOpt,
     preset: Optional[str] = PresetOpt,
     data: Optional[str] = DataOpt,
+    out_root: Optional[str] = OutOpt,
     run_id: Optional[str] = typer.Option(None, help="Run directory name (default: generated)."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -255,7 +263,7 @@ def pipeline_behaviour(
     from engagesim.pipeline.behaviour import run
     from engagesim.report import metric_rows
 
-    cfg = _config(config, overrides, preset, data, "behaviour")
+    cfg = _config(config, _with_out(overrides, out_root), preset, data, "behaviour")
     quiet_ray()
     job = run(cfg, run_id, log=lambda m: err.print(m))
     if not as_json:
@@ -270,6 +278,7 @@ def pipeline_content(
     overrides: Optional[list[str]] = SetOpt,
     preset: Optional[str] = PresetOpt,
     data: Optional[str] = DataOpt,
+    out_root: Optional[str] = OutOpt,
     run_id: Optional[str] = typer.Option(None, help="Run directory name (default: generated)."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -284,7 +293,7 @@ def pipeline_content(
 
     from engagesim.pipeline.content import run
 
-    cfg = _config(config, overrides, preset, data, "content")
+    cfg = _config(config, _with_out(overrides, out_root), preset, data, "content")
     quiet_ray()
     job = run(cfg, run_id, log=lambda m: err.print(m))
     metrics = job.manifest["metrics"]

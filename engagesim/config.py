@@ -249,8 +249,8 @@ class TrainConfig(Section):
         None, ge=1, description="Impression feature tables with at least this many rows train from Ray Data: "
         "xgb and nn workers stream their shard (XGBoost bins it batch by batch into a QuantileDMatrix), never "
         "through the driver; below it the table is read once and sliced to the workers (faster to start). "
-        "Unset: automatic — stream once the table would take more than 1 GiB in the driver (8 bytes per "
-        "value; ~840k rows of the default 160 columns).")
+        "Unset: automatic — stream once the table would take more than 320 MiB in the driver (8 bytes per "
+        "value; ~260k rows of the default 160 columns), which keeps the driver under 1.5 GB.")
     valid_fit_rows: int | None = Field(
         None, ge=10, description="When impression training streams: validation rows (a hash sample, at most half "
         "of them) gathered into the driver for early stopping and the ensemble's weights and stacker; every "

@@ -105,4 +105,7 @@ def behaviour_run(ray_local, tmp_path_factory):
     cfg = load_config(None, [
         *run_root(root), *TINY_WORLD, "features.valid_hours=24", "embed.pca_components=4", "train.xgb.rounds=20", "train.xgb.checkpoint_every=10",
         "train.nn.epochs=2", "train.nn.layer6_preset=0"])
-    return behaviour.run(cfg, "tiny", log=lambda _: None)
+    lines: list[str] = []
+    job = behaviour.run(cfg, "tiny", log=lines.append)
+    job.log_lines = lines  # what the CLI would have printed (tests/test_run_api.py reads the progress lines)
+    return job

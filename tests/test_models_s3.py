@@ -62,7 +62,7 @@ def test_reports_publish_to_s3(s3_bucket):
 
 
 def test_behaviour_job_writes_its_whole_run_to_s3(s3_server, s3_bucket, tmp_path):
-    """`output_root: s3://…` end to end: a job in its own process (its embedded Ray's workers get the S3
+    """`--out s3://…` (output_root) end to end: a job in its own process (its embedded Ray's workers get the S3
     settings from its environment, as cluster nodes get them from an instance profile), then the run is read
     back from S3 alone and predicts."""
     import json
@@ -75,7 +75,7 @@ def test_behaviour_job_writes_its_whole_run_to_s3(s3_server, s3_bucket, tmp_path
     root = f"s3://{s3_bucket}/runs"
     ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")  # short: Ray's socket paths have a length limit
     result = run_cli(
-        "pipeline", "behaviour", "--json", "--run-id", "s3run", "--set", f"output_root={root}",
+        "pipeline", "behaviour", "--json", "--run-id", "s3run", "--out", root,
         "--set", f"embed.cache_dir={tmp_path / 'cache'}", "--set", "synth.users=150", "--set", "synth.posts=400",
         "--set", "synth.impressions=4000", "--set", "synth.images=6", "--set", "synth.rows_per_shard=4000",
         "--set", "synth.days=5", "--set", "features.valid_hours=24", "--set", "embed.text_model=tiny:bert",

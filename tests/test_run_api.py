@@ -26,6 +26,27 @@ def _frame(run, *parts):
     return pl.from_arrow(io.read_table(run.path(*parts)))
 
 
+def test_training_reports_its_progress_in_the_job_log(behaviour_run):
+    """Every Ray Train fit's reports reach the driver's log while fit() blocks it: rounds of each booster and
+    epochs of the network, out of how many, with the validation loss and the time."""
+    import re
+
+    lines = behaviour_run.log_lines
+    for fit, unit, total in (("impression_xgb_like", "round", 20), ("impression_nn", "epoch", 2)):
+        done = [x for x in lines if x.strip().startswith(f"{fit}: {unit} {total}/{total}")]
+        assert done and re.search(r"(valid-\w+|loss) \d+\.\d{4} \(\d+ s\)$", done[-1]), (fit, lines)
+
+
+def test_progress_line_has_the_eta_from_the_elapsed_time():
+    from engagesim.models.progress import line
+
+    got = line({"fit": "post_xgb", "round": 50, "of": 200, "valid-rmse": 0.81234, "seconds_in": 9.0}, 0.0, 10.0)
+    assert got == "post_xgb: round 50/200, valid-rmse 0.8123 (10 s, about 30 s left)"
+    assert line({"fit": "nn", "epoch": 2, "unit": 3, "of": 3, "loss": 0.5}, 0.0, 4.0) == "nn: epoch 3/3, loss 0.5000 (4 s)"
+    assert line({"fit": "mlm", "unit": 10, "of": 40, "unit_name": "step"}, 0.0, 5.0) == \
+        "mlm: step 10/40 (5 s, about 15 s left)"
+
+
 def test_run_directory_is_complete(run):
     assert run.manifest["status"] == "succeeded"
     for stage in ("data", "features", "train_post_level", "train_impression_level", "evaluate", "report"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,11 +55,14 @@ def trainer_settings(name: str, storage_path: str, workers: int = 1, cpus_per_wo
     """``scaling_config`` and ``run_config`` keyword arguments for any Ray Train trainer."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+    from engagesim.models import progress
+
     return {"scaling_config": ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                             resources_per_worker={"CPU": cpus_per_worker}),
             "run_config": RunConfig(name=name, storage_path=storage_uri(storage_path),
                                     checkpoint_config=CheckpointConfig(num_to_keep=keep),
-                                    failure_config=FailureConfig(max_failures=max_failures))}
+                                    failure_config=FailureConfig(max_failures=max_failures),
+                                    callbacks=progress.callbacks(name))}
 
 
 def put_shards(tables: dict[str, pa.Table | None], workers: int, equal: bool = False) -> dict[str, list]:
@@ -318,6 +322,7 @@ class WorkerLoop:
     write: Callable[[Path], None] | None = None  # own checkpoint files instead of ``weights`` (PEFT adapters)
     read: Callable[[Path], None] | None = None
     state: dict = field(default_factory=dict)
+    unit_name: str = "epoch"  # what a unit is, in progress lines ("step" for the step-counted loops)
 
 
 class LoopCallback:
@@ -366,11 +371,14 @@ def _torch_worker(config: dict) -> None:
         model = ray.train.torch.prepare_model(loop.module, parallel_strategy_kwargs=loop.ddp or None)
         restored = state is not None and any(optimizer.state.values())
     trainables = Trainables(model, optimizer, engine, scheduler)
+    began = time.monotonic()
     for unit in range(start, loop.units):
         metrics = loop.run(unit, trainables)
         done = unit + 1
         if done % loop.every == 0 or done == loop.units:
             metrics = {**metrics, "workers": context.get_world_size(), "resumed_optimizer": restored,
+                       "unit": done, "of": loop.units, "unit_name": loop.unit_name,
+                       "seconds_in": time.monotonic() - began,
                        "zero_stage": engine.zero_optimization_stage() if engine is not None else 0}
             report(write, {**loop.state, "units": done, "world_size": context.get_world_size()}, metrics,
                    optimizer if engine is None else None, engine.optimizer.optimizer if engine is not None else None)

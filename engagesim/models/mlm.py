@@ -136,7 +136,7 @@ def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
 
     return distributed.WorkerLoop(module=MaskedOnlyLoss(mlm), saved=mlm, optimizer=optimizer, units=params["steps"],
                                   run=step, every=params["checkpoint_every"], weights=unshared_state, strict=False,
-                                  ddp={"find_unused_parameters": True})
+                                  ddp={"find_unused_parameters": True}, unit_name="step")
 
 
 def adapt(encoder: nn.Module, tokenizer, train_texts: list[str], valid_texts: list[str], steps: int,

@@ -66,17 +66,24 @@ class ReportEveryK(xgb.callback.TrainingCallback):
     Ray's, so ``RayTrainReportCallback.get_model`` reads it.
     """
 
-    def __init__(self, every: int, checkpoint: bool = True, report: Callable[..., None] | None = None):
-        self.every, self.checkpoint, self.report = every, checkpoint, report
+    def __init__(self, every: int, checkpoint: bool = True, report: Callable[..., None] | None = None,
+                 total: int | None = None):
+        import time
+
+        self.every, self.checkpoint, self.report, self.total = every, checkpoint, report, total
         self.last_reported, self.last_metrics = -1, {}
+        self.began = time.monotonic()
 
     def _report(self, model: xgb.Booster, iteration: int) -> None:
         import tempfile
+        import time
 
         import ray.train
 
         report = self.report or ray.train.report
-        metrics = {**self.last_metrics, "round": iteration + 1}
+        metrics = {**self.last_metrics, "round": iteration + 1, "seconds_in": time.monotonic() - self.began}
+        if self.total:
+            metrics["of"] = self.total
         if not self.checkpoint:
             report(metrics)
         else:
@@ -149,7 +156,7 @@ def _train_fn_per_worker(config: dict) -> None:
         for callback in config["callbacks"]:
             if hasattr(callback, "on_resume"):
                 callback.on_resume(start_model.num_boosted_rounds())
-    callbacks = [ReportEveryK(config["checkpoint_every"]), *config["callbacks"]]
+    callbacks = [ReportEveryK(config["checkpoint_every"], total=config["rounds"]), *config["callbacks"]]
     train_booster(dtrain, dvalid, config["params"], max(rounds, 0), config.get("early_stopping"),
                   callbacks=callbacks, xgb_model=start_model)
 

@@ -41,6 +41,7 @@ def data_stage(run: Run) -> dict[str, str]:
 
 def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None] = print) -> Run:
     """data → EDA → features → models → evaluation, each stage recorded in the run manifest."""
+    from engagesim.models.progress import training_progress
     from engagesim.pipeline.evaluate import evaluate
     from engagesim.pipeline.features import run_features
     from engagesim.pipeline.train import train_impression_level, train_post_level
@@ -72,19 +73,20 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
         log(f"features ({t.seconds:.1f}s)")
 
         models_dir = job.path("models")
-        with Timer() as t:
-            post = train_post_level(config, job.path("features", "posts"), models_dir, datasets.get("truth/posts"),
-                                    log=lambda m: log(f"  {m}"))
-        job.metrics("valid", {"post_level": post})
-        job.stage("train_post_level", {"models": job.path("models", "post")}, t.seconds)
-        log(f"post-level models ({t.seconds:.1f}s)")
-        if "impressions" in feats:
+        with training_progress(lambda m: log(f"    {m}")):  # rounds / epochs of every Ray Train fit
             with Timer() as t:
-                impression = train_impression_level(config, job.path("features", "impressions"), models_dir,
-                                                    datasets.get("truth/interactions"), log=lambda m: log(f"  {m}"))
-            job.metrics("valid", {"post_level": post, "impression_level": impression})
-            job.stage("train_impression_level", {"models": job.path("models", "impression")}, t.seconds)
-            log(f"impression-level models ({t.seconds:.1f}s)")
+                post = train_post_level(config, job.path("features", "posts"), models_dir, datasets.get("truth/posts"),
+                                        log=lambda m: log(f"  {m}"))
+            job.metrics("valid", {"post_level": post})
+            job.stage("train_post_level", {"models": job.path("models", "post")}, t.seconds)
+            log(f"post-level models ({t.seconds:.1f}s)")
+            if "impressions" in feats:
+                with Timer() as t:
+                    impression = train_impression_level(config, job.path("features", "impressions"), models_dir,
+                                                        datasets.get("truth/interactions"), log=lambda m: log(f"  {m}"))
+                job.metrics("valid", {"post_level": post, "impression_level": impression})
+                job.stage("train_impression_level", {"models": job.path("models", "impression")}, t.seconds)
+                log(f"impression-level models ({t.seconds:.1f}s)")
         with Timer() as t:
             evaluation = evaluate(job.uri, config.storage)
         job.metrics("test", {k: v for k, v in evaluation.items() if k != "report"})

@@ -176,7 +176,12 @@ class LevelInputs:
         return self.train_table
 
 
-DRIVER_TABLE_BYTES = 1 << 30  # automatic train.stream_rows: the most a level's table may take in the driver
+# Automatic train.stream_rows: in-memory tables up to 320 MiB of 8-byte values, so the driver stays under 1.5 GB.
+# The in-memory path costs the driver about twice that estimate on top of the ~0.76 GB it holds before training
+# (the table, its split copies, the workers' slices it writes to the object store, the members' predictions):
+# bench/rows.py at 400k impressions peaked at 1.58 GB in memory (0.76 GB before training) and 0.87 GB streamed
+# (like RCE 30.09 / 29.95); at 1M in memory, 3.33 GB. The old 1 GiB let 1M rows in.
+DRIVER_TABLE_BYTES = 320 << 20
 # Automatic train.valid_fit_rows: the validation fit rows' 8-byte values. At 256 MiB (262k rows of 128 columns)
 # the driver went from 1.13 to 1.66 GB while XGBoost fit at 4M impressions (bench/rows.py, its steps): the rows,
 # their copy in the object store and the members' prediction matrices. Half of that keeps it under 1.5 GB.

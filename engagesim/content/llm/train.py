@@ -147,7 +147,8 @@ def _worker_loop(rows: dict, params: dict) -> distributed.WorkerLoop:
     return distributed.WorkerLoop(
         module=model, units=total, run=step, every=cfg.checkpoint_every, write=write, read=read, state=state,
         optimizer=lambda _m: torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0),
-        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total)))
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, total)),
+        unit_name="step")
 
 
 def fit_ray(train: pa.Table, valid: pa.Table | None, cfg: LLMConfig, storage_path: str, name: str,
