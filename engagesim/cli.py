@@ -81,6 +81,12 @@ def _with_out(overrides: Optional[list[str]], out_root: Optional[str]) -> list[s
     return [*(overrides or []), *([f"output_root={out_root}"] if out_root else [])]
 
 
+def _log_line(message: str) -> None:
+    """A job's progress line on stderr: one line however long (no wrapping at the terminal's width), as written
+    (no rich markup or highlighting of its brackets and numbers)."""
+    err.print(message, soft_wrap=True, markup=False, highlight=False)
+
+
 def finish(result: dict[str, Any], as_json: bool, title: str) -> None:
     """Print the command's summary: a table for people, or one JSON line for programs."""
     if as_json:
@@ -265,7 +271,7 @@ def pipeline_behaviour(
 
     cfg = _config(config, _with_out(overrides, out_root), preset, data, "behaviour")
     quiet_ray()
-    job = run(cfg, run_id, log=lambda m: err.print(m))
+    job = run(cfg, run_id, log=_log_line)
     if not as_json:
         print_metrics(metric_rows(job.manifest["metrics"].get("test", {})))
     finish({"run": job.uri, "status": job.manifest["status"],
@@ -295,7 +301,7 @@ def pipeline_content(
 
     cfg = _config(config, _with_out(overrides, out_root), preset, data, "content")
     quiet_ray()
-    job = run(cfg, run_id, log=lambda m: err.print(m))
+    job = run(cfg, run_id, log=_log_line)
     metrics = job.manifest["metrics"]
     summary = {"run": job.uri, "status": job.manifest["status"],
                "behaviour_run": job.manifest["content"]["behaviour_run"]}
@@ -357,7 +363,7 @@ def content_train_llm(
 
     cfg = _config(config, overrides)
     quiet_ray()
-    job, metrics = run_llm_only(cfg, run_id, lambda m: err.print(m))
+    job, metrics = run_llm_only(cfg, run_id, _log_line)
     finish({"run": job.uri, "adapter": job.path("models", "llm", "adapter"), **metrics}, as_json, "LLM tuning")
 
 

@@ -34,6 +34,12 @@ def stacked_cv(preds: dict[str, np.ndarray], y: np.ndarray, task: str, folds: in
     x = np.column_stack([logit(preds[n]) if task == "binary" else preds[n] for n in names])
     model = LogisticRegression(C=1.0, max_iter=1000) if task == "binary" else Ridge(alpha=1.0)
     method = "predict_proba" if task == "binary" else "predict"
-    oof = cross_val_predict(model, x, y, cv=folds, method=method)
+    import warnings
+
+    with warnings.catch_warnings():
+        # A rare engagement with fewer positives than folds: sklearn warns, stratifies what it can, and the
+        # stacker still needs STACK_MIN_ROWS rows; the warning told a user nothing they could act on.
+        warnings.filterwarnings("ignore", message="The least populated class in y", category=UserWarning)
+        oof = cross_val_predict(model, x, y, cv=folds, method=method)
     model.fit(x, y)
     return (oof[:, 1] if task == "binary" else oof), model, names
