@@ -8,11 +8,16 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
-import click
 import pytest
 import typer
 import typer.main
+
+try:  # typer ≥ 0.20 carries its own click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError
 
 from engagesim.cli import app
 
@@ -31,12 +36,12 @@ def readme_commands() -> list[str]:
     return lines
 
 
-def parse(command: click.Command, args: list[str], name: str = "engagesim") -> str:
+def parse(command: Any, args: list[str], name: str = "engagesim") -> str:
     """The command path ``args`` resolve to; raises click's own error for an unknown command or option or a
     value of the wrong type, as the shell would show it. Nothing runs."""
     try:
         ctx = command.make_context(name, list(args), resilient_parsing=False)
-    except (click.exceptions.Exit, typer.Exit) as done:  # --help / --version: eager, and fine
+    except typer.Exit as done:  # --help / --version: eager, and fine
         assert getattr(done, "exit_code", 0) == 0
         return name
     if not hasattr(command, "commands"):
@@ -48,9 +53,9 @@ def parse(command: click.Command, args: list[str], name: str = "engagesim") -> s
     return f"{name} {parse(sub, rest, sub_name)}"
 
 
-def leaves(command: click.Command = CLI, path: tuple[str, ...] = ()) -> dict[str, click.Command]:
+def leaves(command: Any = CLI, path: tuple[str, ...] = ()) -> dict[str, Any]:
     if hasattr(command, "commands"):
-        out: dict[str, click.Command] = {}
+        out: dict[str, Any] = {}
         for name, sub in command.commands.items():
             out.update(leaves(sub, (*path, name)))
         return out
@@ -86,5 +91,5 @@ def test_which_commands_take_json_config_and_set_is_what_the_readme_says():
 @pytest.mark.parametrize("args", [["evaluate", "--config", "x", "runs/r"], ["synth", "--out", "d", "--users", "abc"],
                                   ["nope"]])
 def test_a_readme_command_the_cli_would_refuse_fails_the_parse(args):
-    with pytest.raises(click.UsageError):
+    with pytest.raises(UsageError):
         parse(CLI, args)
