@@ -24,7 +24,7 @@ from engagesim.features.impression import impression_post_columns, join_impressi
 from engagesim.features.post import post_row_features
 from engagesim.features.state import ImpressionState, PostState
 from engagesim.models.bundle import ImpressionModels, PostModels
-from engagesim.schema import ENGAGEMENTS, INTERACTIONS, POSTS
+from engagesim.schema import ENGAGEMENTS, INTERACTIONS, POSTS, request_post_id
 
 # Impression rows past every training event: the whole row is looked up in the "apply" snapshot.
 ALWAYS_APPLY = -(2**62)
@@ -40,6 +40,36 @@ def _as_arrow(rows: Any) -> pa.Table:
     if isinstance(rows, list):
         return pa.Table.from_pylist(rows)
     raise TypeError(f"expected a pyarrow Table, polars/pandas DataFrame or list of dicts, not {type(rows).__name__}")
+
+
+def _post_rows(posts: Any) -> pa.Table:
+    """Posts as the contract has them, from either shape: contract rows (post_id, author_id, username, …) or
+    the request shape HTTP takes (``account``, optional ``post_id`` / ``username``): ``account`` is the
+    author, ``username`` defaults to it, and a missing ``post_id`` is the request id ``/v1/predict`` gives the
+    same post (``schema.request_post_id``)."""
+    table = _as_arrow(posts)
+    names = table.column_names
+    if "account" in names:
+        if "author_id" in names:
+            raise ValueError("give the author as `account` (the request shape) or `author_id`, not both")
+        table = table.rename_columns(["author_id" if n == "account" else n for n in names])
+        if "username" not in names:
+            table = table.append_column("username", table.column("author_id"))
+    if "post_id" not in table.column_names or table.column("post_id").null_count:
+        given = table.column("post_id").to_pylist() if "post_id" in table.column_names else [None] * table.num_rows
+        created = pc.cast(table.column("created_at"), POSTS.field("created_at").type).to_pylist()
+        ids = [pid or request_post_id(a, t, x) for pid, a, t, x in
+               zip(given, table.column("author_id").to_pylist(), created, table.column("text").to_pylist())]
+        table = (table.drop_columns(["post_id"]) if "post_id" in table.column_names else table).append_column(
+            "post_id", pa.array(ids, pa.string()))
+    return table
+
+
+def _like(rows: Any, result: pa.Table) -> Any:
+    """A pandas DataFrame out when one went in; a pyarrow Table otherwise."""
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns") and not isinstance(rows, (pa.Table, pl.DataFrame)):
+        return result.to_pandas()
+    return result
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -106,7 +136,7 @@ class LoadedRun:
 
         ``new_accounts``: attributes (author_id, follower_count, …) of accounts the run never saw.
         """
-        rows = post_row_features(_conform(_as_arrow(posts), POSTS))
+        rows = post_row_features(_conform(_post_rows(posts), POSTS))
         for encoder in self._encoders:
             rows = encoder(rows)
         # One chunk per column: polars mis-reads a sliced fixed-size-list column that has a validity mask
@@ -161,16 +191,20 @@ class LoadedRun:
             cols.update({f"p_{e}{suffix}": p[:, i] for i, e in enumerate(ENGAGEMENTS)})
         return pa.table(cols)
 
-    def predict(self, rows: Any, posts: Any | None = None) -> pa.Table:
+    def predict(self, rows: Any, posts: Any | None = None) -> Any:
         """Raw rows → predictions. Impression rows (user_id, post_id, impression_at, …) give P(engagement);
-        post rows give expected likes with an 80 % interval. Every member model's output is included."""
+        post rows give expected likes with an 80 % interval. Every member model's output is included.
+
+        Posts come as contract rows or in the request shape of ``/v1/predict`` (``account``, ``text``,
+        ``created_at``; ``post_id`` optional, then the id HTTP would give). A pandas DataFrame in gives a pandas
+        DataFrame out; anything else a pyarrow Table."""
         table = _as_arrow(rows)
         impressions = {"user_id", "impression_at"} <= set(table.column_names)
         if table.num_rows == 0:  # encoders and joins want rows; the answer is the empty table of the right shape
-            return self._empty_result(impressions)
+            return _like(rows, self._empty_result(impressions))
         if impressions:
-            return self.score_impression_features(self.impression_features(table, posts))
-        return self.score_post_features(self.post_features(table))
+            return _like(rows, self.score_impression_features(self.impression_features(table, posts)))
+        return _like(rows, self.score_post_features(self.post_features(table)))
 
     def _empty_result(self, impressions: bool) -> pa.Table:
         when = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)

@@ -8,6 +8,7 @@ under a contract it does not understand.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +27,15 @@ ENGAGEMENTS = ("like", "reply", "retweet", "quote")
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 MEDIA_ITEM = pa.struct([pa.field("kind", pa.string(), nullable=False), pa.field("uri", pa.string(), nullable=False)])
+
+def request_post_id(account: str, created_at: dt.datetime, text: str) -> str:
+    """The id of a post given without one (an HTTP request, or ``predict`` rows with ``account``): a digest of
+    who, when and what, so the same post gets the same id from Python and over HTTP."""
+    import hashlib
+
+    digest = hashlib.sha1(f"{account}\x00{created_at.isoformat()}\x00{text}".encode()).hexdigest()
+    return f"req-{digest[:16]}"
+
 
 POSTS = pa.schema(
     [

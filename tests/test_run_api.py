@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -146,6 +147,23 @@ def test_cold_start_account_and_viewer(run):
     assert ((values > 0) & (values < 1)).all()
     with pytest.raises(ValueError, match="unknown to the run"):
         run.predict(imp)
+
+
+def test_python_takes_the_http_request_shape_and_pandas_gets_pandas(run):
+    """One input shape for Python and HTTP: ``account`` for the author, ``post_id`` optional (then the id
+    /v1/predict gives the same post); the same predictions as contract rows; pandas in, pandas out."""
+    from engagesim.serve.api import PostIn, post_id_for
+
+    when = dt.datetime(2030, 1, 2, 10, tzinfo=dt.timezone.utc)
+    text = "Launching something #new today"
+    contract = run.predict(pl.DataFrame({"post_id": ["p"], "author_id": ["acme"], "username": ["acme"],
+                                         "text": [text], "created_at": [when]}))
+    shaped = run.predict(pd.DataFrame({"account": ["acme"], "text": [text], "created_at": [when]}))
+    assert isinstance(shaped, pd.DataFrame) and len(shaped) == 1
+    assert shaped["post_id"][0] == post_id_for(PostIn(account="acme", text=text, created_at=when))
+    assert shaped["log1p_likes"][0] == pytest.approx(contract.column("log1p_likes")[0].as_py(), abs=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        run.predict([{"account": "a", "author_id": "a", "text": "x", "created_at": when}])
 
 
 def test_score_command_matches_evaluation_and_rejects_bad_rows(run, tmp_path):

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engagesim.schema import ENGAGEMENTS
+from engagesim.schema import ENGAGEMENTS, request_post_id
 
 EARLIEST = dt.datetime(2006, 3, 21, tzinfo=dt.timezone.utc)  # the first tweet
 MAX_IMAGE_BYTES = 4 * 1024 * 1024
@@ -102,10 +102,7 @@ class BatchResponse(BaseModel):
 
 
 def post_id_for(post: PostIn) -> str:
-    if post.post_id:
-        return post.post_id
-    digest = hashlib.sha1(f"{post.account}\x00{post.created_at.isoformat()}\x00{post.text}".encode()).hexdigest()
-    return f"req-{digest[:16]}"
+    return post.post_id or request_post_id(post.account, post.created_at, post.text)
 
 
 def save_upload(data_b64: str, directory: str) -> str:
