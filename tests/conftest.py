@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ from helpers import TINY_WORLD, free_ports, run_root, stop, venv_bin, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ADOBE = ROOT.parent / "shared" / "data" / "adobe"
+
+# Hermetic caches: a test that leaves embed.cache_dir / content.llm.cache_dir at their defaults writes into this
+# session's own folder (set before Ray starts, so its workers and every CLI subprocess inherit it), never into
+# the user cache that a developer's real runs fill.
+os.environ["ENGAGESIM_CACHE"] = tempfile.mkdtemp(prefix="engagesim-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ def run(config: AppConfig, run_id: str | None = None, log: Callable[[str], None]
 
         with Timer() as t:
             summary: dict[str, Any] = eda(datasets["posts"], job.path("reports", "eda"), config.storage,
-                                          config.report.top_accounts)
+                                          config.report.top_accounts, config.report.min_account_posts)
         job.stage("eda", {"report": summary["out"]}, t.seconds)
         log(f"eda report ({t.seconds:.1f}s): {summary['out']}")
 

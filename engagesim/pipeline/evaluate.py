@@ -34,7 +34,7 @@ from engagesim.metrics import AP_FROM_BINS, average_precision, grouped, populari
 from engagesim.models.data import label_matrix  # noqa: E402
 from engagesim.pipeline import validation  # noqa: E402
 from engagesim.pipeline.train import post_baselines, stream_threshold  # noqa: E402
-from engagesim.report import report_dir, save_figure  # noqa: E402
+from engagesim.report import figures_html, report_dir, save_figure  # noqa: E402
 from engagesim.runs import LoadedRun, load_run  # noqa: E402
 from engagesim.runtime import ensure_ray  # noqa: E402
 from engagesim.schema import ENGAGEMENTS  # noqa: E402
@@ -81,12 +81,17 @@ def evaluate_posts(run: LoadedRun, out: Path) -> dict[str, Any]:
         return {}
     preds = run.score_post_features(features)
     y = features.column("label_log1p_likes").to_numpy()
+    followers = "author_follower_count" in features.column_names
     popularity = (features.column("author_follower_count").to_numpy(zero_copy_only=False)
-                  if "author_follower_count" in features.column_names else features.column("te_author_id").to_numpy())
+                  if followers else features.column("te_author_id").to_numpy())
     groups = popularity_groups(np.nan_to_num(popularity), quantile_edges(np.nan_to_num(popularity)))
     models = [c for c in preds.column_names if c.startswith("log1p_likes")]
     train = _labelled(_rows(run, "posts", "train", ["author_id", "label_log1p_likes"]))
-    result: dict[str, Any] = {"rows": features.num_rows, "baselines": post_baselines(train, features), "models": {}}
+    result: dict[str, Any] = {"rows": features.num_rows, "baselines": post_baselines(train, features), "models": {},
+                              # Without follower counts (the Adobe files), popularity is the author's target-
+                              # encoded mean log1p(likes): say which, so the plot does not claim followers.
+                              "popularity_by": "author followers" if followers
+                              else "author's mean log1p(likes) (target-encoded; no follower counts in the data)"}
     for c in models:
         name = "ensemble" if c == "log1p_likes" else c[len("log1p_likes_"):]
         p = preds.column(c).to_numpy()
@@ -208,6 +213,22 @@ def _engagement_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dic
 
 # --- plots --------------------------------------------------------------------------------------
 
+EVALUATION_CAPTIONS = {
+    "post_calibration_and_groups.png": "Post level, test split: predicted vs actual log1p(likes) (the dashed line "
+                                       "is perfect), and the served ensemble's RMSE per author-popularity quintile.",
+    "impression_calibration_pr_groups.png": "Impression level, test split: calibration and precision–recall of the "
+                                            "served ensemble per engagement, and its RCE per creator-popularity "
+                                            "quintile (higher is better).",
+    "importance_post.png": "What the post-level booster splits on most (total gain).",
+    "importance_impression.png": "What the impression-level P(like) booster splits on most (total gain).",
+}
+
+
+def quintile_labels(n: int) -> list[str]:
+    """Group tick labels that say which end is popular: "1 least" … "n most"."""
+    return [f"{i + 1}" + (" least" if i == 0 else " most" if i == n - 1 else "") for i in range(n)]
+
+
 def _plot_post(out: Path, y: np.ndarray, p: np.ndarray, result: dict) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.hexbin(p, y, gridsize=40, mincnt=1, cmap="Blues")
@@ -223,7 +244,9 @@ def _plot_post(out: Path, y: np.ndarray, p: np.ndarray, result: dict) -> None:
         b.plot(groups, [result["oracle"]["rmse_by_popularity"][g] for g in groups], "o--", color="#ee6677",
                label="oracle")
     b.set_ylabel("RMSE")
-    b.set_title("Error by author popularity (quintile)")
+    b.set_xticks(range(len(groups)), quintile_labels(len(groups)))
+    b.set_xlabel(f"quintile of {result.get('popularity_by', 'author popularity')}")
+    b.set_title("Error by author popularity")
     b.legend()
     save_figure(fig, out / "post_calibration_and_groups.png")
 
@@ -253,8 +276,8 @@ def _plot_impressions(out: Path, curves: dict[str, dict[str, np.ndarray]], resul
     for k, e in enumerate(ENGAGEMENTS):
         axes[2].bar(np.arange(len(groups)) + k * width,
                     [result["models"]["ensemble"][e]["rce_by_popularity"][g] for g in groups], width, label=e)
-    axes[2].set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, fontsize=7)
-    axes[2].set(ylabel="RCE", title="RCE by creator popularity (quintile)")
+    axes[2].set_xticks(np.arange(len(groups)) + 0.4 - width / 2, quintile_labels(len(groups)), fontsize=7)
+    axes[2].set(ylabel="RCE", xlabel="quintile of creator followers", title="RCE by creator popularity")
     axes[2].legend(fontsize=8)
     save_figure(fig, out / "impression_calibration_pr_groups.png")
 
@@ -287,7 +310,7 @@ def evaluate(run_uri: str, storage=None) -> dict[str, Any]:
         result = {"post_level": evaluate_posts(run, out), "impression_level": evaluate_impressions(run, out)}
         _plot_importance(run, out)
         io.write_json(str(out / "metrics.json"), {"valid": run.metrics.get("valid", {}), "test": result})
-        images = "".join(f'<figure><img src="{p.name}" alt="{p.name}"></figure>' for p in sorted(out.glob("*.png")))
+        images = figures_html([p.name for p in sorted(out.glob("*.png"))], EVALUATION_CAPTIONS)
         (out / "index.html").write_text(
             "<!doctype html><html><head><meta charset='utf-8'><title>engagesim evaluation</title></head>"
             f"<body style='font-family:sans-serif'><h1>Evaluation of {run.run_id}</h1>{images}"
