@@ -58,6 +58,9 @@ class RayConfig(Section):
     object_store_memory_mb: int | None = Field(
         None, ge=64, description="Object store size for an embedded local Ray, in MiB."
     )
+    include_dashboard: bool = Field(False, description="Start the Ray dashboard with an embedded local Ray (on "
+                                    "127.0.0.1; its URL is printed). Off by default: it costs ~0.3 GB and a few "
+                                    "seconds of start-up.")
 
 
 class IngestConfig(Section):

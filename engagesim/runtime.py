@@ -39,16 +39,20 @@ def ensure_ray(config: RayConfig | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     local_ray_env()
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": False}
+    kwargs: dict = {"include_dashboard": config.include_dashboard, "log_to_driver": False}
     if _QUIET["on"]:
         kwargs["logging_level"] = logging.ERROR  # the token-auth notice and "Started a local Ray instance"
     if config.num_cpus:
         kwargs["num_cpus"] = config.num_cpus
     if config.object_store_memory_mb:
         kwargs["object_store_memory"] = config.object_store_memory_mb << 20
-    ray.init(**kwargs)
+    context = ray.init(**kwargs)
     if _QUIET["on"]:
         _quiet_loggers()
+    if config.include_dashboard and getattr(context, "dashboard_url", None):
+        import sys
+
+        print(f"Ray dashboard: http://{context.dashboard_url}", file=sys.stderr, flush=True)
 
 
 # The CLI's default (``--verbose`` turns it off): a pipeline run printed 225 lines of Ray Data progress

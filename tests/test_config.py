@@ -53,3 +53,26 @@ def test_te_smoothing_is_a_count_or_auto():
     assert load_config(None, ["features.te_smoothing=2.5"]).features.te_smoothing == 2.5
     with pytest.raises(ConfigError, match=r"features\.te_smoothing"):
         load_config(None, ["features.te_smoothing=-1"])
+
+
+def test_the_dashboard_is_a_setting_and_its_url_is_printed(monkeypatch, capsys):
+    """ray.include_dashboard reaches ray.init, and the embedded Ray's dashboard URL goes to stderr."""
+    import types
+
+    import ray
+
+    from engagesim.runtime import ensure_ray
+
+    seen = {}
+
+    def fake_init(**kwargs):
+        seen.update(kwargs)
+        return types.SimpleNamespace(dashboard_url="127.0.0.1:8265")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ensure_ray(load_config(None, ["ray.include_dashboard=true"]).ray)
+    assert seen["include_dashboard"] is True and "Ray dashboard: http://127.0.0.1:8265" in capsys.readouterr().err
+    ensure_ray(load_config(None).ray)
+    assert seen["include_dashboard"] is False
