@@ -44,6 +44,7 @@ def test_progress_line_has_the_eta_from_the_elapsed_time():
     got = line({"fit": "post_xgb", "round": 50, "of": 200, "valid-rmse": 0.81234, "seconds_in": 9.0}, 0.0, 10.0)
     assert got == "post_xgb: round 50/200, valid-rmse 0.8123 (10 s, about 30 s left)"
     assert line({"fit": "nn", "epoch": 2, "unit": 3, "of": 3, "loss": 0.5}, 0.0, 4.0) == "nn: epoch 3/3, loss 0.5000 (4 s)"
+    assert line({"fit": "x", "round": 120, "of": 200, "final": True}, 0.0, 9.0) == "x: round 120/200 (9 s, stopped early)"
     assert line({"fit": "mlm", "unit": 10, "of": 40, "unit_name": "step"}, 0.0, 5.0) == \
         "mlm: step 10/40 (5 s, about 15 s left)"
 

@@ -62,7 +62,9 @@ def line(report: dict[str, Any], started: float, now: float) -> str:
     shown = [k for k in floats if k.startswith("valid")][:2] or [k for k in floats if k == "loss"]
     elapsed = now - started
     timing = f"{elapsed:.0f} s"
-    if total and done and done < total:
+    if report.get("final") and total and done and done < total:
+        timing += ", stopped early"
+    elif total and done and done < total:
         timing += f", about {elapsed * (total - done) / done:.0f} s left"
     return f"{report['fit']}: {', '.join([where, *(f'{k} {floats[k]:.4f}' for k in shown)])} ({timing})"
 
@@ -98,7 +100,7 @@ def training_progress(log: Callable[[str], None]) -> Iterator[None]:
             fit = report["fit"]
             started.setdefault(fit, now - float(report.get("seconds_in", 0.0)))
             total, done = report.get("of"), report.get("round", report.get("unit"))  # as ``line`` reads them
-            final = bool(total) and done == total
+            final = bool(report.get("final")) or (bool(total) and done == total)
             if final or now - last.get(fit, started[fit]) >= MIN_INTERVAL_S:
                 last[fit] = now
                 log(line(report, started[fit], now))

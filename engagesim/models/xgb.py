@@ -74,7 +74,7 @@ class ReportEveryK(xgb.callback.TrainingCallback):
         self.last_reported, self.last_metrics = -1, {}
         self.began = time.monotonic()
 
-    def _report(self, model: xgb.Booster, iteration: int) -> None:
+    def _report(self, model: xgb.Booster, iteration: int, final: bool = False) -> None:
         import tempfile
         import time
 
@@ -84,6 +84,8 @@ class ReportEveryK(xgb.callback.TrainingCallback):
         metrics = {**self.last_metrics, "round": iteration + 1, "seconds_in": time.monotonic() - self.began}
         if self.total:
             metrics["of"] = self.total
+        if final or (self.total and iteration + 1 == self.total):
+            metrics["final"] = True  # the fit's last report (early stopping ends before ``of``)
         if not self.checkpoint:
             report(metrics)
         else:
@@ -105,7 +107,7 @@ class ReportEveryK(xgb.callback.TrainingCallback):
     def after_training(self, model: xgb.Booster) -> xgb.Booster:
         rounds = model.num_boosted_rounds()
         if self.last_reported != rounds - 1:
-            self._report(model, rounds - 1)
+            self._report(model, rounds - 1, final=True)
         return model
 
 
