@@ -64,7 +64,9 @@ _QUIET = {"on": False}
 def _quiet_loggers() -> None:
     import ray.data  # noqa: F401  (configures its loggers on import: after it, not before)
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's warnings too: make demo's evaluation printed "The Ray cluster currently does not have any
+    # available CPUs. The Dataset job will hang unless …" while its scoring actors held the CPUs it then used.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     logging.getLogger("ray").setLevel(logging.WARNING)
 
 
