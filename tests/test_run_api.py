@@ -155,7 +155,7 @@ def test_python_takes_the_http_request_shape_and_pandas_gets_pandas(run):
     /v1/predict gives the same post); the same predictions as contract rows; pandas in, pandas out."""
     from engagesim.serve.api import PostIn, post_id_for
 
-    when = dt.datetime(2030, 1, 2, 10, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2025, 6, 2, 10, tzinfo=dt.timezone.utc)  # a request's time: within a year of now
     text = "Launching something #new today"
     contract = run.predict(pl.DataFrame({"post_id": ["p"], "author_id": ["acme"], "username": ["acme"],
                                          "text": [text], "created_at": [when]}))
