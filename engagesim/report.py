@@ -34,12 +34,13 @@ CAPTIONS = {
 }
 
 
-def log_axis(axis) -> None:
-    """Plain numbers at the decades of a log axis (1, 10, 100, 1,000), no minor labels: matplotlib's default
-    labelled minor ticks too, and they overlapped."""
+def log_axis(axis, decades: float = 3.0) -> None:
+    """Plain numbers on a log axis (1, 10, 100, 1,000; also 2 and 5 × 10ᵏ where the values span under two
+    decades, or one label would be all there is), no minor labels: matplotlib's default labelled minor ticks
+    too, and they overlapped."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10))
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades < 2 else (1.0,)))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -53,7 +54,7 @@ def value_axis(ax, values: np.ndarray) -> None:
     values = np.asarray(values, float)
     if len(values) and values.max() >= 20 * max(values.min(), 1.0):
         ax.set_xscale("log")
-        log_axis(ax.xaxis)
+        log_axis(ax.xaxis, float(np.log10(values.max() / max(values.min(), 1.0))))
     else:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
 

@@ -247,7 +247,7 @@ def _plot_post(out: Path, y: np.ndarray, p: np.ndarray, result: dict) -> None:
     b.set_xticks(range(len(groups)), quintile_labels(len(groups)))
     b.set_xlabel(f"quintile of {result.get('popularity_by', 'author popularity')}")
     b.set_title("Error by author popularity")
-    b.legend()
+    b.legend(loc="lower center")
     save_figure(fig, out / "post_calibration_and_groups.png")
 
 
