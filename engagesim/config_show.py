@@ -22,7 +22,7 @@ WIDTH = 110
 def _scalar(value: Any) -> str:
     """One value in YAML flow style (lists and dicts on one line, strings quoted only where YAML needs it)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True).strip()
-    return text[:-4].rstrip() if text.endswith("\n...") else text.removesuffix("...").rstrip()
+    return text.removesuffix("\n...").rstrip()  # a bare scalar's document-end marker
 
 
 def _comment(text: str, indent: str) -> list[str]:

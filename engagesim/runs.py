@@ -30,12 +30,16 @@ from engagesim.schema import ENGAGEMENTS, INTERACTIONS, POSTS, request_post_id
 ALWAYS_APPLY = -(2**62)
 
 
+def _is_pandas(rows: Any) -> bool:
+    return not isinstance(rows, (pa.Table, pl.DataFrame)) and hasattr(rows, "to_dict") and hasattr(rows, "columns")
+
+
 def _as_arrow(rows: Any) -> pa.Table:
     if isinstance(rows, pa.Table):
         return rows
     if isinstance(rows, pl.DataFrame):
         return rows.to_arrow()
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas
+    if _is_pandas(rows):
         return pa.Table.from_pandas(rows, preserve_index=False)
     if isinstance(rows, list):
         return pa.Table.from_pylist(rows)
@@ -67,9 +71,7 @@ def _post_rows(posts: Any) -> pa.Table:
 
 def _like(rows: Any, result: pa.Table) -> Any:
     """A pandas DataFrame out when one went in; a pyarrow Table otherwise."""
-    if hasattr(rows, "to_dict") and hasattr(rows, "columns") and not isinstance(rows, (pa.Table, pl.DataFrame)):
-        return result.to_pandas()
-    return result
+    return result.to_pandas() if _is_pandas(rows) else result
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

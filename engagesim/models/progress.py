@@ -49,14 +49,18 @@ def callbacks(name: str) -> list[UserCallback]:
     return [ReportRelay(queue, name)] if queue is not None else []
 
 
-def line(report: dict[str, Any], started: float, now: float) -> str:
-    """One progress line of a report: ``fit``, where it is (``round`` for XGBoost, else ``unit`` named by
-    ``unit_name``) out of ``of``, its validation metrics (else its training ``loss``) and the time."""
+def position(report: dict[str, Any]) -> tuple[str, Any, Any]:
+    """(what a unit is, units done, out of how many): ``round`` for XGBoost, else ``unit`` named by
+    ``unit_name``."""
     if "round" in report:
-        name, done = "round", report["round"]
-    else:
-        name, done = report.get("unit_name", "epoch"), report.get("unit")
-    total = report.get("of")
+        return "round", report["round"], report.get("of")
+    return report.get("unit_name", "epoch"), report.get("unit"), report.get("of")
+
+
+def line(report: dict[str, Any], started: float, now: float) -> str:
+    """One progress line of a report: ``fit``, where it is, its validation metrics (else its training
+    ``loss``) and the time."""
+    name, done, total = position(report)
     where = f"{name} {done}/{total}" if total else f"{name} {done}"
     floats = {k: v for k, v in report.items() if isinstance(v, float) and k not in ("seconds_in",)}
     shown = [k for k in floats if k.startswith("valid")][:2] or [k for k in floats if k == "loss"]
@@ -99,7 +103,7 @@ def training_progress(log: Callable[[str], None]) -> Iterator[None]:
             now = time.monotonic()
             fit = report["fit"]
             started.setdefault(fit, now - float(report.get("seconds_in", 0.0)))
-            total, done = report.get("of"), report.get("round", report.get("unit"))  # as ``line`` reads them
+            _, done, total = position(report)
             final = bool(report.get("final")) or (bool(total) and done == total)
             if final or now - last.get(fit, started[fit]) >= MIN_INTERVAL_S:
                 last[fit] = now

@@ -10,6 +10,7 @@ worker failure. Each worker's rows reach it as an object-store slice
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,15 +69,12 @@ class ReportEveryK(xgb.callback.TrainingCallback):
 
     def __init__(self, every: int, checkpoint: bool = True, report: Callable[..., None] | None = None,
                  total: int | None = None):
-        import time
-
         self.every, self.checkpoint, self.report, self.total = every, checkpoint, report, total
         self.last_reported, self.last_metrics = -1, {}
         self.began = time.monotonic()
 
     def _report(self, model: xgb.Booster, iteration: int, final: bool = False) -> None:
         import tempfile
-        import time
 
         import ray.train
 
