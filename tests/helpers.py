@@ -97,6 +97,15 @@ def venv_bin(name: str) -> str:
     return found
 
 
+def quiet_lines(stderr: str) -> list[str]:
+    """A quiet run's stderr lines as a user counts them. Ray's C++ core still writes one E-level line of Ray
+    Data's making to the driver's fd 2 ("[date E pid] core_worker.cc: ... constructor arguments in the object
+    store"); RAY_BACKEND_LOG_LEVEL only trades it for an I-level line, so core lines are left out."""
+    import re
+
+    return [x for x in stderr.splitlines() if x.strip() and not re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+ [IWE] ", x)]
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [venv_bin("engagesim"), *args],

@@ -66,10 +66,9 @@ def test_behaviour_job_writes_its_whole_run_to_s3(s3_server, s3_bucket, tmp_path
     settings from its environment, as cluster nodes get them from an instance profile), then the run is read
     back from S3 alone and predicts."""
     import json
-    import re
     import tempfile
 
-    from helpers import run_cli
+    from helpers import quiet_lines, run_cli
 
     from engagesim.runs import load_run
 
@@ -85,10 +84,8 @@ def test_behaviour_job_writes_its_whole_run_to_s3(s3_server, s3_bucket, tmp_path
         env={**s3_server, "RAY_TMPDIR": ray_tmp}, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     # The first-hour bound on a quiet run's stderr: stage lines and training progress, one line each, no
-    # warnings or wrapped lines (42 before: a sklearn warning, 8 wraps). Ray's C++ core still writes one
-    # E-level line of Ray Data's making to the driver's fd 2 ("[date E pid] core_worker.cc: ... constructor
-    # arguments in the object store"); RAY_BACKEND_LOG_LEVEL only trades it for an I-level line.
-    lines = [x for x in result.stderr.splitlines() if x.strip() and not re.match(r"\[\d{4}-\d\d-\d\d [\d:,]+ [IWE] ", x)]
+    # warnings or wrapped lines (42 before: a sklearn warning, 8 wraps).
+    lines = quiet_lines(result.stderr)
     assert len(lines) <= 40 and "impression-level models" in result.stderr, result.stderr
     assert any(x.strip().startswith("impression_xgb_like: round 10/10") for x in lines), result.stderr
     assert not any("Warning" in x or "Traceback" in x for x in lines), result.stderr
