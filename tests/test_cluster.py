@@ -76,7 +76,8 @@ class Head:
 
 @pytest.fixture()
 def token_head():
-    with Head() as head:
+    # The head's own environment has no API keys: `serve deploy` must bring the digests in the config itself.
+    with Head(env={"ENGAGESIM_API_KEYS": ""}) as head:
         yield {"address": head.address, "env": head.env, "tmp": head.tmp}
 
 
@@ -91,7 +92,10 @@ def _ray(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProc
     return subprocess.run([venv_bin("ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_job_submission_with_token_and_refusal_without(token_head, tmp_path):
+def test_job_submission_then_serve_deploy_with_token_and_refusal_without(token_head, tmp_path):
+    """The cluster path of the README on one machine: `ray job submit` runs the behaviour job on a token-protected
+    head; `engagesim serve --write-config` (keys in the user's shell only) then `serve deploy` serves that run from
+    the head, which answers with the key and refuses without it."""
     address, env = token_head["address"], token_head["env"]
     deadline = time.time() + 90
     while _ray(["job", "list", "--address", address], env, 60).returncode != 0:
@@ -121,6 +125,35 @@ def test_job_submission_with_token_and_refusal_without(token_head, tmp_path):
     manifest = json.loads((runs / "from-job" / "manifest.json").read_text())
     assert manifest["status"] == "succeeded"
     assert manifest["metrics"]["test"]["post_level"]["models"]["ensemble"]["rmse"] > 0
+
+    # serve deploy: the digests of the user's keys travel in serve.yaml's runtime_env, never the keys.
+    import requests
+    from helpers import free_port, run_cli
+
+    key, port, config = "deploy-key-" + secrets.token_hex(8), free_port(), tmp_path / "serve.yaml"
+    written = run_cli("serve", "--run", str(runs / "from-job"), "--port", str(port), "--write-config", str(config),
+                      env={"ENGAGESIM_API_KEYS": key})
+    assert written.returncode == 0 and key not in config.read_text(), written.stderr
+    deployed = subprocess.run([venv_bin("serve"), "deploy", str(config), "--address", address], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    url, body = f"http://127.0.0.1:{port}", {"post": {"account": "acme", "text": "New drop today #sale",
+                                                       "created_at": "2026-12-01T17:00:00Z"}}
+    deadline, answer = time.time() + 240, None
+    while time.time() < deadline:
+        try:
+            answer = requests.post(f"{url}/v1/predict", json=body, headers={"Authorization": f"Bearer {key}"},
+                                   timeout=30)
+            if answer.status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(2)
+    assert answer is not None and answer.status_code == 200, answer and answer.text
+    assert answer.json()["likes"]["expected"] >= 0
+    assert requests.post(f"{url}/v1/predict", json=body, timeout=30).status_code == 401
+    assert requests.post(f"{url}/v1/predict", json=body, headers={"Authorization": f"Bearer {key}x"},
+                         timeout=30).status_code == 401
 
 
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"

@@ -118,8 +118,8 @@ WHERE_ELSE = {
     "engagesim pipeline content --preset": "test_presets::test_preset_runs_end_to_end_on_a_tiny_world",
     "engagesim report compare": "test_presets::test_report_compare_tables_every_run_with_measured_costs",
     "make reproduce": "test_presets::test_preset_runs_end_to_end_on_a_tiny_world",  # each preset jobs/reproduce.py runs
-    "ray job submit": "test_cluster::test_job_submission_with_token_and_refusal_without",
-    "engagesim serve --run s3://": "test_serve::test_generated_serve_config_passes_serves_schema",
+    "ray job submit": "test_cluster::test_job_submission_then_serve_deploy_with_token_and_refusal_without",
+    "engagesim serve --run s3://": "test_cluster::test_job_submission_then_serve_deploy_with_token_and_refusal_without",
 }
 
 
