@@ -66,6 +66,49 @@ def http_load(url: str, body_list: list[dict], clients: int, requests_per_client
             "requests_per_s": round(len(latencies) / wall, 1)}
 
 
+def echo_floor(port: int, sample: list[dict], requests_per_client: int) -> dict:
+    """Ray Serve's own floor on this machine, in the same run: trivial apps that parse the same JSON body and
+    answer at once, (a) in engagesim's topology (FastAPI gateway → scorer deployment handle) and (b) as one
+    deployment (no handle hop). What engagesim adds is its p50 minus (a)'s."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    hop_api, one_api = FastAPI(), FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1})
+    class EchoScorer:
+        async def predict_one(self, body: dict) -> dict:
+            return {"post_id": body["post"].get("post_id"), "likes": {"expected": 0.0}}
+
+    @serve.deployment(num_replicas=1)
+    @serve.ingress(hop_api)
+    class EchoGateway:
+        def __init__(self, scorer):
+            self.scorer = scorer
+
+        @hop_api.post("/v1/predict")
+        async def predict(self, request: Request) -> dict:
+            return await self.scorer.predict_one.remote(await request.json())
+
+    @serve.deployment(num_replicas=1)
+    @serve.ingress(one_api)
+    class EchoOne:
+        @one_api.post("/v1/predict")
+        async def predict(self, request: Request) -> dict:
+            body = await request.json()
+            return {"post_id": body["post"].get("post_id"), "likes": {"expected": 0.0}}
+
+    url = f"http://127.0.0.1:{port}"
+    floors = {}
+    for name, application in (("gateway_scorer", EchoGateway.bind(EchoScorer.bind())), ("one_deployment", EchoOne.bind())):
+        serve.run(application, name="echo", route_prefix="/")
+        http_load(url, sample, 1, 20)  # warm-up
+        floors[name] = {clients: http_load(url, sample, clients, max(requests_per_client // clients, 5))
+                        for clients in (1, 8)}
+        serve.delete("echo")
+    return floors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--impressions", type=int, default=60_000)
@@ -107,6 +150,10 @@ def main() -> None:
 
     port = 18000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    floors = echo_floor(port, sample, args.requests)
+    for topology, by_clients in floors.items():
+        for clients, result in by_clients.items():
+            emit(bench="serve_echo_floor", topology=topology, clients=clients, **result)
     # No per-key rate limit here: the benchmark measures the service, not the limiter.
     serve.run(build_app(run.uri, keys=KEY, max_batch_rows=args.batch_rows, rate=RateLimit(per_second=1e6, burst=10**6)),
               name="engagesim", route_prefix="/")
@@ -114,8 +161,11 @@ def main() -> None:
     http_load(url, sample, 1, 20)  # warm-up
     for clients in (1, 8, 32):
         result = http_load(url, sample, clients, max(args.requests // clients, 5))
+        floor = floors["gateway_scorer"].get(clients)
         emit(bench="serve_http_single", clients=clients, **result,
-             ratio_p50_vs_in_process=round(result["p50_ms"] / percentile_ms(single, 50), 2))
+             ratio_p50_vs_in_process=round(result["p50_ms"] / percentile_ms(single, 50), 2),
+             **({"floor_p50_ms": floor["p50_ms"], "over_floor_p50_ms": round(result["p50_ms"] - floor["p50_ms"], 2),
+                 "floor_requests_per_s": floor["requests_per_s"]} if floor else {}))
     rows = sample[:args.batch_rows]
     times = []
     for _ in range(5):

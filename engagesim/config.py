@@ -184,6 +184,10 @@ class XGBConfig(Section):
                                   "Ray Train controller poll: 2 s by default, 0.25 s on the embedded Ray).")
     workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel shards).")
     cpus_per_worker: int = Field(2, ge=1, description="CPUs (and xgboost threads) per Ray Train worker.")
+    external_memory: Literal["auto", "on", "off"] = Field(
+        "auto", description="Train a streamed shard from XGBoost's external memory (ExtMemQuantileDMatrix: binned "
+                            "pages cached on the worker's local disk and fetched per batch) instead of holding the "
+                            "binned matrix in RAM. auto: when a worker's shard exceeds 5e8 values (rows × features).")
 
 
 class NNConfig(Section):

@@ -1,4 +1,4 @@
-"""Model families as plain code (no Ray): they learn, they save and load in safe formats."""
+"""Model families as plain code (no Ray, except the Ray Train paths marked so): they learn, they save and load in safe formats."""
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +39,33 @@ def test_xgb_learns_and_round_trips(tmp_path):
     assert meta["features"] == f
     np.testing.assert_allclose(xgb.predict(loaded, valid, f), p, rtol=1e-6)
     assert open(path, "rb").read(1) == b"{"  # UBJSON object, not a pickle
+
+
+def test_external_memory_is_chosen_by_the_values_a_worker_holds():
+    assert not xgb.uses_external_memory("auto", 1_500_000, 160)  # 2M impressions: bins stay in RAM
+    assert xgb.uses_external_memory("auto", 7_500_000, 160)  # 10M
+    assert xgb.uses_external_memory("on", 10, 2) and not xgb.uses_external_memory("off", 1e9, 200)
+
+
+@pytest.mark.ray
+def test_external_memory_trains_the_same_booster_from_a_streamed_shard(ray_local, tmp_path):
+    """A Ray Data shard trained from XGBoost's external memory (binned pages on the worker's disk) gives the
+    very trees the in-memory QuantileDMatrix gives: same cuts, same histograms."""
+    import ray.data
+
+    from engagesim.config import XGBConfig
+
+    train, valid = _table(6000, 0), _table(1500, 1)
+    f = ["x1", "x2", "flag"]
+    params = xgb.params_for("layer6", "binary:logistic", {"nthread": 1})
+    boosters = {}
+    for mode in ("off", "on"):
+        settings = XGBConfig(rounds=12, early_stopping=30, checkpoint_every=6, workers=1, cpus_per_worker=1,
+                             external_memory=mode)
+        boosters[mode] = xgb.fit_ray(ray.data.from_arrow(train).repartition(6), ray.data.from_arrow(valid), f,
+                                     "y_like", params, settings, str(tmp_path / mode), f"extmem_{mode}")
+    assert boosters["on"].attr("external_memory") == "1" and boosters["off"].attr("external_memory") is None
+    np.testing.assert_array_equal(xgb.predict(boosters["on"], valid, f), xgb.predict(boosters["off"], valid, f))
 
 
 @pytest.mark.parametrize("arch", ["layer6_mlp", "synerise_ffn"])

@@ -10,6 +10,10 @@ worker failure. Each worker's rows reach it as an object-store slice
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -109,15 +113,23 @@ class ReportEveryK(xgb.callback.TrainingCallback):
         return model
 
 
+class MarkExternalMemory(xgb.callback.TrainingCallback):
+    """Records in the model that it trained from external memory (its attribute ``external_memory``)."""
+
+    def before_training(self, model: xgb.Booster) -> xgb.Booster:
+        model.set_attr(external_memory="1")
+        return model
+
+
 class ShardBatches(xgb.DataIter):
     """A streamed Ray Train shard as XGBoost's data iterator: ``QuantileDMatrix`` sketches and bins the rows
     batch by batch, so a worker never holds its shard's float matrix — only the binned one (1 byte per value
     at max_bin ≤ 256, vs 4)."""
 
-    def __init__(self, shard, features: list[str], label: str, batch_size: int = 65536):
+    def __init__(self, shard, features: list[str], label: str, batch_size: int = 65536, cache_prefix: str | None = None):
         self.shard, self.features, self.label, self.batch_size = shard, features, label, batch_size
         self._batches = None
-        super().__init__()
+        super().__init__(cache_prefix=cache_prefix)
 
     def reset(self) -> None:
         self._batches = None
@@ -133,19 +145,45 @@ class ShardBatches(xgb.DataIter):
         return False
 
 
-def _matrix_for(rows, features: list[str], label: str, params: dict, ref=None) -> xgb.DMatrix:
+# A worker's streamed shard above this many values (rows × features) trains from external memory under
+# external_memory=auto. Why this size: the binned matrix is ~1 byte per value, so 5e8 values is ~0.5 GB of bins
+# before XGBoost's own working set, and the 10M-impression job's in-memory trainer worker peaked at 17 GB.
+EXTERNAL_MEMORY_VALUES = 5e8
+
+
+def uses_external_memory(setting: str, rows_per_worker: float, features: int) -> bool:
+    return setting == "on" or (setting == "auto" and rows_per_worker * features > EXTERNAL_MEMORY_VALUES)
+
+
+def _matrix_for(rows, features: list[str], label: str, params: dict, ref=None,
+                cache_dir: str | None = None) -> xgb.DMatrix:
+    """The in-memory table as a DMatrix; a streamed shard binned batch by batch (QuantileDMatrix), or with
+    ``cache_dir`` into pages on local disk that training fetches per batch (ExtMemQuantileDMatrix; the same
+    quantile cuts and trees — the predictions equal, tested)."""
     if isinstance(rows, pa.Table):
         return dmatrix(rows, features, label)
-    return xgb.QuantileDMatrix(ShardBatches(rows, features, label), missing=np.nan, ref=ref,
-                               max_bin=int(params.get("max_bin", 256)))
+    bins = int(params.get("max_bin", 256))
+    if cache_dir is not None:
+        batches = ShardBatches(rows, features, label, cache_prefix=os.path.join(cache_dir, "train"))
+        return xgb.ExtMemQuantileDMatrix(batches, missing=np.nan, ref=ref, max_bin=bins)
+    return xgb.QuantileDMatrix(ShardBatches(rows, features, label), missing=np.nan, ref=ref, max_bin=bins)
 
 
 def _train_fn_per_worker(config: dict) -> None:
+    cache_dir = tempfile.mkdtemp(prefix="engagesim-xgb-pages-") if config.get("external_memory") else None
+    try:
+        _train(config, cache_dir)
+    finally:
+        if cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _train(config: dict, cache_dir: str | None) -> None:
     import ray.train
     from ray.train.xgboost import RayTrainReportCallback
 
     rows = distributed.read_rows(config["shards"], stream=True)
-    dtrain = _matrix_for(rows["train"], config["features"], config["label"], config["params"])
+    dtrain = _matrix_for(rows["train"], config["features"], config["label"], config["params"], cache_dir=cache_dir)
     dvalid = (_matrix_for(rows["valid"], config["features"], config["label"], config["params"], ref=dtrain)
               if rows.get("valid") is not None else None)
     start_model, rounds = None, config["rounds"]
@@ -157,6 +195,8 @@ def _train_fn_per_worker(config: dict) -> None:
             if hasattr(callback, "on_resume"):
                 callback.on_resume(start_model.num_boosted_rounds())
     callbacks = [ReportEveryK(config["checkpoint_every"], total=config["rounds"]), *config["callbacks"]]
+    if cache_dir is not None:
+        callbacks.append(MarkExternalMemory())
     train_booster(dtrain, dvalid, config["params"], max(rounds, 0), config.get("early_stopping"),
                   callbacks=callbacks, xgb_model=start_model)
 
@@ -175,11 +215,15 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
     columns = features + [label]
     shards, datasets = distributed.route_inputs({"train": distributed.narrow(train, columns),
                                                  "valid": distributed.narrow(valid, columns)}, resources)
+    external = ("train" in datasets and settings.external_memory != "off" and
+                uses_external_memory(settings.external_memory, datasets["train"].count() / resources.workers,
+                                     len(features)))
     trainer = XGBoostTrainer(
         _train_fn_per_worker,
         train_loop_config={"features": features, "label": label, "params": params, "rounds": settings.rounds,
                            "checkpoint_every": settings.checkpoint_every,
-                           "early_stopping": settings.early_stopping, "callbacks": list(callbacks or []), "shards": shards},
+                           "early_stopping": settings.early_stopping, "callbacks": list(callbacks or []), "shards": shards,
+                           "external_memory": external},
         datasets=datasets or None,
         **distributed.trainer_settings(name, storage_path, resources.workers, resources.cpus, resources.gpu, keep=2,
                                        max_failures=max_failures),
@@ -204,9 +248,21 @@ def load(path: str) -> tuple[xgb.Booster, dict]:
     return booster, io.read_json(path + ".json")
 
 
+# Below this many rows a prediction runs on one thread. Why: in a process that also runs torch (a Serve replica,
+# load_run), XGBoost's OpenMP team meets torch's still-spinning threads; one row then took 2.58 ms per booster on
+# 2 cores, 0.49 ms with nthread=1 (5.5 calls per single request), while a large batch still wants every core.
+ONE_THREAD_ROWS = 2048
+_THREADS_LOCK = threading.Lock()
+
+
 def predict(booster: xgb.Booster, table: pa.Table | np.ndarray, features: list[str]) -> np.ndarray:
     """Predictions up to the best iteration; ``inplace_predict`` on a float32 matrix (no DMatrix)."""
     x = table if isinstance(table, np.ndarray) else matrix(table, features)
     best = getattr(booster, "best_iteration", None)
     kwargs = {"iteration_range": (0, best + 1)} if best is not None else {}
-    return np.asarray(booster.inplace_predict(x, missing=np.nan, **kwargs), dtype=np.float32)
+    threads = 1 if x.shape[0] < ONE_THREAD_ROWS else 0
+    with _THREADS_LOCK:  # set_param is no thread-safe read; the lock keeps a concurrent caller's count its own
+        if getattr(booster, "_engagesim_threads", None) != threads:
+            booster.set_param({"nthread": threads})
+            booster._engagesim_threads = threads
+        return np.asarray(booster.inplace_predict(x, missing=np.nan, **kwargs), dtype=np.float32)
