@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -72,7 +73,7 @@ def _config(path: Optional[Path], overrides: Optional[list[str]], preset: Option
         check_models(cfg)
         return cfg
     except ConfigError as exc:
-        err.print(f"[red]config error[/red]\n{exc}")
+        err.print(f"[red]config error[/red]\n{escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -134,7 +135,7 @@ def ingest(
     with progress() as bar:
         task = bar.add_task(f"ingest {len(sources)} file(s)", total=None)
         summary = ingest_files(sources, fmt, out_uri, cfg, kind=kind, mapping=pairs, tokenizer=tokenizer,
-                               log=lambda m: err.print(f"[green]✓[/green] {m}"),
+                               log=lambda m: err.print(f"[green]✓[/green] {escape(m)}", soft_wrap=True, highlight=False),
                                on_batch=lambda n: bar.advance(task, n))
     brief = ("read", "written", "rejected", "out")
     more = ("posts", "users", "seconds") if fmt in RECSYS_FORMATS else ("rejects", "rejects by reason")
@@ -209,10 +210,10 @@ def synth(
     try:
         synth_cfg = cfg.synth.model_validate({**cfg.synth.model_dump(), **{k: v for k, v in given.items() if v is not None}})
     except ValueError as exc:
-        err.print(f"[red]invalid synth options[/red]\n{exc}")
+        err.print(f"[red]invalid synth options[/red]\n{escape(str(exc))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2) from None
     quiet_ray()
-    summary = generate(synth_cfg, out_uri, cfg.storage, cfg.ray, log=lambda m: err.print(f"[green]✓[/green] {m}"))
+    summary = generate(synth_cfg, out_uri, cfg.storage, cfg.ray, log=lambda m: err.print(f"[green]✓[/green] {escape(m)}", soft_wrap=True, highlight=False))
     oracle = summary["oracle"]
     result = {
         **summary["rows"],
@@ -247,7 +248,7 @@ def features(
     cfg = _config(config, overrides)
     quiet_ray()
     summary = run_features(cfg, posts_uri, out_uri, users_uri, impressions_uri,
-                           log=lambda m: err.print(f"[green]✓[/green] {m}"))
+                           log=lambda m: err.print(f"[green]✓[/green] {escape(m)}", soft_wrap=True, highlight=False))
     finish(summary, as_json, "features")
 
 
@@ -395,10 +396,10 @@ def generate(
     try:
         created_at = dt.datetime.fromisoformat(when)
     except ValueError:
-        err.print(f"[red]--time {when!r} is not ISO 8601 (e.g. 2021-03-05T18:00)[/red]")
+        err.print(f"[red]--time {escape(repr(when))} is not ISO 8601 (e.g. 2021-03-05T18:00)[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
     if image and not Path(image).exists():
-        err.print(f"[red]--image {image}: no such file[/red]")
+        err.print(f"[red]--image {escape(str(image))}: no such file[/red]", soft_wrap=True)
         raise typer.Exit(2)
     quiet_ray()
     simulator = ContentSimulator(run_dir, behaviour_run)
@@ -537,11 +538,11 @@ def serve_command(
         application = build_app(run_dir, gpus_per_replica=gpus, content_run=content_run, media_hosts=hosts,
                                 rate=RateLimit(per_second=rate, burst=max(1, int(2 * rate))))
     except RuntimeError as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(f"[red]{escape(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None
     ensure_ray(cfg.ray)
     serve.start(http_options={"host": host, "port": port})
-    err.print(f"serving {run_dir} on http://{host}:{port}/  (API docs: /docs; Ctrl-C stops)")
+    err.print(f"serving {escape(run_dir)} on http://{host}:{port}/  (API docs: /docs; Ctrl-C stops)", soft_wrap=True)
     serve.run(application, name="engagesim", route_prefix="/", blocking=True)
 
 
@@ -617,8 +618,6 @@ def _one_line_errors(callback):
         except UserError as exc:
             if _DEBUG["on"]:
                 raise
-            from rich.markup import escape
-
             err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True, highlight=False)
             raise typer.Exit(2) from None
 

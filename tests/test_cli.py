@@ -42,8 +42,9 @@ def test_generic_csv_with_mapping(tmp_path):
 
 
 def test_config_error_names_the_key(tmp_path):
-    bad = tmp_path / "bad.yaml"
+    bad = tmp_path / ("a-long-directory-name-" * 6) / "bad.yaml"  # past 80 columns: still one line, never wrapped
+    bad.parent.mkdir()
     bad.write_text("ingest:\n  max_text_charz: 3\n")
     proc = run_cli("ingest", "x.csv", "--out", str(tmp_path / "o"), "--config", str(bad))
     assert proc.returncode == 2
-    assert "ingest.max_text_charz: unknown key" in proc.stderr
+    assert f"{bad}: ingest.max_text_charz: unknown key" in proc.stderr.splitlines()
