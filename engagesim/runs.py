@@ -21,6 +21,7 @@ from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.errors import UserError
 from engagesim.features.impression import impression_post_columns, join_impressions
+from engagesim.features.lookup import contains
 from engagesim.features.post import post_row_features
 from engagesim.features.state import ImpressionState, PostState
 from engagesim.models.bundle import ImpressionModels, PostModels
@@ -108,11 +109,15 @@ class LoadedRun:
     # -- loaded lazily: a post-only run has no impression state ------------------------------------
     @cached_property
     def post_state(self) -> PostState:
-        return PostState.load(self.path("features", "state", "posts"), self.storage)
+        state = PostState.load(self.path("features", "state", "posts"), self.storage)
+        state.index_for_lookups()
+        return state
 
     @cached_property
     def impression_state(self) -> ImpressionState:
-        return ImpressionState.load(self.path("features", "state", "impressions"), self.storage)
+        state = ImpressionState.load(self.path("features", "state", "impressions"), self.storage)
+        state.index_for_lookups()
+        return state
 
     @cached_property
     def post_models(self) -> PostModels:
@@ -157,7 +162,7 @@ class LoadedRun:
         state = self.impression_state
         ctx = state.context()
         ids = pl.Series(table.column("post_id").to_pylist(), dtype=pl.String)
-        unknown = ids.filter(~ids.is_in(state.posts["post_id"].implode())).unique()
+        unknown = ids.filter(~contains(state.posts, "post_id", ids)).unique()
         if len(unknown):
             if posts is None and featurised_posts is None:
                 raise ValueError(f"{len(unknown)} post(s) unknown to the run and no posts given, e.g. {unknown[0]!r}")
@@ -167,10 +172,11 @@ class LoadedRun:
             if len(missing):
                 raise ValueError(f"no post row for post_id {missing[0]!r}")
             new = impression_post_columns(new)
-            ctx["posts"] = pl.concat([state.posts, new.select(state.posts.columns)], how="vertical_relaxed")
+            # Looked up below the snapshot's rows, as if concatenated to them (features/lookup.py): the
+            # snapshot keeps its index, never re-hashed for one new post.
+            ctx["posts_extra"] = new.select(state.posts.columns)
             if state.topics is not None and "post_text_cluster" in new.columns:
-                ctx["topics"] = pl.concat([state.topics, new.select(
-                    "post_id", pl.col("post_text_cluster").alias("topic"))], how="vertical_relaxed")
+                ctx["topics_extra"] = new.select("post_id", pl.col("post_text_cluster").alias("topic"))
         return join_impressions(table, ctx, state.origin_us, ALWAYS_APPLY, state.window_hours, "apply")
 
     # -- score -----------------------------------------------------------------------------------

@@ -58,7 +58,9 @@ class TargetStats:
     smoothing: float
 
     def apply(self, keys: pl.Series) -> np.ndarray:
-        joined = pl.DataFrame({self.key: keys}).join(self.table, on=self.key, how="left", maintain_order="left")
+        from engagesim.features.lookup import left_lookup
+
+        joined = left_lookup(pl.DataFrame({self.key: keys}), self.table, self.key)
         s = joined["te_sum"].fill_null(0.0).to_numpy()
         c = joined["te_count"].fill_null(0.0).to_numpy()
         return (s + self.prior * self.smoothing) / (c + self.smoothing)

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from safetensors.numpy import load as load_arrays
 
 from engagesim import io
+from engagesim.features.lookup import left_lookup
 from engagesim.schema import ENGAGEMENTS
 
 
@@ -40,7 +41,7 @@ class Index:
         return len(self.keys)
 
     def lookup(self, values: pl.Series) -> np.ndarray:
-        joined = pl.DataFrame({"key": values}).join(self.table, on="key", how="left", maintain_order="left")
+        joined = left_lookup(pl.DataFrame({"key": values}), self.table, "key")
         return joined["idx"].fill_null(-1).to_numpy()
 
 

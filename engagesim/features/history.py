@@ -20,6 +20,7 @@ from typing import Literal
 
 import polars as pl
 
+from engagesim.features.lookup import left_lookup
 from engagesim.schema import ENGAGEMENTS
 
 Mode = Literal["window", "past", "apply"]
@@ -125,7 +126,7 @@ def join_history(rows: pl.DataFrame, tables: dict[str, pl.DataFrame], mode: Mode
         if prefix not in tables:
             continue
         on = keys if mode == "apply" else [*keys, "window"]
-        joined = base.join(tables[prefix], on=on, how="left").sort("_i")
+        joined = left_lookup(base, tables[prefix], on)  # a hash join unless the table is a loaded run's (indexed)
         out_cols.append(joined.select(_finish(prefix, pl.col("t_us"))))
     return pl.concat(out_cols, how="horizontal").with_columns(pl.all().cast(pl.Float32))
 

@@ -11,6 +11,7 @@ import polars as pl
 import pyarrow as pa
 
 from engagesim.features import history
+from engagesim.features.lookup import left_lookup
 from engagesim.schema import ENGAGEMENTS
 
 POST_ONLY = ("author_id", "username", "created_at", "likes", "split", "label_log1p_likes", "text_emb", "text_sketch",
@@ -35,17 +36,21 @@ def topics_of(post_table: pl.DataFrame) -> pl.DataFrame | None:
     return post_table.select("post_id", pl.col("text_cluster").alias("topic"))
 
 
-def with_topic(df: pl.DataFrame, topics: pl.DataFrame | None) -> pl.DataFrame:
-    """Attach each impression's post topic (text cluster) so the user × topic history can be built."""
+def with_topic(df: pl.DataFrame, topics: pl.DataFrame | None, extra: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Attach each impression's post topic (text cluster) so the user × topic history can be built
+    (``extra``: topics of posts the snapshot lacks, e.g. a request's new post)."""
     if topics is None:
         return df
-    return df.join(topics, on="post_id", how="left", maintain_order="left")
+    if "topic" in df.columns:  # the join would keep both
+        return df.join(topics if extra is None else pl.concat([topics, extra], how="vertical_relaxed"),
+                       on="post_id", how="left", maintain_order="left")
+    return left_lookup(df, topics, "post_id", extra)
 
 
 def prepare(batch: pa.Table, ctx: dict, origin_us: int, window_hours: int) -> pl.DataFrame:
     """Labels, µs time, window index and topic of each impression row (the history join's inputs)."""
     return with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours),
-                      ctx.get("topics"))
+                      ctx.get("topics"), ctx.get("topics_extra"))
 
 
 def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cutoff_us: int,
@@ -94,14 +99,10 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
     df = df.with_row_index("_i")
     graph = ctx["graph"].features(df["user_id"], df["creator_id"])
     users = ctx["users"]
-    impression_t = df.select("_i", "impression_at", "user_id", "creator_id")
-    engaging = impression_t.join(users.rename({c: f"user_{c}" for c in users.columns if c != "user_id"}),
-                                 on="user_id", how="left").sort("_i")
-    creator = impression_t.join(users.rename({"user_id": "creator_id", **{c: f"creator_{c}" for c in users.columns
-                                                                           if c != "user_id"}}),
-                                on="creator_id", how="left").sort("_i")
     attrs = []
-    for prefix, frame in (("user", engaging), ("creator", creator)):
+    for prefix, key in (("user", "user_id"), ("creator", "creator_id")):
+        found = left_lookup(df.select(pl.col(key).alias("user_id")), users, "user_id").drop("user_id")
+        frame = pl.concat([df.select("impression_at"), found.rename(lambda c: f"{prefix}_{c}")], how="horizontal")
         attrs.append(frame.select(
             *[pl.col(f"{prefix}_{c}") for c in ("follower_count", "following_count", "follower_ratio", "verified")],
             ((pl.col("impression_at") - pl.col(f"{prefix}__user_created")).dt.total_seconds() / 86400.0)
@@ -110,7 +111,7 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
     if ctx["posts"] is None:
         posts = df.select(list(post_columns))
     else:
-        posts = df.select("_i", "post_id").join(ctx["posts"], on="post_id", how="left").sort("_i").drop("_i", "post_id")
+        posts = left_lookup(df.select("post_id"), ctx["posts"], "post_id", ctx.get("posts_extra")).drop("post_id")
     split = pl.when(is_valid).then(pl.lit("valid")).otherwise(pl.lit("train"))
     if test_from_us is not None:
         split = pl.when(pl.col("t_us") >= test_from_us).then(pl.lit("test")).otherwise(split)

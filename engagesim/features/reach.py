@@ -20,6 +20,8 @@ from functools import cached_property
 import polars as pl
 import pyarrow as pa
 
+from engagesim.features.lookup import indexed, left_lookup
+
 REACH_COLUMNS = ["author_reach_log_impressions", "author_reach_posts"]
 
 
@@ -53,13 +55,20 @@ class AuthorReach:
         return self.exposed.group_by("author_id").agg(pl.col("log_impressions").sum().alias("_sum"),
                                                       pl.len().cast(pl.Float64).alias("_n"))
 
+    @cached_property
+    def _own(self) -> pl.DataFrame:
+        return self.exposed.select("post_id", pl.col("log_impressions").alias("_own"))
+
+    def index_for_lookups(self) -> None:
+        """Serving: look authors and posts up by index (features/lookup.py), not by a join per call."""
+        indexed(self._authors, "author_id")
+        indexed(self._own, "post_id")
+
     def features(self, posts: pl.DataFrame) -> pl.DataFrame:
         """Row-aligned with ``posts`` (post_id, author_id): mean log1p impressions of the author's other
         exposed posts (null when there are none) and how many there are."""
-        own = self.exposed.select("post_id", pl.col("log_impressions").alias("_own"))
-        joined = (posts.select("post_id", "author_id")
-                  .join(self._authors, on="author_id", how="left", maintain_order="left")
-                  .join(own, on="post_id", how="left", maintain_order="left"))
+        joined = left_lookup(left_lookup(posts.select("post_id", "author_id"), self._authors, "author_id"),
+                             self._own, "post_id")
         others = pl.col("_n").fill_null(0) - pl.col("_own").is_not_null().cast(pl.Float64)
         total = pl.col("_sum").fill_null(0) - pl.col("_own").fill_null(0)
         return joined.select(

@@ -25,6 +25,7 @@ from safetensors.numpy import load as load_arrays
 from engagesim import io
 from engagesim.features import encodings, post_fit
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
+from engagesim.features.lookup import contains, indexed, left_lookup
 from engagesim.features.post import MEDIA_COLUMNS
 from engagesim.features.post_fit import LIST_SUMMARY, TE_LIST, TE_SCALAR  # noqa: F401 (re-exported)
 from engagesim.features.reach import AuthorReach
@@ -181,11 +182,12 @@ class PostState:
         if self.reach is not None:
             parts.append(self.reach.features(df))
         if self.authors is not None:
-            authors = self.authors
+            unseen = None  # accounts the snapshot lacks, described by the request (cold start)
             if new_accounts is not None and new_accounts.height:
-                unseen = new_accounts.filter(~pl.col("author_id").is_in(authors["author_id"].implode()))
-                authors = pl.concat([authors, unseen.unique("author_id", keep="last")], how="diagonal_relaxed")
-            author = df.select("author_id").join(authors, on="author_id", how="left", maintain_order="left")
+                known = contains(self.authors, "author_id", new_accounts["author_id"])
+                unseen = new_accounts.filter(~known & pl.col("author_id").is_not_null()).unique("author_id", keep="last")
+                unseen = pl.concat([self.authors.head(0), unseen], how="diagonal_relaxed").select(self.authors.columns)
+            author = left_lookup(df.select("author_id"), self.authors, "author_id", unseen)
             parts.append(author.select(pl.col(c).alias(f"author_{c}") for c in AUTHOR_ATTRIBUTES))
         parts.append(encodings.one_hot(df["language"], self.top_langs, "lang"))
         if "clarity_contrast" in df.columns:
@@ -270,6 +272,14 @@ class PostState:
             state.reach = AuthorReach(_table_or_parts(uri, "reach_exposed", storage))
         return state
 
+    def index_for_lookups(self) -> None:
+        """Serving (a loaded run): its fitted tables answer a few keys by index, not by a join per call."""
+        for stats in (*self.te_scalar.values(), *self.te_list.values()):
+            indexed(stats.table, stats.key)
+        indexed(self.authors, "author_id")
+        if self.reach is not None:
+            self.reach.index_for_lookups()
+
 
 def _table_or_parts(uri: str, name: str, storage=None) -> pl.DataFrame:
     """``<name>.parquet`` (in-process executor) or the committed dataset ``<name>/`` (Ray executor), read whole."""
@@ -336,6 +346,19 @@ class ImpressionState:
                    read_parquet(io.join(uri, "users.parquet"), storage),
                    _table_or_parts(uri, "posts", storage),
                    _table_or_parts(uri, "topics", storage) if meta["topics"] else None)
+
+    def index_for_lookups(self) -> None:
+        """Serving (a loaded run): history, users, posts, topics and graph ids answer a few keys by index."""
+        from engagesim.features.history import GROUPS
+
+        for prefix, table in self.apply_tables.items():
+            indexed(table, GROUPS[prefix])
+        indexed(self.users, "user_id")
+        indexed(self.posts, "post_id")
+        indexed(self.topics, "post_id")
+        if self.graph is not None:
+            indexed(self.graph.users.table, "key")
+            indexed(self.graph.creators.table, "key")
 
 
 def _history_table(uri: str, prefix: str, storage=None) -> pl.DataFrame:
