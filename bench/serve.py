@@ -109,39 +109,73 @@ def echo_floor(port: int, sample: list[dict], requests_per_client: int) -> dict:
     return floors
 
 
+def train(tmp: str, name: str, impressions: int, scale: int = 1) -> str:
+    """A run on a synthetic world ``scale`` × the base one (users, posts and impressions alike)."""
+    cfg = load_config(None, [f"output_root={tmp}", f"embed.cache_dir={tmp}/cache", "embed.text=false",
+                             f"synth.users={1000 * scale}", f"synth.posts={4000 * scale}",
+                             f"synth.impressions={impressions * scale}", "synth.images=20", "synth.days=6",
+                             "features.valid_hours=24", "train.xgb.rounds=100", "train.nn.epochs=2",
+                             "train.models=[xgb,nn,stacked_mlp]"])
+    return behaviour.run(cfg, name, log=lambda _: None).uri
+
+
+def in_process(run_uri: str, requests_: int, batch_rows: int) -> dict:
+    """The predictor a Serve replica holds, called directly: load time and memory, one request's latency
+    (post + viewer), and a batch's rows/s."""
+    import psutil
+
+    from engagesim.serve.predictor import RequestPredictor
+
+    rss, started = psutil.Process().memory_info().rss, time.perf_counter()
+    predictor = RequestPredictor(run_uri)
+    parsed = [PredictRequest.model_validate(b) for b in bodies(run_uri, max(requests_ + 20, batch_rows))]
+    predictor.predict(parsed[:1])  # the lazily loaded state and models, and the first lookup's index build
+    load_s = time.perf_counter() - started
+    for r in parsed[:20]:
+        predictor.predict([r])
+    single = []
+    for r in parsed[20:20 + requests_]:
+        t = time.perf_counter()
+        predictor.predict([r])
+        single.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    predictor.predict(parsed[:batch_rows])
+    return {"p50_ms": percentile_ms(single, 50), "p99_ms": percentile_ms(single, 99),
+            "batch_rows_per_s": round(batch_rows / (time.perf_counter() - t), 1), "load_s": round(load_s, 2),
+            "state_rss_mb": round((psutil.Process().memory_info().rss - rss) / 2**20, 1), "single": single}
+
+
+def state_rows(run_uri: str) -> dict:
+    from engagesim.features.state import ImpressionState
+
+    state = ImpressionState.load(io.join(run_uri, "features", "state", "impressions"))
+    return {"users": state.users.height, "posts": state.posts.height,
+            "pairs": state.apply_tables["pair"].height if "pair" in state.apply_tables else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--impressions", type=int, default=60_000)
     parser.add_argument("--requests", type=int, default=200, help="Requests per client count.")
     parser.add_argument("--batch-rows", type=int, default=1000)
     parser.add_argument("--score-rows", type=int, default=100_000, help="Posts scored offline.")
+    parser.add_argument("--snapshot-scale", type=int, default=10,
+                        help="Also time one request against a world this many times larger (0: skip): lookups "
+                             "that scan would grow with it.")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-serve-")
-    cfg = load_config(None, [f"output_root={tmp}", f"embed.cache_dir={tmp}/cache", "embed.text=false",
-                             "synth.users=1000", "synth.posts=4000", f"synth.impressions={args.impressions}",
-                             "synth.images=20", "synth.days=6", "features.valid_hours=24", "train.xgb.rounds=100",
-                             "train.nn.epochs=2", "train.models=[xgb,nn,stacked_mlp]"])
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    run = behaviour.run(cfg, "bench", log=lambda _: None)
-    sample = bodies(run.uri, 2000)
-
-    # In-process baseline: the same predictor object a Serve replica holds.
-    from engagesim.serve.predictor import RequestPredictor
-
-    predictor = RequestPredictor(run.uri)
-    parsed = [PredictRequest.model_validate(b) for b in sample]
-    for r in parsed[:20]:
-        predictor.predict([r])
-    single = []
-    for r in parsed[:args.requests]:
-        t = time.perf_counter()
-        predictor.predict([r])
-        single.append(time.perf_counter() - t)
-    t = time.perf_counter()
-    predictor.predict(parsed[:args.batch_rows])
-    inproc_batch = args.batch_rows / (time.perf_counter() - t)
-    emit(bench="serve_in_process", p50_ms=percentile_ms(single, 50), p99_ms=percentile_ms(single, 99),
-         batch_rows_per_s=round(inproc_batch, 1))
+    run_uri = train(tmp, "bench", args.impressions)
+    sample = bodies(run_uri, 2000)
+    small = in_process(run_uri, args.requests, args.batch_rows)
+    single, inproc_batch = small.pop("single"), small["batch_rows_per_s"]
+    emit(bench="serve_in_process", **small, **state_rows(run_uri))
+    if args.snapshot_scale > 1:
+        large_uri = train(tmp, "bench-large", args.impressions, args.snapshot_scale)
+        large = in_process(large_uri, args.requests, args.batch_rows)
+        large.pop("single")
+        emit(bench="serve_in_process_large_snapshot", scale=args.snapshot_scale, **large, **state_rows(large_uri),
+             p50_ratio_vs_small=round(large["p50_ms"] / small["p50_ms"], 3))
 
     from ray import serve
 
@@ -155,7 +189,7 @@ def main() -> None:
         for clients, result in by_clients.items():
             emit(bench="serve_echo_floor", topology=topology, clients=clients, **result)
     # No per-key rate limit here: the benchmark measures the service, not the limiter.
-    serve.run(build_app(run.uri, keys=KEY, max_batch_rows=args.batch_rows, rate=RateLimit(per_second=1e6, burst=10**6)),
+    serve.run(build_app(run_uri, keys=KEY, max_batch_rows=args.batch_rows, rate=RateLimit(per_second=1e6, burst=10**6)),
               name="engagesim", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     http_load(url, sample, 1, 20)  # warm-up
@@ -184,19 +218,19 @@ def main() -> None:
     from engagesim.runs import load_run
 
     # A larger table than the run's own posts: copies with fresh ids (the contract rejects duplicate ids).
-    base_posts = pl.from_arrow(io.read_table(io.join(run.uri, "data", "posts")))
+    base_posts = pl.from_arrow(io.read_table(io.join(run_uri, "data", "posts")))
     copies = [base_posts.with_columns(pl.col("post_id") + f"-c{k}") for k in range(-(-args.score_rows // base_posts.height))]
     table = pl.concat(copies).head(args.score_rows).to_arrow()
     posts_uri = f"{tmp}/score_input"
     writer = io.DatasetWriter(posts_uri, "posts")
     writer.write(table)
     writer.commit()
-    loaded = load_run(run.uri)
+    loaded = load_run(run_uri)
     t = time.perf_counter()
     loaded.predict(table)
     base = table.num_rows / (time.perf_counter() - t)
     actors = max(1, (os.cpu_count() or 2) - 1)
-    result = score(run.uri, posts_uri, f"{tmp}/scores", actors=actors)
+    result = score(run_uri, posts_uri, f"{tmp}/scores", actors=actors)
     emit(bench="score_offline", rows=result["read"], actors=actors, rows_per_s=result["rows_per_s"],
          rows_per_s_per_core=round(result["rows_per_s"] / actors, 1), in_process_rows_per_s=round(base, 1),
          ratio=round(result["rows_per_s"] / base, 3))

@@ -102,7 +102,7 @@ def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int,
     attrs = []
     for prefix, key in (("user", "user_id"), ("creator", "creator_id")):
         found = left_lookup(df.select(pl.col(key).alias("user_id")), users, "user_id").drop("user_id")
-        frame = pl.concat([df.select("impression_at"), found.rename(lambda c: f"{prefix}_{c}")], how="horizontal")
+        frame = pl.concat([df.select("impression_at"), found.rename({c: f"{prefix}_{c}" for c in found.columns})], how="horizontal")
         attrs.append(frame.select(
             *[pl.col(f"{prefix}_{c}") for c in ("follower_count", "following_count", "follower_ratio", "verified")],
             ((pl.col("impression_at") - pl.col(f"{prefix}__user_created")).dt.total_seconds() / 86400.0)
