@@ -1,11 +1,12 @@
 """Serving: HTTP latency/throughput of the Ray Serve app vs the same ensemble called in-process,
 the batch endpoint's rows/s, and ``engagesim score`` rows/s per core vs one process.
 
+No ``from __future__ import annotations`` in this file: FastAPI must see the echo routes' ``Request`` itself,
+not the string "Request" (it then took ``request`` for a query parameter and answered 422).
+
 Trains a small run first (synthetic world, no text transformer — the goals are stated for
 the ensemble without it), then measures on 127.0.0.1. Prints JSON lines.
 """
-
-from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
@@ -22,6 +23,8 @@ import polars as pl  # noqa: E402
 import ray  # noqa: E402
 import requests  # noqa: E402
 from common import emit  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from ray import serve  # noqa: E402
 
 from engagesim import io  # noqa: E402
 from engagesim.config import load_config  # noqa: E402
@@ -37,7 +40,7 @@ def bodies(run_uri: str, n: int) -> list[dict]:
     out = []
     for i, r in enumerate(posts.to_dicts()):
         out.append({"post": {"post_id": r["post_id"], "account": r["author_id"], "text": r["text"],
-                             "created_at": r["created_at"].isoformat(), "media": r["media"]},
+                             "created_at": r["created_at"].isoformat()},  # no media: the service fetches none
                     "viewer": {"user_id": users[i % len(users)]}})
     return out
 
@@ -66,38 +69,42 @@ def http_load(url: str, body_list: list[dict], clients: int, requests_per_client
             "requests_per_s": round(len(latencies) / wall, 1)}
 
 
+hop_api, one_api = FastAPI(), FastAPI()
+
+
+def _answer(body: dict) -> dict:
+    return {"post_id": body["post"].get("post_id"), "likes": {"expected": 0.0}}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class EchoScorer:
+    async def predict_one(self, body: dict) -> dict:
+        return _answer(body)
+
+
+@serve.deployment(num_replicas=1)
+@serve.ingress(hop_api)
+class EchoGateway:
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    @hop_api.post("/v1/predict")
+    async def predict(self, request: Request) -> dict:
+        return await self.scorer.predict_one.remote(await request.json())
+
+
+@serve.deployment(num_replicas=1)
+@serve.ingress(one_api)
+class EchoOne:
+    @one_api.post("/v1/predict")
+    async def predict(self, request: Request) -> dict:
+        return _answer(await request.json())
+
+
 def echo_floor(port: int, sample: list[dict], requests_per_client: int) -> dict:
     """Ray Serve's own floor on this machine, in the same run: trivial apps that parse the same JSON body and
     answer at once, (a) in engagesim's topology (FastAPI gateway → scorer deployment handle) and (b) as one
     deployment (no handle hop). What engagesim adds is its p50 minus (a)'s."""
-    from fastapi import FastAPI, Request
-    from ray import serve
-
-    hop_api, one_api = FastAPI(), FastAPI()
-
-    @serve.deployment(ray_actor_options={"num_cpus": 1})
-    class EchoScorer:
-        async def predict_one(self, body: dict) -> dict:
-            return {"post_id": body["post"].get("post_id"), "likes": {"expected": 0.0}}
-
-    @serve.deployment(num_replicas=1)
-    @serve.ingress(hop_api)
-    class EchoGateway:
-        def __init__(self, scorer):
-            self.scorer = scorer
-
-        @hop_api.post("/v1/predict")
-        async def predict(self, request: Request) -> dict:
-            return await self.scorer.predict_one.remote(await request.json())
-
-    @serve.deployment(num_replicas=1)
-    @serve.ingress(one_api)
-    class EchoOne:
-        @one_api.post("/v1/predict")
-        async def predict(self, request: Request) -> dict:
-            body = await request.json()
-            return {"post_id": body["post"].get("post_id"), "likes": {"expected": 0.0}}
-
     url = f"http://127.0.0.1:{port}"
     floors = {}
     for name, application in (("gateway_scorer", EchoGateway.bind(EchoScorer.bind())), ("one_deployment", EchoOne.bind())):
@@ -119,30 +126,44 @@ def train(tmp: str, name: str, impressions: int, scale: int = 1) -> str:
     return behaviour.run(cfg, name, log=lambda _: None).uri
 
 
-def in_process(run_uri: str, requests_: int, batch_rows: int) -> dict:
-    """The predictor a Serve replica holds, called directly: load time and memory, one request's latency
-    (post + viewer), and a batch's rows/s."""
+def load(run_uri: str, n: int) -> dict:
+    """The predictor a Serve replica holds, loaded here: its load time and memory, and n requests for it."""
     import psutil
 
     from engagesim.serve.predictor import RequestPredictor
 
     rss, started = psutil.Process().memory_info().rss, time.perf_counter()
     predictor = RequestPredictor(run_uri)
-    parsed = [PredictRequest.model_validate(b) for b in bodies(run_uri, max(requests_ + 20, batch_rows))]
+    parsed = [PredictRequest.model_validate(b) for b in bodies(run_uri, n + 20)]
     predictor.predict(parsed[:1])  # the lazily loaded state and models, and the first lookup's index build
-    load_s = time.perf_counter() - started
-    for r in parsed[:20]:
-        predictor.predict([r])
-    single = []
-    for r in parsed[20:20 + requests_]:
-        t = time.perf_counter()
-        predictor.predict([r])
-        single.append(time.perf_counter() - t)
+    return {"predictor": predictor, "requests": parsed, "load_s": round(time.perf_counter() - started, 2),
+            "state_rss_mb": round((psutil.Process().memory_info().rss - rss) / 2**20, 1)}
+
+
+def single_latencies(cases: dict[str, dict], n: int) -> dict[str, list[float]]:
+    """One request's latency (post + viewer) for each case, the cases taking turns request by request, so
+    that a drift of the machine lands on all of them alike. A case may carry ``index: False`` (every
+    lookup a hash join: the baseline of features/lookup.py)."""
+    from engagesim.features import lookup
+
+    kept = lookup.INDEX_MAX_KEYS
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(n + 20):
+        for name, case in cases.items():
+            lookup.INDEX_MAX_KEYS = kept if case.get("index", True) else -1
+            t = time.perf_counter()
+            case["predictor"].predict([case["requests"][i]])
+            if i >= 20:  # the first 20: warm-up
+                times[name].append(time.perf_counter() - t)
+    lookup.INDEX_MAX_KEYS = kept
+    return times
+
+
+def in_process_rows_per_s(case: dict, rows: int) -> float:
+    requests_ = (case["requests"] * (rows // len(case["requests"]) + 1))[:rows]
     t = time.perf_counter()
-    predictor.predict(parsed[:batch_rows])
-    return {"p50_ms": percentile_ms(single, 50), "p99_ms": percentile_ms(single, 99),
-            "batch_rows_per_s": round(batch_rows / (time.perf_counter() - t), 1), "load_s": round(load_s, 2),
-            "state_rss_mb": round((psutil.Process().memory_info().rss - rss) / 2**20, 1), "single": single}
+    case["predictor"].predict(requests_)
+    return round(rows / (time.perf_counter() - t), 1)
 
 
 def state_rows(run_uri: str) -> dict:
@@ -162,22 +183,33 @@ def main() -> None:
     parser.add_argument("--snapshot-scale", type=int, default=10,
                         help="Also time one request against a world this many times larger (0: skip): lookups "
                              "that scan would grow with it.")
+    parser.add_argument("--runs", nargs=2, metavar=("BASE", "LARGE"),
+                        help="Reuse the two runs an earlier call trained (printed on stderr) instead of training.")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-serve-")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    run_uri = train(tmp, "bench", args.impressions)
+    run_uri = args.runs[0] if args.runs else train(tmp, "bench", args.impressions)
+    print(f"base run: {run_uri}", file=sys.stderr)
     sample = bodies(run_uri, 2000)
-    small = in_process(run_uri, args.requests, args.batch_rows)
-    single, inproc_batch = small.pop("single"), small["batch_rows_per_s"]
-    emit(bench="serve_in_process", **small, **state_rows(run_uri))
+    cases = {"base": load(run_uri, args.requests)}
     if args.snapshot_scale > 1:
-        large_uri = train(tmp, "bench-large", args.impressions, args.snapshot_scale)
-        large = in_process(large_uri, args.requests, args.batch_rows)
-        large.pop("single")
-        emit(bench="serve_in_process_large_snapshot", scale=args.snapshot_scale, **large, **state_rows(large_uri),
-             p50_ratio_vs_small=round(large["p50_ms"] / small["p50_ms"], 3))
-
-    from ray import serve
+        large_uri = args.runs[1] if args.runs else train(tmp, "bench-large", args.impressions, args.snapshot_scale)
+        print(f"large run: {large_uri}", file=sys.stderr)
+        cases["large"] = load(large_uri, args.requests)
+        cases["large_join"] = {**cases["large"], "index": False}
+    times = single_latencies(cases, args.requests)
+    single, inproc_batch = times["base"], in_process_rows_per_s(cases["base"], args.batch_rows)
+    base = cases["base"]
+    emit(bench="serve_in_process", p50_ms=percentile_ms(single, 50), p99_ms=percentile_ms(single, 99),
+         batch_rows_per_s=inproc_batch, load_s=base["load_s"], state_rss_mb=base["state_rss_mb"], **state_rows(run_uri))
+    if "large" in cases:
+        large, joined = times["large"], times["large_join"]
+        emit(bench="serve_in_process_large_snapshot", scale=args.snapshot_scale, p50_ms=percentile_ms(large, 50),
+             p99_ms=percentile_ms(large, 99), load_s=cases["large"]["load_s"],
+             state_rss_mb=cases["large"]["state_rss_mb"], **state_rows(large_uri),
+             p50_ratio_vs_base=round(percentile_ms(large, 50) / percentile_ms(single, 50), 3),
+             join_p50_ms=percentile_ms(joined, 50), join_p99_ms=percentile_ms(joined, 99),
+             ratio_p50_vs_join=round(percentile_ms(large, 50) / percentile_ms(joined, 50), 3))
 
     from engagesim.serve.app import build_app
     from engagesim.serve.guard import RateLimit
