@@ -16,6 +16,7 @@ import threading
 import weakref
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 # Up to this many keys a lookup of a marked table (``indexed``) goes through its index; above it, the hash join (its cost is then dominated by
@@ -90,15 +91,23 @@ def left_lookup(keys: pl.DataFrame, table: pl.DataFrame, on: str | list[str],
             both = pl.concat([table, extra.select(table.columns)], how="vertical_relaxed")
         return keys.join(both, on=on, how="left", maintain_order="left")
     found = index.positions(keys.select(on))
+    hit = found.is_not_null().to_numpy()
     rest = table.drop(on)
-    got = rest.select(pl.all().gather(found))
-    if both is None:  # the keys the table lacks, from the few extra rows (a plain join: they are few)
+    if not rest.width:
+        return keys
+    if both is not None or hit.all():
+        got = rest.select(pl.all().gather(found))
+        if both is None:  # every key in the table: the result still takes the extra rows' column types
+            got = pl.concat([got, extra.select(rest.columns).head(0)], how="vertical_relaxed")
+    else:  # keys the table lacks, from the few extra rows (a join: they are few)
         more = keys.select(on).join(extra.select(table.columns), on=on, how="left", maintain_order="left").drop(on)
-        schema = pl.concat([rest.head(0), more.head(0)], how="vertical_relaxed").schema
-        hit = pl.lit(found.is_not_null())
-        got = got.select(pl.when(hit).then(pl.col(c).cast(t)).otherwise(pl.lit(more[c]).cast(t)).alias(c)
-                         for c, t in schema.items())
-    return pl.concat([keys, got], how="horizontal") if rest.width else keys
+        if not hit.any():  # one new post scored alone: all from the extra rows, in the table's column types
+            got = pl.concat([rest.head(0), more], how="vertical_relaxed")
+        else:
+            n = keys.height
+            got = pl.concat([rest.select(pl.all().gather(found)), more], how="vertical_relaxed")
+            got = got[np.where(hit, np.arange(n), np.arange(n, 2 * n))]
+    return pl.concat([keys, got], how="horizontal")
 
 
 def contains(table: pl.DataFrame, on: str, values: pl.Series) -> pl.Series:
