@@ -17,30 +17,36 @@ def emit(**record) -> None:
     sys.stdout.flush()
 
 
-def _pss(proc: psutil.Process) -> int:
-    """Proportional set size: shared pages (Ray's object store, mapped by every reader) divided among the
-    processes that map them, so the sum over processes counts each page once. RSS where PSS is unreadable."""
+def _pss_uss(proc: psutil.Process) -> tuple[int, int]:
+    """(PSS, USS). PSS: shared pages (Ray's object store, mapped by every reader) divided among the processes
+    that map them, so the sum over processes counts each page once. USS: the pages only this process holds —
+    a worker's own memory, without the object-store pages it has read. RSS for both where unreadable."""
     try:
-        return proc.memory_full_info().pss
+        full = proc.memory_full_info()
+        return full.pss, full.uss
     except (psutil.AccessDenied, AttributeError):
-        return proc.memory_info().rss
+        rss = proc.memory_info().rss
+        return rss, rss
 
 
-def process_rss() -> tuple[int, int, int, int]:
-    """(driver + every Ray worker process on the machine, the driver alone, the largest worker, and the same
-    total as PSS), in bytes. The RSS total counts an object-store page once per process that maps it."""
+def process_rss() -> tuple[int, int, int, int, int]:
+    """(driver + every Ray worker process on the machine, the driver alone, the largest worker, the same
+    total as PSS, the largest worker's USS), in bytes. The RSS total counts an object-store page once per
+    process that maps it."""
     me = psutil.Process(os.getpid())
     driver = me.memory_info().rss
-    total, largest, pss = driver, 0, _pss(me)
+    total, largest, pss, largest_uss = driver, 0, _pss_uss(me)[0], 0
     for proc in psutil.process_iter(["name", "memory_info"]):
         try:
             if proc.info["name"] and proc.info["name"].startswith("ray::") and proc.info["memory_info"]:
                 total += proc.info["memory_info"].rss
                 largest = max(largest, proc.info["memory_info"].rss)
-                pss += _pss(proc)
+                proc_pss, proc_uss = _pss_uss(proc)
+                pss += proc_pss
+                largest_uss = max(largest_uss, proc_uss)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total, driver, largest, pss
+    return total, driver, largest, pss, largest_uss
 
 
 def ray_and_driver_rss() -> int:
@@ -88,3 +94,8 @@ class PeakMemory:
     @property
     def worker_mb(self) -> float:
         return round(self.peaks[2] / 2**20, 1)
+
+    @property
+    def worker_uss_mb(self) -> float:
+        """The largest worker's own memory (USS), without the object-store pages it mapped."""
+        return round(self.peaks[4] / 2**20, 1)

@@ -85,6 +85,7 @@ def child(impressions: int, out: str, rounds: int, overrides: list[str]) -> None
         "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "driver_peak_steps_mb": steps.top(),
         "all_peak_mb": peak.peak_mb, "all_peak_pss_mb": peak.pss_mb, "largest_worker_mb": peak.worker_mb,
+        "largest_worker_uss_mb": peak.worker_uss_mb,
         "train_input": imp.get("train_input"), "validation": imp.get("validation"),
         "like_rce_served": metrics.get("test", {}).get("impression_level", {}).get("models", {})
         .get("ensemble", {}).get("like", {}).get("rce")}))
