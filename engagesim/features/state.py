@@ -29,7 +29,7 @@ from engagesim.features.lookup import contains, indexed, left_lookup
 from engagesim.features.post import MEDIA_COLUMNS
 from engagesim.features.post_fit import LIST_SUMMARY, TE_LIST, TE_SCALAR  # noqa: F401 (re-exported)
 from engagesim.features.reach import AuthorReach
-from engagesim.features.temporal import temporal_features
+from engagesim.features.temporal import earlier_posts, temporal_features
 from engagesim.features.text import TEXT_STAT_COLUMNS
 from engagesim.io import read_parquet, safe_bytes, write_parquet
 
@@ -174,8 +174,8 @@ class PostState:
             df.select("post_id", "author_id", "username", "created_at", "likes",
                       pl.col("text").fill_null("") if "text" in df.columns else pl.lit("").alias("text")),
             df.select(TEXT_STAT_COLUMNS + MEDIA_COLUMNS),
-            temporal_features(df.select("post_id", "author_id", "created_at"), self._accounts(), self.known_posts)
-            .drop("post_id"),
+            temporal_features(df.select("post_id", "author_id", "created_at"), known=self.known_posts,
+                              accounts=self._accounts(), earlier=self._earlier()).drop("post_id"),
         ]
         if self.te_scalar:
             parts.append(self._target_encodings(df))
@@ -207,10 +207,21 @@ class PostState:
         parts.append(df.select(blocks))
         return pl.concat(parts, how="horizontal")
 
+    def _once(self, name: str, source: pl.DataFrame | None, make) -> pl.DataFrame | None:
+        """``make(source)``, kept while ``source`` is the same table (a transform per request reuses it)."""
+        kept = self.__dict__.get(name)
+        if kept is None or kept[0] is not source:
+            kept = self.__dict__[name] = (source, None if source is None else make(source))
+        return kept[1]
+
     def _accounts(self) -> pl.DataFrame | None:
-        if self.authors is None:
-            return None
-        return self.authors.select(pl.col("author_id").alias("user_id"), pl.col("_user_created").alias("created_at"))
+        """author_id, _account_created of the known accounts (account age)."""
+        return self._once("_accounts_frame", self.authors, lambda a: a.select(
+            "author_id", pl.col("_user_created").alias("_account_created")))
+
+    def _earlier(self) -> pl.DataFrame | None:
+        """The known posts sorted for the "previous post" as-of join (None: the batch is its own history)."""
+        return self._once("_earlier_frame", self.known_posts, earlier_posts)
 
     def _target_encodings(self, df: pl.DataFrame) -> pl.DataFrame:
         cols: dict[str, np.ndarray] = {}
@@ -277,6 +288,8 @@ class PostState:
         for stats in (*self.te_scalar.values(), *self.te_list.values()):
             indexed(stats.table, stats.key)
         indexed(self.authors, "author_id")
+        indexed(self._accounts(), "author_id")
+        self._earlier()
         if self.reach is not None:
             self.reach.index_for_lookups()
 
