@@ -188,11 +188,16 @@ class BinaryScores:
         return float(np.sum((p + (a - d) * (digamma(d + p + 1) - digamma(d + 1))) / c) / total)
 
     def ap_bounds(self, output: int, group: int | None = None) -> tuple[float, float]:
-        """The lowest and highest AP any ordering of the rows inside each bin could give: each bin's
-        positives after its negatives, then before them. The exact AP of the rows (sklearn's, ties
-        included) lies between the two, so ``hi − lo`` bounds the histogram's error on this data:
-        small at scale, wide on a few hundred rows with a rare label. Σᵢ₌₁ᵖ (a+i)/(B+i) =
-        p − (B − a)(ψ(B+p+1) − ψ(B+1)) with B the rows above the first positive."""
+        """Bounds on the exact AP of the rows (sklearn's, ties included) from the bins alone, so ``hi − lo``
+        bounds the histogram's error on this data: small at scale, wide on a few hundred rows with a rare label.
+
+        A bin's p positives, n negatives, after ``a`` positives in ``b`` rows: every precision a positive of
+        the bin can be credited with is (a+k)/(b+m), k ≤ p of its positives and m its rows counted. The
+        lowest is the positives-last order, Σᵢ (a+i)/(B+i) with B = b+n (= p − (B − a)(ψ(B+p+1) − ψ(B+1))).
+        The highest is p·(a+p)/(b+p): all p positives tied, above the bin's negatives — sklearn credits a tie
+        group's positives with the precision at its end, which beats the positives-first order (1/3 + 2/4
+        vs 2 · 2/4 for two tied positives under two negatives). XGBoost's leaf sums tie often; the
+        positives-first bound missed an exact AP by 1.8e-4 on 1.4k rows."""
         from scipy.special import digamma
 
         h = self.hist[output, self.n_groups if group is None else group][::-1].astype(float)
@@ -203,10 +208,9 @@ class BinaryScores:
         above_pos, above = np.cumsum(pos) - pos, np.cumsum(pos + neg) - (pos + neg)
         m = pos > 0
         p, n, a, b = pos[m], neg[m], above_pos[m], above[m]
-
-        def steps(first: np.ndarray) -> float:
-            return float(np.sum(p - (first - a) * (digamma(first + p + 1) - digamma(first + 1))) / total)
-        return steps(b + n), steps(b)
+        last = b + n
+        lo = float(np.sum(p - (last - a) * (digamma(last + p + 1) - digamma(last + 1))) / total)
+        return lo, float(np.sum(p * (a + p) / (b + p)) / total)
 
     @property
     def rows(self) -> int:

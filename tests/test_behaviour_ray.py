@@ -204,7 +204,7 @@ def test_impression_training_streams_from_ray_data_above_the_threshold(features,
         for name, p in (("xgb", served["xgb"]), ("stacked", served["ensemble"])):
             got = imp["models"]["xgb"] if name == "xgb" else imp["ensemble"]["stacked"]
             assert got[e]["rce"] == pytest.approx(rce(y[:, k], p[:, k]), abs=1e-3), (name, e)
-            # AP from score bins: the exact AP lies inside the reported bracket (positives last / first
+            # AP from score bins: the exact AP lies inside the reported bracket (positives last / tied first
             # within each bin), which is wide on ~1.5k rows of a rare label; the estimate sits inside it.
             lo, hi = got[e]["ap_bounds"]
             assert lo - 1e-5 <= average_precision(y[:, k], p[:, k]) <= hi + 1e-5, (name, e, lo, hi)

@@ -178,12 +178,22 @@ def test_ap_bounds_bracket_the_exact_ap_whatever_the_order_inside_a_bin(n, bins)
     lo, hi = scores.ap_bounds(0)
     exact = metrics.average_precision(y[:, 0], p[:, 0])
     assert lo - 1e-12 <= exact <= hi + 1e-12 and lo <= scores.ap(0) <= hi
-    # Every row in one bin: the bounds are the positives-last and positives-first orders of all rows.
+    # Every row in one bin: the positives-last order below, every positive tied at the top above.
     one = metrics.BinaryScores(1, 1, np.empty((1, 0))).add(y, p, np.zeros(n))
     k, m = int(y.sum()), n
-    first = np.mean([(i + 1) / (i + 1) for i in range(k)])
     last = np.mean([(i + 1) / (m - k + i + 1) for i in range(k)])
-    assert one.ap_bounds(0) == pytest.approx((last, first))
+    assert one.ap_bounds(0) == pytest.approx((last, 1.0))
+
+
+def test_ap_bounds_hold_a_tie_group_of_positives_which_beats_every_order():
+    """Two negatives above two tied positives: sklearn credits both positives with precision 2/4 (AP 0.5),
+    above the positives-first order's (1/3 + 2/4) / 2 — what XGBoost's tied leaf sums did to the old bound."""
+    y, p = np.array([[0], [0], [1], [1]], np.float32), np.array([[0.9], [0.8], [0.5], [0.5]])
+    exact = metrics.average_precision(y[:, 0], p[:, 0])
+    assert exact == pytest.approx(0.5)
+    for edges in (np.array([[0.6]]), np.array([[0.55, 0.85]]), np.empty((1, 0))):
+        lo, hi = metrics.BinaryScores(1, 1, edges).add(y, p, np.zeros(4)).ap_bounds(0)
+        assert lo - 1e-12 <= exact <= hi + 1e-12, (edges, lo, hi)
 
 
 def _impressions(n: int, seed: int = 0) -> pa.Table:
