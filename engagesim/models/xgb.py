@@ -215,9 +215,10 @@ def fit_ray(train: pa.Table, valid: pa.Table | None, features: list[str], label:
     columns = features + [label]
     shards, datasets = distributed.route_inputs({"train": distributed.narrow(train, columns),
                                                  "valid": distributed.narrow(valid, columns)}, resources)
-    external = ("train" in datasets and settings.external_memory != "off" and
-                uses_external_memory(settings.external_memory, datasets["train"].count() / resources.workers,
-                                     len(features)))
+    # Rows are counted only where the choice needs them: a lazy Dataset's count() runs its pipeline.
+    mode = settings.external_memory
+    external = "train" in datasets and (mode == "on" or (mode == "auto" and uses_external_memory(
+        mode, datasets["train"].count() / resources.workers, len(features))))
     trainer = XGBoostTrainer(
         _train_fn_per_worker,
         train_loop_config={"features": features, "label": label, "params": params, "rounds": settings.rounds,
