@@ -480,6 +480,9 @@ def score(
     posts_uri: Optional[str] = typer.Option(None, "--posts", help="Posts for impressions of posts the run never saw."),
     actors: int = typer.Option(1, help="Scoring actors (each holds the models; one per GPU on GPU nodes)."),
     batch_size: int = typer.Option(4096, help="Rows per batch."),
+    snapshot: str = typer.Option("latest", help="latest: account statistics over every labelled post of the run "
+                                 "(what Serve uses); cutoff: those of its training split, which reproduces the "
+                                 "run's evaluation exactly."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Batch-score a table with a run's ensemble on Ray Data (the code Ray Serve runs, offline).
@@ -492,7 +495,12 @@ def score(
     from engagesim.pipeline.score import score as run_score
 
     quiet_ray()
-    result = run_score(run_dir, in_uri, out_uri, posts_uri=posts_uri, actors=actors, batch_size=batch_size)
+    if snapshot not in ("latest", "cutoff"):
+        from engagesim.errors import UserError
+
+        raise UserError(f"--snapshot {snapshot!r}: use latest or cutoff")
+    result = run_score(run_dir, in_uri, out_uri, posts_uri=posts_uri, actors=actors, batch_size=batch_size,
+                       snapshot=snapshot)
     finish(result, as_json, "score")
 
 

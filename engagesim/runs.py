@@ -23,7 +23,7 @@ from engagesim.errors import UserError
 from engagesim.features.impression import impression_post_columns, join_impressions
 from engagesim.features.lookup import contains
 from engagesim.features.post import post_row_features
-from engagesim.features.state import ImpressionState, PostState
+from engagesim.features.state import ImpressionState, PostState, Snapshot
 from engagesim.models.bundle import ImpressionModels, PostModels
 from engagesim.schema import ENGAGEMENTS, INTERACTIONS, POSTS, request_post_id
 
@@ -89,8 +89,9 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 class LoadedRun:
-    def __init__(self, uri: str, storage=None):
+    def __init__(self, uri: str, storage=None, snapshot: Snapshot = "latest"):
         self.uri = uri
+        self.snapshot = snapshot
         self.manifest: dict[str, Any] = io.read_json(io.join(uri, "manifest.json"), storage)
         self.config = AppConfig.model_validate(self.manifest["config"])
         self.storage = storage or self.config.storage
@@ -109,7 +110,7 @@ class LoadedRun:
     # -- loaded lazily: a post-only run has no impression state ------------------------------------
     @cached_property
     def post_state(self) -> PostState:
-        state = PostState.load(self.path("features", "state", "posts"), self.storage)
+        state = PostState.load(self.path("features", "state", "posts"), self.storage, self.snapshot)
         state.index_for_lookups()
         return state
 
@@ -228,10 +229,14 @@ class RunNotFound(UserError, FileNotFoundError):
     """The path given as a run is not one."""
 
 
-def load_run(uri: str, storage=None) -> LoadedRun:
-    """Open a run directory (local or s3://) written by the behaviour job."""
+def load_run(uri: str, storage=None, snapshot: Snapshot = "latest") -> LoadedRun:
+    """Open a run directory (local or s3://) written by the behaviour job.
+
+    ``snapshot="latest"`` (serving, scoring) looks posts up in target encodings over every labelled row of the
+    run; ``"cutoff"`` in those its validation and test rows were featurised with, so that predicting those rows
+    reproduces the evaluation exactly. Scoring a run's own held-out rows under "latest" sees their labels."""
     check_run(uri, storage)
-    return LoadedRun(uri, storage)
+    return LoadedRun(uri, storage, snapshot)
 
 
 def check_run(uri: str, storage=None) -> None:

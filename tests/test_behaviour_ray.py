@@ -134,6 +134,11 @@ def test_post_plane_equals_the_in_process_executor(features, world, config):
     assert saved.known_posts.height == 1200 and saved.reach.exposed.height == local_state.reach.exposed.height
     assert saved.top_langs == local_state.top_langs
     assert np.array_equal(saved.centres, local_state.centres)
+    # The served (latest) target encodings, over every labelled post, are the same sums from both executors.
+    for key, stats in local_state.latest.items():
+        served = {**saved.te_scalar, **saved.te_list}[key]
+        assert frame_mismatches(served.table, stats.table, [key]) == [], key
+        assert served.prior == pytest.approx(stats.prior) and served.smoothing == pytest.approx(stats.smoothing)
 
 
 def test_second_run_embeds_nothing(features, world, config, tmp_path):

@@ -195,7 +195,7 @@ def test_a_family_registered_outside_trains_serves_and_is_reported(toy_family, r
                              "embed.image=false", "train.impression_level=false",
                              "train.models=['xgb','author_mean']", *TINY[:3]])
     job = behaviour.run(cfg, "toy", log=lambda _: None)
-    run = engagesim.load_run(job.uri)
+    run = engagesim.load_run(job.uri, snapshot="cutoff")
     assert run.post_models.members == ["xgb", "author_mean"]
     assert io.read_json(run.path("models", "post", "ensemble.json"))["families"]["author_mean"] == "author_mean"
     post = run.metrics["valid"]["post_level"]

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def run(behaviour_run):
-    return engagesim.load_run(behaviour_run.uri)
+    # The snapshot the validation and test rows were featurised with: these tests check served = evaluated.
+    return engagesim.load_run(behaviour_run.uri, snapshot="cutoff")
 
 
 def _frame(run, *parts):
@@ -176,7 +177,7 @@ def test_score_command_matches_evaluation_and_rejects_bad_rows(run, tmp_path):
     writer = io.DatasetWriter(str(tmp_path / "in"), "incoming_posts")  # not cast to the contract: bad rows stay bad
     writer.write(pl.concat([raw, bad]).to_arrow())
     writer.commit()
-    result = score(run.uri, str(tmp_path / "in"), str(tmp_path / "out"))
+    result = score(run.uri, str(tmp_path / "in"), str(tmp_path / "out"), snapshot="cutoff")
     assert (result["read"], result["scored"], result["rejected"]) == (raw.height + 3, raw.height, 3)
     scored = pl.from_arrow(io.read_table(result["out"])).join(evaluated, on="post_id", suffix="_eval")
     assert scored.height == raw.height

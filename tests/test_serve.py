@@ -56,7 +56,11 @@ def _post_body(row: dict) -> dict | None:
     return None
 
 
-def test_predictions_equal_the_evaluation(service):
+def test_served_predictions_equal_the_in_process_ones(service):
+    """Serve answers what ``load_run().predict`` answers in process, both on the latest snapshot (test_run_api
+    holds the cutoff snapshot equal to the evaluation, row by row)."""
+    from engagesim.runs import load_run
+
     url, run = service
     evaluated = pl.from_arrow(io.read_table(io.join(run.uri, "predictions", "posts")))
     posts = pl.from_arrow(io.read_table(io.join(run.uri, "data", "posts")))
@@ -65,7 +69,8 @@ def test_predictions_equal_the_evaluation(service):
     uploads = evaluated_posts.filter(local_photo).head(5)  # these go as image_base64 uploads
     assert uploads.height, "the tiny world should have evaluated posts with drawn photos"
     raw = pl.concat([uploads, evaluated_posts.filter(~local_photo).head(55)])
-    expected = dict(zip(evaluated["post_id"], evaluated["log1p_likes"]))
+    in_process = pl.from_arrow(load_run(run.uri).predict(raw.drop("likes", "retweets", "replies", "quotes")))
+    expected = dict(zip(in_process["post_id"], in_process["log1p_likes"]))
     rows = [{"post": b} for b in map(_post_body, raw.to_dicts()) if b is not None]
     batch = requests.post(f"{url}/v1/predict:batch", json={"rows": rows}, headers=_auth(), timeout=60)
     assert batch.status_code == 200, batch.text

@@ -150,7 +150,7 @@ def test_slm_family_in_a_behaviour_run_is_served_by_load_run(ray_local, tmp_path
     assert info["distilled"]["layers"] == 1 and info["distilled"]["parameters"] < info["distilled"][
         "teacher_parameters"]
 
-    loaded = load_run(run.uri)
+    loaded = load_run(run.uri, snapshot="cutoff")
     assert {"slm", "slm_distilled"} <= set(loaded.post_models.members)
     assert "p_like_slm_distilled" in io.read_table(loaded.path("predictions", "impressions")).column_names
     evaluated = pl.from_arrow(io.read_table(loaded.path("predictions", "posts")))

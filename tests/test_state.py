@@ -6,6 +6,7 @@ import datetime as dt
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pytest
 
 from engagesim.features import post_fit
 from engagesim.features.graph import GraphModel, fit_graph
@@ -41,10 +42,47 @@ def test_post_state_roundtrip_is_exact(tmp_path):
     state = PostState.fit(df, y, train, None, post_fit.PostOptions(10, 4, 5), has_likes=True)
     before = state.transform(df)
     state.save(str(tmp_path / "state"))
-    after = PostState.load(str(tmp_path / "state")).transform(df)
+    after = PostState.load(str(tmp_path / "state"), snapshot="cutoff").transform(df)
     assert before.columns == after.columns
     assert before.drop("text_emb").equals(after.drop("text_emb"))  # bit-identical, PCA included
     assert {"te_author_id", "te_hashtags_top1", "text_pca_3", "text_cluster", "lang=en"} <= set(after.columns)
+    latest = PostState.load(str(tmp_path / "state"))  # the default: the latest snapshot, as saved
+    for key, stats in state.latest.items():
+        assert {**latest.te_scalar, **latest.te_list}[key].table.equals(stats.table), key
+
+
+def test_the_latest_snapshot_counts_every_labelled_post_and_the_cutoff_one_only_training(tmp_path):
+    """A run serves target encodings over every labelled post (an account whose posts all fell in the held-out
+    latest rows is not served the global prior); its cutoff snapshot is what validation rows were given."""
+    df = _posts(120).with_columns(pl.when(pl.col("author_id") == "a6").then(pl.lit("late"))
+                                  .otherwise(pl.col("author_id")).alias("author_id"))
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) < 96).then(pl.col("author_id").replace("late", "a5"))
+                         .otherwise(pl.col("author_id")).alias("author_id"))
+    level = pl.col("author_id").str.slice(-1).replace("e", "9").cast(pl.Int64)  # "late" → 9: authors differ
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 119).then(None)
+                         .otherwise(10 ** (level % 4) + pl.col("likes") % 7).alias("likes"))
+    y = np.log1p(df["likes"].fill_null(0).to_numpy().astype(float))
+    train = np.arange(120) < 96
+    state = PostState.fit(df, y, train, None, post_fit.PostOptions("auto", 4, 5), has_likes=True)
+    state.save(str(tmp_path / "state"))
+    latest, cutoff = (PostState.load(str(tmp_path / "state"), snapshot=s) for s in ("latest", "cutoff"))
+    late = pl.DataFrame({"author_id": ["late"]})["author_id"]
+    stats, first = latest.te_scalar["author_id"], cutoff.te_scalar["author_id"]
+    labelled = df["likes"].is_not_null().to_numpy()
+    mine = (df["author_id"] == "late").to_numpy() & labelled
+    assert first.apply(late)[0] == pytest.approx(first.prior)  # never in training: the prior
+    m, prior = stats.smoothing, float(y[labelled].mean())
+    assert m < 1 and stats.prior == pytest.approx(prior)
+    # its own held-out posts count, shrunk as the training rows' pseudo-count says (the scale the models learnt)
+    assert stats.apply(late)[0] == pytest.approx((y[mine].sum() + prior * m) / (mine.sum() + m))
+    assert abs(stats.apply(late)[0] - first.prior) > 0.5 and m == first.smoothing
+    a0 = (df["author_id"] == "a0").to_numpy()
+    assert stats.apply(pl.Series(["a0"]))[0] == pytest.approx(
+        (y[a0 & labelled].sum() + prior * m) / ((a0 & labelled).sum() + m))
+    # Everything else is the same state: the projections, clusters and languages are fit on training rows only.
+    assert latest.transform(df).drop("te_author_id", "te_company", "te_language", *[
+        c for c in latest.transform(df).columns if c.startswith("te_")]).equals(
+        cutoff.transform(df).drop(*[c for c in cutoff.transform(df).columns if c.startswith("te_")]))
 
 
 def test_projection_survives_fortran_ordered_components(tmp_path):

@@ -15,7 +15,7 @@ Saved in safe formats only: Parquet tables, safetensors arrays, JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -32,6 +32,8 @@ from engagesim.features.reach import AuthorReach
 from engagesim.features.temporal import earlier_posts, temporal_features
 from engagesim.features.text import TEXT_STAT_COLUMNS
 from engagesim.io import read_parquet, safe_bytes, write_parquet
+
+Snapshot = Literal["latest", "cutoff"]  # which label-derived state a loaded run serves (PostState.load)
 
 EMBEDDING_BLOCKS = (("text_emb", "text"), ("text_sketch", "sketch"), ("image_emb", "image"))
 AUTHOR_ATTRIBUTES = ("follower_count", "following_count", "follower_ratio", "verified")
@@ -118,6 +120,9 @@ class PostState:
     known_posts: pl.DataFrame | None = None  # post_id, author_id, created_at: for "time since previous post"
     reach: AuthorReach | None = None  # impressions of authors' posts, when the run has an interaction log
     tables: post_fit.TargetTables | None = None  # the fit's (key, fold) sums: out-of-fold values, not saved
+    # The target encodings over every labelled row (post_fit.latest_stats): the snapshot a loaded run serves
+    # by default; te_scalar / te_list end at the training cutoff (what validation and test rows were given).
+    latest: dict[str, encodings.TargetStats] = field(default_factory=dict)
     saved_parts: list[str] = field(default_factory=list)  # per-post tables already written as parts (Ray executor)
 
     # -- fit ------------------------------------------------------------------------------------
@@ -134,7 +139,8 @@ class PostState:
             fraction = post_fit.KMEANS_SAMPLE / max(int(train.sum()), 1)
             sample = df.filter(pl.Series(train & post_fit.in_kmeans_sample(df, fraction))).select("post_id", "text_emb")
         prior = float(y[train].mean()) if has_likes and train.any() else 0.0
-        fit = post_fit.PostFit(post_fit.te_partial(df, y, train, fold), has_likes, prior, moments, sample)
+        labelled = df["likes"].is_not_null().to_numpy() if "likes" in df.columns else np.zeros(df.height, bool)
+        fit = post_fit.PostFit(post_fit.te_partial(df, y, train, fold, labelled), has_likes, prior, moments, sample)
         return cls.from_parts(fit, options, users, df.select("post_id", "author_id", "created_at"), reach)
 
     @classmethod
@@ -143,10 +149,11 @@ class PostState:
         """Finalize the combined partial fits (both executors end here)."""
         state = cls(reach=reach, prior=fit.prior, known_posts=known_posts)
         if fit.has_likes:
-            state.tables = post_fit.TargetTables.fit(fit.te, options.smoothing)
+            state.tables = post_fit.TargetTables.fit(post_fit.training_sums(fit.te), options.smoothing)
             state.te_scalar = {k: state.tables.stats[k] for k in TE_SCALAR}
             state.te_list = {k: state.tables.stats[k] for k in TE_LIST}
-        state.top_langs = post_fit.top_languages(fit.te)
+            state.latest = post_fit.latest_stats(fit.te, state.tables.stats)
+        state.top_langs = post_fit.top_languages(post_fit.training_sums(fit.te))
         for prefix, m in fit.moments.items():
             if m["n"][0] >= 2:
                 state.projections[prefix] = Projection.from_moments(m, options.pca_components)
@@ -226,7 +233,10 @@ class PostState:
     def _target_encodings(self, df: pl.DataFrame) -> pl.DataFrame:
         cols: dict[str, np.ndarray] = {}
         for key, stats in self.te_scalar.items():
-            cols[f"te_{key}"] = stats.apply(post_fit.key_rows(df, key)[1]).astype(np.float32)
+            values, counts = stats.apply_counted(post_fit.key_rows(df, key)[1])
+            cols[f"te_{key}"] = values.astype(np.float32)
+            if key in post_fit.TE_COUNTED:
+                cols[f"te_{key}_n"] = counts.astype(np.float32)
         for key, stats in self.te_list.items():
             rows, elems = post_fit.key_rows(df, key)
             summary = encodings.list_te_summary(rows, stats.apply(elems), df.height, self.prior)
@@ -248,6 +258,9 @@ class PostState:
         for name, stats in {**{f"scalar:{k}": v for k, v in self.te_scalar.items()},
                             **{f"list:{k}": v for k, v in self.te_list.items()}}.items():
             write_parquet(io.join(uri, f"te_{name.replace(':', '_')}.parquet"), stats.table, storage)
+        meta["latest"] = {k: s.prior for k, s in self.latest.items()}
+        for key, stats in self.latest.items():
+            write_parquet(io.join(uri, "latest", f"te_{key}.parquet"), stats.table, storage)
         arrays = {f"{k}.mean": p.mean for k, p in self.projections.items()}
         arrays.update({f"{k}.components": p.components for k, p in self.projections.items()})
         if self.centres is not None:
@@ -262,14 +275,19 @@ class PostState:
         io.write_json(io.join(uri, "state.json"), meta, storage)
 
     @classmethod
-    def load(cls, uri: str, storage=None) -> PostState:
+    def load(cls, uri: str, storage=None, snapshot: Snapshot = "latest") -> PostState:
+        """``snapshot``: "latest" serves target encodings over every labelled row; "cutoff" those the
+        validation and test rows were featurised with (what the served = evaluated checks compare)."""
         meta = io.read_json(io.join(uri, "state.json"), storage)
         state = cls(prior=meta["prior"], top_langs=meta["top_langs"])
+        latest = meta.get("latest", {}) if snapshot == "latest" else {}
         for name in meta["te_order"]:  # JSON objects may come back re-ordered; column order must not
             m = meta["te"][name]
             kind, key = name.split(":")
-            stats = encodings.TargetStats(m["key"], read_parquet(io.join(uri, f"te_{kind}_{key}.parquet"), storage),
-                                          m["prior"], m["smoothing"])
+            at = io.join(uri, "latest", f"te_{key}.parquet") if key in latest else \
+                io.join(uri, f"te_{kind}_{key}.parquet")
+            stats = encodings.TargetStats(m["key"], read_parquet(at, storage), latest.get(key, m["prior"]),
+                                          m["smoothing"])
             (state.te_scalar if kind == "scalar" else state.te_list)[key] = stats
         raw = io.read_bytes(io.join(uri, "arrays.safetensors"), storage)
         arrays = load_arrays(raw) if raw else {}

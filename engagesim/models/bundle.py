@@ -105,7 +105,13 @@ class PostModels(LevelModels):
     def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
         """Every member's prediction of log1p(likes) and ``ensemble`` (the served one)."""
         out = {k: v[:, 0] for k, v in self.member_predictions(table).items()}
-        if self.ensemble and all(m in out for m in self.ensemble["members"]):
+        regimes = (self.ensemble or {}).get("regimes")
+        if regimes and all(m in out for spec in regimes.values() for m in spec["members"]):
+            # Each post by its account regime (pipeline/train.py::_regime_ensembles): seen = labelled posts
+            # behind the account's encoding in the snapshot this run serves.
+            seen = np.nan_to_num(table.column("te_author_id_n").to_numpy(zero_copy_only=False)) > 0
+            out["ensemble"] = np.where(seen, apply_ensemble(regimes["seen"], out), apply_ensemble(regimes["new"], out))
+        elif self.ensemble and all(m in out for m in self.ensemble["members"]):
             out["ensemble"] = apply_ensemble(self.ensemble, out)
         else:
             out["ensemble"] = out[next(iter(out))]

@@ -67,7 +67,7 @@ def _past_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, state: P
     y, times = y[tr], df["created_at"].dt.epoch("us").to_numpy()[tr]
     stats = {**state.te_scalar, **state.te_list}
     return post_fit.te_columns(df[tr], state.prior, lambda column, rows, keys: encodings.target_encode_train(
-        keys, y[rows], times[rows], "past", smoothing=stats[column].smoothing))
+        keys, y[rows], times[rows], "past", smoothing=stats[column].smoothing, with_counts=True))
 
 
 def post_info(split: post_fit.PostSplit, state: PostState, counts: dict[str, int]) -> dict[str, Any]:
@@ -130,7 +130,8 @@ def _bucket_rows(batch: pa.Table, lo: int, width: int, buckets: list[int]) -> pa
 
 def _te_partial(batch: pa.Table, split: post_fit.PostSplit) -> pa.Table:
     df = datasets.frame(batch)
-    return post_fit.te_partial(df, labels_of(df), split.is_train(df), split.fold(df)).to_arrow()
+    return post_fit.te_partial(df, labels_of(df), split.is_train(df), split.fold(df),
+                               df["likes"].is_not_null().to_numpy()).to_arrow()
 
 
 def _fit_partial(batch: pa.Table, split: post_fit.PostSplit, columns: list[str], fraction: float) -> pa.Table:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engagesim import datasets, io
+from engagesim.features.state import Snapshot
 from engagesim.runs import load_run
 from engagesim.runtime import ensure_ray
 from engagesim.schema import make_rejects, validate
@@ -27,8 +28,9 @@ Kind = Literal["posts", "interactions"]
 class ScoringActor:
     """One actor: the loaded run, scoring contract rows of one kind."""
 
-    def __init__(self, run_uri: str, kind: Kind, rejects_uri: str, token: str, posts_uri: str | None = None):
-        self.run = load_run(run_uri)
+    def __init__(self, run_uri: str, kind: Kind, rejects_uri: str, token: str, posts_uri: str | None = None,
+                 snapshot: Snapshot = "latest"):
+        self.run = load_run(run_uri, snapshot=snapshot)
         self.kind, self.rejects_uri = kind, rejects_uri
         self.posts = io.read_table(posts_uri, self.run.storage) if posts_uri else None
         self.prefix = f"part-{token}-{uuid.uuid4().hex[:8]}"
@@ -52,8 +54,10 @@ class ScoringActor:
 
 
 def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, posts_uri: str | None = None,
-          actors: int = 1, batch_size: int = 4096, storage=None, ray_config=None) -> dict[str, Any]:
-    """Score every row of ``in_uri`` (a posts or interactions dataset) with the run's served ensemble."""
+          actors: int = 1, batch_size: int = 4096, storage=None, ray_config=None,
+          snapshot: Snapshot = "latest") -> dict[str, Any]:
+    """Score every row of ``in_uri`` (a posts or interactions dataset) with the run's served ensemble
+    (``snapshot``: see ``load_run``; "cutoff" reproduces the run's own evaluation)."""
     import ray
 
     run = load_run(run_uri, storage)  # the run and the input are checked before Ray starts
@@ -70,7 +74,7 @@ def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, pos
     token = uuid.uuid4().hex[:12]
     scored = ds.map_batches(
         ScoringActor, fn_constructor_kwargs={"run_uri": run_uri, "kind": kind, "rejects_uri": rejects_uri, "token": token,
-                                       "posts_uri": posts_uri},
+                                       "posts_uri": posts_uri, "snapshot": snapshot},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="pyarrow",
         num_gpus=run.config.embed.gpus_per_actor or None, num_cpus=1)
     written = datasets.write_streaming(scored, io.join(out_uri, "predictions"), f"{kind}_predictions", storage,

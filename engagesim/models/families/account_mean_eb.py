@@ -10,8 +10,8 @@ only scored on validation rows, where the stacker may choose it.
 Why a member and not only a reported baseline: on real accounts with few posts each the per-account
 mean beat every model (1.028 vs 1.105 RMSE for the stacked ensemble on a later period, issue 21); as a
 member the stacker can lean on it, and a model that loses to the best baseline is dropped from the
-served ensemble. Not yet hierarchical (account → company → global): the state does not say which
-accounts it saw, so a company fallback would have to guess it. Named apart from the ``account_mean``
+served ensemble. Hierarchical (``account_prior``): an account with no labelled posts gets its company's
+shrunk mean (``te_company``), which falls back to the global one. Named apart from the ``account_mean``
 baseline (the raw mean, reported beside it). File: ``account_mean_eb.json``."""
 
 from __future__ import annotations
@@ -25,6 +25,26 @@ from engagesim.models.family import Family, FitContext, Level, Member, register_
 FILE = "account_mean_eb.json"
 
 
+def _column(table: pa.Table, name: str) -> np.ndarray | None:
+    if name not in table.column_names:
+        return None
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def account_prior(table: pa.Table) -> np.ndarray | None:
+    """Each row's account → company → global mean log1p(likes): ``te_author_id`` where the account has labelled
+    posts behind it (``te_author_id_n`` > 0), else ``te_company`` (itself the global mean for a new company).
+    Training rows carry out-of-fold versions, later rows the apply ones, as every target encoding. None when
+    the table has no author encoding (a run without likes)."""
+    author = _column(table, "te_author_id")
+    if author is None:
+        return None
+    seen, company = _column(table, "te_author_id_n"), _column(table, "te_company")
+    if seen is None or company is None:
+        return author
+    return np.where(seen > 0, author, company).astype(np.float32)
+
+
 class AccountMeanMember(Member):
     name = "account_mean_eb"
 
@@ -32,10 +52,10 @@ class AccountMeanMember(Member):
         self.prior = prior
 
     def predict(self, table: pa.Table, upstream: dict[str, np.ndarray]) -> np.ndarray:
-        """The apply-mode ``te_author_id``; the training mean where a row has none (no column, or null)."""
-        if "te_author_id" not in table.column_names:
+        """``account_prior`` of the apply-mode encodings; the training mean where a row has none."""
+        values = account_prior(table)
+        if values is None:
             return np.full((table.num_rows, 1), self.prior, dtype=np.float32)
-        values = table.column("te_author_id").to_numpy(zero_copy_only=False).astype(np.float32)
         return np.nan_to_num(values, nan=self.prior)[:, None]
 
     def save(self, directory: str) -> None:

@@ -10,7 +10,10 @@ from engagesim import io
 from engagesim.config import XGBConfig
 from engagesim.models import xgb
 from engagesim.models.data import matrix
+from engagesim.models.families.account_mean_eb import account_prior
 from engagesim.models.family import Family, FitContext, Level, Member, register_family
+
+RESIDUAL = "_residual"  # the post label less its margin ("_": never a feature)
 
 
 def _file(level: Level, output: str) -> str:
@@ -30,13 +33,21 @@ class XGBMember(Member):
             key = tuple(meta["features"])
             if key not in matrices:
                 matrices[key] = matrix(table, meta["features"])
-            out.append(xgb.predict(booster, matrices[key], meta["features"]))
+            p = xgb.predict(booster, matrices[key], meta["features"])
+            out.append(p + account_prior(table) if meta.get("margin") == "account_prior" else p)
         return np.column_stack(out)
 
     def save(self, directory: str) -> None:
         for output, (booster, meta) in self.boosters.items():
             xgb.save(booster, io.join(directory, _file(self.level, output)), meta["features"],
                      {k: v for k, v in meta.items() if k != "features"})
+
+
+def _residual(table: pa.Table, label: str) -> pa.Table:
+    y = table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)
+    if RESIDUAL in table.column_names:
+        table = table.drop_columns([RESIDUAL])
+    return table.append_column(RESIDUAL, pa.array(y - account_prior(table)))
 
 
 @register_family
@@ -52,11 +63,16 @@ class XGBFamily(Family):
         objective = "reg:squarederror" if level.task == "regression" else "binary:logistic"
         params = xgb.params_for(c.preset, objective, {"nthread": c.cpus_per_worker, **c.params}, ctx.use_gpu)
         boosters = {}
+        margin = c.post_margin and level.name == "post" and account_prior(train) is not None
         for label, output in zip(level.labels, level.outputs):
             run_name = "post_xgb" if level.name == "post" else f"impression_xgb_{output}"
-            booster = xgb.fit_ray(train, valid, features, label, params, c, ctx.ray_dir, run_name,
-                                  ctx.resources(self))
+            if margin:  # squared error: boosting y − m from 0 is boosting y from the margin m
+                train, valid = (_residual(t, label) if t is not None else None for t in (train, valid))
+            booster = xgb.fit_ray(train, valid, features, RESIDUAL if margin else label, params, c, ctx.ray_dir,
+                                  run_name, ctx.resources(self))
             meta = {"task": "regression"} if level.name == "post" else {"engagement": output}
+            if margin:
+                meta["margin"] = "account_prior"
             boosters[output] = (booster, {"features": features, **meta})
         if level.name == "post":
             importance = boosters[level.outputs[0]][0].get_score(importance_type="gain")
