@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-2m content reproduce test bench lint clean
+.PHONY: setup demo demo-2m content reproduce evaluation test bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ content: setup
 # Every recipe preset on one synthetic world and the Adobe sample → docs/reproduction.md (~40 min on 2 cores).
 reproduce: setup
 	$(PY) jobs/reproduce.py
+
+# The behaviour job on real data it has never seen (later period, sparse accounts, new accounts) → docs/evaluation.md (~3 min).
+evaluation: setup
+	$(PY) jobs/evaluation.py
 
 test: setup $(BROWSER)
 	$(PY) -m pytest $(PYTEST_ARGS)

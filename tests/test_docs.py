@@ -118,6 +118,8 @@ WHERE_ELSE = {
     "engagesim pipeline content --preset": "test_presets::test_preset_runs_end_to_end_on_a_tiny_world",
     "engagesim report compare": "test_presets::test_report_compare_tables_every_run_with_measured_costs",
     "make reproduce": "test_presets::test_preset_runs_end_to_end_on_a_tiny_world",  # each preset jobs/reproduce.py runs
+    "make evaluation": "test_adobe_models::test_the_unseen_data_evaluation_serves_a_later_period_better_than_the_account_mean",
+    "engagesim score --snapshot cutoff": "test_run_api::test_score_command_matches_evaluation_and_rejects_bad_rows",
     "ray job submit": "test_cluster::test_job_submission_then_serve_deploy_with_token_and_refusal_without",
     "engagesim serve --run s3://": "test_cluster::test_job_submission_then_serve_deploy_with_token_and_refusal_without",
 }

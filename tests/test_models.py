@@ -269,8 +269,10 @@ def test_members_that_lose_to_the_best_baseline_leave_the_served_ensemble():
                              lambda _: None)
     assert kept == [["good", "also"]] and list(dropped["log1p_likes"]) == ["bad"]
     assert "≥ account_mean" in dropped["log1p_likes"]["bad"]
-    specs, _, _, stacked, served = _ensembles(load_config(None, []), POST, {"good": good, "bad": bad, "also": y},
+    also = y + rng.normal(0, 0.7, (n, 1))
+    specs, _, _, stacked, served = _ensembles(load_config(None, []), POST, {"good": good, "bad": bad, "also": also},
                                               y, kept)
+    # Two members with independent errors: stacked beats either alone by far more than a standard error.
     assert sorted(specs["log1p_likes"]["members"]) == ["also", "good"] and np.array_equal(served, stacked)
     # Nobody beats the baseline: the best member is served alone (loss-weighted, weight 1).
     kept, _ = _winners(POST, {"bad": bad, "worse": 2 * bad}, y, base, lambda _: None)
@@ -291,3 +293,83 @@ def test_members_that_lose_to_the_best_baseline_leave_the_served_ensemble():
     notes = {r["model"]: r["note"] for r in rows}
     assert notes == {"account_mean": "baseline", "good": "", "bad": "loses to account_mean, dropped",
                      "ensemble:stacked": "served", "ensemble:loss_weighted": ""}
+
+
+def test_the_one_standard_error_rule_serves_the_account_mean_unless_more_beats_it_clearly():
+    """Few validation rows: a stacker that wins by noise is not served; many rows: a real gain is."""
+    from engagesim.config import load_config
+    from engagesim.models.family import POST
+    from engagesim.pipeline.train import _ensembles
+
+    rng = np.random.default_rng(1)
+    for n, expect in ((40, "account_mean_eb"), (4000, "stacked")):
+        truth = rng.normal(size=(n, 1))
+        y = truth + rng.normal(0, 1.0, (n, 1))
+        members = {"account_mean_eb": truth + rng.normal(0, 0.5, (n, 1)),
+                   "xgb": truth + rng.normal(0, 0.45, (n, 1)), "knn": truth + rng.normal(0, 0.5, (n, 1))}
+        specs, _, _, stacked, served = _ensembles(load_config(None, []), POST, members, y, [list(members)])
+        spec = specs["log1p_likes"]
+        if expect == "stacked":
+            assert spec["method"] == "stacked" and np.array_equal(served, stacked)
+        else:
+            assert spec["members"] == [expect] and spec["chosen"] == "one-standard-error rule"
+            np.testing.assert_array_equal(served, members[expect])
+
+
+def test_the_stacker_weights_are_not_negative():
+    """Correlated members on few rows: a free ridge trades them against each other; ours may not."""
+    rng = np.random.default_rng(2)
+    truth = rng.normal(size=60)
+    y = truth + rng.normal(0, 1, 60)
+    shared = rng.normal(0, 0.3, 60)
+    preds = {"a": truth + shared, "b": truth + shared + rng.normal(0, 0.05, 60), "c": truth + rng.normal(0, 0.8, 60)}
+    _, model, names = ensemble.stacked_cv(preds, y, "regression")
+    assert names == ["a", "b", "c"] and (model.coef_ >= 0).all()
+
+
+def test_account_regimes_get_their_own_ensembles_and_route_by_the_encoding_count():
+    """The validation rows of accounts with labelled posts and of new accounts choose apart; each served
+    prediction follows its row's regime."""
+    import pyarrow as pa
+
+    from engagesim.config import load_config
+    from engagesim.models.bundle import apply_ensemble
+    from engagesim.models.family import POST
+    from engagesim.pipeline.train import REGIME_MIN_ROWS, _ensembles, _regime_ensembles
+
+    rng = np.random.default_rng(3)
+    n = 600
+    seen = rng.random(n) < 0.5
+    y = rng.normal(size=(n, 1))
+    # "account" is right for seen accounts only, "content" for new ones only.
+    account = np.where(seen[:, None], y + rng.normal(0, 0.2, (n, 1)), rng.normal(size=(n, 1)))
+    content = np.where(~seen[:, None], y + rng.normal(0, 0.2, (n, 1)), rng.normal(size=(n, 1)))
+    preds = {"account_mean_eb": account, "xgb": content}
+    valid = pa.table({"te_author_id_n": np.where(seen, 2.0, 0.0)})
+    cfg = load_config(None, [])
+    _, _, _, _, served = _ensembles(cfg, POST, preds, y, [list(preds)])
+    pooled = float(np.sqrt(np.mean((served - y) ** 2)))
+    regimes = _regime_ensembles(cfg, POST, valid, preds, y, {}, served, lambda _: None)
+    assert set(regimes) == {"seen", "new"} and regimes["seen"]["rows"] == seen.sum()
+    routed = float(np.sqrt(np.mean((served - y) ** 2)))
+    assert routed < 0.3 < pooled  # each regime trusts its own member
+    flat = {k: v[:, 0] for k, v in preds.items()}
+    again = np.where(seen, apply_ensemble(regimes["seen"], flat), apply_ensemble(regimes["new"], flat))
+    np.testing.assert_allclose(again, served[:, 0], rtol=1e-5, atol=1e-5)  # what PostModels.predict computes
+    few = pa.table({"te_author_id_n": np.r_[np.ones(REGIME_MIN_ROWS - 1), np.zeros(n - REGIME_MIN_ROWS + 1)]})
+    assert _regime_ensembles(cfg, POST, few, preds, y, {}, served.copy(), lambda _: None) == {}
+
+
+def test_xgboost_boosts_from_the_account_company_global_mean():
+    """The post-level margin: the account's encoding where it has labelled posts, else its company's."""
+    import pyarrow as pa
+
+    from engagesim.models.families.account_mean_eb import account_prior
+    from engagesim.models.families.xgb import RESIDUAL, _residual
+
+    table = pa.table({"te_author_id": [3.0, 5.0, 4.0], "te_author_id_n": [2.0, 0.0, 1.0],
+                      "te_company": [1.0, 2.0, 9.0], "label_log1p_likes": [4.0, 4.0, 4.0]})
+    np.testing.assert_array_equal(account_prior(table), [3.0, 2.0, 4.0])
+    np.testing.assert_array_equal(_residual(table, "label_log1p_likes").column(RESIDUAL).to_numpy(), [1.0, 2.0, 0.0])
+    assert account_prior(table.drop_columns(["te_author_id_n"])).tolist() == [3.0, 5.0, 4.0]  # older runs
+    assert account_prior(pa.table({"x": [1.0]})) is None

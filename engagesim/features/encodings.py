@@ -60,14 +60,14 @@ class TargetStats:
     def apply(self, keys: pl.Series) -> np.ndarray:
         return self.apply_counted(keys)[0]
 
-    def apply_counted(self, keys: pl.Series) -> tuple[np.ndarray, np.ndarray]:
-        """Each key's smoothed mean, and how many labelled rows it stands on (0: the prior alone)."""
+    def apply_counted(self, keys: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each key's smoothed mean, how many labelled rows it stands on (0: the prior alone) and their sum."""
         from engagesim.features.lookup import left_lookup
 
         joined = left_lookup(pl.DataFrame({self.key: keys}), self.table, self.key)
         s = joined["te_sum"].fill_null(0.0).to_numpy()
         c = joined["te_count"].fill_null(0.0).to_numpy()
-        return (s + self.prior * self.smoothing) / (c + self.smoothing), c
+        return (s + self.prior * self.smoothing) / (c + self.smoothing), c, s
 
 
 Smoothing = float | Literal["auto"]
@@ -128,9 +128,9 @@ def target_encode_train(
     folds: int = 5,
     smoothing: float = 20.0,
     with_counts: bool = False,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Target encoding of training rows in which no row ever sees its own label (``with_counts``: and the
-    number of labelled rows each value stands on)."""
+    number of labelled rows each value stands on, and their sum)."""
     target = np.asarray(target, dtype=np.float64)
     name = keys.name or "key"
     if mode == "oof":
@@ -151,7 +151,7 @@ def target_encode_train(
         fold_n = np.bincount(fold, minlength=folds).astype(float)
         prior = ((target.sum() - fold_sum) / np.maximum(len(target) - fold_n, 1))[fold]
         values = (s + prior * smoothing) / (c + smoothing)
-        return (values, c) if with_counts else values
+        return (values, c, s) if with_counts else values
     if mode == "past":
         df = pl.DataFrame({name: keys, "y": target, "t": np.asarray(times)}).with_row_index("_i")
         # Rows at the same instant must not see each other: aggregate per (key, t) first.
@@ -169,7 +169,7 @@ def target_encode_train(
         prior_t = pl.DataFrame({"t": np.asarray(times)}).join(by_t, on="t", how="left", maintain_order="left")
         prior = (prior_t["S"] / prior_t["C"].clip(lower_bound=1)).to_numpy().astype(float)
         values = (s + prior * smoothing) / (c + smoothing)
-        return (values, c) if with_counts else values
+        return (values, c, s) if with_counts else values
     raise ValueError(f"target encoding mode must be 'oof' or 'past', not {mode!r}")
 
 

@@ -123,6 +123,7 @@ class PostState:
     # The target encodings over every labelled row (post_fit.latest_stats): the snapshot a loaded run serves
     # by default; te_scalar / te_list end at the training cutoff (what validation and test rows were given).
     latest: dict[str, encodings.TargetStats] = field(default_factory=dict)
+    hier_smoothing: float = 1000.0  # accounts towards their company (post_fit.hierarchical)
     saved_parts: list[str] = field(default_factory=list)  # per-post tables already written as parts (Ray executor)
 
     # -- fit ------------------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class PostState:
             state.te_scalar = {k: state.tables.stats[k] for k in TE_SCALAR}
             state.te_list = {k: state.tables.stats[k] for k in TE_LIST}
             state.latest = post_fit.latest_stats(fit.te, state.tables.stats)
+            state.hier_smoothing = state.tables.hier_smoothing
         state.top_langs = post_fit.top_languages(post_fit.training_sums(fit.te))
         for prefix, m in fit.moments.items():
             if m["n"][0] >= 2:
@@ -232,21 +234,26 @@ class PostState:
 
     def _target_encodings(self, df: pl.DataFrame) -> pl.DataFrame:
         cols: dict[str, np.ndarray] = {}
+        author = None
         for key, stats in self.te_scalar.items():
-            values, counts = stats.apply_counted(post_fit.key_rows(df, key)[1])
+            values, counts, sums = stats.apply_counted(post_fit.key_rows(df, key)[1])
             cols[f"te_{key}"] = values.astype(np.float32)
             if key in post_fit.TE_COUNTED:
                 cols[f"te_{key}_n"] = counts.astype(np.float32)
+            if key == "author_id":
+                author = (sums, counts)
         for key, stats in self.te_list.items():
             rows, elems = post_fit.key_rows(df, key)
             summary = encodings.list_te_summary(rows, stats.apply(elems), df.height, self.prior)
             for k, name in enumerate(LIST_SUMMARY):
                 cols[f"te_{key}_{name}"] = summary[:, k]
+        if author is not None:
+            cols["te_author_id_hier"] = post_fit.hierarchical(*author, cols["te_company"], self.hier_smoothing)
         return pl.DataFrame(cols)
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, uri: str, storage=None) -> None:
-        meta = {"prior": self.prior, "top_langs": self.top_langs,
+        meta = {"prior": self.prior, "top_langs": self.top_langs, "hier_smoothing": self.hier_smoothing,
                 "te": {k: {"key": s.key, "prior": s.prior, "smoothing": s.smoothing} for k, s in
                        {**{f"scalar:{k}": v for k, v in self.te_scalar.items()},
                         **{f"list:{k}": v for k, v in self.te_list.items()}}.items()},
@@ -279,7 +286,7 @@ class PostState:
         """``snapshot``: "latest" serves target encodings over every labelled row; "cutoff" those the
         validation and test rows were featurised with (what the served = evaluated checks compare)."""
         meta = io.read_json(io.join(uri, "state.json"), storage)
-        state = cls(prior=meta["prior"], top_langs=meta["top_langs"])
+        state = cls(prior=meta["prior"], top_langs=meta["top_langs"], hier_smoothing=meta.get("hier_smoothing", 1000.0))
         latest = meta.get("latest", {}) if snapshot == "latest" else {}
         for name in meta["te_order"]:  # JSON objects may come back re-ordered; column order must not
             m = meta["te"][name]

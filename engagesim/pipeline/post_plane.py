@@ -67,7 +67,8 @@ def _past_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, state: P
     y, times = y[tr], df["created_at"].dt.epoch("us").to_numpy()[tr]
     stats = {**state.te_scalar, **state.te_list}
     return post_fit.te_columns(df[tr], state.prior, lambda column, rows, keys: encodings.target_encode_train(
-        keys, y[rows], times[rows], "past", smoothing=stats[column].smoothing, with_counts=True))
+        keys, y[rows], times[rows], "past", smoothing=stats[column].smoothing, with_counts=True),
+        state.hier_smoothing)
 
 
 def post_info(split: post_fit.PostSplit, state: PostState, counts: dict[str, int]) -> dict[str, Any]:

@@ -154,6 +154,14 @@ def _ensembles(cfg: AppConfig, level: Level, preds: dict[str, np.ndarray], y: np
     return specs, weights, weighted, stacked, served
 
 
+def _served_name(specs: dict[str, dict]) -> str:
+    """What a level serves, in words: the ensemble method, or the member the one-standard-error rule chose."""
+    if any(s["method"] == "stacked" for s in specs.values()):
+        return "stacked"
+    alone = sorted({s["members"][0] for s in specs.values() if s.get("chosen")})
+    return f"{', '.join(alone)} alone (one-standard-error rule)" if alone else "loss_weighted"
+
+
 SIMPLEST_FIRST = ("account_mean_eb",)  # the members the one-standard-error rule prefers, before the others
 
 
@@ -339,8 +347,7 @@ def train_level(cfg: AppConfig, level: Level, uri: str, models_dir: str, truth_u
         regimes = _regime_ensembles(cfg, level, valid, preds, y_va, baselines, served, log)
         if len(preds) >= 2:
             result["ensemble"] = {"loss_weighted": score(weighted), "stacked": score(stacked),
-                                  "served": "stacked" if any(s["method"] == "stacked" for s in specs.values())
-                                  else "loss_weighted", "dropped": dropped}
+                                  "served": _served_name(specs), "dropped": dropped}
             if regimes:
                 result["ensemble"].update(served="by_account_regime", by_account_regime=score(served),
                                           regimes={k: {n: v for n, v in spec.items() if n != "stacker"}

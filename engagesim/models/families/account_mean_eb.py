@@ -11,7 +11,7 @@ Why a member and not only a reported baseline: on real accounts with few posts e
 mean beat every model (1.028 vs 1.105 RMSE for the stacked ensemble on a later period, issue 21); as a
 member the stacker can lean on it, and a model that loses to the best baseline is dropped from the
 served ensemble. Hierarchical (``account_prior``): an account with no labelled posts gets its company's
-shrunk mean (``te_company``), which falls back to the global one. Named apart from the ``account_mean``
+shrunk mean (``te_company``), which falls back to the global one; a seen account is shrunk towards it. Named apart from the ``account_mean``
 baseline (the raw mean, reported beside it). File: ``account_mean_eb.json``."""
 
 from __future__ import annotations
@@ -32,10 +32,14 @@ def _column(table: pa.Table, name: str) -> np.ndarray | None:
 
 
 def account_prior(table: pa.Table) -> np.ndarray | None:
-    """Each row's account → company → global mean log1p(likes): ``te_author_id`` where the account has labelled
-    posts behind it (``te_author_id_n`` > 0), else ``te_company`` (itself the global mean for a new company).
-    Training rows carry out-of-fold versions, later rows the apply ones, as every target encoding. None when
-    the table has no author encoding (a run without likes)."""
+    """Each row's account → company → global mean log1p(likes): ``te_author_id_hier`` (the account's posts
+    shrunk towards its company's encoding, ``post_fit.hierarchical``). Tables of older runs: ``te_author_id``
+    where the account has labelled posts (``te_author_id_n`` > 0), else ``te_company``. Training rows carry
+    out-of-fold versions, later rows the apply ones, as every target encoding. None when the table has no
+    author encoding (a run without likes)."""
+    hier = _column(table, "te_author_id_hier")
+    if hier is not None:
+        return hier
     author = _column(table, "te_author_id")
     if author is None:
         return None
