@@ -72,9 +72,19 @@ def evaluate_split(dataset: str, split: holdout.Split, work: Path, overrides: li
     for column, member in MEMBERS.items():
         if column in preds.column_names:
             scores[member] = rmse(y, preds.column(column).to_numpy())
-    dropped = loaded.metrics.get("valid", {}).get("post_level", {}).get("ensemble", {}).get("dropped") or {}
+    ensemble = loaded.metrics.get("valid", {}).get("post_level", {}).get("ensemble", {})
+    dropped = ensemble.get("dropped") or {}
+    regimes = {k: _served(v) for k, v in (ensemble.get("regimes") or {}).items()}
     return {"split": key, "what": split.what, **split.summary(), "rmse": scores,
-            "dropped": sorted(next(iter(dropped.values()), {})), "untouched": key == UNTOUCHED}
+            "dropped": sorted(next(iter(dropped.values()), {})), "untouched": key == UNTOUCHED,
+            "served": ensemble.get("served"), "regimes": regimes}
+
+
+def _served(spec: dict) -> str:
+    """A regime's served ensemble, in words."""
+    if spec.get("chosen"):
+        return f"{spec['members'][0]} alone"
+    return f"{spec['method']} over {', '.join(spec['members'])}"
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
@@ -103,8 +113,10 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         lines.append(f"| {name} | {r['train_posts']} | {r['train_posts_per_account_median']:g} | "
                      f"{r['test_posts']} | " + " | ".join(cells) + f" | {s['ensemble'] / best:.3f} |")
     lines += ["", "Splits:", ""]
-    lines += [f"- **{r['split']}**: {r['what']}; members dropped from the served ensemble on validation: "
-              f"{', '.join(r['dropped']) or 'none'}." for r in results]
+    for r in results:
+        served = "; ".join(f"{k} accounts: {v}" for k, v in r["regimes"].items()) or r["served"]
+        lines.append(f"- **{r['split']}**: {r['what']}. Dropped on validation: {', '.join(r['dropped']) or 'none'}. "
+                     f"Served: {served}.")
     return "\n".join(lines) + "\n"
 
 
