@@ -361,15 +361,19 @@ def test_account_regimes_get_their_own_ensembles_and_route_by_the_encoding_count
 
 
 def test_xgboost_boosts_from_the_account_company_global_mean():
-    """The post-level margin: the account's encoding where it has labelled posts, else its company's."""
+    """The post-level margin: the account's posts shrunk towards its company's mean (a new account: the
+    company's); the trees fit what is left."""
     import pyarrow as pa
 
+    from engagesim.features.post_fit import hierarchical
     from engagesim.models.families.account_mean_eb import account_prior
     from engagesim.models.families.xgb import RESIDUAL, _residual
 
-    table = pa.table({"te_author_id": [3.0, 5.0, 4.0], "te_author_id_n": [2.0, 0.0, 1.0],
-                      "te_company": [1.0, 2.0, 9.0], "label_log1p_likes": [4.0, 4.0, 4.0]})
-    np.testing.assert_array_equal(account_prior(table), [3.0, 2.0, 4.0])
-    np.testing.assert_array_equal(_residual(table, "label_log1p_likes").column(RESIDUAL).to_numpy(), [1.0, 2.0, 0.0])
-    assert account_prior(table.drop_columns(["te_author_id_n"])).tolist() == [3.0, 5.0, 4.0]  # older runs
+    sums, counts, company = np.array([6.0, 0.0, 4.0]), np.array([2.0, 0.0, 1.0]), np.array([1.0, 2.0, 9.0])
+    hier = hierarchical(sums, counts, company, smoothing=1.0)
+    np.testing.assert_allclose(hier, [7 / 3, 2.0, 6.5])  # (Σy + m·company) / (n + m)
+    table = pa.table({"te_author_id": [3.0, 5.0, 4.0], "te_author_id_hier": hier, "label_log1p_likes": [4.0] * 3})
+    np.testing.assert_array_equal(account_prior(table), hier)
+    np.testing.assert_allclose(_residual(table, "label_log1p_likes").column(RESIDUAL).to_numpy(), 4.0 - hier)
+    assert account_prior(table.drop_columns(["te_author_id_hier"])).tolist() == [3.0, 5.0, 4.0]  # older runs
     assert account_prior(pa.table({"x": [1.0]})) is None

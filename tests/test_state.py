@@ -49,6 +49,15 @@ def test_post_state_roundtrip_is_exact(tmp_path):
     latest = PostState.load(str(tmp_path / "state"))  # the default: the latest snapshot, as saved
     for key, stats in state.latest.items():
         assert {**latest.te_scalar, **latest.te_list}[key].table.equals(stats.table), key
+    # A state saved before the hierarchical account mean makes no te_author_id_hier: its models never saw it,
+    # and its account-mean member keeps serving the encoding it was evaluated with.
+    import json
+
+    meta = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert meta.pop("hier_smoothing") == state.tables.stats["author_id"].smoothing
+    (tmp_path / "state" / "state.json").write_text(json.dumps(meta))
+    older = PostState.load(str(tmp_path / "state"), snapshot="cutoff").transform(df)
+    assert "te_author_id_hier" in after.columns and "te_author_id_hier" not in older.columns
 
 
 def test_the_latest_snapshot_counts_every_labelled_post_and_the_cutoff_one_only_training(tmp_path):

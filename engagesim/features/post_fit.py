@@ -246,7 +246,7 @@ def oof_encodings(df: pl.DataFrame, train: np.ndarray, fold: np.ndarray, tables:
 Encode = Callable[[str, np.ndarray, pl.Series], tuple[np.ndarray, np.ndarray]]
 
 
-def te_columns(sub: pl.DataFrame, prior: float, encode: Encode, hier_smoothing: float) -> pl.DataFrame:
+def te_columns(sub: pl.DataFrame, prior: float, encode: Encode, hier_smoothing: float | None) -> pl.DataFrame:
     """The target-encoding columns of ``sub``'s rows: ``encode(column, rows, keys)`` gives one (value, count,
     sum) per key (``key_rows``); scalar columns take the value as is (and ``TE_COUNTED`` ones the count, as
     ``te_<column>_n``), list columns are summarised per row (``LIST_SUMMARY``); then ``te_author_id_hier``
@@ -267,7 +267,8 @@ def te_columns(sub: pl.DataFrame, prior: float, encode: Encode, hier_smoothing: 
         summary = encodings.list_te_summary(rows, values, sub.height, prior)
         for k, name in enumerate(LIST_SUMMARY):
             cols[f"te_{column}_{name}"] = summary[:, k]
-    cols["te_author_id_hier"] = hierarchical(*author, cols["te_company"], hier_smoothing)
+    if hier_smoothing is not None:
+        cols["te_author_id_hier"] = hierarchical(*author, cols["te_company"], hier_smoothing)
     return pl.DataFrame(cols)
 
 

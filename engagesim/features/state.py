@@ -123,7 +123,9 @@ class PostState:
     # The target encodings over every labelled row (post_fit.latest_stats): the snapshot a loaded run serves
     # by default; te_scalar / te_list end at the training cutoff (what validation and test rows were given).
     latest: dict[str, encodings.TargetStats] = field(default_factory=dict)
-    hier_smoothing: float = 1000.0  # accounts towards their company (post_fit.hierarchical)
+    # Accounts towards their company (post_fit.hierarchical); None in runs saved before it, which then make no
+    # te_author_id_hier column, so their account-mean member keeps serving what was evaluated.
+    hier_smoothing: float | None = None
     saved_parts: list[str] = field(default_factory=list)  # per-post tables already written as parts (Ray executor)
 
     # -- fit ------------------------------------------------------------------------------------
@@ -247,7 +249,7 @@ class PostState:
             summary = encodings.list_te_summary(rows, stats.apply(elems), df.height, self.prior)
             for k, name in enumerate(LIST_SUMMARY):
                 cols[f"te_{key}_{name}"] = summary[:, k]
-        if author is not None:
+        if author is not None and self.hier_smoothing is not None:
             cols["te_author_id_hier"] = post_fit.hierarchical(*author, cols["te_company"], self.hier_smoothing)
         return pl.DataFrame(cols)
 
@@ -286,7 +288,7 @@ class PostState:
         """``snapshot``: "latest" serves target encodings over every labelled row; "cutoff" those the
         validation and test rows were featurised with (what the served = evaluated checks compare)."""
         meta = io.read_json(io.join(uri, "state.json"), storage)
-        state = cls(prior=meta["prior"], top_langs=meta["top_langs"], hier_smoothing=meta.get("hier_smoothing", 1000.0))
+        state = cls(prior=meta["prior"], top_langs=meta["top_langs"], hier_smoothing=meta.get("hier_smoothing"))
         latest = meta.get("latest", {}) if snapshot == "latest" else {}
         for name in meta["te_order"]:  # JSON objects may come back re-ordered; column order must not
             m = meta["te"][name]

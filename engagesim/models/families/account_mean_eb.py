@@ -33,20 +33,12 @@ def _column(table: pa.Table, name: str) -> np.ndarray | None:
 
 def account_prior(table: pa.Table) -> np.ndarray | None:
     """Each row's account → company → global mean log1p(likes): ``te_author_id_hier`` (the account's posts
-    shrunk towards its company's encoding, ``post_fit.hierarchical``). Tables of older runs: ``te_author_id``
-    where the account has labelled posts (``te_author_id_n`` > 0), else ``te_company``. Training rows carry
-    out-of-fold versions, later rows the apply ones, as every target encoding. None when the table has no
-    author encoding (a run without likes)."""
+    shrunk towards its company's encoding, ``post_fit.hierarchical``; a new account gets its company's).
+    Runs saved before it have ``te_author_id`` only (shrunk towards the global mean), served as they were
+    evaluated. Training rows carry out-of-fold versions, later rows the apply ones, as every target encoding.
+    None when the table has no author encoding (a run without likes)."""
     hier = _column(table, "te_author_id_hier")
-    if hier is not None:
-        return hier
-    author = _column(table, "te_author_id")
-    if author is None:
-        return None
-    seen, company = _column(table, "te_author_id_n"), _column(table, "te_company")
-    if seen is None or company is None:
-        return author
-    return np.where(seen > 0, author, company).astype(np.float32)
+    return hier if hier is not None else _column(table, "te_author_id")
 
 
 class AccountMeanMember(Member):
