@@ -366,7 +366,7 @@ def test_xgboost_boosts_from_the_account_company_global_mean():
     import pyarrow as pa
 
     from engagesim.features.post_fit import hierarchical
-    from engagesim.models.families.account_mean_eb import account_prior
+    from engagesim.models.data import account_prior
     from engagesim.models.families.xgb import RESIDUAL, _residual
 
     sums, counts, company = np.array([6.0, 0.0, 4.0]), np.array([2.0, 0.0, 1.0]), np.array([1.0, 2.0, 9.0])

@@ -76,3 +76,19 @@ def sample_negatives(batch: pa.Table, rate: float, seed: int = 0) -> pa.Table:
 def weights(table: pa.Table) -> np.ndarray | None:
     """The rows' training weights, or None where the table was not sampled."""
     return table.column(WEIGHT).to_numpy(zero_copy_only=False) if WEIGHT in table.column_names else None
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray | None:
+    if name not in table.column_names:
+        return None
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def account_prior(table: pa.Table) -> np.ndarray | None:
+    """Each row's account → company → global mean log1p(likes): ``te_author_id_hier`` (the account's posts
+    shrunk towards its company's encoding, ``post_fit.hierarchical``; a new account gets its company's).
+    Runs saved before it have ``te_author_id`` only (shrunk towards the global mean), served as they were
+    evaluated. Training rows carry out-of-fold versions, later rows the apply ones, as every target encoding.
+    None when the table has no author encoding (a run without likes)."""
+    hier = _column(table, "te_author_id_hier")
+    return hier if hier is not None else _column(table, "te_author_id")

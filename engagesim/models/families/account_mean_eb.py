@@ -20,25 +20,10 @@ import numpy as np
 import pyarrow as pa
 
 from engagesim import io
+from engagesim.models.data import account_prior
 from engagesim.models.family import Family, FitContext, Level, Member, register_family
 
 FILE = "account_mean_eb.json"
-
-
-def _column(table: pa.Table, name: str) -> np.ndarray | None:
-    if name not in table.column_names:
-        return None
-    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
-
-
-def account_prior(table: pa.Table) -> np.ndarray | None:
-    """Each row's account → company → global mean log1p(likes): ``te_author_id_hier`` (the account's posts
-    shrunk towards its company's encoding, ``post_fit.hierarchical``; a new account gets its company's).
-    Runs saved before it have ``te_author_id`` only (shrunk towards the global mean), served as they were
-    evaluated. Training rows carry out-of-fold versions, later rows the apply ones, as every target encoding.
-    None when the table has no author encoding (a run without likes)."""
-    hier = _column(table, "te_author_id_hier")
-    return hier if hier is not None else _column(table, "te_author_id")
 
 
 class AccountMeanMember(Member):

@@ -9,8 +9,7 @@ import pyarrow as pa
 from engagesim import io
 from engagesim.config import XGBConfig
 from engagesim.models import xgb
-from engagesim.models.data import matrix
-from engagesim.models.families.account_mean_eb import account_prior
+from engagesim.models.data import account_prior, matrix
 from engagesim.models.family import Family, FitContext, Level, Member, register_family
 
 RESIDUAL = "_residual"  # the post label less its margin ("_": never a feature)
