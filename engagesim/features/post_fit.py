@@ -285,29 +285,23 @@ def hierarchical(sums: np.ndarray, counts: np.ndarray, company: np.ndarray, smoo
 
 # --- PCA moments, the k-means sample, languages -----------------------------------------------
 
-@dataclass
-class PostFit:
-    """A post table's partial fits, combined (by either executor): what ``PostState.from_parts`` finalizes."""
-
-    te: pl.DataFrame  # te_partial summed by (column, key, fold); its language counts give the one-hot languages
-    has_likes: bool
-    prior: float  # the training rows' mean log1p(likes)
-    moments: dict[str, dict[str, np.ndarray]]  # per embedding block (PCA prefix): n, Σx, Σxxᵀ
-    kmeans_sample: pl.DataFrame | None  # post_id, text_emb of the hash-chosen sample
-
-
 @dataclass(frozen=True)
 class PostOptions:
     """The settings a post state is fit with (``features.te_smoothing``, ``embed.pca_components``,
-    ``features.text_clusters``)."""
+    ``features.text_clusters``, ``features.te_mode`` / ``te_folds``, ``features.reach_exposure_hours``)."""
 
     smoothing: encodings.Smoothing
     pca_components: int
     text_clusters: int
+    te_mode: str = "oof"
+    te_folds: int = 5
+    reach_exposure_hours: float = 0.0
 
     @classmethod
     def of(cls, cfg) -> PostOptions:
-        return cls(cfg.features.te_smoothing, cfg.embed.pca_components, cfg.features.text_clusters)
+        f = cfg.features
+        return cls(f.te_smoothing, cfg.embed.pca_components, f.text_clusters, f.te_mode, f.te_folds,
+                   f.reach_exposure_hours)
 
 
 def moments_partial(x: np.ndarray) -> dict[str, np.ndarray]:
@@ -319,11 +313,3 @@ def in_kmeans_sample(df: pl.DataFrame, fraction: float, seed: int = 0) -> np.nda
     """Whether each post is in the k-means sample: a hash of its id, so any block split picks the same posts."""
     u = df.select(pl.col("post_id").cast(pl.String).hash(seed + 17) / float(2 ** 64)).to_series().to_numpy()
     return u < fraction
-
-
-def top_languages(te: pl.DataFrame, k: int = 8) -> list[str]:
-    """The k most frequent training languages (from the combined ``te_partial``); ties by name, so every
-    executor orders them alike."""
-    rows = te.filter((pl.col("column") == "language") & (pl.col("key") != "<none>"))
-    per = rows.group_by("key").agg(pl.col("c").sum()).sort(["c", "key"], descending=[True, False])
-    return per.head(k)["key"].to_list()

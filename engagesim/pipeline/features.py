@@ -30,7 +30,6 @@ from engagesim.config import AppConfig
 from engagesim.embed.actors import encoder_specs
 from engagesim.features import history
 from engagesim.features.graph import GRAPH_COLUMNS
-from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
 from engagesim.features.impression import (
     impression_post_columns,
     join_impressions,
@@ -39,8 +38,8 @@ from engagesim.features.impression import (
     topics_of,
 )
 from engagesim.features.post import post_row_features
-from engagesim.features.reach import REACH_COLUMNS, impressions_per_post
-from engagesim.features.state import ImpressionState, PostState, user_attributes
+from engagesim.features.reach import impressions_per_post
+from engagesim.features.state import ImpressionState, PostState, Provenance, user_attributes
 from engagesim.features.temporal import TEMPORAL_COLUMNS
 from engagesim.pipeline import partitioned, post_plane
 from engagesim.pipeline.post_plane import build_post_features  # noqa: F401 (the in-process executor)
@@ -217,36 +216,31 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
 
 # --- manifest and entry point ------------------------------------------------------------------
 
-def _leak_class(name: str) -> tuple[str, str]:
-    """(source method, leak class) of a feature column, for the manifest."""
+def _leak_class(name: str, posts: dict[str, Provenance]) -> tuple[str, str]:
+    """(source method, leak class) of a feature column, for the manifest: a post feature's (``post_<name>`` on the
+    impression table) from the op that made it; the impression stage's own from their family's name."""
+    base = name[len("post_"):] if name.startswith("post_") else name
+    if name in posts or base in posts:
+        made = posts.get(name) or posts[base]
+        return made.source, made.leak
     head = name.split("_")[0]
     if head in history.GROUPS and (name == f"{head}_n" or any(f"_{e}_" in name for e in ENGAGEMENTS)):
         return ("LAYER6/Synerise engagement history",
                 "label-derived: other windows or past-only on train; train totals on valid")
-    base = name[len("post_"):] if name.startswith("post_") else name
-    if base.startswith("te_"):
-        return ("LAYER6 target encoding",
-                "label-derived: out-of-fold (time folds) or past-only on train; train stats on valid")
     if base in GRAPH_COLUMNS:
         return ("CF / Jaccard / Leiden on training interactions",
                 "label-derived: fit on train split only; CF leaves the row's own (user, creator) edge out")
-    if base in REACH_COLUMNS:
-        return ("author reach from the interaction log",
-                "exposure-derived: impressions before the cutoff, the post's own left out")
-    if "_pca_" in base:
-        return "PCA of embeddings (fit on train rows)", "unsupervised: no labels"
     if base in TEMPORAL_COLUMNS or base.endswith("account_age_days"):
         return "Adobe date-time features", "row/account-local: no labels"
-    if base in IMAGE_STAT_COLUMNS:
-        return "SMP 2019 high-level image features", "row-local: no labels"
     return "row-local statistics / attributes", "no labels"
 
 
-def manifest(tables: dict[str, pa.Schema]) -> list[dict]:
+def manifest(tables: dict[str, pa.Schema], posts: dict[str, Provenance]) -> list[dict]:
+    """One entry per column of each table; ``posts``: the post state's provenance per column."""
     out = []
     for table, schema in tables.items():
         for field in schema:
-            source, leak = _leak_class(field.name)
+            source, leak = _leak_class(field.name, posts)
             out.append({"table": table, "name": field.name, "dtype": str(field.type), "source": source, "leak": leak})
     return out
 
@@ -278,9 +272,9 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
                                             if cfg.features.te_mode == "past" else
                                             f"{n_posts:,} posts <= features.post_stream_rows"))
         counts = (impression_counts(cfg, interactions_uri, span[2]), span[2]) if span else None
-        post_info, _ = _posts_in_process(cfg, posts_uri, out_uri, users, counts)
+        post_info, post_state = _posts_in_process(cfg, posts_uri, out_uri, users, counts)
     else:
-        post_info, _ = post_plane.run_post_plane(
+        post_info, post_state = post_plane.run_post_plane(
             cfg, _post_rows(cfg, posts_uri), out_uri.rstrip("/") + "_post_rows", posts_out,
             io.join(out_uri, "state", "posts"), users, _read_ds(interactions_uri, cfg) if interactions_uri else None,
             span[2] if span else None, log)
@@ -298,5 +292,6 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
             filesystem=io.filesystem(out_uri, cfg.storage)[0])
         log(f"impression features: {imp['rows']}")
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    io.write_json(io.join(out_uri, "features.json"), {"summary": summary, "features": manifest(schemas)}, cfg.storage)
+    io.write_json(io.join(out_uri, "features.json"), {"summary": summary,
+                                                                   "features": manifest(schemas, post_state.provenance())}, cfg.storage)
     return summary

@@ -1,21 +1,22 @@
-"""Post features as a dataset from read to write: two executors of the same partial fits.
+"""Post features as a dataset from read to write: two executors of the same feature ops (``features/ops.py``).
 
 - **Ray** (``run_post_plane``, what ``run_features`` runs): the streamed rows (text statistics, embeddings,
   image statistics) are written once to a scratch dataset. The split and fold keys come from a time
-  histogram and the few rows of the buckets holding them; the target-encoding sums are combined by
-  (column, key, fold) with a hash shuffle; PCA comes from summed moments and k-means from a bounded
-  sample. Each post then meets its impression count (a hash join on post_id), and the posts are
-  featurised in hash partitions of author_id (a shuffle: "time since the previous post" and author reach
-  only look at the same author's posts). The driver holds histograms, moments, the (key, fold) sums and
-  at most ``post_fit.KMEANS_SAMPLE`` embeddings; never a post row.
-- **In-process** (``build_post_features``): the same functions on one polars frame. Tests compare the two.
+  histogram and the few rows of the buckets holding them. ``fit_on_ray`` runs the state's global ops: a keyed
+  op's parts (the target encodings' (column, key, fold) sums) are combined with a hash shuffle, the others'
+  (PCA moments, language counts, the bounded k-means sample) folded block by block. Each post then meets its
+  impression count (a hash join on post_id), and the posts are featurised in hash partitions of author_id (a
+  shuffle): the account-scoped ops ("time since the previous post", author reach) are fit inside each
+  partition, on whole accounts. The driver holds histograms, moments, the (key, fold) sums and at most
+  ``post_fit.KMEANS_SAMPLE`` embeddings; never a post row.
+- **In-process** (``build_post_features``): the same ops on one polars frame. Tests compare the two.
 
 ``features.te_mode=past`` needs every earlier post of a key in time order; it runs in process.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from typing import Any, Callable
 
 import numpy as np
@@ -25,9 +26,11 @@ import pyarrow as pa
 from engagesim import datasets, io
 from engagesim.config import AppConfig
 from engagesim.errors import UserError
-from engagesim.features import encodings, post_fit
-from engagesim.features.reach import AuthorReach, impressions_per_post
-from engagesim.features.state import EMBEDDING_BLOCKS, PostState, block_matrix
+from engagesim.features import ops as feature_ops
+from engagesim.features import post_fit
+from engagesim.features.ops import FeatureOp, Rows
+from engagesim.features.reach import impressions_per_post
+from engagesim.features.state import PostState, Reach
 from engagesim.pipeline import partitioned
 
 VECTORS = ("text_emb", "text_sketch", "image_emb")
@@ -38,37 +41,19 @@ def labels_of(df: pl.DataFrame) -> np.ndarray:
     return np.log1p(df["likes"].fill_null(0).to_numpy().astype(np.float64))
 
 
-def featurise(state: PostState, df: pl.DataFrame, split: post_fit.PostSplit, cfg: AppConfig,
-              has_likes: bool) -> pl.DataFrame:
-    """Rows → post features: the apply version for every row, out-of-fold target encodings on training
-    rows, then the split and the label. Row-aligned with ``df``; any block of whole authors will do."""
-    y, train, fold = labels_of(df), split.is_train(df), split.fold(df)
-    table = state.transform(df)
-    if has_likes and train.any():
-        if cfg.features.te_mode == "oof":
-            oof = post_fit.oof_encodings(df, train, fold, state.tables, cfg.features.te_folds, state.prior)
-        else:
-            oof = _past_encodings(df, y, train, state)
-        replaced = []
-        for c in oof.columns:
-            values = table[c].to_numpy().astype(np.float32)  # a copy: the apply version for every row
-            values[train] = oof[c].to_numpy()
-            replaced.append(pl.Series(c, values))
-        table = table.with_columns(replaced)
-    return table.with_columns(
+def roles_of(df: pl.DataFrame, split: post_fit.PostSplit) -> Rows:
+    """A block's rows as the ops' partial fits and leak-free transforms see them."""
+    return Rows(df, labels_of(df), split.is_train(df), split.fold(df), df["likes"].is_not_null().to_numpy())
+
+
+def featurise(state: PostState, df: pl.DataFrame, split: post_fit.PostSplit) -> pl.DataFrame:
+    """Rows → post features: the apply version for every row (leak-free target encodings on training rows),
+    then the split and the label. Row-aligned with ``df``; any block of whole authors will do."""
+    roles = roles_of(df, split)
+    return state.transform(df, roles=roles).with_columns(
         pl.Series("split", split.labels(df)),
-        pl.Series("label_log1p_likes", np.where(df["likes"].is_null().to_numpy(), np.nan, y)),
+        pl.Series("label_log1p_likes", np.where(df["likes"].is_null().to_numpy(), np.nan, roles.y)),
     )
-
-
-def _past_encodings(df: pl.DataFrame, y: np.ndarray, train: np.ndarray, state: PostState) -> pl.DataFrame:
-    """``te_mode=past``: each training row sees only strictly earlier rows of its key (in process only)."""
-    tr = np.flatnonzero(train)
-    y, times = y[tr], df["created_at"].dt.epoch("us").to_numpy()[tr]
-    stats = {**state.te_scalar, **state.te_list}
-    return post_fit.te_columns(df[tr], state.prior, lambda column, rows, keys: encodings.target_encode_train(
-        keys, y[rows], times[rows], "past", smoothing=stats[column].smoothing, with_counts=True),
-        state.hier_smoothing)
 
 
 def post_info(split: post_fit.PostSplit, state: PostState, counts: dict[str, int]) -> dict[str, Any]:
@@ -94,21 +79,21 @@ def _media_counts(df: pl.DataFrame) -> dict[str, int]:
 
 def build_post_features(cfg: AppConfig, rows: pa.Table, users: pl.DataFrame | None,
                         impressions: tuple[pl.DataFrame, int] | None = None) -> tuple[pl.DataFrame, dict, PostState]:
-    """The in-process executor: fit the post state on the training split, featurise every row with it.
-    Validation rows are thus featurised exactly as a new post is at scoring time."""
+    """The in-process executor: fit the post state's ops on the training split (the whole frame as one block),
+    featurise every row with it. Validation rows are thus featurised exactly as a new post is at scoring time."""
     f = cfg.features
     df = pl.from_arrow(rows).sort("created_at", "post_id")
     split = post_fit.PostSplit.of_frame(df, f.valid_fraction, f.test_share, f.te_folds)
-    train = split.is_train(df)
     has_likes = df["likes"].null_count() < df.height
-    reach = None
-    if impressions is not None:
+    fit_df, cutoff_us = df, None
+    if impressions is not None:  # author reach's partial fit reads each post's impression count
         counts, cutoff_us = impressions
-        reach = AuthorReach.fit(df.select("post_id", "author_id", "created_at"), counts, cutoff_us,
-                                f.reach_exposure_hours)
-    state = PostState.fit(df, labels_of(df), train, users, post_fit.PostOptions.of(cfg), has_likes, reach,
-                          split.fold(df))
-    table = featurise(state, df, split, cfg, has_likes)
+        per_post = counts.group_by("post_id").agg(pl.col("impressions").sum())
+        fit_df = df.join(per_post, on="post_id", how="left", maintain_order="left")
+    roles = roles_of(fit_df, split)
+    state = PostState.fit(fit_df, roles.y, roles.train, users, post_fit.PostOptions.of(cfg), has_likes, roles.fold,
+                          cutoff_us)
+    table = featurise(state, df, split)
     return table, post_info(split, state, _media_counts(df)), state
 
 
@@ -129,57 +114,53 @@ def _bucket_rows(batch: pa.Table, lo: int, width: int, buckets: list[int]) -> pa
     return post_fit.bucket_rows(datasets.frame(batch), lo, width, buckets).to_arrow()
 
 
-def _te_partial(batch: pa.Table, split: post_fit.PostSplit) -> pa.Table:
-    df = datasets.frame(batch)
-    return post_fit.te_partial(df, labels_of(df), split.is_train(df), split.fold(df),
-                               df["likes"].is_not_null().to_numpy()).to_arrow()
+def _keyed_partial(batch: pa.Table, op: FeatureOp, split: post_fit.PostSplit) -> pa.Table:
+    return op.fit_partial(roles_of(datasets.frame(batch), split)).to_arrow()
 
 
-def _fit_partial(batch: pa.Table, split: post_fit.PostSplit, columns: list[str], fraction: float) -> pa.Table:
-    """One block → one row: Σy and the training count, each embedding block's moments, and its k-means
-    sample rows (Arrow IPC). What ``run_post_plane`` sums; the target-encoding sums go through a shuffle."""
-    df = datasets.frame(batch)
-    train = split.is_train(df)
-    out: dict[str, list] = {"y": [[float(labels_of(df)[train].sum()), float(train.sum())]]}
-    for column in columns:
-        m = post_fit.moments_partial(block_matrix(df, column)[train & df[column].is_not_null().to_numpy()])
-        out.update({f"{column}:{k}": [v.astype("<f8").tobytes()] for k, v in m.items()})  # d×d: bytes, not lists
-    sample = b""
-    if "text_emb" in columns:
-        sample = partitioned._ipc(df.filter(pl.Series(train & post_fit.in_kmeans_sample(df, fraction)))
-                                  .select("post_id", "text_emb"))
-    out["sample"] = [sample]
-    return pa.table(out)
+def _folded_partials(batch: pa.Table, ops: list[FeatureOp], split: post_fit.PostSplit) -> pa.Table:
+    """One block → one row: each folded op's part as bytes, a column per op."""
+    rows = roles_of(datasets.frame(batch), split)
+    return pa.table({op.name: pa.array([feature_ops.pack(op.fit_partial(rows))], pa.binary()) for op in ops})
 
 
-def _sum_fits(parts, columns: list[str], dims: dict[str, int]) -> tuple[np.ndarray, dict, pl.DataFrame | None]:
-    """The blocks' ``_fit_partial`` rows, added up one at a time: (Σy, n), moments per column, the sample."""
-    y = np.zeros(2)
-    moments = {c: {"n": np.zeros(1), "sum": np.zeros(dims[c]), "outer": np.zeros((dims[c], dims[c]))} for c in columns}
-    samples = []
-    for part in parts.iter_batches(batch_size=1, batch_format="pyarrow"):
-        y += np.asarray(part.column("y")[0].as_py())
-        for c in columns:
-            for k, total in moments[c].items():
-                total += np.frombuffer(part.column(f"{c}:{k}")[0].as_py(), "<f8").reshape(total.shape)
-        payload = part.column("sample")[0].as_py()
-        if payload:
-            samples.append(partitioned._from_ipc(payload))
-    return y, moments, pl.concat(samples) if samples else None
+def fit_on_ray(state: PostState, ds, split: post_fit.PostSplit, partitions: int) -> dict[str, int]:
+    """The Ray executor's fit of the state's global ops: a keyed op's parts summed by key through a hash shuffle,
+    the others' parts folded one block at a time in the driver (never a post row there). Returns the keyed
+    ops' combined row counts."""
+    fitting = [op for op in state.ops if op.fits and op.scope == "global"]
+    sizes = {}
+    for op in (op for op in fitting if op.keys):
+        summed = (ds.map_batches(_keyed_partial, batch_format="pyarrow", batch_size=None,
+                                 fn_kwargs={"op": op, "split": split})
+                  .groupby(list(op.keys), num_partitions=partitions).sum(list(op.sums)))
+        table = pl.from_arrow(datasets.collect(summed)).rename({f"sum({c})": c for c in op.sums})
+        op.combine([table])
+        sizes[op.name] = table.height
+    folded = [op for op in fitting if not op.keys]
+    parts = ds.map_batches(_folded_partials, batch_format="pyarrow", batch_size=None,
+                           fn_kwargs={"ops": folded, "split": split}).materialize()
+    for op in folded:  # one column at a time: an image block's moments are 13 MB a part
+        op.combine(feature_ops.unpacked(
+            payload for batch in parts.select_columns([op.name]).iter_batches(batch_size=1, batch_format="pyarrow")
+            for payload in batch.column(0).to_pylist()))
+    return sizes
 
 
-def _featurise_group(group: pa.Table, refs: Any, cfg: AppConfig, has_likes: bool, cutoff_us: int | None) -> pa.Table:
-    """One partition of whole authors' posts (joined to their impression counts) → their feature rows."""
+def _featurise_group(group: pa.Table, refs: Any) -> pa.Table:
+    """One partition of whole authors' posts (joined to their impression counts) → their feature rows. The
+    account-scoped ops (time since the previous post, author reach) are fit here, on these accounts' posts."""
     ctx = datasets.fetched(refs)
     df = datasets.frame(group).drop(partitioned.PART)
-    known = df.select("post_id", "author_id", "created_at")
-    reach = None
-    if cutoff_us is not None:
-        counts = df.select("post_id", pl.col("impressions").fill_null(0))
-        reach = AuthorReach.fit(known, counts, cutoff_us, cfg.features.reach_exposure_hours)
-        df = df.drop("impressions")
-    state = dataclasses.replace(ctx["state"], known_posts=known, reach=reach)
-    return featurise(state, df, ctx["split"], cfg, has_likes).to_arrow()
+    split = ctx["split"]
+    roles = roles_of(df, split)
+    ops = []
+    for op in ctx["state"].ops:
+        if op.scope == "author":
+            op = copy.copy(op)
+            op.combine([op.fit_partial(roles)])
+        ops.append(op)
+    return featurise(PostState(ops), df.drop("impressions", strict=False), split).to_arrow()
 
 
 def _split_keys(ds, scratch: str, cfg: AppConfig) -> tuple[post_fit.PostSplit, dict[str, int]]:
@@ -221,22 +202,10 @@ def run_post_plane(cfg: AppConfig, rows_ds, scratch: str, out_uri: str, state_ur
                         "see its _rejects)")
     split, counts_info = _split_keys(ds, scratch, cfg)
     has_likes = counts_info.pop("likes") > 0
-    te = pl.from_arrow(datasets.collect(ds.map_batches(_te_partial, batch_format="pyarrow", batch_size=None,
-                                                       fn_kwargs={"split": split})
-                                        .groupby(["column", "key", "fold"], num_partitions=f.blocks)
-                                        .sum(["s", "ss", "c"])))
-    te = te.rename({"sum(s)": "s", "sum(ss)": "ss", "sum(c)": "c"}).with_columns(pl.col("fold").cast(pl.Int32))
     schema = ds.schema()
-    blocks = [(c, p) for c, p in EMBEDDING_BLOCKS if c in schema.names]
-    dims = {c: schema.base_schema.field(c).type.list_size for c, _ in blocks}
-    fraction = post_fit.KMEANS_SAMPLE / max(split.train_rows, 1)
-    y, m, sample = _sum_fits(ds.map_batches(_fit_partial, batch_format="pyarrow", batch_size=None,
-                                            fn_kwargs={"split": split, "columns": list(dims), "fraction": fraction}),
-                             list(dims), dims)
-    prior = float(y[0] / y[1]) if has_likes and y[1] else 0.0
-    fit = post_fit.PostFit(te, has_likes, prior, {p: m[c] for c, p in blocks}, sample)
-    state = PostState.from_parts(fit, post_fit.PostOptions.of(cfg), users)
-    log(f"post state fit: {split.rows:,} posts, {te.height:,} (key, fold) sums")
+    state = PostState.build(post_fit.PostOptions.of(cfg), users, has_likes, split.train_rows, cutoff_us)
+    sizes = fit_on_ray(state, ds, split, f.blocks)
+    log(f"post state fit: {split.rows:,} posts" + "".join(f", {n:,} {name} sums" for name, n in sizes.items()))
 
     posts = ds
     counts = None
@@ -253,8 +222,7 @@ def run_post_plane(cfg: AppConfig, rows_ds, scratch: str, out_uri: str, state_ur
     keyed = posts.map_batches(partitioned._with_part, batch_format="pyarrow", fn_kwargs={"key": "author_id",
                                                                                          "parts": parts})
     featured = keyed.groupby(partitioned.PART, num_partitions=parts).map_groups(
-        _featurise_group, batch_format="pyarrow",
-        fn_kwargs={"refs": refs, "cfg": cfg, "has_likes": has_likes, "cutoff_us": cutoff_us})
+        _featurise_group, batch_format="pyarrow", fn_kwargs={"refs": refs})
     info = post_info(split, state, {k: v for k, v in counts_info.items() if _has_source(schema.names, k)})
     datasets.write_streaming(featured, out_uri, "post_features", cfg.storage, info)
     _save_keyed_state(cfg, out_uri, state_uri, counts, cutoff_us)
@@ -270,10 +238,7 @@ def _has_source(columns: list[str], count: str) -> bool:
 
 
 def _exposed(batch: pa.Table, cutoff_us: int, exposure_hours: float) -> pa.Table:
-    df = datasets.frame(batch)
-    counts = df.select("post_id", pl.col("impressions").fill_null(0))
-    return AuthorReach.fit(df.select("post_id", "author_id", "created_at"), counts, cutoff_us,
-                           exposure_hours).exposed.to_arrow()
+    return Reach(cutoff_us, exposure_hours).exposed(datasets.frame(batch)).to_arrow()
 
 
 def _save_keyed_state(cfg: AppConfig, out_uri: str, state_uri: str, counts, cutoff_us: int | None) -> None:

@@ -1,0 +1,166 @@
+"""The post state's ops over embedding blocks (features/ops.py): PCA, text clusters and the vectors themselves.
+
+PCA's parts are the moments n, Σx, Σxxᵀ of each block's training rows and k-means' a bounded hash sample of
+training posts: small, fixed-size parts the executor folds one at a time, whatever the number of posts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from engagesim.features import post_fit
+from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows
+from engagesim.features.post_ops import EMBEDDING_BLOCKS, NO_LABELS, block_matrix
+
+
+@dataclass
+class Projection:
+    """A PCA basis applied as (x - mean) @ components.T — the same arithmetic for fit rows and new rows."""
+
+    mean: np.ndarray
+    components: np.ndarray
+    explained_variance: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, k: int) -> Projection:
+        return cls.from_moments(post_fit.moments_partial(x), k)
+
+    @classmethod
+    def from_moments(cls, m: dict[str, np.ndarray], k: int) -> Projection:
+        """The top-k eigenvectors of the covariance from n, Σx and Σxxᵀ (summed over blocks). Each
+        component's sign makes its largest-magnitude loading positive, so every executor agrees."""
+        n = float(m["n"][0])
+        mean = m["sum"] / n
+        cov = (m["outer"] - n * np.outer(mean, mean)) / max(n - 1, 1)
+        values, vectors = np.linalg.eigh(cov)
+        order = np.argsort(values)[::-1]
+        k = max(1, min(k, cov.shape[0], int(n) - 1))
+        comps = vectors[:, order[:k]].T
+        comps *= np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])[:, None]
+        total = float(np.clip(values, 0, None).sum())
+        return cls(mean.astype(np.float32), np.ascontiguousarray(comps, dtype=np.float32),
+                   float(np.clip(values[order[:k]], 0, None).sum() / total) if total > 0 else 0.0)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """In float64, then rounded once: a float32 product of 1,280-wide rows differed by up to 4e-6 (several
+        float32 steps at |value| ~10) between the Ray plane's blocks and one in-process matrix, since BLAS
+        sums in another order for another batch shape; float64's order error is far below one float32 step."""
+        x = np.asarray(x, np.float64)
+        return ((x - self.mean.astype(np.float64)) @ self.components.T.astype(np.float64)).astype(np.float32)
+
+
+def nearest_centre(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    d = (x * x).sum(1, keepdims=True) - 2 * x @ centres.T + (centres * centres).sum(1)
+    return d.argmin(1).astype(np.int32)
+
+
+class Projections(FeatureOp):
+    """``embed.pca_components`` principal components of each embedding block (text, sketch, image)."""
+
+    name, provenance = "pca", Provenance("PCA of embeddings (fit on train rows)", "unsupervised: no labels")
+    fits = True
+
+    def __init__(self, components: int = 16, projections: dict[str, Projection] | None = None):
+        self.components, self.projections = components, projections or {}
+
+    def fit_partial(self, rows: Rows) -> dict[str, np.ndarray]:
+        out = {}
+        for column, prefix in EMBEDDING_BLOCKS:
+            if column in rows.df.columns:
+                keep = rows.train & rows.df[column].is_not_null().to_numpy()
+                m = post_fit.moments_partial(block_matrix(rows.df, column)[keep])
+                out.update({f"{prefix}.{k}": v for k, v in m.items()})
+        return out
+
+    def combine(self, parts: Iterable[dict[str, np.ndarray]]) -> None:
+        total: dict[str, np.ndarray] = {}
+        for part in parts:
+            for k, v in part.items():
+                total[k] = v.copy() if k not in total else total[k] + v
+        for _, prefix in EMBEDDING_BLOCKS:
+            m = {k: total.get(f"{prefix}.{k}") for k in ("n", "sum", "outer")}
+            if m["n"] is not None and m["n"][0] >= 2:
+                self.projections[prefix] = Projection.from_moments(m, self.components)
+
+    def columns(self) -> list[str]:
+        return [f"{prefix}_pca_{i}" for prefix, p in self.projections.items() for i in range(p.components.shape[0])]
+
+    def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame | None:
+        parts = []
+        for column, prefix in EMBEDDING_BLOCKS:
+            if column in df.columns and prefix in self.projections:
+                comps = self.projections[prefix].apply(block_matrix(df, column))
+                parts.append(pl.DataFrame({f"{prefix}_pca_{i}": comps[:, i] for i in range(comps.shape[1])}))
+        return pl.concat(parts, how="horizontal") if parts else None
+
+    def save(self, uri, storage, skip):
+        arrays = {f"{k}.mean": p.mean for k, p in self.projections.items()}
+        arrays.update({f"{k}.components": p.components for k, p in self.projections.items()})
+        return {"projections": {k: p.explained_variance for k, p in self.projections.items()},
+                "projection_order": list(self.projections)}, arrays
+
+    @classmethod
+    def load(cls, uri, storage, meta, arrays, snapshot):
+        return cls(projections={k: Projection(arrays[f"{k}.mean"], arrays[f"{k}.components"], meta["projections"][k])
+                                for k in meta.get("projection_order", [])})
+
+
+class TextClusters(FeatureOp):
+    """The nearest of ``features.text_clusters`` k-means centres of the text embedding."""
+
+    name, provenance = "text_clusters", Provenance("k-means of text embeddings (fit on train rows)",
+                                                   "unsupervised: no labels")
+    fits = True
+
+    def __init__(self, clusters: int = 24, train_rows: int = 1, centres: np.ndarray | None = None):
+        self.clusters, self.centres = clusters, centres
+        self.fraction = post_fit.KMEANS_SAMPLE / max(train_rows, 1)  # the sample's share of training posts
+
+    def fit_partial(self, rows: Rows) -> pl.DataFrame | None:
+        if "text_emb" not in rows.df.columns:
+            return None
+        chosen = rows.train & post_fit.in_kmeans_sample(rows.df, self.fraction)
+        return rows.df.filter(pl.Series(chosen)).select("post_id", "text_emb")
+
+    def combine(self, parts: Iterable[pl.DataFrame | None]) -> None:
+        parts = [p for p in parts if p is not None]
+        sample = pl.concat(parts) if parts else None
+        if sample is not None and sample.height >= self.clusters:
+            from sklearn.cluster import MiniBatchKMeans
+
+            # In post_id order: mini-batches follow row order, which a distributed gather does not keep.
+            x = block_matrix(sample.sort("post_id"), "text_emb")
+            km = MiniBatchKMeans(n_clusters=self.clusters, random_state=0, n_init=3).fit(x)
+            self.centres = km.cluster_centers_.astype(np.float32)
+
+    def columns(self) -> list[str]:
+        return ["text_cluster"]
+
+    def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame | None:
+        if self.centres is None or "text_emb" not in df.columns:
+            return None
+        return pl.DataFrame({"text_cluster": nearest_centre(block_matrix(df, "text_emb"), self.centres)})
+
+    def save(self, uri, storage, skip):
+        return {"has_centres": self.centres is not None}, ({} if self.centres is None else {"centres": self.centres})
+
+    @classmethod
+    def load(cls, uri, storage, meta, arrays, snapshot):
+        return cls(centres=arrays.get("centres") if meta.get("has_centres") else None)
+
+
+class Vectors(FeatureOp):
+    """The embedding blocks themselves (MiniLM text, its sketch, EfficientNet image), for the models that read them."""
+
+    name, provenance = "vectors", Provenance("text / image embeddings", NO_LABELS)
+
+    def columns(self) -> list[str]:
+        return [column for column, _ in EMBEDDING_BLOCKS]
+
+    def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame | None:
+        blocks = [column for column, _ in EMBEDDING_BLOCKS if column in df.columns]
+        return df.select(blocks) if blocks else None

@@ -1,0 +1,152 @@
+"""Feature ops: the one unit both executors run (NVTabular's shape: fit per partition, finalize, transform).
+
+An op is one fitted feature family — target encodings, PCA of an embedding, account attributes — as a class:
+
+- ``fit_partial(rows) → part``: one block's partial fit. Blocks come in any size and order; an op that needs no
+  fit returns None.
+- ``combine(parts)``: the parts added up → the op's fitted state (in place). The executor decides how the parts
+  meet, from the op's class attributes:
+  - ``keys`` set (a *keyed* op): a part is a frame whose ``sums`` columns add up per ``keys``. In process that is
+    a polars ``group_by``; on Ray a hash shuffle (``groupby(keys).sum``), so no process sees every block's rows.
+    ``combine`` gets the one summed frame.
+  - ``keys`` None: parts are small and fixed in size (moments, counts, a bounded sample), folded one by one in the
+    driver (``pack`` / ``unpack`` carry them through Ray Data as bytes: safetensors or Arrow IPC, never pickle).
+  - ``scope = "author"``: the op only looks at the same account's posts (time since its previous post, its
+    reach). The Ray executor fits it inside each task that holds whole accounts (a hash partition of author_id),
+    so no process holds every post; in process the whole frame is one partition.
+- ``transform(df, at) → columns``: row-aligned with ``df``. ``at.roles`` (the rows' labels, training mask, time
+  folds) switches a label-derived op to its leak-free values for training rows (out of fold, or earlier rows
+  only); serving passes none and gets the apply values.
+- ``save(uri, storage, skip) → (meta, arrays)`` / ``load(uri, storage, meta, arrays, snapshot)``: its tables under
+  the state's directory, its scalars into the state's ``state.json`` and its arrays into one safetensors file.
+  ``load`` returns None where the saved state has no such op.
+- ``provenance`` (method, leak class) and ``columns()``: what the feature manifest says of every column it made.
+
+A state (``features/state.PostState``) is an ordered list of ops: fitting, transforming, saving, loading and the
+manifest are loops over it.
+"""
+
+from __future__ import annotations
+
+import io as _io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import polars as pl
+
+Snapshot = Literal["latest", "cutoff"]  # which label-derived state a loaded run serves
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source: str  # the method, and the system it comes from
+    leak: str  # what the column may know of labels, and how it is kept from leaking
+
+
+@dataclass
+class Rows:
+    """A block of post rows as a partial fit sees them."""
+
+    df: pl.DataFrame
+    y: np.ndarray  # log1p(likes); 0 where unlabelled
+    train: np.ndarray  # bool: before the training cutoff
+    fold: np.ndarray  # time fold of training rows
+    labelled: np.ndarray  # bool: the row has a label (held-out labelled rows count in the latest snapshot)
+
+
+@dataclass
+class Apply:
+    """What a transform may know beyond the rows: their roles (None at serving) and accounts the run never saw."""
+
+    roles: Rows | None = None
+    new_accounts: pl.DataFrame | None = None
+
+
+class FeatureOp:
+    """The protocol (see the module's docstring); the defaults are those of a row-local op with no state."""
+
+    name: ClassVar[str]
+    provenance: ClassVar[Provenance]
+    keys: ClassVar[tuple[str, ...] | None] = None
+    sums: ClassVar[tuple[str, ...]] = ()
+    scope: ClassVar[Literal["global", "author"]] = "global"
+    fits: ClassVar[bool] = False  # whether fit_partial / combine do anything
+
+    def fit_partial(self, rows: Rows) -> Any:
+        return None
+
+    def combine(self, parts: Iterable[Any]) -> None:
+        pass
+
+    def columns(self) -> list[str]:
+        raise NotImplementedError
+
+    def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame | None:
+        raise NotImplementedError
+
+    def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict[str, np.ndarray]]:
+        return {}, {}
+
+    @classmethod
+    def load(cls, uri: str, storage, meta: dict, arrays: dict[str, np.ndarray], snapshot: Snapshot) -> FeatureOp | None:
+        return cls()
+
+    def index_for_lookups(self) -> None:
+        """Serving: mark the op's fitted tables for lookups by index (features/lookup.py)."""
+
+
+def fit_in_process(ops: list[FeatureOp], rows: Rows) -> None:
+    """The in-process executor's fit: every op's partial fit on the whole frame as one block."""
+    for op in ops:
+        if op.fits:
+            part = op.fit_partial(rows)
+            op.combine([sum_by_keys(op, part)] if op.keys else [part])
+
+
+def sum_by_keys(op: FeatureOp, parts: pl.DataFrame) -> pl.DataFrame:
+    """A keyed op's parts (any number of blocks' rows, concatenated) summed by its keys."""
+    return parts.group_by(*op.keys).agg(pl.col(*op.sums).sum())
+
+
+def transform(ops: list[FeatureOp], df: pl.DataFrame, at: Apply) -> pl.DataFrame:
+    return pl.concat([t for op in ops if (t := op.transform(df, at)) is not None], how="horizontal")
+
+
+def provenance(ops: list[FeatureOp]) -> dict[str, Provenance]:
+    """Column → the provenance of the op that made it."""
+    return {column: op.provenance for op in ops for column in op.columns()}
+
+
+# --- folded parts through Ray Data: bytes, never pickle ------------------------------------------
+
+def pack(part: pl.DataFrame | dict[str, np.ndarray] | None) -> bytes:
+    """A folded op's part → bytes: b"F" + Arrow IPC for a frame, b"A" + safetensors for arrays, b"" for None."""
+    if part is None:
+        return b""
+    if isinstance(part, pl.DataFrame):
+        sink = _io.BytesIO()
+        part.write_ipc(sink)
+        return b"F" + sink.getvalue()
+    from engagesim.io import safe_bytes
+
+    return b"A" + safe_bytes(part)
+
+
+def unpack(payload: bytes) -> pl.DataFrame | dict[str, np.ndarray] | None:
+    if not payload:
+        return None
+    if payload[:1] == b"F":
+        return pl.read_ipc(_io.BytesIO(payload[1:]))
+    from safetensors.numpy import load
+
+    return load(payload[1:])
+
+
+def unpacked(payloads: Iterable[bytes]) -> Iterator[Any]:
+    """The parts of a stream of packed payloads, skipping the empty ones."""
+    for payload in payloads:
+        part = unpack(payload)
+        if part is not None:
+            yield part

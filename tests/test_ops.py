@@ -1,0 +1,115 @@
+"""The feature-op contract (features/ops.py), run over every post op kind — peft's shared contract tests.
+
+For each op: partial fits on blocks combined (by key, folded, or per account partition as the op declares)
+give the same transform as one fit on the whole frame; the parts survive the bytes they cross Ray Data in;
+save → load gives the same transform; and every column the op makes is one it declares, so the feature
+manifest can name its method and leak class. No Ray: the Ray executor's side of the same ops is
+``tests/test_behaviour_ray.py::test_post_plane_equals_the_in_process_executor``.
+"""
+
+import datetime as dt
+
+import numpy as np
+import polars as pl
+import pytest
+
+from engagesim.features import ops as feature_ops
+from engagesim.features import post_fit
+from engagesim.features.state import POST_OPS, PostState
+from tests.test_state import _posts
+
+UTC = dt.timezone.utc
+CUTOFF_US = int(dt.datetime(2021, 1, 9, tzinfo=UTC).timestamp() * 1e6)
+OPTIONS = post_fit.PostOptions(10, 4, 5, reach_exposure_hours=6)
+
+
+def _world(n: int = 240) -> tuple[pl.DataFrame, pl.DataFrame, feature_ops.Rows]:
+    df = _posts(n).with_columns(pl.Series("impressions", np.arange(n) % 9, dtype=pl.Int64))
+    users = pl.DataFrame({"user_id": [f"a{i}" for i in range(6)], "follower_count": np.arange(6) * 100,
+                          "following_count": np.arange(6) + 1, "verified": [i % 2 == 0 for i in range(6)],
+                          "created_at": [dt.datetime(2019, 1, 1 + i, tzinfo=UTC) for i in range(6)]})
+    y = np.log1p(df["likes"].to_numpy().astype(np.float64))
+    train = np.arange(n) < int(n * 0.8)
+    fold = np.minimum(np.arange(n) * 5 // int(n * 0.8), 4)
+    return df, users, feature_ops.Rows(df, y, train, fold, np.ones(n, bool))
+
+
+def _rows_of(rows: feature_ops.Rows, mask: np.ndarray) -> feature_ops.Rows:
+    return feature_ops.Rows(rows.df.filter(pl.Series(mask)), rows.y[mask], rows.train[mask], rows.fold[mask],
+                            rows.labelled[mask])
+
+
+def _fresh(kind, users: pl.DataFrame, train_rows: int):
+    state = PostState.build(OPTIONS, users, True, train_rows, CUTOFF_US)
+    return state.op(kind)
+
+
+def _assert_same(a: pl.DataFrame | None, b: pl.DataFrame | None) -> None:
+    assert (a is None) == (b is None)
+    if a is None:
+        return
+    assert a.columns == b.columns and a.height == b.height
+    for c in a.columns:
+        if a[c].dtype.is_numeric():
+            assert np.allclose(a[c].to_numpy().astype(float), b[c].to_numpy().astype(float), atol=1e-5, equal_nan=True), c
+        else:
+            assert a[c].equals(b[c]), c
+
+
+@pytest.mark.parametrize("kind", POST_OPS, ids=lambda k: k.name)
+def test_every_post_op_fits_by_parts_as_on_the_whole_frame_and_survives_save_and_load(kind, tmp_path):
+    df, users, rows = _world()
+    train_rows = int(rows.train.sum())
+    whole = _fresh(kind, users, train_rows)
+    assert whole is not None, f"{kind.name}: PostState.build left it out"
+    feature_ops.fit_in_process([whole], rows)
+    at = feature_ops.Apply(roles=rows)
+    expected = whole.transform(df, at)
+
+    # By parts, as the Ray executor combines them.
+    if kind.scope == "author":  # fit and transform inside partitions of whole accounts
+        part_of = df["author_id"].hash(7).to_numpy() % 3
+        pieces = []
+        for p in range(3):
+            mask = part_of == p
+            op = _fresh(kind, users, train_rows)
+            op.combine([op.fit_partial(_rows_of(rows, mask))])
+            sub = _rows_of(rows, mask)
+            got = op.transform(sub.df, feature_ops.Apply(roles=sub))
+            pieces.append(got.with_columns(pl.Series("_i", np.flatnonzero(mask))))
+        _assert_same(pl.concat(pieces).sort("_i").drop("_i"), expected)
+    elif kind.fits:
+        op = _fresh(kind, users, train_rows)
+        blocks = [np.arange(df.height) % 3 == b for b in range(3)]  # interleaved: no block is a time range
+        parts = [op.fit_partial(_rows_of(rows, m)) for m in blocks]
+        if kind.keys:
+            op.combine([feature_ops.sum_by_keys(op, pl.concat(parts))])
+        else:
+            op.combine(feature_ops.unpacked(feature_ops.pack(p) for p in parts))  # through their bytes
+        _assert_same(op.transform(df, at), expected)
+
+    # Save → load, through the state's generic loop.
+    state = PostState([whole])
+    state.save(str(tmp_path / "state"))
+    loaded = PostState.load(str(tmp_path / "state"), snapshot="cutoff")
+    assert [type(op) for op in loaded.ops] == [kind]
+    _assert_same(loaded.ops[0].transform(df, feature_ops.Apply()), whole.transform(df, feature_ops.Apply()))
+
+    # The manifest names every column the op made.
+    made = [] if expected is None else expected.columns
+    assert set(made) <= set(whole.columns()), set(made) - set(whole.columns())
+    assert whole.provenance.source and whole.provenance.leak
+
+
+def test_a_state_is_its_ops_in_column_order_and_the_manifest_comes_from_them():
+    df, users, rows = _world()
+    state = PostState.fit(df, rows.y, rows.train, users, OPTIONS, True, rows.fold, CUTOFF_US)
+    assert [type(op) for op in state.ops] == list(POST_OPS)
+    table = state.transform(df.drop("impressions"), roles=rows)
+    made = [c for op in state.ops if (t := op.transform(df, feature_ops.Apply(roles=rows))) is not None for c in t.columns]
+    assert table.columns == made
+    provenance = state.provenance()
+    assert provenance["te_author_id"].leak.startswith("label-derived")
+    assert "own left out" in provenance["author_reach_log_impressions"].leak
+    assert provenance["text_pca_0"].leak.startswith("unsupervised") and provenance["n_words"].leak == "no labels"
+    assert set(table.columns) <= set(provenance)
