@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from functools import cached_property
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import polars as pl
@@ -235,6 +235,8 @@ def load_run(uri: str, storage=None, snapshot: Snapshot = "latest") -> LoadedRun
     ``snapshot="latest"`` (serving, scoring) looks posts up in target encodings over every labelled row of the
     run; ``"cutoff"`` in those its validation and test rows were featurised with, so that predicting those rows
     reproduces the evaluation exactly. Scoring a run's own held-out rows under "latest" sees their labels."""
+    if snapshot not in get_args(Snapshot):
+        raise UserError(f"snapshot={snapshot!r}: use one of {', '.join(get_args(Snapshot))}")
     check_run(uri, storage)
     return LoadedRun(uri, storage, snapshot)
 

@@ -210,3 +210,11 @@ def test_every_command_reports_the_same_test_figure(run):
     for r in metric_rows(test):
         if r["level"] == "post" and r["note"] != "baseline":
             assert ("loses to" in r["note"]) == (r["value"] > best), r
+
+
+def test_an_unknown_snapshot_is_refused_in_one_line(tmp_path):
+    """Not served as "cutoff" by default: a typo would silently serve the state the evaluation ended at."""
+    from engagesim.errors import UserError
+
+    with pytest.raises(UserError, match="snapshot='cutof': use one of latest, cutoff"):
+        engagesim.load_run(str(tmp_path), snapshot="cutof")
