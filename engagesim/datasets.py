@@ -7,6 +7,7 @@ for plumbing.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pyarrow as pa
@@ -74,6 +75,23 @@ def _names(token: str):
 
 
 _FETCHED: dict[tuple, Any] = {}
+
+
+def in_task(fn, *args: Any) -> Any:
+    """``fn(*args)`` in a Ray task; returns the ref. What it returns (a table to broadcast to the join workers)
+    lives in the object store and never passes through the driver, which only hands the ref on."""
+    return _task_remote().remote(fn, *args)
+
+
+@functools.cache
+def _task_remote():
+    import ray
+
+    @ray.remote(max_retries=2)
+    def call(fn, *args):
+        return fn(*args)
+
+    return call
 
 
 def fetched(refs: Any) -> Any:

@@ -222,7 +222,8 @@ class ImpressionState:
     def save(self, uri: str, storage=None) -> None:
         for prefix, table in self.apply_tables.items():
             write_parquet(io.join(self.history_uri(uri, prefix), "part-00000.parquet"), table, storage)
-        write_parquet(io.join(uri, "users.parquet"), self.users, storage)
+        if "users" not in self.saved_parts:
+            write_parquet(io.join(uri, "users.parquet"), self.users, storage)
         if "posts" not in self.saved_parts:
             write_parquet(io.join(uri, "posts.parquet"), self.posts, storage)
         if self.topics is not None and "topics" not in self.saved_parts:

@@ -95,27 +95,35 @@ class _Clock:
 
 @dataclass
 class _PostSide:
-    """How impressions get their post's features: broadcast frames, or datasets for a hash join."""
+    """How impressions get their post's features: broadcast frames (refs), or datasets for a hash join."""
 
-    posts: pl.DataFrame | None = None
-    topics: pl.DataFrame | None = None
+    posts: Any = None  # a frame, or the ref of one a task read (the driver never holds the written table)
+    topics: Any = None
     posts_ds: Any = None
     topics_ds: Any = None
     columns: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, cfg: AppConfig, posts: pl.DataFrame | str, parts: int) -> _PostSide:
-        if isinstance(posts, str) and io.read_manifest(posts, cfg.storage).get("rows", 0) > cfg.features.broadcast_max_rows:
-            names = post_side_columns(io.dataset_schema(posts, cfg.storage).names)
-            table = datasets.read(posts, cfg.storage, parts)
-            side = cls(posts_ds=table.select_columns(list(names)).rename_columns(names),
-                       columns=tuple(n for n in names.values() if n != "post_id"))
-            if "text_cluster" in names:
-                side.topics_ds = table.select_columns(["post_id", "text_cluster"]).rename_columns(
-                    {"text_cluster": "topic"})
-            return side
-        table = posts if isinstance(posts, pl.DataFrame) else post_plane.impression_side(cfg, posts)
-        return cls(posts=impression_post_columns(table), topics=topics_of(table))
+        if isinstance(posts, pl.DataFrame):
+            return cls(posts=impression_post_columns(posts), topics=topics_of(posts))
+        names = post_side_columns(io.dataset_schema(posts, cfg.storage).names)
+        table = datasets.read(posts, cfg.storage, parts)
+        side = cls(posts_ds=table.select_columns(list(names)).rename_columns(names))
+        if "text_cluster" in names:
+            side.topics_ds = table.select_columns(["post_id", "text_cluster"]).rename_columns({"text_cluster": "topic"})
+        if io.read_manifest(posts, cfg.storage).get("rows", 0) > cfg.features.broadcast_max_rows:
+            side.columns = tuple(n for n in names.values() if n != "post_id")
+        else:  # broadcast: read in a task, so the table goes to the object store and the join workers only
+            side.posts = datasets.in_task(_broadcast_posts, cfg, posts)
+            if side.topics_ds is not None:
+                side.topics = datasets.in_task(_broadcast_topics, cfg, posts)
+        return side
+
+    @property
+    def joined(self) -> bool:
+        """Whether impressions meet their post's features by a hash join (else the post table is broadcast)."""
+        return bool(self.columns)
 
     def save(self, cfg: AppConfig, state_uri: str, state: ImpressionState) -> None:
         """The serving snapshot's post tables, written as parts by Ray Data (``ImpressionState.load`` reads them)."""
@@ -124,6 +132,35 @@ class _PostSide:
         if self.topics_ds is not None:
             datasets.write_streaming(self.topics_ds, io.join(state_uri, "topics"), "topics", cfg.storage)
             state.saved_parts.append("topics")
+
+
+def _as_ref(value: Any) -> Any:
+    """An object ref as it is; anything else (a frame the caller passed, None) put into the object store."""
+    import ray
+
+    return value if isinstance(value, ray.ObjectRef) else ray.put(value)
+
+
+def _broadcast_posts(cfg: AppConfig, uri: str) -> pl.DataFrame:
+    return impression_post_columns(post_plane.impression_side(cfg, uri))
+
+
+def _broadcast_topics(cfg: AppConfig, uri: str) -> pl.DataFrame:
+    return topics_of(pl.from_arrow(io.read_table(uri, cfg.storage, columns=["post_id", "text_cluster"])))
+
+
+def _users_table(uri: str | None, storage, save_uri: str) -> pl.DataFrame:
+    """The account attributes the impression join looks users and creators up in, saved into the state (in a
+    task: the driver never holds the users table)."""
+    users = user_attributes(pl.from_arrow(io.read_table(uri, storage))) if uri else pl.DataFrame(
+        schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
+                "follower_ratio": pl.Float32, "verified": pl.Float32, "_user_created": pl.Datetime("us", "UTC")})
+    io.write_parquet(save_uri, users, storage)
+    return users
+
+
+def _broadcast_history(layout: partitioned.Layout, prefixes: list[str], mode: str) -> dict[str, pl.DataFrame]:
+    return {p: layout.read(p, mode) for p in prefixes}
 
 
 def impression_span(cfg: AppConfig, uri: str) -> tuple[int, int, int]:
@@ -169,32 +206,32 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     layout = partitioned.Layout(io.join(state_uri, "history"), scratch, parts, cfg.storage)
 
     side = _PostSide.of(cfg, posts, parts)
-    if side.topics_ds is not None:  # each impression's topic by a hash join, before the history sees them
+    if side.topics_ds is not None and side.joined:  # each impression's topic by a hash join, before the history
         ds = ds.join(side.topics_ds, "left_outer", num_partitions=parts, on=("post_id",))
-    topics_refs = {"topics": ray.put(side.topics)} if side.topics is not None else {}
+    topics_refs = {"topics": _as_ref(side.topics)} if side.topics is not None else {}
     train_rows, n_edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours,
                                                   f.history_mode, topics_refs.get("topics"))
     clock.lap("history_fit")
     rounds, broadcast = partitioned.split_by_size(train_rows, f.broadcast_max_rows)
     # The graph is fit from the pair aggregates' edges (training rows only), in a task, while the joins run.
     graph_ref, graph_seconds = partitioned.fit_graph_task(layout, io.join(state_uri, "graph"), f.jaccard_k, f.seed)
-    users = user_attributes(pl.from_arrow(io.read_table(users_uri, cfg.storage))) if users_uri else pl.DataFrame(
-        schema={"user_id": pl.String, "follower_count": pl.Float32, "following_count": pl.Float32,
-                "follower_ratio": pl.Float32, "verified": pl.Float32,
-                "_user_created": pl.Datetime("us", "UTC")})
-    # graph=None: the task saved it into the state already (the driver never holds it).
-    state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, None, users, side.posts, side.topics,
-                            history=sorted(train_rows))
-    small = {mode: {p: layout.read(p, mode) for p in broadcast} for mode in partitioned.MODES}
-    refs = {"train_tables": ray.put(small["train"]), "apply_tables": ray.put(small["apply"]), "graph": graph_ref,
-            **topics_refs, "users": ray.put(users), "posts": ray.put(side.posts)}
+    # Broadcast tables are read by tasks: the driver hands refs on and holds none of them.
+    users_ref = datasets.in_task(_users_table, users_uri, cfg.storage, io.join(state_uri, "users.parquet"))
+    # graph=None: the task saved it into the state already (the driver never holds it); so are users and posts.
+    state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, None, None, None, None,
+                            history=sorted(train_rows), saved_parts=["users"])
+    refs = {mode + "_tables": datasets.in_task(_broadcast_history, layout, broadcast, mode) for mode in partitioned.MODES}
+    refs.update({"graph": graph_ref, **topics_refs, "users": users_ref, "posts": _as_ref(side.posts)})
     join_kwargs = {"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": f.window_hours,
                    "history_mode": f.history_mode}
     keyed = partitioned.join_rounds(ds, rounds, layout, topics_refs, **join_kwargs)
     done = tuple(p for prefixes in rounds.values() for p in prefixes)
-    if side.posts_ds is not None:
+    if side.joined:
         keyed = keyed.join(side.posts_ds, "left_outer", num_partitions=parts, on=("post_id",))
+    if side.posts_ds is not None:
         side.save(cfg, state_uri, state)
+    else:  # frames the caller passed: saved with the state
+        state.posts, state.topics = side.posts, side.topics
     test_from_us = test_from(cutoff_us, f.valid_hours, f.test_share)
     joined = keyed.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
                                fn_kwargs={"refs": refs, "done": done, "post_columns": side.columns,
@@ -207,7 +244,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     split_rows = datasets.read(out_uri, cfg.storage).select_columns(["split"]).groupby("split").count().take_all()
     return ({"rows": {r["split"]: int(r["count()"]) for r in split_rows}, "total_rows": rows, "cutoff_us": cutoff_us,
              "test_from_us": test_from_us, "origin_us": origin_us,
-             "posts": "hash join on post_id" if side.posts_ds is not None else "broadcast",
+             "posts": "hash join on post_id" if side.joined else "broadcast",
              "history": {"partitions": parts, "partitioned": {k: v for k, v in rounds.items()},
                          "broadcast": broadcast, "train_rows": train_rows, "graph_edges": n_edges},
              "seconds": {**clock.laps, "graph_fit_task": ray.get(graph_seconds)}},
@@ -278,6 +315,8 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
             cfg, _post_rows(cfg, posts_uri), out_uri.rstrip("/") + "_post_rows", posts_out,
             io.join(out_uri, "state", "posts"), users, _read_ds(interactions_uri, cfg) if interactions_uri else None,
             span[2] if span else None, log)
+    provenance = post_state.provenance()
+    del post_state, users  # the post stage's tables: the impression stage's workers read their own
     schemas = {"posts": io.dataset_schema(posts_out, cfg.storage)}
     summary: dict[str, Any] = {"posts": post_info, "out": out_uri}
     log(f"post features: {post_info['rows']:,} rows × {len(schemas['posts'].names)} columns")
@@ -292,6 +331,6 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
             filesystem=io.filesystem(out_uri, cfg.storage)[0])
         log(f"impression features: {imp['rows']}")
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    io.write_json(io.join(out_uri, "features.json"), {"summary": summary,
-                                                                   "features": manifest(schemas, post_state.provenance())}, cfg.storage)
+    io.write_json(io.join(out_uri, "features.json"), {"summary": summary, "features": manifest(schemas, provenance)},
+                  cfg.storage)
     return summary
