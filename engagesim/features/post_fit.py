@@ -1,8 +1,9 @@
 """The post state as partial fits: per block ``*_partial`` → combined by key → finalized.
 
-Both executors run these functions. The in-process one (``pipeline/features.build_post_features``, tests,
-the benchmark's baseline) calls each on the whole frame as a single block; the Ray one
-(``pipeline/post_plane.py``) maps them over Ray Data blocks and combines the parts with a hash shuffle.
+The post state's ops (``features/post_ops.py``, ``features/embedding_ops.py``) are built on these functions, and
+both executors run those ops: the in-process one (``pipeline/post_plane.build_post_features``, tests, the
+benchmark's baseline) on the whole frame as a single block; the Ray one (``pipeline/post_plane.fit_on_ray``)
+over Ray Data blocks, combining the parts with a hash shuffle or folding them.
 So the fitted state is the same whichever executor ran, up to float summation order (≤ 1e-9 here).
 
 - **Split and time folds**: the latest ``valid_fraction`` of posts by (created_at, post_id) are held out —
@@ -283,7 +284,7 @@ def hierarchical(sums: np.ndarray, counts: np.ndarray, company: np.ndarray, smoo
     return ((sums + smoothing * company.astype(np.float64)) / (counts + smoothing)).astype(np.float32)
 
 
-# --- PCA moments, the k-means sample, languages -----------------------------------------------
+# --- the ops' settings, PCA moments, the k-means sample ------------------------------------------
 
 @dataclass(frozen=True)
 class PostOptions:
