@@ -113,3 +113,24 @@ def test_a_state_is_its_ops_in_column_order_and_the_manifest_comes_from_them():
     assert "own left out" in provenance["author_reach_log_impressions"].leak
     assert provenance["text_pca_0"].leak.startswith("unsupervised") and provenance["n_words"].leak == "no labels"
     assert set(table.columns) <= set(provenance)
+
+
+def test_a_state_saved_before_the_ops_had_names_loads_to_the_same_transform(tmp_path):
+    """States written before this protocol have no "ops" list and no accounts.parquet: every op kind is offered
+    and reads its own presence from the meta; account ages come from the authors table as they used to."""
+    import json
+
+    df, users, rows = _world()
+    state = PostState.fit(df, rows.y, rows.train, users, OPTIONS, True, rows.fold, CUTOFF_US)
+    uri = tmp_path / "state"
+    state.save(str(uri))
+    meta = json.loads((uri / "state.json").read_text())
+    del meta["ops"], meta["has_accounts"]
+    (uri / "state.json").write_text(json.dumps(meta))
+    (uri / "accounts.parquet").unlink()
+    old = PostState.load(str(uri), snapshot="cutoff")
+    assert [type(op) for op in old.ops] == list(POST_OPS)
+    new = df.drop("impressions")
+    loaded = old.transform(new)
+    _assert_same(loaded, state.transform(new))
+    assert loaded["account_age_days"].null_count() < new.height  # ages came back (one author has no account row)
