@@ -457,6 +457,21 @@ def file_schema_version(uri: str, storage: StorageConfig | None = None) -> dict[
 
 # --- small artefacts of fitted states: Parquet frames and safetensors arrays, local or s3:// ---------
 
+def frame_bytes(frame) -> bytes:
+    """A polars frame as Arrow IPC stream bytes: how partial fits cross Ray Data (no pickle)."""
+    table = frame.to_arrow()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def frame_of_bytes(payload: bytes):
+    import polars as pl
+
+    return pl.from_arrow(pa.ipc.open_stream(payload).read_all())
+
+
 def safe_bytes(arrays: dict[str, Any]) -> bytes:
     """safetensors bytes; arrays made C-contiguous first (safetensors writes the raw buffer, so an
     F-ordered array such as sklearn's PCA components would come back transposed)."""

@@ -28,7 +28,6 @@ manifest are loops over it.
 
 from __future__ import annotations
 
-import io as _io
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -123,22 +122,20 @@ def provenance(ops: list[FeatureOp]) -> dict[str, Provenance]:
 
 def pack(part: pl.DataFrame | dict[str, np.ndarray] | None) -> bytes:
     """A folded op's part → bytes: b"F" + Arrow IPC for a frame, b"A" + safetensors for arrays, b"" for None."""
+    from engagesim.io import frame_bytes, safe_bytes
+
     if part is None:
         return b""
-    if isinstance(part, pl.DataFrame):
-        sink = _io.BytesIO()
-        part.write_ipc(sink)
-        return b"F" + sink.getvalue()
-    from engagesim.io import safe_bytes
-
-    return b"A" + safe_bytes(part)
+    return b"F" + frame_bytes(part) if isinstance(part, pl.DataFrame) else b"A" + safe_bytes(part)
 
 
 def unpack(payload: bytes) -> pl.DataFrame | dict[str, np.ndarray] | None:
     if not payload:
         return None
     if payload[:1] == b"F":
-        return pl.read_ipc(_io.BytesIO(payload[1:]))
+        from engagesim.io import frame_of_bytes
+
+        return frame_of_bytes(payload[1:])
     from safetensors.numpy import load
 
     return load(payload[1:])

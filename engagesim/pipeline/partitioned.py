@@ -73,18 +73,6 @@ class Layout:
         return io.read_parquet(self.path(prefix, mode, part), self.storage)
 
 
-def _ipc(frame: pl.DataFrame) -> bytes:
-    table = frame.to_arrow()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(payload: bytes) -> pl.DataFrame:
-    return pl.from_arrow(pa.ipc.open_stream(payload).read_all())
-
-
 def partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, parts: int,
                        topics=None) -> pa.Table:
     """One block → its (group, partition) pieces of the window aggregates, as Arrow IPC payloads."""
@@ -96,7 +84,7 @@ def partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_h
         for (part,), piece in cut.partition_by(PART, as_dict=True).items():
             prefixes.append(prefix)
             ids.append(part)
-            payloads.append(_ipc(piece.drop(PART)))
+            payloads.append(io.frame_bytes(piece.drop(PART)))
     return pa.table({"prefix": pa.array(prefixes, pa.string()), PART: pa.array(ids, pa.int32()),
                      "ipc": pa.array(payloads, pa.binary())})
 
@@ -106,7 +94,7 @@ def combine_partition(group: pa.Table, layout: Layout, history_mode: str) -> pa.
     part = group.column(PART)[0].as_py()
     pieces: dict[str, list[pl.DataFrame]] = {}
     for prefix, payload in zip(group.column("prefix").to_pylist(), group.column("ipc").to_pylist()):
-        pieces.setdefault(prefix, []).append(_from_ipc(payload))
+        pieces.setdefault(prefix, []).append(io.frame_of_bytes(payload))
     aggregates = history.combine_aggregates([{k: pl.concat(v) for k, v in pieces.items()}])
     rows = {}
     for mode in MODES:
