@@ -106,3 +106,22 @@ def fetched(refs: Any) -> Any:
         _FETCHED.clear()
         _FETCHED[key] = {k: ray.get(v) for k, v in refs.items()} if isinstance(refs, dict) else ray.get(refs)
     return _FETCHED[key]
+
+
+def resolved(objects: list) -> list:
+    """Shallow copies of ``objects`` (feature ops, as a map's task holds them) whose object-ref attributes are
+    fetched, once per worker (``fetched``): the driver hands over ops that name their broadcast tables by ref."""
+    import copy
+
+    import ray
+
+    refs = {f"{i}.{k}": v for i, o in enumerate(objects) for k, v in vars(o).items() if isinstance(v, ray.ObjectRef)}
+    values = fetched(refs) if refs else {}
+    out = []
+    for i, o in enumerate(objects):
+        o = copy.copy(o)
+        for k in list(vars(o)):
+            if f"{i}.{k}" in values:
+                setattr(o, k, values[f"{i}.{k}"])
+        out.append(o)
+    return out

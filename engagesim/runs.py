@@ -21,6 +21,7 @@ from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.errors import UserError
 from engagesim.features.impression import impression_post_columns, join_impressions
+from engagesim.features.impression_ops import Joins
 from engagesim.features.lookup import contains
 from engagesim.features.post import post_row_features
 from engagesim.features.state import ImpressionState, PostState, Snapshot
@@ -161,7 +162,7 @@ class LoadedRun:
         """
         table = _conform(_as_arrow(impressions), INTERACTIONS)
         state = self.impression_state
-        ctx = state.context()
+        at = Joins(ALWAYS_APPLY)
         ids = pl.Series(table.column("post_id").to_pylist(), dtype=pl.String)
         unknown = ids.filter(~contains(state.posts, "post_id", ids)).unique()
         if len(unknown):
@@ -175,10 +176,10 @@ class LoadedRun:
             new = impression_post_columns(new)
             # Looked up below the snapshot's rows, as if concatenated to them (features/lookup.py): the
             # snapshot keeps its index, never re-hashed for one new post.
-            ctx["posts_extra"] = new.select(state.posts.columns)
+            at.posts_extra = new.select(state.posts.columns)
             if state.topics is not None and "post_text_cluster" in new.columns:
-                ctx["topics_extra"] = new.select("post_id", pl.col("post_text_cluster").alias("topic"))
-        return join_impressions(table, ctx, state.origin_us, ALWAYS_APPLY, state.window_hours, "apply")
+                at.topics_extra = new.select("post_id", pl.col("post_text_cluster").alias("topic"))
+        return join_impressions(table, state.ops, state.origin_us, state.window_hours, at)
 
     # -- score -----------------------------------------------------------------------------------
     def score_post_features(self, table: pa.Table | pl.DataFrame) -> pa.Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,6 +20,11 @@ ADOBE = ROOT.parent / "shared" / "data" / "adobe"
 # session's own folder (set before Ray starts, so its workers and every CLI subprocess inherit it), never into
 # the user cache that a developer's real runs fill.
 os.environ["ENGAGESIM_CACHE"] = tempfile.mkdtemp(prefix="engagesim-test-cache-")
+
+
+def pytest_unconfigure(config) -> None:
+    """The session's cache goes with it (it holds ~0.5 GB of tiny models and embeddings by the end of a run)."""
+    shutil.rmtree(os.environ["ENGAGESIM_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

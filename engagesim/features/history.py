@@ -56,8 +56,9 @@ def with_labels_and_windows(impressions: pl.DataFrame, origin_us: int | None = N
     return df.with_columns(((pl.col("t_us") - origin) // (hours * HOUR_US)).cast(pl.Int32).alias("window"))
 
 
-def window_aggregates(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
-    """Per (key, window): impressions, engagements per type, last engagement time.
+def window_aggregates(events: pl.DataFrame, prefixes: list[str] | None = None) -> dict[str, pl.DataFrame]:
+    """Per (key, window): impressions, engagements per type, last engagement time (of ``prefixes``: every group
+    whose keys the frame has).
 
     Sums and maxima, so partial aggregates of separate blocks combine exactly
     (``combine_aggregates``) — which is how the Ray pipeline streams billions of rows.
@@ -71,7 +72,7 @@ def window_aggregates(events: pl.DataFrame) -> dict[str, pl.DataFrame]:
             # The pair table also carries the follow edge, so the graph can be fit from aggregates alone.
             *([pl.col("follows_creator").cast(pl.Int8).max().alias("follows")] if follows and prefix == "pair" else []),
         )
-        for prefix, keys in groups_for(events).items()
+        for prefix, keys in groups_for(events).items() if prefixes is None or prefix in prefixes
     }
 
 

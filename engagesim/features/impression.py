@@ -2,7 +2,7 @@
 
 Pure (polars/numpy): the Ray pipeline maps it over blocks, the benchmark's
 single-process baseline calls it on the whole table, and scoring/serving call
-it on new rows with an ``ImpressionState.context()``.
+it on new rows with a loaded ``ImpressionState``'s ops.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import polars as pl
 import pyarrow as pa
 
 from engagesim.features import history
+from engagesim.features.impression_ops import Joins, PostSide, impression_ops
 from engagesim.features.lookup import left_lookup
+from engagesim.features.ops import FeatureOp, fit_in_process
 from engagesim.schema import ENGAGEMENTS
 
 POST_ONLY = ("author_id", "username", "created_at", "likes", "split", "label_log1p_likes", "text_emb", "text_sketch",
@@ -47,10 +49,11 @@ def with_topic(df: pl.DataFrame, topics: pl.DataFrame | None, extra: pl.DataFram
     return left_lookup(df, topics, "post_id", extra)
 
 
-def prepare(batch: pa.Table, ctx: dict, origin_us: int, window_hours: int) -> pl.DataFrame:
+def prepare(batch: pa.Table, origin_us: int, window_hours: int, topics: pl.DataFrame | None = None,
+            topics_extra: pl.DataFrame | None = None) -> pl.DataFrame:
     """Labels, µs time, window index and topic of each impression row (the history join's inputs)."""
-    return with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours),
-                      ctx.get("topics"), ctx.get("topics_extra"))
+    return with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics,
+                      topics_extra)
 
 
 def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cutoff_us: int,
@@ -61,8 +64,10 @@ def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cu
     """
     if not train_tables and not apply_tables:
         return pl.DataFrame()
-    df = df.with_row_index("_i")
     is_valid = df["t_us"] >= cutoff_us
+    if is_valid.all() or not is_valid.any():  # one side only (a request, most blocks): no split and re-sort
+        return history.join_history(df, *((apply_tables, "apply") if is_valid.all() else (train_tables, history_mode)))
+    df = df.with_row_index("_i")
     parts = []
     for mask, mode, tables in ((~is_valid, history_mode, train_tables), (is_valid, "apply", apply_tables)):
         rows = df.filter(mask)
@@ -76,56 +81,23 @@ def test_from(cutoff_us: int, valid_hours: float, test_share: float) -> int:
     return cutoff_us + int((1 - test_share) * valid_hours * 3600 * 1e6)
 
 
-def join_impressions(batch: pa.Table, ctx: dict, origin_us: int, cutoff_us: int, window_hours: int,
-                     history_mode: str, done: tuple[str, ...] = (), post_columns: tuple[str, ...] = (),
+def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, window_hours: int, at: Joins,
                      test_from_us: int | None = None) -> pa.Table:
-    """Impression rows + everything fit on the training data (``ctx``) → the impression feature table.
+    """Impression rows + the fitted impression ops (``features/impression_ops.py``) → the impression feature table.
 
-    Pure: ``ctx`` holds plain objects (history lookup tables, the graph model, user attributes, post
-    features), so the benchmark's single-process baseline calls exactly this on the whole table.
-    ``done`` names history groups whose columns the batch already carries (joined partition by partition
-    earlier, ``features/partitioned.py``); their columns are kept in the place the in-process join puts them.
-    Likewise ``ctx["posts"] = None``: the batch already carries ``post_columns`` (a hash join on post_id).
-    Rows from ``cutoff_us`` are "valid", from ``test_from_us`` (None: never) "test"; both are apply-mode.
+    Pure: the Ray executor maps it over blocks (its ops holding the broadcast tables, or none where the rows
+    already carry an op's columns: a group joined partition against partition, posts met by a hash join), the
+    in-process executor calls it on the whole table, serving on a request's rows. Rows from ``at.cutoff_us`` are
+    "valid", from ``test_from_us`` (None: never) "test"; both read the apply (training total) tables.
     """
-    df = prepare(batch, ctx, origin_us, window_hours)
-    is_valid = df["t_us"] >= cutoff_us
-    fresh = history_columns(df, ctx["train_tables"], ctx["apply_tables"], cutoff_us, history_mode)
-    present = [p for p in history.GROUPS if p in ctx["apply_tables"] or p in done]
-    carried = df.select([c for p in done for c in history.column_names(p)])
-    hist = pl.concat([f for f in (fresh, carried) if f.width], how="horizontal") if fresh.width or carried.width \
-        else pl.DataFrame()
-    hist = hist.select([c for p in present for c in history.column_names(p)])
-    df = df.with_row_index("_i")
-    graph = ctx["graph"].features(df["user_id"], df["creator_id"])
-    users = ctx["users"]
-    attrs = []
-    for prefix, key in (("user", "user_id"), ("creator", "creator_id")):
-        found = left_lookup(df.select(pl.col(key).alias("user_id")), users, "user_id").drop("user_id")
-        frame = pl.concat([df.select("impression_at"), found.rename({c: f"{prefix}_{c}" for c in found.columns})], how="horizontal")
-        attrs.append(frame.select(
-            *[pl.col(f"{prefix}_{c}") for c in ("follower_count", "following_count", "follower_ratio", "verified")],
-            ((pl.col("impression_at") - pl.col(f"{prefix}__user_created")).dt.total_seconds() / 86400.0)
-            .cast(pl.Float32).alias(f"{prefix}_account_age_days"),
-        ))
-    if ctx["posts"] is None:
-        posts = df.select(list(post_columns))
-    else:
-        posts = left_lookup(df.select("post_id"), ctx["posts"], "post_id", ctx.get("posts_extra")).drop("post_id")
-    split = pl.when(is_valid).then(pl.lit("valid")).otherwise(pl.lit("train"))
+    side = next((op for op in ops if isinstance(op, PostSide)), None)
+    df = prepare(batch, origin_us, window_hours, side.topics if side else None, at.topics_extra)
+    split = pl.when(pl.col("t_us") >= at.cutoff_us).then(pl.lit("valid")).otherwise(pl.lit("train"))
     if test_from_us is not None:
         split = pl.when(pl.col("t_us") >= test_from_us).then(pl.lit("test")).otherwise(split)
-    out = pl.concat(
-        [
-            df.select("user_id", "post_id", "creator_id", "impression_at",
-                      split.alias("split"),
-                      *[pl.col(f"y_{e}") for e in ENGAGEMENTS],
-                      pl.col("follows_creator").cast(pl.Float32)),
-            hist, graph, *attrs, posts,
-        ],
-        how="horizontal",
-    )
-    return out.to_arrow()
+    own = df.select("user_id", "post_id", "creator_id", "impression_at", split.alias("split"),
+                    *[pl.col(f"y_{e}") for e in ENGAGEMENTS], pl.col("follows_creator").cast(pl.Float32))
+    return pl.concat([own, *[op.transform(df, at) for op in ops]], how="horizontal").to_arrow()
 
 
 def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users: pl.DataFrame,
@@ -133,23 +105,20 @@ def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users:
                         seed: int = 0, *, test_share: float) -> pa.Table:
     """The in-process executor: the whole impression feature table from one polars frame.
 
-    The same functions the Ray pipeline maps over blocks and partitions (``pipeline/partitioned.py``), with
-    every table fit in this process. What the benchmark's single-process baseline runs, and the reference
-    the Ray executor's tables are tested against.
+    The same ops the Ray executor fits per block and partition (``pipeline/partitioned.py``), each fit here on
+    the whole frame (``ops.fit_in_process``). What the benchmark's single-process baseline runs, and the
+    reference the Ray executor's tables are tested against.
     """
-    from engagesim.features.graph import fit_graph
-    from engagesim.features.state import user_attributes
+    from engagesim.features.post_ops import user_attributes
 
     topics = topics_of(post_table)
     t = pl.from_arrow(interactions.select(["impression_at"]))["impression_at"].dt.epoch("us")
     origin_us, cutoff_us = int(t.min()), int(t.max()) - int(valid_hours * 3600 * 1e6)
     df = with_topic(history.with_labels_and_windows(pl.from_arrow(interactions), origin_us, window_hours), topics)
     train = df.filter(pl.col("t_us") < cutoff_us)
-    aggregates = history.window_aggregates(train)
-    ctx = {"train_tables": history.feature_tables(aggregates, history_mode),
-           "apply_tables": history.feature_tables(aggregates, "apply"),
-           "graph": fit_graph(train, jaccard_k, seed),
-           "users": user_attributes(users),
-           "posts": impression_post_columns(post_table), **({"topics": topics} if topics is not None else {})}
-    return join_impressions(interactions, ctx, origin_us, cutoff_us, window_hours, history_mode,
-                            test_from_us=test_from(cutoff_us, valid_hours, test_share))
+    posts = impression_post_columns(post_table)
+    ops = impression_ops(history.groups_for(train), history_mode, jaccard_k, seed, user_attributes(users), posts,
+                         topics, posts.columns)
+    fit_in_process(ops, train)
+    return join_impressions(interactions, ops, origin_us, window_hours, Joins(cutoff_us, history_mode),
+                            test_from(cutoff_us, valid_hours, test_share))

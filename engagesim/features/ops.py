@@ -6,9 +6,9 @@ An op is one fitted feature family — target encodings, PCA of an embedding, ac
   fit returns None.
 - ``combine(parts)``: the parts added up → the op's fitted state (in place). The executor decides how the parts
   meet, from the op's class attributes:
-  - ``keys`` set (a *keyed* op): a part is a frame whose ``sums`` columns add up per ``keys``. In process that is
-    a polars ``group_by``; on Ray a hash shuffle (``groupby(keys).sum``), so no process sees every block's rows.
-    ``combine`` gets the one summed frame.
+  - ``keys`` set (a *keyed* op): a part is a frame whose ``sums`` columns add up (and ``maxes`` columns take their
+    maximum) per ``keys``. In process that is a polars ``group_by``; on Ray a hash shuffle (``groupby(keys)``), so
+    no process sees every block's rows. ``combine`` gets the combined frame.
   - ``keys`` None: parts are small and fixed in size (moments, counts, a bounded sample), folded one by one in the
     driver (``pack`` / ``unpack`` carry them through Ray Data as bytes: safetensors or Arrow IPC, never pickle).
   - ``scope = "author"``: the op only looks at the same account's posts (time since its previous post, its
@@ -22,8 +22,9 @@ An op is one fitted feature family — target encodings, PCA of an embedding, ac
   ``load`` returns None where the saved state has no such op.
 - ``provenance`` (method, leak class) and ``columns()``: what the feature manifest says of every column it made.
 
-A state (``features/state.PostState``) is an ordered list of ops: fitting, transforming, saving, loading and the
-manifest are loops over it.
+The post ops are in ``features/post_ops.py`` and ``features/embedding_ops.py``, the impression ops in
+``features/impression_ops.py``. A state (``features/state.PostState``, ``ImpressionState``) is an ordered list
+of ops: fitting, transforming, saving, loading and the manifest are loops over it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class FeatureOp:
     provenance: ClassVar[Provenance]
     keys: ClassVar[tuple[str, ...] | None] = None
     sums: ClassVar[tuple[str, ...]] = ()
+    maxes: ClassVar[tuple[str, ...]] = ()
     scope: ClassVar[Literal["global", "author"]] = "global"
     fits: ClassVar[bool] = False  # whether fit_partial / combine do anything
 
@@ -96,7 +98,7 @@ class FeatureOp:
         """Serving: mark the op's fitted tables for lookups by index (features/lookup.py)."""
 
 
-def fit_in_process(ops: list[FeatureOp], rows: Rows) -> None:
+def fit_in_process(ops: list[FeatureOp], rows: Any) -> None:
     """The in-process executor's fit: every op's partial fit on the whole frame as one block."""
     for op in ops:
         if op.fits:
@@ -105,8 +107,8 @@ def fit_in_process(ops: list[FeatureOp], rows: Rows) -> None:
 
 
 def sum_by_keys(op: FeatureOp, parts: pl.DataFrame) -> pl.DataFrame:
-    """A keyed op's parts (any number of blocks' rows, concatenated) summed by its keys."""
-    return parts.group_by(*op.keys).agg(pl.col(*op.sums).sum())
+    """A keyed op's parts (any number of blocks' rows, concatenated) summed (``maxes``: maximised) by its keys."""
+    return parts.group_by(*op.keys).agg(pl.col(*op.sums).sum(), *[pl.col(c).max() for c in op.maxes])
 
 
 def transform(ops: list[FeatureOp], df: pl.DataFrame, at: Apply) -> pl.DataFrame:

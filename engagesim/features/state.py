@@ -8,8 +8,9 @@ otherwise served predictions drift from evaluated ones (training/serving skew).
 So the pipeline featurises its validation rows with the state it is about to
 save, and the serving paths load that state and call the same function.
 
-The post state is an ordered list of feature ops (``features/ops.py``): fitting, transforming, saving,
-loading and the manifest's provenance are loops over it, the same for both executors.
+Each state is an ordered list of feature ops (``features/ops.py``; the post ops, and the impression ops of
+``features/impression_ops.py``): fitting, transforming, saving, loading and the manifest's provenance are loops
+over it, the same for both executors.
 
 Saved in safe formats only: Parquet tables, safetensors arrays, JSON.
 """
@@ -27,7 +28,9 @@ from engagesim import io
 from engagesim.features import ops as feature_ops
 from engagesim.features import post_fit
 from engagesim.features.embedding_ops import Projection, Projections, TextClusters, Vectors, nearest_centre  # noqa: F401
-from engagesim.features.lookup import indexed
+from engagesim.features.history import GROUPS
+from engagesim.features.impression_ops import OPS_BY_NAME as IMPRESSION_OPS
+from engagesim.features.impression_ops import Accounts, Graph, History, PostSide
 from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows, Snapshot  # noqa: F401 (re-exported)
 from engagesim.features.post_fit import LIST_SUMMARY, TE_LIST, TE_SCALAR  # noqa: F401 (re-exported)
 from engagesim.features.post_ops import (  # noqa: F401 (re-exported)
@@ -47,7 +50,7 @@ from engagesim.features.post_ops import (  # noqa: F401 (re-exported)
     user_attributes,
 )
 from engagesim.features.reach import AuthorReach
-from engagesim.io import read_parquet, safe_bytes, write_parquet
+from engagesim.io import safe_bytes
 
 # The post ops in column order; a saved state names its own (``state.json``'s "ops"). States saved before the
 # ops had names are loaded by offering every kind, each reading its presence from the saved meta.
@@ -194,80 +197,69 @@ class PostState:
 
 @dataclass
 class ImpressionState:
-    """The point-in-time snapshot impression features are looked up in: history totals over the
-    training events, the graph, account attributes, and the features of every known post."""
+    """The point-in-time snapshot impression rows are featurised with: an ordered list of impression ops
+    (``features/impression_ops.py``: history per group, graph, account attributes, post side) and the log's
+    clock (origin, training cutoff, window)."""
 
     origin_us: int
     cutoff_us: int
     window_hours: int
-    apply_tables: dict[str, pl.DataFrame]
-    graph: Any  # features.graph.GraphModel; None when the pipeline's graph task saved it into the state
-    users: pl.DataFrame
-    posts: pl.DataFrame  # post_id + post_<feature> columns, as joined onto impressions
-    topics: pl.DataFrame | None = None
+    ops: list[FeatureOp]
+    saved_parts: list[str] = field(default_factory=list)  # what the Ray executor's tasks already wrote
 
-    history: list[str] = field(default_factory=list)  # groups whose apply tables are already saved as parts
-    saved_parts: list[str] = field(default_factory=list)  # "posts" / "topics" already written as datasets
+    def op(self, kind: type[FeatureOp]) -> Any:
+        return next((op for op in self.ops if isinstance(op, kind)), None)
 
-    def context(self) -> dict:
-        """The ``ctx`` that ``join_impressions`` takes for rows that are all past the training data."""
-        return {"train_tables": {}, "apply_tables": self.apply_tables, "graph": self.graph, "users": self.users,
-                "posts": self.posts, **({"topics": self.topics} if self.topics is not None else {})}
+    @property
+    def apply_tables(self) -> dict[str, pl.DataFrame]:
+        return {op.prefix: op.apply for op in self.ops if isinstance(op, History)}
 
-    @staticmethod
-    def history_uri(uri: str, prefix: str) -> str:
-        """Where a group's apply table lives: Parquet parts, one per key-hash partition (pipeline/partitioned.py)."""
-        return io.join(uri, "history", prefix, "apply")
+    def _of(self, kind: type[FeatureOp], attribute: str) -> Any:
+        op = self.op(kind)
+        return None if op is None else getattr(op, attribute)
+
+    @property
+    def graph(self) -> Any:
+        return self._of(Graph, "model")
+
+    @property
+    def users(self) -> pl.DataFrame | None:
+        return self._of(Accounts, "users")
+
+    @property
+    def posts(self) -> pl.DataFrame | None:
+        return self._of(PostSide, "posts")
+
+    @property
+    def topics(self) -> pl.DataFrame | None:
+        return self._of(PostSide, "topics")
+
+    def provenance(self) -> dict[str, Provenance]:
+        """Column → the op that made it; the post side's columns are the post ops' (the post state says)."""
+        return feature_ops.provenance([op for op in self.ops if not isinstance(op, PostSide)])
 
     def save(self, uri: str, storage=None) -> None:
-        for prefix, table in self.apply_tables.items():
-            write_parquet(io.join(self.history_uri(uri, prefix), "part-00000.parquet"), table, storage)
-        if "users" not in self.saved_parts:
-            write_parquet(io.join(uri, "users.parquet"), self.users, storage)
-        if "posts" not in self.saved_parts:
-            write_parquet(io.join(uri, "posts.parquet"), self.posts, storage)
-        if self.topics is not None and "topics" not in self.saved_parts:
-            write_parquet(io.join(uri, "topics.parquet"), self.topics, storage)
-        if self.graph is not None:
-            self.graph.save(io.join(uri, "graph"), storage)
-        io.write_json(io.join(uri, "state.json"), {"origin_us": self.origin_us, "cutoff_us": self.cutoff_us,
-                                                    "window_hours": self.window_hours,
-                                                    "history": sorted({*self.history, *self.apply_tables}),
-                                                    "topics": self.topics is not None or "topics" in self.saved_parts},
-                      storage)
+        for op in self.ops:
+            op.save(uri, storage, set(self.saved_parts))
+        side = self.op(PostSide)
+        io.write_json(io.join(uri, "state.json"), {
+            "origin_us": self.origin_us, "cutoff_us": self.cutoff_us, "window_hours": self.window_hours,
+            "ops": [op.name for op in self.ops], "history": [op.prefix for op in self.ops if isinstance(op, History)],
+            "topics": (side is not None and side.topics is not None) or "topics" in self.saved_parts}, storage)
 
     @classmethod
     def load(cls, uri: str, storage=None) -> ImpressionState:
-        from engagesim.features.graph import GraphModel
-
+        """Every op the state names; one saved before the ops had names has its groups' history, then the rest."""
         meta = io.read_json(io.join(uri, "state.json"), storage)
+        names = meta.get("ops") or [f"history_{p}" for p in GROUPS if p in meta["history"]] + list(IMPRESSION_OPS)
         return cls(meta["origin_us"], meta["cutoff_us"], meta["window_hours"],
-                   {p: _history_table(uri, p, storage) for p in meta["history"]},
-                   GraphModel.load(io.join(uri, "graph"), storage),
-                   read_parquet(io.join(uri, "users.parquet"), storage),
-                   table_or_parts(uri, "posts", storage),
-                   table_or_parts(uri, "topics", storage) if meta["topics"] else None)
+                   [History.load_group(uri, storage, name.removeprefix("history_")) if name.startswith("history_")
+                    else IMPRESSION_OPS[name].load(uri, storage, meta, {}, "latest") for name in names])
 
     def index_for_lookups(self) -> None:
         """Serving (a loaded run): history, users, posts, topics and graph ids answer a few keys by index."""
-        from engagesim.features.history import GROUPS
-
-        for prefix, table in self.apply_tables.items():
-            indexed(table, GROUPS[prefix])
-        indexed(self.users, "user_id")
-        indexed(self.posts, "post_id")
-        indexed(self.topics, "post_id")
-        if self.graph is not None:
-            indexed(self.graph.users.table, "key")
-            indexed(self.graph.creators.table, "key")
-
-
-def _history_table(uri: str, prefix: str, storage=None) -> pl.DataFrame:
-    """A group's apply table: its parts, or the single file that runs before the partitioned plane saved."""
-    single = io.join(uri, f"history_{prefix}.parquet")
-    if io.exists(single, storage):
-        return read_parquet(single, storage)
-    return read_parts(ImpressionState.history_uri(uri, prefix), storage)
+        for op in self.ops:
+            op.index_for_lookups()
 
 
 def read_parts(uri: str, storage=None) -> pl.DataFrame:

@@ -18,7 +18,7 @@ posts. The graph and the smaller tables are broadcast to the final streaming joi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import polars as pl
@@ -28,8 +28,6 @@ import pyarrow.parquet as pq
 from engagesim import datasets, io
 from engagesim.config import AppConfig
 from engagesim.embed.actors import encoder_specs
-from engagesim.features import history
-from engagesim.features.graph import GRAPH_COLUMNS
 from engagesim.features.impression import (
     impression_post_columns,
     join_impressions,
@@ -37,14 +35,13 @@ from engagesim.features.impression import (
     test_from,
     topics_of,
 )
+from engagesim.features.impression_ops import Graph, History, Joins, impression_ops
 from engagesim.features.post import post_row_features
 from engagesim.features.reach import impressions_per_post
 from engagesim.features.state import ImpressionState, PostState, Provenance, user_attributes
-from engagesim.features.temporal import TEMPORAL_COLUMNS
 from engagesim.pipeline import partitioned, post_plane
 from engagesim.pipeline.post_plane import build_post_features  # noqa: F401 (the in-process executor)
 from engagesim.runtime import ensure_ray
-from engagesim.schema import ENGAGEMENTS
 
 
 def _read_ds(uri: str, cfg: AppConfig):
@@ -75,9 +72,9 @@ def _post_rows(cfg: AppConfig, posts_uri: str):
 
 # --- impression level --------------------------------------------------------------------------
 
-def _join_impressions_ray(batch: pa.Table, refs: dict, **kwargs) -> pa.Table:
-    """The Ray Data side: the same pure join, with the context from the per-process cache."""
-    return join_impressions(batch, datasets.fetched(refs), **kwargs)
+def _join_impressions_ray(batch: pa.Table, ops: list, **kwargs) -> pa.Table:
+    """The Ray Data side: the same pure join, the ops' broadcast tables fetched once per worker process."""
+    return join_impressions(batch, datasets.resolved(ops), **kwargs)
 
 
 class _Clock:
@@ -101,29 +98,30 @@ class _PostSide:
     topics: Any = None
     posts_ds: Any = None
     topics_ds: Any = None
-    columns: tuple[str, ...] = ()
+    names: list[str] = field(default_factory=list)  # the post columns an impression row gets (post_id included)
+    joined: bool = False  # impressions meet their post's features by a hash join (else the table is broadcast)
 
     @classmethod
     def of(cls, cfg: AppConfig, posts: pl.DataFrame | str, parts: int) -> _PostSide:
         if isinstance(posts, pl.DataFrame):
-            return cls(posts=impression_post_columns(posts), topics=topics_of(posts))
+            table = impression_post_columns(posts)
+            return cls(posts=table, topics=topics_of(posts), names=table.columns)
         names = post_side_columns(io.dataset_schema(posts, cfg.storage).names)
         table = datasets.read(posts, cfg.storage, parts)
-        side = cls(posts_ds=table.select_columns(list(names)).rename_columns(names))
+        side = cls(posts_ds=table.select_columns(list(names)).rename_columns(names), names=list(names.values()))
         if "text_cluster" in names:
             side.topics_ds = table.select_columns(["post_id", "text_cluster"]).rename_columns({"text_cluster": "topic"})
         if io.read_manifest(posts, cfg.storage).get("rows", 0) > cfg.features.broadcast_max_rows:
-            side.columns = tuple(n for n in names.values() if n != "post_id")
+            side.joined = True
         else:  # broadcast: read in a task, so the table goes to the object store and the join workers only
             side.posts = datasets.in_task(_broadcast_posts, cfg, posts)
             if side.topics_ds is not None:
                 side.topics = datasets.in_task(_broadcast_topics, cfg, posts)
         return side
 
-    @property
-    def joined(self) -> bool:
-        """Whether impressions meet their post's features by a hash join (else the post table is broadcast)."""
-        return bool(self.columns)
+    def frames(self) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+        """The (posts, topics) frames the caller passed, which the state saves (the datasets save themselves)."""
+        return (self.posts, self.topics) if isinstance(self.posts, pl.DataFrame) else (None, None)
 
     def save(self, cfg: AppConfig, state_uri: str, state: ImpressionState) -> None:
         """The serving snapshot's post tables, written as parts by Ray Data (``ImpressionState.load`` reads them)."""
@@ -217,25 +215,33 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     graph_ref, graph_seconds = partitioned.fit_graph_task(layout, io.join(state_uri, "graph"), f.jaccard_k, f.seed)
     # Broadcast tables are read by tasks: the driver hands refs on and holds none of them.
     users_ref = datasets.in_task(_users_table, users_uri, cfg.storage, io.join(state_uri, "users.parquet"))
-    # graph=None: the task saved it into the state already (the driver never holds it); so are users and posts.
-    state = ImpressionState(origin_us, cutoff_us, f.window_hours, {}, None, None, None, None,
-                            history=sorted(train_rows), saved_parts=["users"])
-    refs = {mode + "_tables": datasets.in_task(_broadcast_history, layout, broadcast, mode) for mode in partitioned.MODES}
-    refs.update({"graph": graph_ref, **topics_refs, "users": users_ref, "posts": _as_ref(side.posts)})
+    groups = list(train_rows)
+    # The state's ops hold no tables: the history parts, the graph and the users are saved by the tasks that
+    # made them, the posts' datasets by ``side.save``; only frames the caller passed are saved with the state.
+    state = ImpressionState(origin_us, cutoff_us, f.window_hours,
+                            impression_ops(groups, f.history_mode, f.jaccard_k, f.seed, None, *side.frames(),
+                                           side.names), saved_parts=["history", "graph", "users"])
+    # The ops as the join tasks hold them: broadcast tables by ref (fetched once per worker); a group joined
+    # partition against partition, and posts met by a hash join, arrive as columns of the rows.
+    task_ops = impression_ops(groups, f.history_mode, f.jaccard_k, f.seed, users_ref,
+                              None if side.joined else _as_ref(side.posts),
+                              topics_refs.get("topics"), side.names)
+    for op in task_ops:
+        if isinstance(op, History) and op.prefix in broadcast:
+            op.train, op.apply = (datasets.in_task(layout.read, op.prefix, mode) for mode in partitioned.MODES)
+        elif isinstance(op, Graph):
+            op.model = graph_ref
     join_kwargs = {"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": f.window_hours,
                    "history_mode": f.history_mode}
     keyed = partitioned.join_rounds(ds, rounds, layout, topics_refs, **join_kwargs)
-    done = tuple(p for prefixes in rounds.values() for p in prefixes)
     if side.joined:
         keyed = keyed.join(side.posts_ds, "left_outer", num_partitions=parts, on=("post_id",))
     if side.posts_ds is not None:
         side.save(cfg, state_uri, state)
-    else:  # frames the caller passed: saved with the state
-        state.posts, state.topics = side.posts, side.topics
     test_from_us = test_from(cutoff_us, f.valid_hours, f.test_share)
     joined = keyed.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
-                               fn_kwargs={"refs": refs, "done": done, "post_columns": side.columns,
-                                          "test_from_us": test_from_us, **join_kwargs})
+                               fn_kwargs={"ops": task_ops, "origin_us": origin_us, "window_hours": f.window_hours,
+                                          "at": Joins(cutoff_us, f.history_mode), "test_from_us": test_from_us})
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
     clock.lap("join_and_write")
@@ -253,33 +259,12 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
 
 # --- manifest and entry point ------------------------------------------------------------------
 
-def _leak_class(name: str, posts: dict[str, Provenance]) -> tuple[str, str]:
-    """(source method, leak class) of a feature column, for the manifest: a post feature's (``post_<name>`` on the
-    impression table) from the op that made it; the impression stage's own from their family's name."""
-    base = name[len("post_"):] if name.startswith("post_") else name
-    if name in posts or base in posts:
-        made = posts.get(name) or posts[base]
-        return made.source, made.leak
-    head = name.split("_")[0]
-    if head in history.GROUPS and (name == f"{head}_n" or any(f"_{e}_" in name for e in ENGAGEMENTS)):
-        return ("LAYER6/Synerise engagement history",
-                "label-derived: other windows or past-only on train; train totals on valid")
-    if base in GRAPH_COLUMNS:
-        return ("CF / Jaccard / Leiden on training interactions",
-                "label-derived: fit on train split only; CF leaves the row's own (user, creator) edge out")
-    if base in TEMPORAL_COLUMNS or base.endswith("account_age_days"):
-        return "Adobe date-time features", "row/account-local: no labels"
-    return "row-local statistics / attributes", "no labels"
-
-
-def manifest(tables: dict[str, pa.Schema], posts: dict[str, Provenance]) -> list[dict]:
-    """One entry per column of each table; ``posts``: the post state's provenance per column."""
-    out = []
-    for table, schema in tables.items():
-        for field in schema:
-            source, leak = _leak_class(field.name, posts)
-            out.append({"table": table, "name": field.name, "dtype": str(field.type), "source": source, "leak": leak})
-    return out
+def manifest(tables: dict[str, pa.Schema], made_by: dict[str, dict[str, Provenance]]) -> list[dict]:
+    """One entry per column of each table: the method and leak class of the op that made it (``made_by``: per
+    table, column → provenance); a column no op made is the row's own (ids, labels, the follow flag)."""
+    own = Provenance("row-local statistics / attributes", "no labels")
+    return [{"table": table, "name": f.name, "dtype": str(f.type), "source": made_by.get(table, {}).get(f.name, own).source,
+             "leak": made_by.get(table, {}).get(f.name, own).leak} for table, schema in tables.items() for f in schema]
 
 
 def _posts_in_process(cfg: AppConfig, posts_uri: str, out_uri: str, users: pl.DataFrame | None,
@@ -315,7 +300,7 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
             cfg, _post_rows(cfg, posts_uri), out_uri.rstrip("/") + "_post_rows", posts_out,
             io.join(out_uri, "state", "posts"), users, _read_ds(interactions_uri, cfg) if interactions_uri else None,
             span[2] if span else None, log)
-    provenance = post_state.provenance()
+    made_by = {"posts": post_state.provenance()}
     del post_state, users  # the post stage's tables: the impression stage's workers read their own
     schemas = {"posts": io.dataset_schema(posts_out, cfg.storage)}
     summary: dict[str, Any] = {"posts": post_info, "out": out_uri}
@@ -325,12 +310,14 @@ def run_features(cfg: AppConfig, posts_uri: str, out_uri: str, users_uri: str | 
                                                    io.join(out_uri, "impressions"),
                                                    io.join(out_uri, "state", "impressions"), span)
         imp_state.save(io.join(out_uri, "state", "impressions"), cfg.storage)
+        # An impression row's post_<name> columns are the post op's that made <name>.
+        made_by["impressions"] = {**{f"post_{k}": v for k, v in made_by["posts"].items()}, **imp_state.provenance()}
         summary["impressions"] = imp
         schemas["impressions"] = pq.read_schema(
             io.dataset_files(io.join(out_uri, "impressions"), cfg.storage)[0],
             filesystem=io.filesystem(out_uri, cfg.storage)[0])
         log(f"impression features: {imp['rows']}")
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    io.write_json(io.join(out_uri, "features.json"), {"summary": summary, "features": manifest(schemas, provenance)},
+    io.write_json(io.join(out_uri, "features.json"), {"summary": summary, "features": manifest(schemas, made_by)},
                   cfg.storage)
     return summary

@@ -1,7 +1,8 @@
 """Impression history, hash-partitioned by key: no process holds every key's history.
 
-The distributed executor of ``features/history.py`` (the in-process one is ``features.impression.
-features_in_process``; both run the same pure functions, and a test holds their tables equal):
+The distributed executor of the ``History`` and ``Graph`` ops (``features/impression_ops.py``; the in-process
+one is ``features.impression.features_in_process``; both run the same pure functions, and a test holds their
+tables equal):
 
 1. **Partial fits per block.** Each block of the log gives sums / maxima per key × window
    (``history.window_aggregates``), cut by ``hash(partition key) % parts`` (``history.PARTITION_KEY``: the
@@ -31,7 +32,8 @@ from engagesim import datasets, io
 from engagesim.config import StorageConfig
 from engagesim.features import history
 from engagesim.features.graph import graph_edges
-from engagesim.features.impression import history_columns, prepare, with_topic
+from engagesim.features.impression import prepare, with_topic
+from engagesim.features.impression_ops import History, Joins
 from engagesim.features.state import read_parts
 from engagesim.schema import ENGAGEMENTS
 
@@ -190,13 +192,14 @@ def split_by_size(train_rows: dict[str, int], broadcast_max_rows: int) -> tuple[
 
 def join_partition(group: pa.Table, layout: Layout, prefixes: list[str], refs: dict, origin_us: int,
                    cutoff_us: int, window_hours: int, history_mode: str) -> pa.Table:
-    """One partition of impressions + that partition's tables of ``prefixes`` → the rows with those columns."""
+    """One partition of impressions + that partition's tables of ``prefixes`` → the rows with those columns
+    (each group's ``History`` op, holding only this partition's tables)."""
     part = group.column(PART)[0].as_py()
     batch = group.drop_columns([PART])
-    df = prepare(batch, datasets.fetched(refs), origin_us, window_hours)
-    tables = {mode: {p: layout.read(p, mode, part) for p in prefixes} for mode in MODES}
-    hist = history_columns(df, tables["train"], tables["apply"], cutoff_us, history_mode)
-    return pl.concat([pl.from_arrow(batch), hist], how="horizontal").to_arrow()
+    df = prepare(batch, origin_us, window_hours, datasets.fetched(refs).get("topics") if refs else None)
+    ops = [History(p, history_mode, layout.read(p, "train", part), layout.read(p, "apply", part)) for p in prefixes]
+    at = Joins(cutoff_us, history_mode)
+    return pl.concat([pl.from_arrow(batch), *[op.transform(df, at) for op in ops]], how="horizontal").to_arrow()
 
 
 def join_rounds(ds, rounds: dict[str, list[str]], layout: Layout, topics_refs: dict, **kwargs):

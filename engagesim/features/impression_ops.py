@@ -1,0 +1,233 @@
+"""The impression-side feature ops (``features/ops.py``'s protocol): engagement history, graph, accounts, posts.
+
+``ImpressionState`` is an ordered list of these; an impression feature row is the row's own columns, then each
+op's columns in that order (``features.impression.join_impressions`` is the loop):
+
+- ``History(prefix)``, one per group (user, creator, pair, post, topic): keyed on the group's key × window, with
+  sums (impressions, engagements) and maxima (last engagement time). The in-process executor fits it with
+  ``ops.fit_in_process``; the Ray executor (``pipeline/partitioned.py``) fits every group in one pass over the log
+  and combines each key-hash partition in its own task, so the fitted tables exist only as Parquet parts. A
+  group joined partition against partition arrives as columns of the row, and the op carries them.
+- ``Graph``: keyed on (user, creator) for its edges (engagement counts summed, the follow flag maximised); the
+  combine is global (Leiden), so the Ray executor runs it in one task from the partitions' edge parts.
+- ``Accounts``: the viewer's and the creator's attributes and account age (no fit: the users table).
+- ``PostSide``: the post feature table's columns as ``post_<name>`` (no fit: the post stage made them; their
+  provenance is the post op's that made each one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import polars as pl
+
+from engagesim import io
+from engagesim.features import history
+from engagesim.features.lookup import indexed, left_lookup
+from engagesim.features.ops import FeatureOp, Provenance, Snapshot
+from engagesim.schema import ENGAGEMENTS
+
+ACCOUNT_COLUMNS = ("follower_count", "following_count", "follower_ratio", "verified")
+
+
+@dataclass
+class Joins:
+    """What an impression op's transform knows beyond the rows: rows from ``cutoff_us`` read the apply (training
+    total) tables, earlier rows the ``history_mode`` ones; posts (and their topics) the snapshot lacks."""
+
+    cutoff_us: int
+    history_mode: str = "apply"
+    posts_extra: pl.DataFrame | None = None
+    topics_extra: pl.DataFrame | None = None
+
+
+class History(FeatureOp):
+    provenance = Provenance("LAYER6/Synerise engagement history",
+                            "label-derived: other windows or past-only on train; train totals on valid")
+    sums = tuple(history.SUMS)
+    maxes = tuple(history.LASTS)
+    fits = True
+
+    def __init__(self, prefix: str, mode: str = "window", train: pl.DataFrame | None = None,
+                 apply: pl.DataFrame | None = None) -> None:
+        self.prefix, self.mode, self.train, self.apply = prefix, mode, train, apply
+        self.name = f"history_{prefix}"
+        self.keys = (*history.GROUPS[prefix], "window")
+
+    def fit_partial(self, events: pl.DataFrame) -> pl.DataFrame:
+        """``events``: training impressions through ``history.with_labels_and_windows`` (and the topic)."""
+        return history.window_aggregates(events, [self.prefix])[self.prefix].drop("follows", strict=False)
+
+    def combine(self, parts: Iterable[pl.DataFrame]) -> None:
+        aggregates = {self.prefix: pl.concat(list(parts))}
+        self.train = history.feature_tables(aggregates, self.mode)[self.prefix]
+        self.apply = history.feature_tables(aggregates, "apply")[self.prefix]
+
+    def columns(self) -> list[str]:
+        return history.column_names(self.prefix)
+
+    def transform(self, df: pl.DataFrame, at: Joins) -> pl.DataFrame:
+        names = self.columns()
+        if all(c in df.columns for c in names):  # joined partition against partition before this map
+            return df.select(names)
+        from engagesim.features.impression import history_columns
+
+        train = {} if self.train is None else {self.prefix: self.train}
+        return history_columns(df, train, {self.prefix: self.apply}, at.cutoff_us, at.history_mode)
+
+    def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict]:
+        if self.apply is not None and "history" not in skip:
+            io.write_parquet(io.join(history_uri(uri, self.prefix), "part-00000.parquet"), self.apply, storage)
+        return {}, {}
+
+    @classmethod
+    def load_group(cls, uri: str, storage, prefix: str) -> History:
+        single = io.join(uri, f"history_{prefix}.parquet")  # runs from before the partitioned plane
+        from engagesim.features.state import read_parts
+
+        table = io.read_parquet(single, storage) if io.exists(single, storage) else read_parts(
+            history_uri(uri, prefix), storage)
+        return cls(prefix, "apply", None, table)
+
+    def index_for_lookups(self) -> None:
+        indexed(self.apply, history.GROUPS[self.prefix])
+
+
+def history_uri(uri: str, prefix: str) -> str:
+    """Where a group's apply table lives: Parquet parts, one per key-hash partition (pipeline/partitioned.py)."""
+    return io.join(uri, "history", prefix, "apply")
+
+
+class Graph(FeatureOp):
+    name = "graph"
+    provenance = Provenance("CF / Jaccard / Leiden on training interactions",
+                            "label-derived: fit on train split only; CF leaves the row's own (user, creator) edge out")
+    keys = ("user_id", "creator_id")
+    sums = tuple(f"c_{e}" for e in ENGAGEMENTS)
+    maxes = ("follows",)
+    fits = True
+
+    def __init__(self, jaccard_k: int = 20, seed: int = 0, model=None) -> None:
+        self.jaccard_k, self.seed, self.model = jaccard_k, seed, model
+
+    def fit_partial(self, events: pl.DataFrame) -> pl.DataFrame:
+        from engagesim.features.graph import graph_edges
+
+        pairs = history.window_aggregates(events, ["pair"])["pair"]
+        if "follows" not in pairs.columns:
+            pairs = pairs.with_columns(pl.lit(0, pl.Int8).alias("follows"))
+        return graph_edges(pairs)
+
+    def combine(self, parts: Iterable[pl.DataFrame]) -> None:
+        from engagesim.features.graph import fit_graph_from_pairs
+
+        self.model = fit_graph_from_pairs(pl.concat(list(parts)), self.jaccard_k, self.seed)
+
+    def columns(self) -> list[str]:
+        from engagesim.features.graph import GRAPH_COLUMNS
+
+        return list(GRAPH_COLUMNS)
+
+    def transform(self, df: pl.DataFrame, at: Joins) -> pl.DataFrame:
+        return self.model.features(df["user_id"], df["creator_id"])
+
+    def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict]:
+        if self.model is not None and "graph" not in skip:
+            self.model.save(io.join(uri, "graph"), storage)
+        return {}, {}
+
+    @classmethod
+    def load(cls, uri: str, storage, meta: dict, arrays: dict, snapshot: Snapshot) -> Graph:
+        from engagesim.features.graph import GraphModel
+
+        return cls(model=GraphModel.load(io.join(uri, "graph"), storage))
+
+    def index_for_lookups(self) -> None:
+        indexed(self.model.users.table, "key")
+        indexed(self.model.creators.table, "key")
+
+
+class Accounts(FeatureOp):
+    """The viewer's (``user_``) and the creator's (``creator_``) account attributes and age at the impression."""
+
+    name = "accounts"
+    provenance = Provenance("account attributes; age as in the Adobe date-time features", "row/account-local: no labels")
+
+    def __init__(self, users: pl.DataFrame | None = None) -> None:
+        self.users = users  # ``post_ops.user_attributes`` of the users table
+
+    def columns(self) -> list[str]:
+        return [f"{p}_{c}" for p in ("user", "creator") for c in (*ACCOUNT_COLUMNS, "account_age_days")]
+
+    def transform(self, df: pl.DataFrame, at: Joins) -> pl.DataFrame:
+        out = []
+        for prefix, key in (("user", "user_id"), ("creator", "creator_id")):
+            found = left_lookup(df.select(pl.col(key).alias("user_id")), self.users, "user_id").drop("user_id")
+            frame = pl.concat([df.select("impression_at"), found.rename({c: f"{prefix}_{c}" for c in found.columns})],
+                              how="horizontal")
+            out.append(frame.select(
+                *[pl.col(f"{prefix}_{c}") for c in ACCOUNT_COLUMNS],
+                ((pl.col("impression_at") - pl.col(f"{prefix}__user_created")).dt.total_seconds() / 86400.0)
+                .cast(pl.Float32).alias(f"{prefix}_account_age_days")))
+        return pl.concat(out, how="horizontal")
+
+    def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict]:
+        if self.users is not None and "users" not in skip:
+            io.write_parquet(io.join(uri, "users.parquet"), self.users, storage)
+        return {}, {}
+
+    @classmethod
+    def load(cls, uri: str, storage, meta: dict, arrays: dict, snapshot: Snapshot) -> Accounts:
+        return cls(io.read_parquet(io.join(uri, "users.parquet"), storage))
+
+    def index_for_lookups(self) -> None:
+        indexed(self.users, "user_id")
+
+
+class PostSide(FeatureOp):
+    """The post table's features on each impression (``post_<name>``), and each post's topic for the history.
+
+    ``posts`` None: the rows already carry the columns (a hash join on post_id before this map)."""
+
+    name = "posts"
+    provenance = Provenance("post features (each column's post op)", "as the post column")
+
+    def __init__(self, posts: pl.DataFrame | None, topics: pl.DataFrame | None, names: list[str]) -> None:
+        self.posts, self.topics, self.names = posts, topics, [n for n in names if n != "post_id"]
+
+    def columns(self) -> list[str]:
+        return self.names
+
+    def transform(self, df: pl.DataFrame, at: Joins) -> pl.DataFrame:
+        if self.posts is None:
+            return df.select(self.names)
+        return left_lookup(df.select("post_id"), self.posts, "post_id", at.posts_extra).drop("post_id")
+
+    def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict]:
+        if self.posts is not None and "posts" not in skip:
+            io.write_parquet(io.join(uri, "posts.parquet"), self.posts, storage)
+        if self.topics is not None and "topics" not in skip:
+            io.write_parquet(io.join(uri, "topics.parquet"), self.topics, storage)
+        return {}, {}
+
+    @classmethod
+    def load(cls, uri: str, storage, meta: dict, arrays: dict, snapshot: Snapshot) -> PostSide:
+        from engagesim.features.post_ops import table_or_parts  # one file, or the Ray executor's parts
+
+        posts = table_or_parts(uri, "posts", storage)
+        return cls(posts, table_or_parts(uri, "topics", storage) if meta["topics"] else None, posts.columns)
+
+    def index_for_lookups(self) -> None:
+        indexed(self.posts, "post_id")
+        indexed(self.topics, "post_id")
+
+
+def impression_ops(groups: Iterable[str], history_mode: str, jaccard_k: int, seed: int, users: pl.DataFrame | None,
+                   posts: pl.DataFrame | None, topics: pl.DataFrame | None, post_names: list[str]) -> list[FeatureOp]:
+    """The ops of an impression table in column order (history groups in ``history.GROUPS`` order)."""
+    return [*(History(p, history_mode) for p in history.GROUPS if p in set(groups)), Graph(jaccard_k, seed),
+            Accounts(users), PostSide(posts, topics, post_names)]
+
+
+OPS_BY_NAME: dict[str, type[FeatureOp]] = {"graph": Graph, "accounts": Accounts, "posts": PostSide}
