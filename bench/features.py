@@ -6,7 +6,11 @@ broadcast to the join tasks; ``partitioned``: every group is joined partition ag
 (``pipeline/partitioned.py``). The baseline (``features_in_process``) runs in a child process on the whole
 table. The world's users and posts grow with the log (keys grow with rows, as in real logs). Prints JSON
 lines: wall time, rows/s, peak RSS of all processes, of the driver and of the largest Ray worker, and each
-plane's throughput over the baseline's.
+plane's throughput over the baseline's. The baseline is watched and stopped once it holds more than
+``--baseline-cap-gb`` (it does not fit this machine at 40M rows; its line then says so, with its peak).
+
+    .venv/bin/python bench/features.py --rows 10000000 --planes default
+    .venv/bin/python bench/features.py --rows 40000000 --planes --baseline-max-rows 40000000
 """
 
 from __future__ import annotations
@@ -37,20 +41,44 @@ from engagesim.synth import generate  # noqa: E402
 WORLD = dict(images=0, rows_per_shard=250_000, days=14)
 
 
-def single_process(args: tuple) -> dict:
+def single_process(features, world: str, post_path: str, answer) -> None:
     """The baseline, in a child process of its own (so its memory is its own): the in-process executor on
-    the whole table — one polars frame, every table fit in this process."""
-    import resource
-
-    features, world, post_path = args
+    the whole table — one polars frame, every table fit in this process. Puts its rows/s on ``answer``."""
     start = time.perf_counter()
     inter = io.read_table(io.join(world, "interactions"))
     out = features_in_process(inter, pl.read_parquet(post_path), pl.from_arrow(io.read_table(io.join(world, "users"))),
                               features.valid_hours, features.window_hours, features.history_mode, features.jaccard_k,
                               features.seed, test_share=features.test_share)
     assert out.num_rows == inter.num_rows
-    return {"rows_per_s": inter.num_rows / (time.perf_counter() - start),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    answer.put(inter.num_rows / (time.perf_counter() - start))
+
+
+def baseline(features, world: str, post_path: str, cap_gb: float) -> dict:
+    """Run ``single_process`` watched: its peak RSS sampled every 0.2 s, and stopped (SIGKILL) once it holds more
+    than ``cap_gb`` — the machine's other processes survive a baseline that does not fit (40M rows here)."""
+    import psutil
+
+    spawn = multiprocessing.get_context("spawn")
+    answer = spawn.Queue()
+    child = spawn.Process(target=single_process, args=(features, world, post_path, answer))
+    started = time.perf_counter()
+    child.start()
+    watched, peak, stopped = psutil.Process(child.pid), 0, False
+    while child.is_alive():
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        if peak > cap_gb * 2**30:
+            child.kill()
+            stopped = True
+            break
+        time.sleep(0.2)
+    child.join()
+    out = {"single_process_peak_rss_mb": round(peak / 2**20, 1), "single_process_seconds": round(time.perf_counter() - started, 1)}
+    if stopped or child.exitcode:
+        return {**out, "single_process_failed": f"stopped over {cap_gb} GB RSS" if stopped else f"exit {child.exitcode}"}
+    return {**out, "single_process_rows_per_s": round(answer.get(timeout=60))}
 
 
 # "default": the shipped config (history tables over features.broadcast_max_rows rows partitioned);
@@ -62,15 +90,17 @@ PLANES = {"default": [], "broadcast": ["features.broadcast_max_rows=1000000000"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[2_000_000, 10_000_000])
-    parser.add_argument("--planes", nargs="+", default=["default", "broadcast"], choices=list(PLANES))
+    parser.add_argument("--planes", nargs="*", default=["default", "broadcast"], choices=list(PLANES),
+                        help="the Ray planes to run (none: the baseline only, e.g. its memory at 40M)")
     parser.add_argument("--broadcast-max-rows", type=int, default=4_000_000,
                         help="run the all-broadcast plane only up to this size (its join tasks hold every table)")
     parser.add_argument("--baseline-max-rows", type=int, default=10_000_000,
-                        help="skip the single-process baseline above this size (it may not fit the machine)")
+                        help="skip the single-process baseline above this size")
+    parser.add_argument("--baseline-cap-gb", type=float, default=18.0,
+                        help="stop the single-process baseline once it holds more than this (it may not fit)")
     args = parser.parse_args()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     base = ["embed.text=false", "embed.image=false", "embed.sketch=false", "features.blocks=8"]
-    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         for n in sorted(args.rows):
             world = f"{tmp}/world{n}"
@@ -98,11 +128,10 @@ def main() -> None:
                      partitioned=info["history"]["partitioned"], history_train_rows=info["history"]["train_rows"],
                      graph_edges=info["history"]["graph_edges"], phases=info.get("seconds"))
             if n <= args.baseline_max_rows:
-                with spawn.Pool(1) as pool:
-                    single = pool.apply(single_process, ((cfg.features, world, post_path),))
-                emit(bench="features_vs_single_process", rows=n, single_process_rows_per_s=round(single["rows_per_s"]),
-                     single_process_peak_rss_mb=single["peak_rss_mb"],
-                     **{f"{plane}_ratio": round(rate / single["rows_per_s"], 3) for plane, rate in rates.items()})
+                single = baseline(cfg.features, world, post_path, args.baseline_cap_gb)
+                rate = single.get("single_process_rows_per_s")
+                emit(bench="features_vs_single_process", rows=n, **single,
+                     **{f"{plane}_ratio": round(r / rate, 3) if rate else None for plane, r in rates.items()})
     ray.shutdown()
 
 

@@ -236,6 +236,8 @@ def graph_edges(pairs: pl.DataFrame) -> pl.DataFrame:
     edges (idempotent: edges of edges are the same edges); a pair seen but never engaged or followed
     would only add an isolated node.
     """
+    if "follows" not in pairs.columns:  # a log without the follow flag
+        pairs = pairs.with_columns(pl.lit(0, pl.Int8).alias("follows"))
     per_pair = pairs.group_by("user_id", "creator_id").agg(*[pl.col(f"c_{e}").sum() for e in ENGAGEMENTS],
                                                            pl.col("follows").max().fill_null(0))
     return per_pair.filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))

@@ -60,8 +60,8 @@ def window_aggregates(events: pl.DataFrame, prefixes: list[str] | None = None) -
     """Per (key, window): impressions, engagements per type, last engagement time (of ``prefixes``: every group
     whose keys the frame has).
 
-    Sums and maxima, so partial aggregates of separate blocks combine exactly
-    (``combine_aggregates``) — which is how the Ray pipeline streams billions of rows.
+    Sums and maxima, so partial aggregates of separate blocks combine exactly (the ``History`` op's keyed parts,
+    ``features/impression_ops.py``) — which is how the Ray pipeline streams billions of rows.
     """
     follows = "follows_creator" in events.columns
     return {
@@ -78,18 +78,6 @@ def window_aggregates(events: pl.DataFrame, prefixes: list[str] | None = None) -
 
 SUMS = ["n", *[f"c_{e}" for e in ENGAGEMENTS]]
 LASTS = [f"last_{e}" for e in ENGAGEMENTS]
-
-
-def combine_aggregates(parts: list[dict[str, pl.DataFrame]]) -> dict[str, pl.DataFrame]:
-    out = {}
-    for prefix, keys in GROUPS.items():
-        if prefix not in parts[0]:
-            continue
-        stacked = pl.concat([p[prefix] for p in parts])
-        extra = [pl.col("follows").max()] if "follows" in stacked.columns else []
-        out[prefix] = stacked.group_by(*keys, "window").agg(*[pl.col(c).sum() for c in SUMS],
-                                                            *[pl.col(c).max() for c in LASTS], *extra)
-    return out
 
 
 def feature_tables(aggregates: dict[str, pl.DataFrame], mode: Mode) -> dict[str, pl.DataFrame]:

@@ -46,7 +46,6 @@ class History(FeatureOp):
     provenance = Provenance("LAYER6/Synerise engagement history",
                             "label-derived: other windows or past-only on train; train totals on valid")
     sums = tuple(history.SUMS)
-    maxes = tuple(history.LASTS)
     fits = True
 
     def __init__(self, prefix: str, mode: str = "window", train: pl.DataFrame | None = None,
@@ -54,10 +53,12 @@ class History(FeatureOp):
         self.prefix, self.mode, self.train, self.apply = prefix, mode, train, apply
         self.name = f"history_{prefix}"
         self.keys = (*history.GROUPS[prefix], "window")
+        # The pair's parts also carry the follow flag: the Ray executor takes the graph's edges from them.
+        self.maxes = (*history.LASTS, "follows") if prefix == "pair" else tuple(history.LASTS)
 
     def fit_partial(self, events: pl.DataFrame) -> pl.DataFrame:
         """``events``: training impressions through ``history.with_labels_and_windows`` (and the topic)."""
-        return history.window_aggregates(events, [self.prefix])[self.prefix].drop("follows", strict=False)
+        return history.window_aggregates(events, [self.prefix])[self.prefix]
 
     def combine(self, parts: Iterable[pl.DataFrame]) -> None:
         aggregates = {self.prefix: pl.concat(list(parts))}
@@ -114,10 +115,7 @@ class Graph(FeatureOp):
     def fit_partial(self, events: pl.DataFrame) -> pl.DataFrame:
         from engagesim.features.graph import graph_edges
 
-        pairs = history.window_aggregates(events, ["pair"])["pair"]
-        if "follows" not in pairs.columns:
-            pairs = pairs.with_columns(pl.lit(0, pl.Int8).alias("follows"))
-        return graph_edges(pairs)
+        return graph_edges(history.window_aggregates(events, ["pair"])["pair"])
 
     def combine(self, parts: Iterable[pl.DataFrame]) -> None:
         from engagesim.features.graph import fit_graph_from_pairs

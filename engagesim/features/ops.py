@@ -107,8 +107,10 @@ def fit_in_process(ops: list[FeatureOp], rows: Any) -> None:
 
 
 def sum_by_keys(op: FeatureOp, parts: pl.DataFrame) -> pl.DataFrame:
-    """A keyed op's parts (any number of blocks' rows, concatenated) summed (``maxes``: maximised) by its keys."""
-    return parts.group_by(*op.keys).agg(pl.col(*op.sums).sum(), *[pl.col(c).max() for c in op.maxes])
+    """A keyed op's parts (any number of blocks' rows, concatenated) summed (``maxes``: maximised, those the parts
+    have) by its keys."""
+    return parts.group_by(*op.keys).agg(pl.col(*op.sums).sum(), *[pl.col(c).max() for c in op.maxes
+                                                                   if c in parts.columns])
 
 
 def transform(ops: list[FeatureOp], df: pl.DataFrame, at: Apply) -> pl.DataFrame:

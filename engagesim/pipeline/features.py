@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from engagesim import datasets, io
 from engagesim.config import AppConfig
 from engagesim.embed.actors import encoder_specs
+from engagesim.features import history
 from engagesim.features.impression import (
     impression_post_columns,
     join_impressions,
@@ -207,20 +208,25 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     if side.topics_ds is not None and side.joined:  # each impression's topic by a hash join, before the history
         ds = ds.join(side.topics_ds, "left_outer", num_partitions=parts, on=("post_id",))
     topics_refs = {"topics": _as_ref(side.topics)} if side.topics is not None else {}
+    has_topics = side.topics is not None or side.topics_ds is not None
+    # The state's ops hold no tables: the history parts, the graph and the users are saved by the tasks that
+    # made them, the posts' datasets by ``side.save``; only frames the caller passed are saved with the state.
+    state = ImpressionState(origin_us, cutoff_us, f.window_hours,
+                            impression_ops([p for p in history.GROUPS if p != "topic" or has_topics], f.history_mode,
+                                           f.jaccard_k, f.seed, None, *side.frames(), side.names),
+                            saved_parts=["history", "graph", "users"])
     train_rows, n_edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours,
-                                                  f.history_mode, topics_refs.get("topics"))
+                                                  [op for op in state.ops if isinstance(op, History)],
+                                                  topics_refs.get("topics"))
     clock.lap("history_fit")
+    # A group no training row reached (an empty log) has no tables to join.
+    state.ops = [op for op in state.ops if not isinstance(op, History) or op.prefix in train_rows]
+    groups = [op.prefix for op in state.ops if isinstance(op, History)]
     rounds, broadcast = partitioned.split_by_size(train_rows, f.broadcast_max_rows)
     # The graph is fit from the pair aggregates' edges (training rows only), in a task, while the joins run.
     graph_ref, graph_seconds = partitioned.fit_graph_task(layout, io.join(state_uri, "graph"), f.jaccard_k, f.seed)
     # Broadcast tables are read by tasks: the driver hands refs on and holds none of them.
     users_ref = datasets.in_task(_users_table, users_uri, cfg.storage, io.join(state_uri, "users.parquet"))
-    groups = list(train_rows)
-    # The state's ops hold no tables: the history parts, the graph and the users are saved by the tasks that
-    # made them, the posts' datasets by ``side.save``; only frames the caller passed are saved with the state.
-    state = ImpressionState(origin_us, cutoff_us, f.window_hours,
-                            impression_ops(groups, f.history_mode, f.jaccard_k, f.seed, None, *side.frames(),
-                                           side.names), saved_parts=["history", "graph", "users"])
     # The ops as the join tasks hold them: broadcast tables by ref (fetched once per worker); a group joined
     # partition against partition, and posts met by a hash join, arrive as columns of the rows.
     task_ops = impression_ops(groups, f.history_mode, f.jaccard_k, f.seed, users_ref,

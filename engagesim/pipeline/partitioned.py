@@ -19,6 +19,7 @@ tables equal):
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
@@ -34,6 +35,7 @@ from engagesim.features import history
 from engagesim.features.graph import graph_edges
 from engagesim.features.impression import prepare, with_topic
 from engagesim.features.impression_ops import History, Joins
+from engagesim.features.ops import sum_by_keys
 from engagesim.features.state import read_parts
 from engagesim.schema import ENGAGEMENTS
 
@@ -76,56 +78,64 @@ class Layout:
 
 
 def partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, parts: int,
-                       topics=None) -> pa.Table:
-    """One block → its (group, partition) pieces of the window aggregates, as Arrow IPC payloads."""
+                       ops: list[History], topics=None) -> pa.Table:
+    """One block → each ``History`` op's partial fit, cut by key-hash partition, as Arrow IPC payloads."""
     topics = datasets.fetched({"topics": topics})["topics"] if topics is not None else None
     df = with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
+    train = df.filter(pl.col("t_us") < cutoff_us)
     prefixes, ids, payloads = [], [], []
-    for prefix, frame in history.window_aggregates(df.filter(pl.col("t_us") < cutoff_us)).items():
-        cut = frame.with_columns(partition_id(history.PARTITION_KEY[prefix], parts))
+    for op in ops:
+        cut = op.fit_partial(train).with_columns(partition_id(history.PARTITION_KEY[op.prefix], parts))
         for (part,), piece in cut.partition_by(PART, as_dict=True).items():
-            prefixes.append(prefix)
+            prefixes.append(op.prefix)
             ids.append(part)
             payloads.append(io.frame_bytes(piece.drop(PART)))
     return pa.table({"prefix": pa.array(prefixes, pa.string()), PART: pa.array(ids, pa.int32()),
                      "ipc": pa.array(payloads, pa.binary())})
 
 
-def combine_partition(group: pa.Table, layout: Layout, history_mode: str) -> pa.Table:
-    """All pieces of one partition → its training and apply tables (written), row counts and graph edges."""
+def combine_partition(group: pa.Table, layout: Layout, ops: list[History]) -> pa.Table:
+    """All pieces of one partition → each op combined on them, its training and apply tables written; row counts.
+
+    The pair op's combined part also gives this partition's graph edges (``Graph``'s keyed part: every
+    (user, creator) of a user is in that user's partition, so the edges are final here)."""
     part = group.column(PART)[0].as_py()
     pieces: dict[str, list[pl.DataFrame]] = {}
     for prefix, payload in zip(group.column("prefix").to_pylist(), group.column("ipc").to_pylist()):
         pieces.setdefault(prefix, []).append(io.frame_of_bytes(payload))
-    aggregates = history.combine_aggregates([{k: pl.concat(v) for k, v in pieces.items()}])
-    rows = {}
-    for mode in MODES:
-        for prefix, table in history.feature_tables(aggregates, history_mode if mode == "train" else "apply").items():
-            io.write_parquet(layout.path(prefix, mode, part), table, layout.storage)
-            rows[prefix, mode] = table.height
-    edges = 0
-    if "pair" in aggregates:
-        table = graph_edges(aggregates["pair"])
-        io.write_parquet(io.join(layout.edges_uri(), f"part-{part:05d}.parquet"), table, layout.storage)
-        edges = table.height
-    prefixes = sorted(aggregates)
+    rows, edges = {}, 0
+    for op in ops:
+        if op.prefix not in pieces:
+            continue
+        fitted = copy.copy(op)
+        summed = sum_by_keys(fitted, pl.concat(pieces[op.prefix]))
+        fitted.combine([summed])
+        for mode, table in (("train", fitted.train), ("apply", fitted.apply)):
+            io.write_parquet(layout.path(op.prefix, mode, part), table, layout.storage)
+            rows[op.prefix, mode] = table.height
+        if op.prefix == "pair":
+            table = graph_edges(summed)
+            io.write_parquet(io.join(layout.edges_uri(), f"part-{part:05d}.parquet"), table, layout.storage)
+            edges = table.height
+    prefixes = sorted(p for p, mode in rows if mode == "apply")
     return pa.table({"prefix": prefixes, PART: pa.array([part] * len(prefixes), pa.int32()),
                      "train_rows": [rows[p, "train"] for p in prefixes],
                      "apply_rows": [rows[p, "apply"] for p in prefixes],
                      "edges": [edges if p == "pair" else 0 for p in prefixes]})
 
 
-def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours: int, history_mode: str,
+def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours: int, ops: list[History],
                 topics_ref=None) -> tuple[dict[str, int], int]:
-    """Passes 1 and 2: every group's tables and the graph's edge list written partition by partition.
+    """Passes 1 and 2: every ``History`` op fit per block, combined per key-hash partition, its tables written
+    partition by partition, and the graph's edge list with them.
 
     Returns the training-table rows per group and the number of edges (``Layout.edges_uri`` holds them).
     """
     pieces = ds.map_batches(partial_aggregates, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": window_hours,
-                                       "parts": layout.parts, "topics": topics_ref})
+                                       "parts": layout.parts, "ops": ops, "topics": topics_ref})
     combined = pieces.groupby(PART, num_partitions=layout.parts).map_groups(
-        combine_partition, batch_format="pyarrow", fn_kwargs={"layout": layout, "history_mode": history_mode})
+        combine_partition, batch_format="pyarrow", fn_kwargs={"layout": layout, "ops": ops})
     summary = pl.from_arrow(datasets.collect(combined))
     _fill_missing(layout, summary)
     train_rows = {p: int(n) for p, n in summary.group_by("prefix").agg(pl.col("train_rows").sum()).iter_rows()}
