@@ -158,10 +158,6 @@ def _users_table(uri: str | None, storage, save_uri: str) -> pl.DataFrame:
     return users
 
 
-def _broadcast_history(layout: partitioned.Layout, prefixes: list[str], mode: str) -> dict[str, pl.DataFrame]:
-    return {p: layout.read(p, mode) for p in prefixes}
-
-
 def impression_span(cfg: AppConfig, uri: str) -> tuple[int, int, int]:
     """(rows, first impression, training cutoff), times in µs: impressions in the last ``features.valid_hours``
     validate. From the Parquet footers when they carry statistics (free), else two Ray Data aggregations."""
