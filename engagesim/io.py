@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -425,11 +426,11 @@ def dataset_schema(uri: str, storage: StorageConfig | None = None) -> pa.Schema:
 
 
 def read_table(uri: str, storage: StorageConfig | None = None, columns: list[str] | None = None,
-               filters: list | None = None) -> pa.Table:
+               filters: list | pc.Expression | None = None) -> pa.Table:
     """Read a committed dataset; refuses directories without a manifest and foreign schema versions.
 
-    ``filters`` (pyarrow's DNF, e.g. ``[("split", "==", "valid")]``) are applied part by part while reading,
-    so only the matching rows are ever held together."""
+    ``filters`` (pyarrow's DNF, e.g. ``[("split", "==", "valid")]``, or an expression) are applied part by part
+    while reading, so only the matching rows are ever held together."""
     manifest = read_manifest(uri, storage)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{uri}: schema version {manifest.get('schema_version')} != supported {SCHEMA_VERSION}")
