@@ -13,7 +13,7 @@ import pyarrow as pa
 from engagesim.features import history
 from engagesim.features.impression_ops import Joins, PostSide, impression_ops
 from engagesim.features.lookup import left_lookup
-from engagesim.features.ops import FeatureOp, fit_in_process
+from engagesim.features.ops import FeatureOp, first, fit_in_process
 from engagesim.schema import ENGAGEMENTS
 
 POST_ONLY = ("author_id", "username", "created_at", "likes", "split", "label_log1p_likes", "text_emb", "text_sketch",
@@ -90,7 +90,7 @@ def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, wind
     in-process executor calls it on the whole table, serving on a request's rows. Rows from ``at.cutoff_us`` are
     "valid", from ``test_from_us`` (None: never) "test"; both read the apply (training total) tables.
     """
-    side = next((op for op in ops if isinstance(op, PostSide)), None)
+    side = first(ops, PostSide)
     df = prepare(batch, origin_us, window_hours, side.topics if side else None, at.topics_extra)
     split = pl.when(pl.col("t_us") >= at.cutoff_us).then(pl.lit("valid")).otherwise(pl.lit("train"))
     if test_from_us is not None:

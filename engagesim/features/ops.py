@@ -117,6 +117,11 @@ def transform(ops: list[FeatureOp], df: pl.DataFrame, at: Apply) -> pl.DataFrame
     return pl.concat([t for op in ops if (t := op.transform(df, at)) is not None], how="horizontal")
 
 
+def first(ops: list[FeatureOp], kind: type[FeatureOp]) -> Any:
+    """A state's op of ``kind`` (None where the state has none)."""
+    return next((op for op in ops if isinstance(op, kind)), None)
+
+
 def provenance(ops: list[FeatureOp]) -> dict[str, Provenance]:
     """Column → the provenance of the op that made it."""
     return {column: op.provenance for op in ops for column in op.columns()}

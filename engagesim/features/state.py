@@ -96,7 +96,7 @@ class PostState:
         return state
 
     def op(self, kind: type[FeatureOp]) -> Any:
-        return next((op for op in self.ops if isinstance(op, kind)), None)
+        return feature_ops.first(self.ops, kind)
 
     # -- what callers read of the fitted state --------------------------------------------------
     @property
@@ -208,7 +208,7 @@ class ImpressionState:
     saved_parts: list[str] = field(default_factory=list)  # what the Ray executor's tasks already wrote
 
     def op(self, kind: type[FeatureOp]) -> Any:
-        return next((op for op in self.ops if isinstance(op, kind)), None)
+        return feature_ops.first(self.ops, kind)
 
     @property
     def apply_tables(self) -> dict[str, pl.DataFrame]:
