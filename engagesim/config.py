@@ -270,13 +270,15 @@ class TrainConfig(Section):
         "stacked", description="How the served ensemble combines models (both are always evaluated)."
     )
     stream_rows: int | None = Field(
-        None, ge=1, description="Impression feature tables with at least this many rows train from Ray Data: "
-        "xgb and nn workers stream their shard (XGBoost bins it batch by batch into a QuantileDMatrix), never "
-        "through the driver; below it the table is read once and sliced to the workers (faster to start). "
+        None, ge=1, description="Feature tables (impressions or posts) with at least this many rows train from Ray "
+        "Data: xgb and nn workers stream their shard (XGBoost bins it batch by batch into a QuantileDMatrix), never "
+        "through the driver, and post-level account means come from a Ray Data groupby; families that cannot "
+        "stream (knn, stacked_mlp, slm) gather the split and say so. Below it the table is read once and sliced "
+        "to the workers (faster to start). "
         "Unset: automatic — stream once the table would take more than 320 MiB in the driver (8 bytes per "
         "value; ~260k rows of the default 160 columns), which keeps the driver under 1.5 GB.")
     valid_fit_rows: int | None = Field(
-        None, ge=10, description="When impression training streams: validation rows (a hash sample, at most half "
+        None, ge=10, description="When training streams: validation rows (a hash sample, at most half "
         "of them) gathered into the driver for early stopping and the ensemble's weights and stacker; every "
         "other validation row is scored on Ray Data from partial sums and gives the reported metrics. Unset: "
         "the rows whose 8-byte values fill 128 MiB (~100k rows of 160 columns).")

@@ -218,6 +218,50 @@ def test_impression_training_streams_from_ray_data_above_the_threshold(features,
     assert served["ensemble"].shape == (scored.num_rows, 4)
 
 
+def test_post_training_streams_from_ray_data_above_the_threshold(features, world, config, tmp_path):
+    """The post level above train.stream_rows: xgb (with its account-prior margin, applied block by block) and
+    the account-mean member stream; knn, which cannot, gathers the split and says so. Account means come from a
+    Ray Data groupby; half the validation posts (by a hash of post_id) fit the ensemble, the others are scored
+    on Ray Data: the reported RMSE of each member, the served ensemble, both baselines and the oracle equal the
+    exact ones of the saved models on those posts."""
+    from engagesim.metrics import rmse
+    from engagesim.models.bundle import PostModels
+    from engagesim.models.family import POST
+    from engagesim.pipeline.level_inputs import post_baseline_predictions
+    from engagesim.pipeline.validation import fit_fraction, is_fit_row
+
+    out, _ = features
+    streamed = config.model_copy(update={"train": config.train.model_copy(update={
+        "stream_rows": 1, "valid_fit_rows": 60, "models": ["xgb", "knn", "account_mean_eb"]})})
+    lines: list[str] = []
+    post = train_post_level(streamed, io.join(out, "posts"), str(tmp_path), io.join(world, "truth/posts"),
+                            log=lines.append)
+    assert post["train_input"] == "ray_data"
+    assert any("knn cannot stream" in line for line in lines)
+    table = io.read_table(io.join(out, "posts"))
+    table = table.filter(pc.invert(pc.is_nan(table.column("label_log1p_likes"))))
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    valid = table.filter(pc.equal(table.column("split"), "valid"))
+    is_fit = is_fit_row(valid, fit_fraction(valid.num_rows, 60), streamed.train.sample.seed, POST.keys)
+    scored = valid.filter(pc.invert(is_fit))
+    assert post["rows"] == {"train": train.num_rows, "valid": valid.num_rows}
+    assert post["validation"]["scored_rows"] == scored.num_rows > 20
+    assert post["validation"]["fit_rows"] == valid.num_rows - scored.num_rows
+    y = scored.column("label_log1p_likes").to_numpy()
+    served = PostModels(str(tmp_path / "post")).predict(scored)
+    for name in ("xgb", "knn", "account_mean_eb"):
+        assert post["models"][name]["rmse"] == pytest.approx(rmse(y, served[name]), abs=1e-5), name
+    assert post["models"]["xgb"]["seconds"] > 0
+    shown = post["ensemble"].get("by_account_regime") or post["ensemble"][
+        "stacked" if post["ensemble"]["served"] == "stacked" else "loss_weighted"]
+    if "alone" not in post["ensemble"]["served"]:
+        assert shown["rmse"] == pytest.approx(rmse(y, served["ensemble"]), abs=1e-5)
+    for name, p in post_baseline_predictions(train, scored).items():
+        assert post["baselines"][name]["rmse"] == pytest.approx(rmse(y, p), abs=1e-5), name
+    assert post["oracle"]["rmse"] < post["baselines"]["global_mean"]["rmse"]
+    assert post["models"]["xgb"]["rmse"] < post["baselines"]["global_mean"]["rmse"]
+
+
 def test_streamed_normaliser_equals_the_in_memory_fit(ray_local):
     import pyarrow as pa
     import ray

@@ -38,11 +38,13 @@ class Level:
     time_column: str
     text_column: str
     min_rows: tuple[int, int]  # (train, valid) below which the level is skipped
+    keys: tuple[str, ...]  # what names one row: hashed to sample rows the same in every pass
 
 
-POST = Level("post", ("label_log1p_likes",), ("log1p_likes",), "regression", "created_at", "text", (10, 2))
+POST = Level("post", ("label_log1p_likes",), ("log1p_likes",), "regression", "created_at", "text", (10, 2),
+             ("post_id",))
 IMPRESSION = Level("impression", tuple(f"y_{e}" for e in ENGAGEMENTS), tuple(ENGAGEMENTS), "binary",
-                   "impression_at", "post_text", (100, 10))
+                   "impression_at", "post_text", (100, 10), ("user_id", "post_id", "impression_at"))
 LEVELS = {level.name: level for level in (POST, IMPRESSION)}
 
 

@@ -33,7 +33,7 @@ from engagesim import datasets, io  # noqa: E402
 from engagesim.metrics import AP_FROM_BINS, average_precision, grouped, popularity_groups, quantile_edges, rce, rmse  # noqa: E402
 from engagesim.models.data import label_matrix  # noqa: E402
 from engagesim.pipeline import validation  # noqa: E402
-from engagesim.pipeline.train import post_baselines, stream_threshold  # noqa: E402
+from engagesim.pipeline.level_inputs import post_baselines, stream_threshold  # noqa: E402
 from engagesim.report import figures_html, report_dir, save_figure  # noqa: E402
 from engagesim.runs import LoadedRun, load_run  # noqa: E402
 from engagesim.runtime import ensure_ray  # noqa: E402

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from engagesim import datasets, io
+from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.metrics import (
     AP_FROM_BINS,
@@ -32,21 +30,15 @@ from engagesim.metrics import (
     rce,
     rmse,
 )
-from engagesim.models import distributed, ensemble
+from engagesim.models import ensemble
 from engagesim.models.bundle import ensemble_spec
-from engagesim.models.data import feature_columns, label_matrix, rows_of_split, sample_negatives
-from engagesim.models.distributed import Resources
+from engagesim.models.data import feature_columns, label_matrix
 from engagesim.models.family import IMPRESSION, POST, FitContext, Level, family_names, get_family, gpu_available
 from engagesim.pipeline import validation
-from engagesim.runtime import ensure_ray
+from engagesim.pipeline.level_inputs import LevelInputs, baselines_of, read_inputs
 from engagesim.schema import ENGAGEMENTS
 
 LevelScore = Callable[[np.ndarray], dict[str, Any]]
-
-
-def _split(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(train, valid); the test rows stay for the evaluation stage."""
-    return rows_of_split(table, "train"), rows_of_split(table, "valid")
 
 
 def _impression_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> dict[str, Any]:
@@ -75,22 +67,6 @@ def _scorer(level: Level, edges: np.ndarray | None, valid: pa.Table, y: np.ndarr
 
 def _loss(level: Level, y: np.ndarray, p: np.ndarray) -> float:
     return rmse(y, p) if level.task == "regression" else cross_entropy_sum(y, p) / len(p)
-
-
-def post_baseline_predictions(train: pa.Table, valid: pa.Table) -> dict[str, np.ndarray]:
-    """The training mean, and each account's training mean (the global one for a new account), per row."""
-    y_tr = train.column("label_log1p_likes").to_numpy()
-    out = {"global_mean": np.full(valid.num_rows, y_tr.mean())}
-    acct = pl.DataFrame({"a": train.column("author_id").to_pylist(), "y": y_tr}).group_by("a").agg(pl.col("y").mean())
-    per = pl.DataFrame({"a": valid.column("author_id").to_pylist()}).join(acct, on="a", how="left", maintain_order="left")
-    out["account_mean"] = per["y"].fill_null(y_tr.mean()).to_numpy()
-    return out
-
-
-def post_baselines(train: pa.Table, valid: pa.Table) -> dict[str, dict]:
-    """RMSE of each of ``post_baseline_predictions`` on ``valid``."""
-    y_va = valid.column("label_log1p_likes").to_numpy()
-    return {k: {"rmse": rmse(y_va, v)} for k, v in post_baseline_predictions(train, valid).items()}
 
 
 def _winners(level: Level, preds: dict[str, np.ndarray], y: np.ndarray, baselines: dict[str, np.ndarray],
@@ -147,8 +123,10 @@ def _ensembles(cfg: AppConfig, level: Level, preds: dict[str, np.ndarray], y: np
         if level.task == "regression":
             choice = _simplest_within_one_se(y[:, k], member, served[:, k], specs[output]["method"])
             if choice in member:
+                # "fitted": the ensemble the rule set aside (streamed validation still scores it).
                 specs[output] = {"method": "loss_weighted", "task": level.task, "members": [choice],
-                                 "weights": {choice: 1.0}, "chosen": "one-standard-error rule"}
+                                 "weights": {choice: 1.0}, "chosen": "one-standard-error rule",
+                                 "fitted": specs[output]}
                 served[:, k] = member[choice]
         weights[output] = w
     return specs, weights, weighted, stacked, served
@@ -217,82 +195,6 @@ def _regime_ensembles(cfg: AppConfig, level: Level, valid: pa.Table, preds: dict
     return specs
 
 
-@dataclass
-class LevelInputs:
-    """A level's rows: in memory below ``train.stream_rows``; above it the training split stays a Ray
-    Dataset that families which can stream read shard by shard on their workers (the others gather it
-    into the driver), and ``valid`` holds only the validation fit rows: the rest (``valid_scored``) is
-    scored on Ray Data (``pipeline/validation.py``)."""
-
-    rows: int
-    valid: pa.Table
-    train_table: pa.Table | None = None
-    train_stream: Any = None
-    schema: pa.Schema | None = None
-    valid_scored: Any = None
-    valid_rows: int = 0
-
-    @property
-    def streamed(self) -> bool:
-        return self.train_stream is not None
-
-    def train_for(self, family, log: Callable[[str], None]) -> Any:
-        if self.streamed and family.streams:
-            return self.train_stream
-        if self.train_table is None:
-            log(f"{family.name} cannot stream: gathering the training split into the driver")
-            self.train_table = datasets.collect(self.train_stream)
-        return self.train_table
-
-
-# Automatic train.stream_rows: in-memory tables up to 320 MiB of 8-byte values, so the driver stays under 1.5 GB.
-# The in-memory path costs the driver about twice that estimate on top of the ~0.76 GB it holds before training
-# (the table, its split copies, the workers' slices it writes to the object store, the members' predictions):
-# bench/rows.py at 400k impressions peaked at 1.58 GB in memory (0.76 GB before training) and 0.87 GB streamed
-# (like RCE 30.09 / 29.95); at 1M in memory, 3.33 GB. The old 1 GiB let 1M rows in.
-DRIVER_TABLE_BYTES = 320 << 20
-# Automatic train.valid_fit_rows: the validation fit rows' 8-byte values. At 256 MiB (262k rows of 128 columns)
-# the driver went from 1.13 to 1.66 GB while XGBoost fit at 4M impressions (bench/rows.py, its steps): the rows,
-# their copy in the object store and the members' prediction matrices. Half of that keeps it under 1.5 GB.
-VALID_FIT_BYTES = 1 << 27
-
-
-def stream_threshold(cfg: AppConfig, columns: int) -> int:
-    """``train.stream_rows``, or where unset the rows whose 8-byte values fill ``DRIVER_TABLE_BYTES``."""
-    return cfg.train.stream_rows or max(DRIVER_TABLE_BYTES // (8 * max(columns, 1)), 1)
-
-
-def _inputs(cfg: AppConfig, level: Level, uri: str, log: Callable[[str], None]) -> LevelInputs:
-    rows = io.read_manifest(uri, cfg.storage).get("rows", 0)
-    if level is POST or rows < stream_threshold(cfg, len(io.dataset_schema(uri, cfg.storage).names)):
-        # Posts without a label (NaN) are dropped part by part while reading: filtering the table read whole kept
-        # two copies at once (1M posts, 347 MB of Arrow: the driver went from 0.23 to 1.19 GB, 0.67 GB this way).
-        labelled = pc.invert(pc.is_nan(pc.field("label_log1p_likes"))) if level is POST else None
-        table = io.read_table(uri, cfg.storage, filters=labelled)
-        train, valid = _split(table)
-        if level is IMPRESSION:
-            train = sample_negatives(train, cfg.train.sample.negatives, cfg.train.sample.seed)
-        return LevelInputs(train.num_rows, valid, train_table=train, schema=table.schema)
-    ensure_ray(cfg.ray)
-    ds = datasets.read(uri, cfg.storage, cfg.features.blocks)
-    schema = io.dataset_schema(uri, cfg.storage)
-    fit_rows = cfg.train.valid_fit_rows or max(VALID_FIT_BYTES // (8 * len(schema.names)), 10)
-    valid, scored, valid_rows = validation.split_valid(ds, fit_rows, cfg.train.sample.seed)
-    train = ds.map_batches(validation.rows_of, fn_kwargs={"split": "train"}, batch_format="pyarrow")
-    sample = cfg.train.sample
-    if sample.negatives < 1:
-        train = train.map_batches(sample_negatives, batch_format="pyarrow",
-                                  fn_kwargs={"rate": sample.negatives, "seed": sample.seed})
-    streaming = [get_family(name) for name in cfg.train.models if get_family(name).streams]
-    if any(distributed.starves_data(Resources.of(getattr(cfg.train, f.name, None))) for f in streaming):
-        # Every trainer would take the whole cluster and starve the read tasks (distributed.route_inputs):
-        # execute the split once into the object store, shared by every family's fits and passes.
-        log(f"{level.name}: trainers take every CPU; materializing the training split in the object store")
-        train = train.materialize()
-    kept = train.count() if sample.negatives < 1 else validation.count_splits(ds)["train"]
-    return LevelInputs(kept, valid, train_stream=train, schema=schema, valid_scored=scored, valid_rows=valid_rows)
-
-
 def _fit_members(cfg: AppConfig, level: Level, data: LevelInputs, features: list[str],
                  models_dir: str, log: Callable[[str], None]) -> tuple[dict, dict, dict, dict]:
     """Each family of ``train.models`` (registration order) → its members, saved; validation predictions."""
@@ -319,7 +221,7 @@ def _fit_members(cfg: AppConfig, level: Level, data: LevelInputs, features: list
 
 def train_level(cfg: AppConfig, level: Level, uri: str, models_dir: str, truth_uri: str | None = None,
                 log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    data = _inputs(cfg, level, uri, log)
+    data = read_inputs(cfg, level, uri, log)
     valid = data.valid
     if data.rows < level.min_rows[0] or valid.num_rows < level.min_rows[1]:
         what = "labelled posts" if level is POST else "impressions"
@@ -334,15 +236,15 @@ def train_level(cfg: AppConfig, level: Level, uri: str, models_dir: str, truth_u
                               "train_input": "ray_data" if data.streamed else "in_memory"}
     if level is IMPRESSION and cfg.train.sample.negatives < 1:
         result["sample"] = {"negatives": cfg.train.sample.negatives, "kept_rows": data.rows}
-    if level is POST:
-        result["baselines"] = post_baselines(data.train_table, valid)
+    baselines = baselines_of(data) if level is POST else {}
+    if level is POST and not data.streamed:
+        result["baselines"] = {k: {"rmse": rmse(y_va[:, 0], v)} for k, v in baselines.items()}
 
     preds, seconds, families, info = _fit_members(cfg, level, data, features, models_dir, log)
     result.update(info)
     result["models"] = {k: score(v) | ({"seconds": round(seconds[k], 1)} if level is POST else {})
                         for k, v in preds.items()}
     if preds:
-        baselines = post_baseline_predictions(data.train_table, valid) if level is POST else {}
         kept, dropped = _winners(level, preds, y_va, baselines, log)
         specs, weights, weighted, stacked, served = _ensembles(cfg, level, preds, y_va, kept)
         regimes = _regime_ensembles(cfg, level, valid, preds, y_va, baselines, served, log)
@@ -380,6 +282,9 @@ def _streamed_scores(cfg: AppConfig, data: LevelInputs, fit_preds: dict, edges: 
                      truth_uri: str | None, result: dict, log: Callable[[str], None]) -> None:
     """Replace the figures of the fit rows by those of the scored validation rows (partial sums on Ray
     Data), which early stopping and the stacker never saw."""
+    if data.account_means is not None:  # post level
+        _streamed_post_scores(cfg, data, level_dir, truth_uri, result, log)
+        return
     scores, scored = validation.stream_scores(cfg, data.valid_scored, level_dir, fit_preds, edges, truth_uri, log)
     result["validation"] = {"fit_rows": data.valid.num_rows, "scored_rows": scored,
                             "metrics_on": f"scored rows; {AP_FROM_BINS}"}
@@ -388,6 +293,28 @@ def _streamed_scores(cfg: AppConfig, data: LevelInputs, fit_preds: dict, edges: 
         result["ensemble"].update(loss_weighted=scores["ensemble_loss_weighted"], stacked=scores["ensemble_stacked"])
     if validation.ORACLE in scores:
         result["oracle"] = scores[validation.ORACLE]
+
+
+def _streamed_post_scores(cfg: AppConfig, data: LevelInputs, level_dir: str, truth_uri: str | None, result: dict,
+                          log: Callable[[str], None]) -> None:
+    """``_streamed_scores`` at post level: exact RMSE of members, ensembles, baselines and oracle over the
+    scored validation posts."""
+    rmse_of, scored = validation.stream_post_scores(cfg, data.valid_scored, level_dir, data.account_means,
+                                                    data.global_mean, truth_uri, log)
+    result["validation"] = {"fit_rows": data.valid.num_rows, "scored_rows": scored,
+                            "metrics_on": "scored rows; RMSE exact from squared-error sums"}
+    result["baselines"] = {k: {"rmse": rmse_of[k]} for k in ("global_mean", "account_mean")}
+    result["models"] = {k: {"rmse": rmse_of[k], **{n: v for n, v in result["models"][k].items() if n != "rmse"}}
+                        for k in result["models"] if k in rmse_of}
+    if "ensemble" in result:
+        ens = result["ensemble"]
+        for method in ("loss_weighted", "stacked"):
+            if f"ensemble_{method}" in rmse_of:
+                ens[method] = {**ens.get(method, {}), "rmse": rmse_of[f"ensemble_{method}"]}
+        if "by_account_regime" in ens:
+            ens["by_account_regime"] = {"rmse": rmse_of["ensemble"]}
+    if validation.ORACLE in rmse_of:
+        result["oracle"] = {"rmse": rmse_of[validation.ORACLE]}
 
 
 def train_post_level(cfg: AppConfig, posts_uri: str, models_dir: str, truth_uri: str | None = None,

@@ -1,17 +1,18 @@
-"""The impression level's validation split when it streams: a bounded fit sample in the driver, metrics
-over the rest from partial sums on Ray Data.
+"""A level's validation split when training streams: a bounded fit sample in the driver, metrics over the
+rest from partial sums on Ray Data.
 
 Above ``train.stream_rows`` the validation split is as large as the log's latest days (at 40M impressions,
-millions of rows × 160 columns), too large for the driver. It is cut in two by a hash of (user, post,
-impression time), the same rows in every pass:
+millions of rows × 160 columns), too large for the driver. It is cut in two by a hash of the level's keys
+(user, post, impression time; a post's id at post level), the same rows in every pass:
 
 - **fit rows** (at most ``train.valid_fit_rows``, gathered into the driver): XGBoost's and the NN's early
   stopping, the ensemble's loss weights and its stacker;
 - **scored rows** (all the others, never gathered): an actor pool loads the saved members once per
-  actor and predicts block by block; each block becomes a ``BinaryScores`` (cross-entropy sums and
-  per-bin counts) per model, summed in the driver. RCE is exact; AP comes from score bins whose edges
-  are quantiles of the fit rows' predictions, within 3e-5 of the exact sort from 60k rows
-  (``BinaryScores.ap``).
+  actor and predicts block by block. At impression level each block becomes a ``BinaryScores``
+  (cross-entropy sums and per-bin counts) per model, summed in the driver: RCE is exact; AP comes from
+  score bins whose edges are quantiles of the fit rows' predictions, within 3e-5 of the exact sort from 60k
+  rows (``BinaryScores.ap``). At post level each block becomes a squared-error sum per model: RMSE is exact,
+  baselines included (the account means reach the rows through a hash join).
 
 The evaluation stage reuses the same pieces (``with_labels``, ``score_sums``) on the predictions dataset
 it writes.
@@ -39,24 +40,27 @@ from engagesim.models.data import SPLITS, label_matrix
 from engagesim.models.family import IMPRESSION
 from engagesim.schema import ENGAGEMENTS
 
-KEYS = ["user_id", "post_id", "impression_at"]
+KEYS = list(IMPRESSION.keys)
 GROUPS = 5  # creator follower quintiles, as the in-memory scorer
 SCORE_BATCH = 100_000
 ORACLE = "oracle"
 
 
-def is_fit_row(batch: pa.Table, fraction: float, seed: int) -> pa.Array:
-    """Whether each row belongs to the fit rows: a hash of its keys, independent of block boundaries."""
-    u = pl.from_arrow(batch.select(KEYS)).select(pl.struct(KEYS).hash(seed + 1) / float(2 ** 64)).to_series()
+def is_fit_row(batch: pa.Table, fraction: float, seed: int, keys: tuple[str, ...] = IMPRESSION.keys) -> pa.Array:
+    """Whether each row belongs to the fit rows: a hash of its ``keys`` (the level's), independent of block
+    boundaries."""
+    keys = list(keys)
+    u = pl.from_arrow(batch.select(keys)).select(pl.struct(keys).hash(seed + 1) / float(2 ** 64)).to_series()
     return (u < fraction).to_arrow()
 
 
-def rows_of(batch: pa.Table, split: str, fraction: float | None = None, seed: int = 0, fit: bool = True) -> pa.Table:
+def rows_of(batch: pa.Table, split: str, fraction: float | None = None, seed: int = 0, fit: bool = True,
+            keys: tuple[str, ...] = IMPRESSION.keys) -> pa.Table:
     """A block's rows of ``split``; with ``fraction``, only its fit rows (``fit``) or only the others."""
     batch = batch.filter(pc.equal(batch.column("split"), split))
     if fraction is None:
         return batch
-    mask = is_fit_row(batch, fraction, seed)
+    mask = is_fit_row(batch, fraction, seed, keys)
     return batch.filter(mask if fit else pc.invert(mask))
 
 
@@ -69,14 +73,13 @@ def fit_fraction(valid_rows: int, fit_rows: int) -> float:
     return min(0.5, fit_rows / max(valid_rows, 1))
 
 
-def split_valid(ds, fit_rows: int, seed: int) -> tuple[pa.Table, Any, int]:
+def split_valid(ds, fit_rows: int, seed: int, keys: tuple[str, ...] = IMPRESSION.keys) -> tuple[pa.Table, Any, int]:
     """(fit rows in the driver, scored rows as a Ray Dataset, all validation rows) of a feature dataset."""
     valid_rows = count_splits(ds)["valid"]
     fraction = fit_fraction(valid_rows, fit_rows)
-    fit = datasets.collect(ds.map_batches(rows_of, batch_format="pyarrow",
-                                          fn_kwargs={"split": "valid", "fraction": fraction, "seed": seed}))
-    scored = ds.map_batches(rows_of, batch_format="pyarrow",
-                            fn_kwargs={"split": "valid", "fraction": fraction, "seed": seed, "fit": False})
+    at = {"split": "valid", "fraction": fraction, "seed": seed, "keys": keys}
+    fit = datasets.collect(ds.map_batches(rows_of, batch_format="pyarrow", fn_kwargs=at))
+    scored = ds.map_batches(rows_of, batch_format="pyarrow", fn_kwargs={**at, "fit": False})
     return fit, scored, valid_rows
 
 
@@ -220,3 +223,99 @@ def actors() -> int:
     import ray
 
     return max(int(ray.cluster_resources().get("CPU", 2)) // 2, 1)
+
+
+# --- post level: RMSE from partial sums ----------------------------------------------------------
+
+POST_LABEL = "label_log1p_likes"
+ACCOUNT_MEAN = "account_mean"  # the raw per-account training mean (the baseline, not the EB member)
+
+
+def labelled(batch: pa.Table, label: str = POST_LABEL) -> pa.Table:
+    """A block's posts with a label (an unlabelled post is NaN)."""
+    return batch.filter(pc.invert(pc.is_nan(batch.column(label))))
+
+
+def account_means(train, label: str = POST_LABEL) -> tuple[Any, float]:
+    """(each account's training mean of ``label`` as a materialized Ray Dataset [author_id, account_mean],
+    the global training mean): a hash-shuffled groupby, so no process holds every account."""
+    from ray.data.aggregate import Count, Sum
+
+    sums = (train.select_columns(["author_id", label]).groupby("author_id")
+            .aggregate(Sum(label, alias_name="s"), Count(alias_name="n")).materialize())
+    totals = sums.sum(["s", "n"]) or {}
+    prior = float(totals.get("sum(s)") or 0.0) / max(float(totals.get("sum(n)") or 0), 1.0)
+    means = sums.map_batches(lambda b: pa.table({"author_id": b.column("author_id"),
+                                                 ACCOUNT_MEAN: pc.divide(pc.cast(b.column("s"), pa.float64()),
+                                                                         pc.cast(b.column("n"), pa.float64()))}),
+                             batch_format="pyarrow").materialize()
+    return means, prior
+
+
+def account_means_of(means, authors: list[str]) -> pl.DataFrame:
+    """The [a, y] account means of ``authors`` only (the validation fit rows'), gathered into the driver."""
+    wanted = pa.array(sorted(set(authors)), pa.string())
+    rows = datasets.collect(means.map_batches(
+        lambda b: b.filter(pc.is_in(pc.cast(b.column("author_id"), pa.string()), value_set=wanted)),
+        batch_format="pyarrow"))
+    return pl.DataFrame({"a": rows.column("author_id").cast(pa.string()).to_pylist(),
+                         "y": rows.column(ACCOUNT_MEAN).to_numpy(zero_copy_only=False)},
+                        schema={"a": pl.String, "y": pl.Float64})
+
+
+class _PostScorer:
+    """One actor: the post level's saved members, what it serves, both fitted ensembles (as ``ensemble.json``
+    holds them) and the two baselines → one row per model of each block: (model, squared-error sum, rows)."""
+
+    def __init__(self, models_dir: str, prior: float):
+        from engagesim.models.bundle import PostModels
+
+        self.models, self.prior = PostModels(models_dir), prior
+        spec = self.models.ensemble or {}
+        self.fitted = spec.get("fitted", spec)  # what the one-standard-error rule set aside, if it chose
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        y = batch.column(POST_LABEL).to_numpy(zero_copy_only=False).astype(np.float64)
+        preds = self.models.predict(batch)
+        members = {k: v for k, v in preds.items() if k != "ensemble"}
+        if len(members) >= 2 and all(m in members for m in self.fitted.get("members", [None])):
+            for method in ("loss_weighted", "stacked"):
+                use = method if "stacker" in self.fitted else "loss_weighted"
+                preds[f"ensemble_{method}"] = apply_ensemble({**self.fitted, "method": use}, members)
+        account = batch.column(ACCOUNT_MEAN).to_numpy(zero_copy_only=False) if ACCOUNT_MEAN in batch.column_names \
+            else np.full(len(y), np.nan)
+        preds["global_mean"] = np.full(len(y), self.prior)
+        preds["account_mean"] = np.where(np.isnan(account.astype(np.float64)), self.prior, account)
+        if ORACLE in batch.column_names:
+            preds[ORACLE] = batch.column(ORACLE).to_numpy(zero_copy_only=False)
+        names = list(preds)
+        sse = [float(np.sum((y - np.asarray(preds[n], np.float64)) ** 2)) for n in names]
+        return pa.table({"model": names, "sse": sse, "n": [len(y)] * len(names)})
+
+
+def stream_post_scores(cfg: AppConfig, scored, models_dir: str, means, prior: float, truth_uri: str | None,
+                       log: Callable[[str], None]) -> tuple[dict[str, float], int]:
+    """RMSE over the scored validation posts of every member, the served ensemble (``ensemble``), the two
+    fitted ones (``ensemble_loss_weighted``, ``ensemble_stacked``), the global and account-mean baselines
+    and (``truth_uri``) the oracle; exact, from squared-error sums. The account means reach the rows through
+    Ray Data's hash join, as the oracle's expectation does."""
+    import ray
+
+    parts = max(cfg.features.blocks or 8, 1)
+    scored = scored.join(means, "left_outer", num_partitions=parts, on=("author_id",))
+    if truth_uri:
+        truth = (datasets.read(truth_uri, cfg.storage).select_columns(["post_id", "expected_log1p_likes"])
+                 .rename_columns({"expected_log1p_likes": ORACLE}))
+        scored = scored.join(truth, "left_outer", num_partitions=parts, on=("post_id",))
+    sums = scored.map_batches(_PostScorer, fn_constructor_kwargs={"models_dir": models_dir, "prior": prior},
+                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors()),
+                              batch_size=SCORE_BATCH, batch_format="pyarrow", num_cpus=1)
+    sse: dict[str, float] = {}
+    rows: dict[str, int] = {}
+    for part in sums.iter_batches(batch_format="pyarrow", batch_size=None):
+        for name, e, n in zip(part.column("model").to_pylist(), part.column("sse").to_pylist(),
+                              part.column("n").to_pylist()):
+            sse[name], rows[name] = sse.get(name, 0.0) + e, rows.get(name, 0) + n
+    scored_rows = max(rows.values(), default=0)
+    log(f"post validation: {scored_rows} posts scored")
+    return {name: float(np.sqrt(sse[name] / max(rows[name], 1))) for name in sse}, scored_rows

@@ -47,11 +47,13 @@ class AccountMeanMember(Member):
 class AccountMeanFamily(Family):
     name = "account_mean_eb"
     levels = ("post",)
+    streams = True  # a mean: one pass of partial sums when the posts are a Ray Dataset
 
-    def fit(self, level: Level, train: pa.Table, valid: pa.Table, features: list[str],
-            ctx: FitContext) -> list[Member]:
-        if "te_author_id" not in train.column_names:
+    def fit(self, level: Level, train, valid: pa.Table, features: list[str], ctx: FitContext) -> list[Member]:
+        if "te_author_id" not in valid.column_names:
             return []
+        if not isinstance(train, pa.Table):
+            return [AccountMeanMember(float(train.mean(level.labels[0])))]
         y = train.column(level.labels[0]).to_numpy(zero_copy_only=False)
         return [AccountMeanMember(float(np.mean(y)))]
 

@@ -49,6 +49,13 @@ def _residual(table: pa.Table, label: str) -> pa.Table:
     return table.append_column(RESIDUAL, pa.array(y - account_prior(table)))
 
 
+def _with_residual(rows, label: str):
+    """``_residual`` of a table, or block by block of a Ray Dataset (the streamed post level)."""
+    if rows is None or isinstance(rows, pa.Table):
+        return None if rows is None else _residual(rows, label)
+    return rows.map_batches(_residual, fn_kwargs={"label": label}, batch_format="pyarrow")
+
+
 @register_family
 class XGBFamily(Family):
     name = "xgb"
@@ -62,11 +69,12 @@ class XGBFamily(Family):
         objective = "reg:squarederror" if level.task == "regression" else "binary:logistic"
         params = xgb.params_for(c.preset, objective, {"nthread": c.cpus_per_worker, **c.params}, ctx.use_gpu)
         boosters = {}
-        margin = c.post_margin and level.name == "post" and account_prior(train) is not None
+        # valid: always a table with the level's columns (train may be a Ray Dataset).
+        margin = c.post_margin and level.name == "post" and account_prior(valid) is not None
         for label, output in zip(level.labels, level.outputs):
             run_name = "post_xgb" if level.name == "post" else f"impression_xgb_{output}"
             if margin:  # squared error: boosting y − m from 0 is boosting y from the margin m
-                train, valid = (_residual(t, label) if t is not None else None for t in (train, valid))
+                train, valid = _with_residual(train, label), _with_residual(valid, label)
             booster = xgb.fit_ray(train, valid, features, RESIDUAL if margin else label, params, c, ctx.ray_dir,
                                   run_name, ctx.resources(self))
             meta = {"task": "regression"} if level.name == "post" else {"engagement": output}
