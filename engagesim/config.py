@@ -244,6 +244,14 @@ class KNNConfig(Section):
     k: int = Field(20, ge=1, description="Neighbours that vote.")
     embedding: Literal["text_emb", "image_emb"] = Field("text_emb", description="Embedding space to search.")
     ivf_threshold: int = Field(200_000, ge=1, description="Use an IVF index from this many rows (flat below).")
+    pq_threshold: int | None = Field(
+        200_000, ge=1, description="From this many rows the IVF index stores product-quantised vectors (pq_bytes a "
+        "vector: a million 384-float posts in ~70 MB instead of 1.5 GB, in the driver that scores validation and "
+        "in every server). None: full vectors at any size.")
+    pq_bytes: int = Field(64, ge=1, description="Bytes per product-quantised vector (rounded down to a divisor of "
+                                                "the embedding's dimension).")
+    sample_rows: int = Field(100_000, ge=100, description="Streamed training: the posts the IVF cells and the product "
+                                                         "quantiser are trained on (a uniform sample).")
 
 
 class SampleConfig(Section):

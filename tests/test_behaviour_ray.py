@@ -219,8 +219,9 @@ def test_impression_training_streams_from_ray_data_above_the_threshold(features,
 
 
 def test_post_training_streams_from_ray_data_above_the_threshold(features, world, config, tmp_path):
-    """The post level above train.stream_rows: xgb (with its account-prior margin, applied block by block) and
-    the account-mean member stream; knn, which cannot, gathers the split and says so. Account means come from a
+    """The post level above train.stream_rows: xgb (with its account-prior margin, applied block by block), the
+    kNN index (trained on a sample, filled batch by batch) and the account-mean member stream; the stacked MLP,
+    which cannot, gathers the split and says so. Account means come from a
     Ray Data groupby; half the validation posts (by a hash of post_id) fit the ensemble, the others are scored
     on Ray Data: the reported RMSE of each member, the served ensemble, both baselines and the oracle equal the
     exact ones of the saved models on those posts."""
@@ -232,12 +233,13 @@ def test_post_training_streams_from_ray_data_above_the_threshold(features, world
 
     out, _ = features
     streamed = config.model_copy(update={"train": config.train.model_copy(update={
-        "stream_rows": 1, "valid_fit_rows": 60, "models": ["xgb", "knn", "account_mean_eb"]})})
+        "stream_rows": 1, "valid_fit_rows": 60, "models": ["xgb", "knn", "stacked_mlp", "account_mean_eb"]})})
     lines: list[str] = []
     post = train_post_level(streamed, io.join(out, "posts"), str(tmp_path), io.join(world, "truth/posts"),
                             log=lines.append)
     assert post["train_input"] == "ray_data"
-    assert any("knn cannot stream" in line for line in lines)
+    assert any("stacked_mlp cannot stream" in line for line in lines)
+    assert any(line.startswith("knn: flat index over") for line in lines)
     table = io.read_table(io.join(out, "posts"))
     table = table.filter(pc.invert(pc.is_nan(table.column("label_log1p_likes"))))
     train = table.filter(pc.equal(table.column("split"), "train"))
@@ -249,7 +251,7 @@ def test_post_training_streams_from_ray_data_above_the_threshold(features, world
     assert post["validation"]["fit_rows"] == valid.num_rows - scored.num_rows
     y = scored.column("label_log1p_likes").to_numpy()
     served = PostModels(str(tmp_path / "post")).predict(scored)
-    for name in ("xgb", "knn", "account_mean_eb"):
+    for name in ("xgb", "knn", "stacked_mlp", "account_mean_eb"):
         assert post["models"][name]["rmse"] == pytest.approx(rmse(y, served[name]), abs=1e-5), name
     assert post["models"]["xgb"]["seconds"] > 0
     shown = post["ensemble"].get("by_account_regime") or post["ensemble"][
