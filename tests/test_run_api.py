@@ -136,6 +136,33 @@ def test_streamed_impression_evaluation_equals_the_in_memory_one(run, tmp_path):
     assert (tmp_path / "impression_calibration_pr_groups.png").exists()
 
 
+def test_streamed_post_evaluation_equals_the_in_memory_one(run, tmp_path):
+    """The post evaluation above train.stream_rows (scoring actors on Ray Data, the account means by a groupby
+    and a hash join, RMSE from squared-error sums) gives the in-process figures exactly: every model's RMSE
+    overall and per popularity quintile, both baselines, the oracle; and the same predictions."""
+    from engagesim.pipeline.evaluate_posts import evaluate_posts
+
+    streamed = evaluate_posts(run, tmp_path, io.join(str(tmp_path), "predictions"), stream=True)
+    exact = json.load(open(os.path.join(run.uri, "reports", "evaluation", "metrics.json")))["test"]["post_level"]
+    assert streamed["rows"] == exact["rows"] > 50 and set(streamed["models"]) == set(exact["models"])
+    for name in exact["models"]:
+        assert streamed["models"][name]["rmse"] == pytest.approx(exact["models"][name]["rmse"], abs=1e-6), name
+        assert streamed["models"][name]["rmse_by_popularity"] == pytest.approx(
+            exact["models"][name]["rmse_by_popularity"], abs=1e-6), name
+    for name in ("global_mean", "account_mean"):
+        assert streamed["baselines"][name]["rmse"] == pytest.approx(exact["baselines"][name]["rmse"], abs=1e-6)
+    assert streamed["oracle"]["rmse"] == pytest.approx(exact["oracle"]["rmse"], abs=1e-6)
+    ours = pl.from_arrow(io.read_table(io.join(str(tmp_path), "predictions"))).sort("post_id")
+    theirs = _frame(run, "predictions", "posts").sort("post_id")
+    assert set(theirs.columns) <= set(ours.columns) and ours.height == theirs.height
+    for c in theirs.columns:
+        if c.startswith(("log1p_likes", "expected", "likes_")):
+            assert (ours[c] - theirs[c]).abs().max() <= 1e-5 * max(1.0, float(theirs[c].abs().max())), c
+        else:
+            assert ours[c].equals(theirs[c]), c
+    assert (tmp_path / "post_calibration_and_groups.png").exists()
+
+
 def test_cold_start_account_and_viewer(run):
     posts = pl.DataFrame({"post_id": ["new-1"], "author_id": ["never-seen"], "username": ["never-seen"],
                           "text": ["Launching something #new today https://example.com"],

@@ -4,9 +4,9 @@
 (``metrics.json``, calibration and PR curves, feature importance, error by
 author-popularity group, ``index.html``). It scores with ``load_run`` — the
 objects Serve and ``engagesim score`` use — so these predictions are the
-reference the online paths are checked against. Impression tables of ``train.stream_rows`` rows or
-more are never gathered: the test rows stream through scoring actors into the predictions dataset,
-whose partial sums give the metrics and the curves (``pipeline/validation.py``).
+reference the online paths are checked against. Feature tables of ``train.stream_rows`` rows or more
+are never gathered: the test rows stream through scoring actors into the predictions dataset, whose
+partial sums give the metrics and the curves (``pipeline/validation.py``; posts: ``evaluate_posts.py``).
 
 The test split is the latest ``features.test_share`` of the held-out rows (forward in time). Early
 stopping, the ensemble's weights and stacker and ``tune`` only ever see the validation rows before it,
@@ -30,10 +30,10 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 from engagesim import datasets, io  # noqa: E402
-from engagesim.metrics import AP_FROM_BINS, average_precision, grouped, popularity_groups, quantile_edges, rce, rmse  # noqa: E402
+from engagesim.metrics import AP_FROM_BINS, average_precision, grouped, quantile_edges, rce  # noqa: E402
 from engagesim.models.data import label_matrix  # noqa: E402
 from engagesim.pipeline import validation  # noqa: E402
-from engagesim.pipeline.level_inputs import post_baselines, stream_threshold  # noqa: E402
+from engagesim.pipeline.level_inputs import stream_threshold  # noqa: E402
 from engagesim.report import figures_html, report_dir, save_figure  # noqa: E402
 from engagesim.runs import LoadedRun, load_run  # noqa: E402
 from engagesim.runtime import ensure_ray  # noqa: E402
@@ -56,15 +56,6 @@ def _write(uri: str, table: pa.Table, kind: str, storage) -> str:
     return uri
 
 
-def _oracle_posts(run: LoadedRun, post_ids: list[str]) -> np.ndarray | None:
-    truth = run.manifest["stages"].get("data", {}).get("outputs", {}).get("truth/posts")
-    if not truth:
-        return None
-    t = pl.from_arrow(io.read_table(truth, run.storage, columns=["post_id", "expected_log1p_likes"]))
-    return (pl.DataFrame({"post_id": post_ids}).join(t, on="post_id", how="left", maintain_order="left")
-            ["expected_log1p_likes"].to_numpy())
-
-
 def _oracle_impressions(run: LoadedRun, keys: pa.Table) -> np.ndarray | None:
     truth = run.manifest["stages"].get("data", {}).get("outputs", {}).get("truth/interactions")
     if not truth:
@@ -73,38 +64,6 @@ def _oracle_impressions(run: LoadedRun, keys: pa.Table) -> np.ndarray | None:
     t = pl.from_arrow(io.read_table(truth, run.storage, columns=cols))
     joined = pl.from_arrow(keys).join(t, on=["user_id", "post_id", "impression_at"], how="left", maintain_order="left")
     return np.column_stack([joined[f"p_{e}"].to_numpy() for e in ENGAGEMENTS])
-
-
-def evaluate_posts(run: LoadedRun, out: Path) -> dict[str, Any]:
-    features = _labelled(_rows(run, "posts"))
-    if features.num_rows == 0 or not io.exists(run.path("models", "post", "ensemble.json"), run.storage):
-        return {}
-    preds = run.score_post_features(features)
-    y = features.column("label_log1p_likes").to_numpy()
-    followers = "author_follower_count" in features.column_names
-    popularity = (features.column("author_follower_count").to_numpy(zero_copy_only=False)
-                  if followers else features.column("te_author_id").to_numpy())
-    groups = popularity_groups(np.nan_to_num(popularity), quantile_edges(np.nan_to_num(popularity)))
-    models = [c for c in preds.column_names if c.startswith("log1p_likes")]
-    train = _labelled(_rows(run, "posts", "train", ["author_id", "label_log1p_likes"]))
-    result: dict[str, Any] = {"rows": features.num_rows, "baselines": post_baselines(train, features), "models": {},
-                              # Without follower counts (the Adobe files), popularity is the author's target-
-                              # encoded mean log1p(likes): say which, so the plot does not claim followers.
-                              "popularity_by": "author followers" if followers
-                              else "author's mean log1p(likes) (target-encoded; no follower counts in the data)"}
-    for c in models:
-        name = "ensemble" if c == "log1p_likes" else c[len("log1p_likes_"):]
-        p = preds.column(c).to_numpy()
-        result["models"][name] = {"rmse": rmse(y, p), "rmse_by_popularity": grouped(rmse, y, p, groups)}
-    result.update(_dropped(run, "post_level"))
-    oracle = _oracle_posts(run, features.column("post_id").to_pylist())
-    if oracle is not None:
-        result["oracle"] = {"rmse": rmse(y, oracle), "rmse_by_popularity": grouped(rmse, y, oracle, groups)}
-        result["gap_to_oracle"] = result["models"]["ensemble"]["rmse"] / result["oracle"]["rmse"] - 1
-    table = preds.append_column("label_log1p_likes", pa.array(y)).append_column("popularity_group", pa.array(groups))
-    _write(run.path("predictions", "posts"), table, "post_predictions", run.storage)
-    _plot_post(out, y, preds.column("log1p_likes").to_numpy(), result)
-    return result
 
 
 def evaluate_impressions(run: LoadedRun, out: Path, predictions_uri: str | None = None,
@@ -229,28 +188,6 @@ def quintile_labels(n: int) -> list[str]:
     return [f"{i + 1}" + (" least" if i == 0 else " most" if i == n - 1 else "") for i in range(n)]
 
 
-def _plot_post(out: Path, y: np.ndarray, p: np.ndarray, result: dict) -> None:
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.hexbin(p, y, gridsize=40, mincnt=1, cmap="Blues")
-    lim = [min(y.min(), p.min()), max(y.max(), p.max())]
-    a.plot(lim, lim, color="#ee6677", linestyle="--")
-    a.set_xlabel("predicted log1p(likes)")
-    a.set_ylabel("actual log1p(likes)")
-    a.set_title("Post level: calibration")
-    groups = [k for k in result["models"]["ensemble"]["rmse_by_popularity"] if k != "mean"]
-    b.bar(groups, [result["models"]["ensemble"]["rmse_by_popularity"][g] for g in groups], color="#4477aa",
-          label="ensemble")
-    if "oracle" in result:
-        b.plot(groups, [result["oracle"]["rmse_by_popularity"][g] for g in groups], "o--", color="#ee6677",
-               label="oracle")
-    b.set_ylabel("RMSE")
-    b.set_xticks(range(len(groups)), quintile_labels(len(groups)))
-    b.set_xlabel(f"quintile of {result.get('popularity_by', 'author popularity')}")
-    b.set_title("Error by author popularity")
-    b.legend(loc="lower center")
-    save_figure(fig, out / "post_calibration_and_groups.png")
-
-
 def _exact_curves(y: np.ndarray, p: np.ndarray) -> dict[str, np.ndarray]:
     """The curves ``BinaryScores.curves`` approximates, from every row (sklearn)."""
     from sklearn.calibration import calibration_curve
@@ -304,6 +241,8 @@ def evaluate(run_uri: str, storage=None) -> dict[str, Any]:
 
     Returns the test metrics ({post_level, impression_level}) and the report's URI; metrics.json holds
     them as ``test`` beside the training stage's ``valid`` figures."""
+    from engagesim.pipeline.evaluate_posts import evaluate_posts  # it reads this module's helpers
+
     run = load_run(run_uri, storage)
     target = run.path("reports", "evaluation")
     with report_dir(target) as out:
