@@ -418,6 +418,15 @@ def column_range(uri: str, column: str, storage: StorageConfig | None = None) ->
     return rows, lo, hi
 
 
+def count_rows(uri: str, storage: StorageConfig | None = None, where: pc.Expression | None = None) -> int:
+    """Rows of a committed dataset (matching ``where``), counted part by part from the columns ``where`` names
+    only — 1M posts' test split in milliseconds, without holding them."""
+    import pyarrow.dataset as pads
+
+    fs, _ = filesystem(uri, storage)
+    return pads.dataset(dataset_files(uri, storage), filesystem=fs, format="parquet").count_rows(filter=where)
+
+
 def dataset_schema(uri: str, storage: StorageConfig | None = None) -> pa.Schema:
     """A committed dataset's schema, from its first part's footer (no rows read)."""
     fs, _ = filesystem(uri, storage)

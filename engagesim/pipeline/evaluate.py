@@ -4,7 +4,7 @@
 (``metrics.json``, calibration and PR curves, feature importance, error by
 author-popularity group, ``index.html``). It scores with ``load_run`` — the
 objects Serve and ``engagesim score`` use — so these predictions are the
-reference the online paths are checked against. Feature tables of ``train.stream_rows`` rows or more
+reference the online paths are checked against. Test splits of ``train.stream_rows`` rows or more
 are never gathered: the test rows stream through scoring actors into the predictions dataset, whose
 partial sums give the metrics and the curves (``pipeline/validation.py``; posts: ``evaluate_posts.py``).
 
@@ -33,7 +33,7 @@ from engagesim import datasets, io  # noqa: E402
 from engagesim.metrics import AP_FROM_BINS, average_precision, grouped, quantile_edges, rce  # noqa: E402
 from engagesim.models.data import label_matrix  # noqa: E402
 from engagesim.pipeline import validation  # noqa: E402
-from engagesim.pipeline.level_inputs import stream_threshold  # noqa: E402
+from engagesim.pipeline.level_inputs import streams_split  # noqa: E402
 from engagesim.report import figures_html, report_dir, save_figure  # noqa: E402
 from engagesim.runs import LoadedRun, load_run  # noqa: E402
 from engagesim.runtime import ensure_ray  # noqa: E402
@@ -68,15 +68,14 @@ def _oracle_impressions(run: LoadedRun, keys: pa.Table) -> np.ndarray | None:
 
 def evaluate_impressions(run: LoadedRun, out: Path, predictions_uri: str | None = None,
                          stream: bool | None = None) -> dict[str, Any]:
-    """Score the impression test rows. Tables of ``train.stream_rows`` rows or more (``stream``)
+    """Score the impression test rows. ``train.stream_rows`` test rows or more (``stream``)
     are scored on Ray Data and their metrics come from partial sums; smaller ones in this process."""
     if not run.has_impression_models:
         return {}
     uri = run.path("features", "impressions")
     predictions_uri = predictions_uri or run.path("predictions", "impressions")
     if stream is None:
-        columns = len(io.dataset_schema(uri, run.storage).names)
-        stream = io.read_manifest(uri, run.storage).get("rows", 0) >= stream_threshold(run.config, columns)
+        stream = streams_split(run.config, uri, "test")
     if stream:
         return _evaluate_impressions_streamed(run, out, uri, predictions_uri)
     features = _rows(run, "impressions")

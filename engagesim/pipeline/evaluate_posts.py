@@ -1,12 +1,12 @@
 """The evaluation stage at post level: the saved models on the untouched test posts → predictions, RMSE
 (overall and per author-popularity quintile) beside the baselines and the oracle, and the calibration plot.
 
-Below ``train.stream_rows`` the test posts are read into this process. At or above it (the training level
-streams there too) they never are: scoring actors (``load_run``, as Serve) stream them into
-``predictions/posts``, the account means of the training posts reach each row by a Ray Data hash join (a
-groupby over the training split: ``validation.account_means``), as the oracle's expectation does, and the
-metrics come from squared-error sums per (model, popularity group) — exact, as in memory. The calibration
-hexbin is drawn from a uniform sample of at most 200k predictions.
+Below ``train.stream_rows`` test posts they are read into this process. At or above it they never are:
+scoring actors (``load_run``, as Serve) stream them into ``predictions/posts``, the account means of the
+training posts reach each row by a Ray Data hash join (a groupby over the training split:
+``validation.account_means``), as the oracle's expectation does, and the metrics come from squared-error
+sums per (model, popularity group) — exact, as in memory. The calibration hexbin is drawn from a uniform
+sample of at most 200k predictions.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from engagesim import datasets, io
 from engagesim.metrics import grouped, popularity_groups, quantile_edges, rmse
 from engagesim.pipeline import validation
 from engagesim.pipeline.evaluate import _dropped, _labelled, _rows, _write, plt, quintile_labels, save_figure
-from engagesim.pipeline.level_inputs import post_baselines, stream_threshold
+from engagesim.pipeline.level_inputs import post_baselines, streams_split
 from engagesim.runs import LoadedRun, load_run
 from engagesim.runtime import ensure_ray
 
@@ -52,15 +52,14 @@ def _truth(run: LoadedRun) -> str | None:
 
 def evaluate_posts(run: LoadedRun, out: Path, predictions_uri: str | None = None,
                    stream: bool | None = None) -> dict[str, Any]:
-    """Score the labelled test posts; streamed (``stream``, automatic: at ``train.stream_rows`` rows or more)
-    or in this process."""
+    """Score the labelled test posts; streamed (``stream``, automatic: at ``train.stream_rows`` test posts or
+    more) or in this process."""
     if not io.exists(run.path("models", "post", "ensemble.json"), run.storage):
         return {}
     uri = run.path("features", "posts")
     predictions_uri = predictions_uri or run.path("predictions", "posts")
     if stream is None:
-        columns = len(io.dataset_schema(uri, run.storage).names)
-        stream = io.read_manifest(uri, run.storage).get("rows", 0) >= stream_threshold(run.config, columns)
+        stream = streams_split(run.config, uri, "test")
     if stream:
         return _evaluate_posts_streamed(run, out, uri, predictions_uri)
     features = _labelled(_rows(run, "posts"))
