@@ -27,7 +27,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 
 from engagesim import datasets, io  # noqa: E402
 from engagesim.metrics import AP_FROM_BINS, average_precision, grouped, quantile_edges, rce  # noqa: E402
@@ -43,10 +42,6 @@ from engagesim.schema import ENGAGEMENTS  # noqa: E402
 def _rows(run: LoadedRun, name: str, split: str = "test", columns: list[str] | None = None) -> pa.Table:
     """A split's rows of a feature table, filtered part by part while reading (never the whole table)."""
     return io.read_table(run.path("features", name), run.storage, columns=columns, filters=[("split", "==", split)])
-
-
-def _labelled(table: pa.Table) -> pa.Table:
-    return table.filter(pc.invert(pc.is_nan(table.column("label_log1p_likes"))))
 
 
 def _write(uri: str, table: pa.Table, kind: str, storage) -> str:

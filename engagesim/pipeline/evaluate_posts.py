@@ -21,7 +21,7 @@ import pyarrow as pa
 from engagesim import datasets, io
 from engagesim.metrics import grouped, popularity_groups, quantile_edges, rmse
 from engagesim.pipeline import validation
-from engagesim.pipeline.evaluate import _dropped, _labelled, _rows, _write, plt, quintile_labels, save_figure
+from engagesim.pipeline.evaluate import _dropped, _rows, _write, plt, quintile_labels, save_figure
 from engagesim.pipeline.level_inputs import post_baselines, streams_split
 from engagesim.runs import LoadedRun, load_run
 from engagesim.runtime import ensure_ray
@@ -62,7 +62,7 @@ def evaluate_posts(run: LoadedRun, out: Path, predictions_uri: str | None = None
         stream = streams_split(run.config, uri, "test")
     if stream:
         return _evaluate_posts_streamed(run, out, uri, predictions_uri)
-    features = _labelled(_rows(run, "posts"))
+    features = validation.labelled(_rows(run, "posts"))
     if features.num_rows == 0:
         return {}
     preds = run.score_post_features(features)
@@ -71,7 +71,7 @@ def evaluate_posts(run: LoadedRun, out: Path, predictions_uri: str | None = None
     popularity = np.nan_to_num(features.column(column).to_numpy(zero_copy_only=False))
     groups = popularity_groups(popularity, quantile_edges(popularity))
     models = [c for c in preds.column_names if c.startswith("log1p_likes")]
-    train = _labelled(_rows(run, "posts", "train", ["author_id", LABEL]))
+    train = validation.labelled(_rows(run, "posts", "train", ["author_id", LABEL]))
     result: dict[str, Any] = {"rows": features.num_rows, "baselines": post_baselines(train, features), "models": {},
                               # Without follower counts (the Adobe files), popularity is the author's target-
                               # encoded mean log1p(likes): say which, so the plot does not claim followers.
@@ -153,12 +153,7 @@ def _evaluate_posts_streamed(run: LoadedRun, out: Path, uri: str, target: str) -
     edges = quantile_edges(np.nan_to_num(sample.column(0).to_numpy(zero_copy_only=False)))
     train = ds.map_batches(validation.rows_of, fn_kwargs={"split": "train"}, batch_format="pyarrow")
     means, prior = validation.account_means(train)
-    parts = max(cfg.features.blocks or 8, 1)
-    test = test.join(means, "left_outer", num_partitions=parts, on=("author_id",))
-    if _truth(run):
-        truth = (datasets.read(_truth(run), run.storage).select_columns(["post_id", "expected_log1p_likes"])
-                 .rename_columns({"expected_log1p_likes": validation.ORACLE}))
-        test = test.join(truth, "left_outer", num_partitions=parts, on=("post_id",))
+    test = validation.with_account_means_and_oracle(cfg, test, means, _truth(run))
     scored = test.map_batches(
         _PostRunScorer, fn_constructor_kwargs={"run_uri": run.uri, "storage": run.storage, "column": column,
                                                "edges": edges.tolist(), "prior": prior},

@@ -263,6 +263,18 @@ def account_means_of(means, authors: list[str]) -> pl.DataFrame:
                         schema={"a": pl.String, "y": pl.Float64})
 
 
+def with_account_means_and_oracle(cfg: AppConfig, posts, means, truth_uri: str | None):
+    """Posts (a Ray Dataset) + each one's account mean (``ACCOUNT_MEAN``) and, with ``truth_uri``, the data
+    generator's expectation (``ORACLE``): two hash joins, what the training and the evaluation scorers read."""
+    parts = max(cfg.features.blocks or 8, 1)
+    posts = posts.join(means, "left_outer", num_partitions=parts, on=("author_id",))
+    if truth_uri:
+        truth = (datasets.read(truth_uri, cfg.storage).select_columns(["post_id", "expected_log1p_likes"])
+                 .rename_columns({"expected_log1p_likes": ORACLE}))
+        posts = posts.join(truth, "left_outer", num_partitions=parts, on=("post_id",))
+    return posts
+
+
 class _PostScorer:
     """One actor: the post level's saved members, what it serves, both fitted ensembles (as ``ensemble.json``
     holds them) and the two baselines → one row per model of each block: (model, squared-error sum, rows)."""
@@ -301,12 +313,7 @@ def stream_post_scores(cfg: AppConfig, scored, models_dir: str, means, prior: fl
     Ray Data's hash join, as the oracle's expectation does."""
     import ray
 
-    parts = max(cfg.features.blocks or 8, 1)
-    scored = scored.join(means, "left_outer", num_partitions=parts, on=("author_id",))
-    if truth_uri:
-        truth = (datasets.read(truth_uri, cfg.storage).select_columns(["post_id", "expected_log1p_likes"])
-                 .rename_columns({"expected_log1p_likes": ORACLE}))
-        scored = scored.join(truth, "left_outer", num_partitions=parts, on=("post_id",))
+    scored = with_account_means_and_oracle(cfg, scored, means, truth_uri)
     sums = scored.map_batches(_PostScorer, fn_constructor_kwargs={"models_dir": models_dir, "prior": prior},
                               compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors()),
                               batch_size=SCORE_BATCH, batch_format="pyarrow", num_cpus=1)
