@@ -1,5 +1,7 @@
 """Model families as plain code (no Ray, except the Ray Train paths marked so): they learn, they save and load in safe formats."""
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -45,6 +47,21 @@ def test_external_memory_is_chosen_by_the_values_a_worker_holds():
     assert not xgb.uses_external_memory("auto", 1_500_000, 160)  # 2M impressions: bins stay in RAM
     assert xgb.uses_external_memory("auto", 7_500_000, 160)  # 10M
     assert xgb.uses_external_memory("on", 10, 2) and not xgb.uses_external_memory("off", 1e9, 200)
+
+
+def test_stale_page_directories_of_dead_workers_are_swept_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (a worker killed before its finally)
+    stale = tmp_path / f"{xgb.PAGES_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{xgb.PAGES_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{xgb.PAGES_PREFIX}xyz"  # not ours to judge (no pid): kept
+    for d in (stale, live, other):
+        (d / "train").mkdir(parents=True)
+    assert xgb.sweep_stale_pages(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 @pytest.mark.ray

@@ -169,8 +169,36 @@ def _matrix_for(rows, features: list[str], label: str, params: dict, ref=None,
     return xgb.QuantileDMatrix(ShardBatches(rows, features, label), missing=np.nan, ref=ref, max_bin=bins)
 
 
+PAGES_PREFIX = "engagesim-xgb-pages-"  # + the owning worker's pid + "-": a killed worker's pages are found by it
+
+
+def sweep_stale_pages(root: str | None = None) -> list[str]:
+    """Delete the page directories of workers that no longer run (killed before their ``finally``: a node
+    lost mid-fit, or a user's Ctrl-C); the 40M fits left 6–9 GB each in /tmp. Another live fit's are kept."""
+    removed = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{PAGES_PREFIX}*"):
+        owner = path.name[len(PAGES_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence and permission only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _train_fn_per_worker(config: dict) -> None:
-    cache_dir = tempfile.mkdtemp(prefix="engagesim-xgb-pages-") if config.get("external_memory") else None
+    cache_dir = None
+    if config.get("external_memory"):
+        sweep_stale_pages()
+        cache_dir = tempfile.mkdtemp(prefix=f"{PAGES_PREFIX}{os.getpid()}-")
     try:
         _train(config, cache_dir)
     finally:
