@@ -277,6 +277,12 @@ class TrainConfig(Section):
     ensemble: Literal["loss_weighted", "stacked"] = Field(
         "stacked", description="How the served ensemble combines models (both are always evaluated)."
     )
+    selection_se: float = Field(
+        2.0, ge=0, description="Post level: the served model is the simplest (the shrunk account mean first, then "
+        "each member alone, then the ensemble) whose validation MSE is within this many standard errors of the "
+        "best's (paired per-row differences). 1 is the textbook one-standard-error rule; 2 is the default because "
+        "the Adobe splits thinned to 1-3 posts an account validate on 27-55 rows a regime, where a member that won "
+        "by 1-2 SE lost to the account mean on the later test posts (docs/evaluation.md). 0: the best on validation.")
     stream_rows: int | None = Field(
         None, ge=1, description="Feature tables (impressions or posts) with at least this many rows train from Ray "
         "Data: xgb and nn workers stream their shard (XGBoost bins it batch by batch into a QuantileDMatrix), never "

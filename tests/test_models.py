@@ -338,8 +338,26 @@ def test_the_one_standard_error_rule_serves_the_account_mean_unless_more_beats_i
         if expect == "stacked":
             assert spec["method"] == "stacked" and np.array_equal(served, stacked)
         else:
-            assert spec["members"] == [expect] and spec["chosen"] == "one-standard-error rule"
+            assert spec["members"] == [expect] and spec["chosen"] == "2-standard-error rule"
             np.testing.assert_array_equal(served, members[expect])
+
+
+def test_the_standard_error_rule_needs_k_standard_errors_of_evidence():
+    """A member 1.5 standard errors better than the account mean on validation: chosen at k = 1, not at k = 2."""
+    from engagesim.pipeline.train import _simplest_within_se
+
+    rng = np.random.default_rng(3)
+    n = 40
+    y = np.zeros(n)
+    base_err = rng.normal(0, 1, n)
+    d = rng.normal(0, 1, n)
+    d = (d - d.mean()) / d.std(ddof=1)  # paired differences of squared errors: mean 0, sd 1 …
+    d = d + 1.5 / np.sqrt(n)  # … then a mean of 1.5 standard errors
+    a = np.sqrt(base_err ** 2 + 10)  # the account mean's squared error: base² + 10 (always positive)
+    x = np.sqrt(a ** 2 - d)  # xgb's squared error is 1.5 SE below it on average
+    members = {"account_mean_eb": y + a, "xgb": y + x}
+    for k, expect in ((1.0, "xgb"), (2.0, "account_mean_eb"), (0.0, "xgb")):
+        assert _simplest_within_se(y, members, y + x, "stacked", k) == expect
 
 
 def test_the_stacker_weights_are_not_negative():

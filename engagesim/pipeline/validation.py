@@ -284,7 +284,7 @@ class _PostScorer:
 
         self.models, self.prior = PostModels(models_dir), prior
         spec = self.models.ensemble or {}
-        self.fitted = spec.get("fitted", spec)  # what the one-standard-error rule set aside, if it chose
+        self.fitted = spec.get("fitted", spec)  # what the standard-error rule set aside, if it chose
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         y = batch.column(POST_LABEL).to_numpy(zero_copy_only=False).astype(np.float64)
