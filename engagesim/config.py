@@ -123,6 +123,14 @@ class EmbedConfig(Section):
     image_stat_size: int = Field(128, ge=32, description="Images are resized to this side before the SMP statistics.")
 
 
+# Edges Leiden runs on, at most. igraph + leidenalg hold ~280 bytes an edge, and the graph is global (one
+# process): 17.9M engaged pairs at 40M impressions made the graph task the largest process of the job (8.4 GB
+# PSS). Above the cap Leiden runs on every edge of a seeded sample of users, and the users left out join the
+# community most of their creators are in (``_assign``). 2M impressions have 0.64M pairs, 10M 4.1M: the cap
+# changes nothing there.
+LEIDEN_MAX_EDGES = 5_000_000
+
+
 class FeaturesConfig(Section):
     valid_hours: float = Field(
         48, gt=0, description="Forward-in-time hold-out: impressions in the last N hours are validation, then test."
@@ -155,6 +163,10 @@ class FeaturesConfig(Section):
         return value
     jaccard_k: int = Field(20, ge=1, description="Jaccard-similar creators kept per creator.")
     seed: int = Field(0, description="Seed of the graph features' Leiden communities.")
+    leiden_max_edges: int | None = Field(
+        LEIDEN_MAX_EDGES, ge=1, description="Edges Leiden runs on, at most (it is global: one process holds them, ~280 "
+        "bytes each). Above it Leiden runs on every edge of a seeded share of the users and the others join the "
+        "community most of their creators are in. 10M impressions have ~4M edges; null: no cap.")
     text_clusters: int = Field(
         24, ge=2, description="k-means clusters of post text embeddings: the 'topic' of the user × topic history."
     )

@@ -30,11 +30,12 @@ def world(ray_local, tmp_path_factory):
 def config(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     # broadcast_max_rows=0: every history group (and the post features) is joined partition against partition, and
-    # post_stream_rows=0: the post features run on the Ray post plane (the large-log paths).
+    # post_stream_rows=0: the post features run on the Ray post plane, leiden_max_edges=500: Leiden on a user
+    # sample (2,807 engaged or followed pairs here) and the rest assigned (the large-log paths).
     return load_config(None, [f"embed.cache_dir={cache}", "features.valid_hours=24", "embed.pca_components=4",
                               "features.broadcast_max_rows=0", "features.partitions=3", "features.post_stream_rows=0",
-                              "train.xgb.rounds=30", "train.xgb.checkpoint_every=10", "train.nn.epochs=2",
-                              "train.nn.layer6_preset=0"])
+                              "features.leiden_max_edges=500", "train.xgb.rounds=30", "train.xgb.checkpoint_every=10",
+                              "train.nn.epochs=2", "train.nn.layer6_preset=0"])
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +87,11 @@ def test_partitioned_executor_equals_the_in_process_one(features, world, config)
     assert sorted(p for ps in plan["partitioned"].values() for p in ps) == sorted(GROUPS)
     assert set(plan["partitioned"]) == {"user_id", "creator_id", "post_id"}  # user, pair and topic share one
     f = config.features
+    assert plan["graph_edges"] > 4 * f.leiden_max_edges  # Leiden ran on a user sample, the rest assigned
     local = pl.from_arrow(features_in_process(
         io.read_table(io.join(world, "interactions")), pl.from_arrow(io.read_table(io.join(out, "posts"))),
         pl.from_arrow(io.read_table(io.join(world, "users"))), f.valid_hours, f.window_hours, f.history_mode,
-        f.jaccard_k, f.seed, test_share=f.test_share))
+        f.jaccard_k, f.seed, test_share=f.test_share, leiden_max_edges=f.leiden_max_edges))
     ray_table = pl.from_arrow(io.read_table(io.join(out, "impressions")))
     assert ray_table.height == local.height == 40_000
     assert frame_mismatches(ray_table, local, ["impression_at", "user_id", "post_id"]) == []

@@ -133,6 +133,44 @@ def test_graph_features():
     assert f[0]["same_community_like"] == 1 and 0 < f[0]["inv_community_size_like"] <= 1
 
 
+def test_leiden_above_its_edge_cap_runs_on_a_user_sample_and_assigns_the_rest():
+    """Planted communities (4 groups of 60 users × 6 creators, 5 % noise edges): with the cap at a third of the
+    edges, Leiden sees only a share of the users, every user and creator still gets a community, the left-out
+    users land in their creators' community, and the result is the same on a second call (the seed)."""
+    from unittest import mock
+
+    from engagesim.features import graph as g
+
+    rng = np.random.default_rng(5)
+    users, creators = [], []
+    for u in range(240):
+        group = u // 60
+        for c in rng.choice(6, 4, replace=False):
+            users.append(u)
+            creators.append(group * 6 + c if rng.random() > 0.05 else rng.integers(0, 24))
+    users, creators = np.array(users), np.array(creators)
+    n_edges = len(np.unique(np.column_stack([users, creators]), axis=0))
+    seen = []
+    real = g.ig.Graph
+
+    def spy(*args, **kwargs):
+        seen.append(len(kwargs["edges"]))
+        return real(*args, **kwargs)
+
+    with mock.patch.object(g.ig, "Graph", side_effect=spy):
+        full, _ = g._leiden(users, creators, 240, 24, seed=0, max_edges=None)
+        capped, sizes = g._leiden(users, creators, 240, 24, seed=0, max_edges=n_edges // 3)
+    assert seen[0] == n_edges and seen[1] <= n_edges // 2  # the capped fit saw a user sample's edges only
+    assert (capped >= 0).all()  # every user and creator has a community
+    np.testing.assert_array_equal(capped, g._leiden(users, creators, 240, 24, seed=0, max_edges=n_edges // 3)[0])
+    group = np.r_[np.arange(240) // 60, np.arange(24) // 6]
+    for labels in (full, capped):  # both recover the planted groups (pairs in one group share a community)
+        same = labels[:, None] == labels[None, :]
+        planted = group[:, None] == group[None, :]
+        assert (same == planted).mean() > 0.95
+    np.testing.assert_array_equal(sizes[capped], [np.sum(capped == x) for x in capped])
+
+
 def test_image_stats_follow_latents():
     rng = np.random.default_rng(1)
     props = rng.random((80, 5))

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from safetensors.numpy import load as load_arrays
 
 from engagesim import io
+from engagesim.config import LEIDEN_MAX_EDGES
 from engagesim.features.lookup import left_lookup
 from engagesim.schema import ENGAGEMENTS
 
@@ -205,28 +206,60 @@ def _top_k_jaccard(followers: sp.csr_matrix, k: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(top.height, np.float32), (top["r"].to_numpy(), top["c"].to_numpy())), shape=(n, n))
 
 
-def _leiden(users: np.ndarray, creators: np.ndarray, n_users: int, n_creators: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Communities of the bipartite engagement graph; nodes = users then creators. Isolated nodes → -1."""
+
+
+def _assign(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+    """``labels[r] = `` the most frequent label among ``labels[cols]`` of each unlabelled ``r`` of the edges
+    (rows, cols) (ties: the smallest label); nodes whose neighbours are all unlabelled stay -1."""
+    lab = labels[cols]
+    ok = (labels[rows] < 0) & (lab >= 0)
+    if not ok.any():
+        return
+    pairs, counts = np.unique(np.column_stack([rows[ok], lab[ok]]), axis=0, return_counts=True)
+    order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))  # per node: most frequent, then smallest label
+    first = order[np.r_[True, pairs[order[1:], 0] != pairs[order[:-1], 0]]]
+    labels[pairs[first, 0]] = pairs[first, 1]
+
+
+def _leiden(users: np.ndarray, creators: np.ndarray, n_users: int, n_creators: int, seed: int,
+            max_edges: int | None = LEIDEN_MAX_EDGES) -> tuple[np.ndarray, np.ndarray]:
+    """Communities of the bipartite engagement graph; nodes = users then creators. Isolated nodes → -1.
+
+    Above ``max_edges`` (``features.leiden_max_edges``), Leiden sees every edge of a seeded share of the users
+    (max_edges / edges of them), and the rest are assigned: each user left out to its creators' most frequent
+    community, then each creator still without one to its users'. Same seed, same result on every executor."""
     edges = np.unique(np.column_stack([users, n_users + creators]), axis=0)
     labels = np.full(n_users + n_creators, -1, dtype=np.int64)
     if len(edges) == 0:
         return labels, np.ones(1)
-    graph = ig.Graph(n=n_users + n_creators, edges=edges.tolist())
+    sampled = max_edges is not None and len(edges) > max_edges
+    fit = edges
+    if sampled:
+        keep = np.random.default_rng(seed).random(n_users) < max_edges / len(edges)
+        fit = edges[keep[edges[:, 0]]]
+    graph = ig.Graph(n=n_users + n_creators, edges=fit.tolist())
+    del fit
     part = leidenalg.find_partition(graph, leidenalg.ModularityVertexPartition, seed=seed)
     membership = np.asarray(part.membership)
-    sizes = np.bincount(membership).astype(np.float64)
     degree = np.asarray(graph.degree())
+    del part, graph
     labels[degree > 0] = membership[degree > 0]
-    return labels, sizes
+    if not sampled:
+        return labels, np.bincount(membership).astype(np.float64)
+    _assign(labels, edges[:, 0], edges[:, 1])  # users left out ← their creators' communities
+    _assign(labels, edges[:, 1], edges[:, 0])  # creators no sampled user reached ← their users'
+    sizes = np.bincount(labels[labels >= 0], minlength=int(membership.max()) + 1).astype(np.float64)
+    return labels, np.maximum(sizes, 1.0)
 
 
-def fit_graph(train: pl.DataFrame, jaccard_k: int = 20, seed: int = 0) -> GraphModel:
+def fit_graph(train: pl.DataFrame, jaccard_k: int = 20, seed: int = 0,
+              max_edges: int | None = LEIDEN_MAX_EDGES) -> GraphModel:
     """Fit on training impressions (with y_<engagement> columns and follows_creator)."""
     from engagesim.features.history import window_aggregates
 
     return fit_graph_from_pairs(window_aggregates(train.select(
         "user_id", "creator_id", "window", "t_us", "follows_creator", *[f"y_{e}" for e in ENGAGEMENTS]))["pair"],
-        jaccard_k, seed)
+        jaccard_k, seed, max_edges)
 
 
 def graph_edges(pairs: pl.DataFrame) -> pl.DataFrame:
@@ -243,7 +276,8 @@ def graph_edges(pairs: pl.DataFrame) -> pl.DataFrame:
     return per_pair.filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
 
 
-def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0) -> GraphModel:
+def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0,
+                         max_edges: int | None = LEIDEN_MAX_EDGES) -> GraphModel:
     """Fit from the (user, creator[, window]) aggregates of the history stage: no pass over raw rows.
 
     ``pairs`` has user_id, creator_id, c_<engagement> counts and ``follows`` (0/1).
@@ -265,7 +299,7 @@ def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0
     model = GraphModel(users, creators, engaged, creator_co, _top_k_jaccard(followers, jaccard_k))
     for e in ENGAGEMENTS:
         mask = counts[e] > 0
-        labels, sizes = _leiden(u[mask], c[mask], len(users), len(creators), seed)
+        labels, sizes = _leiden(u[mask], c[mask], len(users), len(creators), seed, max_edges)
         model.communities[e] = labels
         model.community_sizes[e] = sizes
     return model

@@ -10,6 +10,7 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
+from engagesim.config import LEIDEN_MAX_EDGES
 from engagesim.features import history
 from engagesim.features.impression_ops import Joins, PostSide, impression_ops
 from engagesim.features.lookup import left_lookup
@@ -102,7 +103,8 @@ def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, wind
 
 def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users: pl.DataFrame,
                         valid_hours: float, window_hours: int, history_mode: str, jaccard_k: int = 20,
-                        seed: int = 0, *, test_share: float) -> pa.Table:
+                        seed: int = 0, *, test_share: float,
+                        leiden_max_edges: int | None = LEIDEN_MAX_EDGES) -> pa.Table:
     """The in-process executor: the whole impression feature table from one polars frame.
 
     The same ops the Ray executor fits per block and partition (``pipeline/partitioned.py``), each fit here on
@@ -118,7 +120,7 @@ def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users:
     train = df.filter(pl.col("t_us") < cutoff_us)
     posts = impression_post_columns(post_table)
     ops = impression_ops(history.groups_for(train), history_mode, jaccard_k, seed, user_attributes(users), posts,
-                         topics, posts.columns)
+                         topics, posts.columns, leiden_max_edges)
     fit_in_process(ops, train)
     return join_impressions(interactions, ops, origin_us, window_hours, Joins(cutoff_us, history_mode),
                             test_from(cutoff_us, valid_hours, test_share))

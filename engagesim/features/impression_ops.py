@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from engagesim import io
+from engagesim.config import LEIDEN_MAX_EDGES
 from engagesim.features import history
 from engagesim.features.lookup import indexed, left_lookup
 from engagesim.features.ops import FeatureOp, Provenance, Snapshot
@@ -109,8 +110,8 @@ class Graph(FeatureOp):
     maxes = ("follows",)
     fits = True
 
-    def __init__(self, jaccard_k: int = 20, seed: int = 0, model=None) -> None:
-        self.jaccard_k, self.seed, self.model = jaccard_k, seed, model
+    def __init__(self, jaccard_k: int = 20, seed: int = 0, model=None, max_edges: int | None = LEIDEN_MAX_EDGES) -> None:
+        self.jaccard_k, self.seed, self.model, self.max_edges = jaccard_k, seed, model, max_edges
 
     def fit_partial(self, events: pl.DataFrame) -> pl.DataFrame:
         from engagesim.features.graph import graph_edges
@@ -120,7 +121,7 @@ class Graph(FeatureOp):
     def combine(self, parts: Iterable[pl.DataFrame]) -> None:
         from engagesim.features.graph import fit_graph_from_pairs
 
-        self.model = fit_graph_from_pairs(pl.concat(list(parts)), self.jaccard_k, self.seed)
+        self.model = fit_graph_from_pairs(pl.concat(list(parts)), self.jaccard_k, self.seed, self.max_edges)
 
     def columns(self) -> list[str]:
         from engagesim.features.graph import GRAPH_COLUMNS
@@ -222,9 +223,11 @@ class PostSide(FeatureOp):
 
 
 def impression_ops(groups: Iterable[str], history_mode: str, jaccard_k: int, seed: int, users: pl.DataFrame | None,
-                   posts: pl.DataFrame | None, topics: pl.DataFrame | None, post_names: list[str]) -> list[FeatureOp]:
+                   posts: pl.DataFrame | None, topics: pl.DataFrame | None, post_names: list[str],
+                   leiden_max_edges: int | None = LEIDEN_MAX_EDGES) -> list[FeatureOp]:
     """The ops of an impression table in column order (history groups in ``history.GROUPS`` order)."""
-    return [*(History(p, history_mode) for p in history.GROUPS if p in set(groups)), Graph(jaccard_k, seed),
+    return [*(History(p, history_mode) for p in history.GROUPS if p in set(groups)),
+            Graph(jaccard_k, seed, max_edges=leiden_max_edges),
             Accounts(users), PostSide(posts, topics, post_names)]
 
 

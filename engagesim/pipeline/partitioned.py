@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engagesim import datasets, io
-from engagesim.config import StorageConfig
+from engagesim.config import LEIDEN_MAX_EDGES, StorageConfig
 from engagesim.features import history
 from engagesim.features.graph import graph_edges
 from engagesim.features.impression import prepare, with_topic
@@ -142,17 +142,18 @@ def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours
     return train_rows, int(summary["edges"].sum())
 
 
-def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int):
+def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int, max_edges: int | None = LEIDEN_MAX_EDGES):
     """Fit the graph from the edge parts in a Ray task and save it there: (graph ref, seconds ref).
 
     Leiden is a global algorithm, so one process holds the whole edge list (engaged or followed pairs, far
     fewer than impressions: 637,794 at 2M); that process is a worker, not the driver, and it runs while the
     partitioned joins do. The join tasks fetch the graph from the object store; the driver never does.
     """
-    return _graph_remote().remote(layout.edges_uri(), save_uri, layout.storage, jaccard_k, seed)
+    return _graph_remote().remote(layout.edges_uri(), save_uri, layout.storage, jaccard_k, seed, max_edges)
 
 
-def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: int) -> tuple:
+def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: int,
+                max_edges: int | None = LEIDEN_MAX_EDGES) -> tuple:
     """The task's body: (graph, seconds). An empty edge list (no training engagements) fits an empty graph."""
     from engagesim.features.graph import fit_graph_from_pairs
 
@@ -160,7 +161,7 @@ def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: in
     edges = read_parts(edges_uri, storage) if io.list_files(edges_uri, storage) else pl.DataFrame(
         schema={"user_id": pl.String, "creator_id": pl.String, **{f"c_{e}": pl.Float64 for e in ENGAGEMENTS},
                 "follows": pl.Int8})
-    graph = fit_graph_from_pairs(edges, jaccard_k, seed=seed)
+    graph = fit_graph_from_pairs(edges, jaccard_k, seed=seed, max_edges=max_edges)
     graph.save(save_uri, storage)
     return graph, round(time.perf_counter() - start, 2)
 
