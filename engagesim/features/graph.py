@@ -192,20 +192,36 @@ class GraphModel:
         return pl.DataFrame(cols)
 
 
-def _top_k_jaccard(followers: sp.csr_matrix, k: int) -> sp.csr_matrix:
-    """creators × creators: 1 for each creator's k most Jaccard-similar creators (follower sets)."""
-    inter = (followers @ followers.T).tocsr()
-    sizes = np.asarray(followers.sum(axis=1)).ravel()
-    inter.setdiag(0)
-    inter.eliminate_zeros()
-    coo = inter.tocoo()
-    jac = coo.data / (sizes[coo.row] + sizes[coo.col] - coo.data)
-    df = pl.DataFrame({"r": coo.row, "c": coo.col, "j": jac})
-    top = df.sort("j", descending=True).group_by("r").head(k)
+JACCARD_BLOCK = 2048  # creators per block of the follower-set intersections
+
+
+def _top_k_jaccard(followers: sp.csr_matrix, k: int, block: int = JACCARD_BLOCK) -> sp.csr_matrix:
+    """creators × creators: 1 for each creator's k most Jaccard-similar creators (follower sets; ties: the
+    lower index), a block of creators at a time.
+
+    Why blocks: the intersection counts of every pair of creators had 134M entries at 40M impressions (5.7 %
+    dense); held whole, with a COO copy and a sorted table of them, they were the graph task's peak. A block
+    holds block × (its creators' co-followed creators)."""
     n = followers.shape[0]
-    return sp.csr_matrix((np.ones(top.height, np.float32), (top["r"].to_numpy(), top["c"].to_numpy())), shape=(n, n))
-
-
+    sizes = np.asarray(followers.sum(axis=1)).ravel()
+    by_user = followers.T.tocsr()
+    rows_out, cols_out = [], []
+    for start in range(0, n, block):
+        inter = (followers[start:start + block] @ by_user).tocsr()
+        rows = np.repeat(np.arange(start, start + inter.shape[0]), np.diff(inter.indptr))
+        cols, data = inter.indices, inter.data
+        off = (cols != rows) & (data != 0)
+        rows, cols, data = rows[off], cols[off], data[off]
+        jac = data / (sizes[rows] + sizes[cols] - data)
+        order = np.lexsort((cols, -jac, rows))  # per row: most similar first, then the lower index
+        ranked = rows[order]
+        rank = np.arange(len(ranked)) - np.searchsorted(ranked, ranked, side="left")
+        top = order[rank < k]
+        rows_out.append(rows[top])
+        cols_out.append(cols[top])
+    r = np.concatenate(rows_out) if rows_out else np.zeros(0, np.int64)
+    c = np.concatenate(cols_out) if cols_out else np.zeros(0, np.int64)
+    return sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(n, n))
 
 
 def _assign(labels: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
