@@ -70,7 +70,9 @@ class GraphModel:
         arrays: dict[str, np.ndarray] = {}
         for name in ("engaged", "creator_co", "jaccard_top"):
             m = getattr(self, name).tocsr()
-            arrays.update({f"{name}.data": m.data.astype(np.float32), f"{name}.indices": m.indices.astype(np.int64),
+            # No copies of the large arrays: creator_co had 134M entries at 40M impressions (int32 indices
+            # while they fit, as scipy keeps them; ``load`` takes either).
+            arrays.update({f"{name}.data": m.data.astype(np.float32, copy=False), f"{name}.indices": m.indices,
                            f"{name}.indptr": m.indptr.astype(np.int64), f"{name}.shape": np.asarray(m.shape, np.int64)})
         for e in self.communities:
             arrays[f"communities.{e}"] = np.asarray(self.communities[e], np.int64)
