@@ -13,6 +13,7 @@ was 24.4; without the feature it was 38.8. The direct (u, c) history lives in th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -295,12 +296,15 @@ def graph_edges(pairs: pl.DataFrame) -> pl.DataFrame:
 
 
 def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0,
-                         max_edges: int | None = LEIDEN_MAX_EDGES) -> GraphModel:
+                         max_edges: int | None = LEIDEN_MAX_EDGES,
+                         mark: Callable[[str], None] = lambda _: None) -> GraphModel:
     """Fit from the (user, creator[, window]) aggregates of the history stage: no pass over raw rows.
 
-    ``pairs`` has user_id, creator_id, c_<engagement> counts and ``follows`` (0/1).
+    ``pairs`` has user_id, creator_id, c_<engagement> counts and ``follows`` (0/1). ``mark(phase)`` is called
+    as each phase ends (``bench/graph.py`` measures memory by phase with it).
     """
     per_pair = graph_edges(pairs).sort("user_id", "creator_id")  # deterministic, whatever order the parts came in
+    mark("per-pair table")
     users = Index(per_pair["user_id"].unique(maintain_order=True))
     creators = Index(per_pair["creator_id"].unique(maintain_order=True))
     u = users.lookup(per_pair["user_id"])
@@ -312,12 +316,15 @@ def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0
     shape = (len(users), len(creators))
     engaged = _matrix(u[any_engagement], c[any_engagement], shape)
     creator_co = (engaged.T @ engaged).tocsr()
+    mark("engaged and creator_co")
     follows = per_pair["follows"].fill_null(0).to_numpy().astype(bool)
     followers = _matrix(c[follows], u[follows], (len(creators), len(users)))
     model = GraphModel(users, creators, engaged, creator_co, _top_k_jaccard(followers, jaccard_k))
+    mark("jaccard_top")
     for e in ENGAGEMENTS:
         mask = counts[e] > 0
         labels, sizes = _leiden(u[mask], c[mask], len(users), len(creators), seed, max_edges)
+        mark(f"leiden {e}")
         model.communities[e] = labels
         model.community_sizes[e] = sizes
     return model
