@@ -123,11 +123,10 @@ class EmbedConfig(Section):
     image_stat_size: int = Field(128, ge=32, description="Images are resized to this side before the SMP statistics.")
 
 
-# Edges Leiden runs on, at most. igraph + leidenalg hold ~280 bytes an edge, and the graph is global (one
-# process): 17.9M engaged pairs at 40M impressions made the graph task the largest process of the job (8.4 GB
-# PSS). Above the cap Leiden runs on every edge of a seeded sample of users, and the users left out join the
-# community most of their creators are in (``_assign``). 2M impressions have 0.64M pairs, 10M 4.1M: the cap
-# changes nothing there.
+# Edges Leiden runs on, at most. Leiden is global (one process holds the graph): on the 12.3M like edges of
+# the 40M-impression world it peaked at 5.4 GB RSS, 4.3 GB under this cap (bench/graph.py). Above the cap it
+# runs on every edge of a seeded sample of users, and the users left out join the community most of their
+# creators are in (``_assign``). 2M impressions have 0.64M pairs, 10M 4.1M: the cap changes nothing there.
 LEIDEN_MAX_EDGES = 5_000_000
 
 
