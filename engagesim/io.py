@@ -187,7 +187,14 @@ def output_lock(uri: str, storage: StorageConfig | None = None, what: str = "a w
     record = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for attempt in range(4):
-        write_json(join(uri, LOCKS_DIR, mine), record, storage)
+        for _ in range(3):
+            try:
+                write_json(join(uri, LOCKS_DIR, mine), record, storage)
+                break
+            except FileNotFoundError:  # a writer that just finished removed the empty folder under our write
+                continue
+        else:
+            write_json(join(uri, LOCKS_DIR, mine), record, storage)
         others = _live_locks(fs, folder, mine)
         if not others:
             break

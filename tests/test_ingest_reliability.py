@@ -218,3 +218,19 @@ def test_recsys_failed_rerun_on_s3_from_the_cli(s3_server, s3_bucket, tmp_path):
     assert second.returncode == 2 and "cut.tsv.gz could not be read to its end" in second.stderr
     assert "Traceback" not in second.stderr
     assert _snapshot(out) == before
+
+
+def test_the_lock_survives_its_folder_vanishing_under_the_write(tmp_path, monkeypatch):
+    """A writer that just finished removes the empty _locks folder; another writer's lock write in that instant
+    found no folder (CI, 2026-12-05: FileNotFoundError killed the ingest). The write is retried."""
+    real, calls = io.write_json, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise FileNotFoundError("the folder went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(io, "write_json", flaky)
+    with io.output_lock(str(tmp_path / "out")):
+        assert len(calls) == 2 and os.path.exists(calls[1].replace("file://", ""))
