@@ -140,17 +140,20 @@ def remove_tree(uri: str, storage: StorageConfig | None = None) -> None:
             pass
 
 
-def _alive(lock: dict[str, Any]) -> bool:
-    """A lock's holder still runs — known only on its own host; elsewhere it is assumed alive."""
-    if lock.get("host") != socket.gethostname():
-        return True
+def pid_alive(pid: Any) -> bool:
+    """Whether a process of this host runs with that pid (signal 0: existence only); unsure → True."""
     try:
-        os.kill(int(lock.get("pid", -1)), 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError, OverflowError):
         return True
     return True
+
+
+def _alive(lock: dict[str, Any]) -> bool:
+    """A lock's holder still runs — known only on its own host; elsewhere it is assumed alive."""
+    return lock.get("host") != socket.gethostname() or pid_alive(lock.get("pid", -1))
 
 
 def _live_locks(fs: pafs.FileSystem, folder: str, mine: str) -> list[tuple[str, dict[str, Any]]]:
@@ -187,14 +190,13 @@ def output_lock(uri: str, storage: StorageConfig | None = None, what: str = "a w
     record = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for attempt in range(4):
-        for _ in range(3):
+        for tries in range(3):
             try:
                 write_json(join(uri, LOCKS_DIR, mine), record, storage)
                 break
             except FileNotFoundError:  # a writer that just finished removed the empty folder under our write
-                continue
-        else:
-            write_json(join(uri, LOCKS_DIR, mine), record, storage)
+                if tries == 2:
+                    raise
         others = _live_locks(fs, folder, mine)
         if not others:
             break

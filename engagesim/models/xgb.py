@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import xgboost as xgb
 
+from engagesim.io import pid_alive
 from engagesim.models import distributed
 from engagesim.models.data import matrix, weights
 
@@ -178,20 +179,10 @@ def sweep_stale_pages(root: str | None = None) -> list[str]:
     removed = []
     for path in Path(root or tempfile.gettempdir()).glob(f"{PAGES_PREFIX}*"):
         owner = path.name[len(PAGES_PREFIX):].split("-", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)):
+        if owner.isdigit() and not pid_alive(owner):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(str(path))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence and permission only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _train_fn_per_worker(config: dict) -> None:
