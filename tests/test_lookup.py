@@ -72,3 +72,35 @@ def test_only_marked_tables_are_indexed_once_and_dropped_with_them():
     del table
     gc.collect()
     assert len(lookup._INDEXES) == before - 1
+
+
+@pytest.mark.parametrize("two_keys", [False, True])
+@pytest.mark.parametrize("plan", ["index", "join"])
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_lookup_columns_equal_the_left_join_filled(two_keys, plan, data):
+    """The numpy lookup (history, target encodings, graph ids): the join's columns, nulls and misses filled."""
+    import numpy as np
+
+    table, keys, on = data.draw(table_and_keys(two_keys))
+    times = data.draw(st.lists(st.one_of(st.none(), st.integers(0, 2**52)), min_size=table.height,
+                               max_size=table.height))
+    table = table.with_columns(pl.Series("t", times, dtype=pl.Int64),
+                               pl.when(pl.col("v") > 2).then(None).otherwise(pl.col("v")).alias("v"))
+    old = lookup.INDEX_MAX_KEYS
+    lookup.INDEX_MAX_KEYS = 10**6 if plan == "index" else -1
+    lookup.indexed(table, on)
+    try:
+        got = lookup.lookup_columns(table, on, keys, ["v", "t"], {"v": 0.0, "t": np.nan})
+    finally:
+        lookup.INDEX_MAX_KEYS = old
+    want = keys.join(table, on=on, how="left", maintain_order="left")
+    assert np.array_equal(got["v"], want["v"].fill_null(0.0).to_numpy())
+    t = want["t"].cast(pl.Float64).to_numpy()
+    assert np.array_equal(got["t"], t, equal_nan=True)
+
+
+def test_lookup_columns_refuse_a_table_that_is_not_unique():
+    with pytest.raises(ValueError, match="not unique"):
+        lookup.lookup_columns(pl.DataFrame({"k": ["a", "a"], "v": [1.0, 2.0]}), "k", pl.DataFrame({"k": ["a"]}),
+                              ["v"], {"v": 0.0})

@@ -27,6 +27,31 @@ def test_feature_columns_exclude_ids_labels_split():
     assert m.dtype == np.float32 and m.shape == (10, 2)
 
 
+def test_a_few_rows_convert_once_for_every_member_and_equal_the_per_member_matrix():
+    from engagesim.models import data
+
+    t = _table(20).append_column("n", pa.array([None, *range(19)], pa.int64()))
+    few, big = t.slice(0, 5), t
+    for columns in (["x2", "flag"], ["n", "x1"], ["x1", "x2", "flag", "n"]):
+        want = data._float32(few, columns)
+        got = matrix(few, columns)
+        assert got.flags["C_CONTIGUOUS"] and np.array_equal(got, want, equal_nan=True)
+    assert data._LAST.table[0] is few  # converted once, reused by the next member
+    assert matrix(big, ["x1"]).shape == (20, 1) and data._LAST.table[0] is big
+    assert np.array_equal(matrix(few, ["y_like"]), data._float32(few, ["y_like"]))  # a label: not in the cache
+
+
+def test_small_batches_run_the_net_on_one_thread_and_restore_the_default():
+    import torch
+
+    seen = []
+    with nn.threads_for(1):
+        seen.append(torch.get_num_threads())
+    with nn.threads_for(nn.ONE_THREAD_MAX_ROWS + 1):
+        seen.append(torch.get_num_threads())
+    assert seen == [1, nn._DEFAULT_THREADS] and torch.get_num_threads() == nn._DEFAULT_THREADS
+
+
 def test_xgb_learns_and_round_trips(tmp_path):
     train, valid = _table(3000, 0), _table(1000, 1)
     f = ["x1", "x2", "flag"]

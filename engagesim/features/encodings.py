@@ -62,11 +62,11 @@ class TargetStats:
 
     def apply_counted(self, keys: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each key's smoothed mean, how many labelled rows it stands on (0: the prior alone) and their sum."""
-        from engagesim.features.lookup import left_lookup
+        from engagesim.features.lookup import lookup_columns
 
-        joined = left_lookup(pl.DataFrame({self.key: keys}), self.table, self.key)
-        s = joined["te_sum"].fill_null(0.0).to_numpy()
-        c = joined["te_count"].fill_null(0.0).to_numpy()
+        got = lookup_columns(self.table, self.key, pl.DataFrame({self.key: keys}), ["te_sum", "te_count"],
+                             {"te_sum": 0.0, "te_count": 0.0})
+        s, c = got["te_sum"], got["te_count"]
         return (s + self.prior * self.smoothing) / (c + self.smoothing), c, s
 
 

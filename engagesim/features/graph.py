@@ -26,7 +26,7 @@ from safetensors.numpy import load as load_arrays
 
 from engagesim import io
 from engagesim.config import LEIDEN_MAX_EDGES
-from engagesim.features.lookup import left_lookup
+from engagesim.features.lookup import lookup_columns
 from engagesim.schema import ENGAGEMENTS
 
 
@@ -43,8 +43,8 @@ class Index:
         return len(self.keys)
 
     def lookup(self, values: pl.Series) -> np.ndarray:
-        joined = left_lookup(pl.DataFrame({"key": values}), self.table, "key")
-        return joined["idx"].fill_null(-1).to_numpy()
+        got = lookup_columns(self.table, "key", pl.DataFrame({"key": values}), ["idx"], {"idx": -1.0})["idx"]
+        return got.astype(np.int64)
 
 
 def _matrix(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:

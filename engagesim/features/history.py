@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import polars as pl
 
-from engagesim.features.lookup import left_lookup
+from engagesim.features.lookup import lookup_columns
 from engagesim.schema import ENGAGEMENTS
 
 Mode = Literal["window", "past", "apply"]
@@ -107,34 +108,33 @@ def feature_tables(aggregates: dict[str, pl.DataFrame], mode: Mode) -> dict[str,
 
 
 def join_history(rows: pl.DataFrame, tables: dict[str, pl.DataFrame], mode: Mode) -> pl.DataFrame:
-    """History features for ``rows`` from ``feature_tables``; row-aligned with ``rows``."""
-    keys_needed = sorted({k for prefix in tables for k in GROUPS[prefix]})
-    base = rows.select(*keys_needed, "window", "t_us").with_row_index("_i")
-    out_cols = []
+    """History features for ``rows`` from ``feature_tables``; row-aligned with ``rows``.
+
+    Each group's table is looked up once (``rows_of``: a loaded run's tables by index, others by a hash join of
+    the keys) and its columns gathered as numpy: a served request's five groups cost tens of µs, where a
+    polars join and 13 expressions per group cost ~1.5 ms."""
+    now = rows["t_us"].to_numpy()
+    fill = {**{c: 0.0 for c in SUMS}, **{c: np.nan for c in LASTS}}
+    out: dict[str, np.ndarray] = {}
     for prefix, keys in GROUPS.items():
         if prefix not in tables:
             continue
-        on = keys if mode == "apply" else [*keys, "window"]
-        joined = left_lookup(base, tables[prefix], on)  # a hash join unless the table is a loaded run's (indexed)
-        out_cols.append(joined.select(_finish(prefix, pl.col("t_us"))))
-    return pl.concat(out_cols, how="horizontal").with_columns(pl.all().cast(pl.Float32))
+        got = lookup_columns(tables[prefix], keys if mode == "apply" else [*keys, "window"], rows, [*SUMS, *LASTS],
+                             fill)
+        n = got["n"]
+        out[f"{prefix}_n"] = n
+        for e in ENGAGEMENTS:
+            count = got[f"c_{e}"]
+            out[f"{prefix}_{e}_count"] = count
+            out[f"{prefix}_{e}_rate"] = count / np.maximum(n, 1.0)
+            # µs times are integers below 2^53: exact in float64, so this is the integer difference, as before.
+            out[f"{prefix}_{e}_secs_since_last"] = (now - got[f"last_{e}"]) / 1e6
+    return pl.DataFrame([pl.Series(name, v.astype(np.float32), nan_to_null=True) for name, v in out.items()])
 
 
 def column_names(prefix: str) -> list[str]:
     """The feature columns ``join_history`` makes for one group, in its order."""
     return [f"{prefix}_n", *[f"{prefix}_{e}_{k}" for e in ENGAGEMENTS for k in ("count", "rate", "secs_since_last")]]
-
-
-def _finish(prefix: str, now: pl.Expr) -> list[pl.Expr]:
-    exprs = [pl.col("n").fill_null(0).alias(f"{prefix}_n")]
-    for e in ENGAGEMENTS:
-        count = pl.col(f"c_{e}").fill_null(0)
-        exprs += [
-            count.alias(f"{prefix}_{e}_count"),
-            (count / pl.col("n").fill_null(0).clip(lower_bound=1)).alias(f"{prefix}_{e}_rate"),
-            ((now - pl.col(f"last_{e}")) / 1e6).alias(f"{prefix}_{e}_secs_since_last"),
-        ]
-    return exprs
 
 
 def history_features(rows: pl.DataFrame, mode: Mode = "window", events: pl.DataFrame | None = None) -> pl.DataFrame:

@@ -111,6 +111,58 @@ def left_lookup(keys: pl.DataFrame, table: pl.DataFrame, on: str | list[str],
     return pl.concat([keys, got], how="horizontal")
 
 
+def lookup_columns(table: pl.DataFrame, on: str | list[str], keys: pl.DataFrame, columns: list[str],
+                   fill: dict[str, float]) -> dict[str, np.ndarray]:
+    """``columns`` of the ``table`` row (unique on ``on``) of each key of ``keys`` (its ``on`` columns) as
+    float64 numpy, ``fill[column]`` where the table has no such key or the value is null (a null key never
+    matches): a left join's columns without a frame per lookup.
+
+    Two plans, one result (tests/test_lookup.py): up to ``INDEX_MAX_KEYS`` keys of a marked table, its key →
+    row index and its columns converted to numpy once (a served row: µs); otherwise a hash join carrying the
+    columns (a block of the batch pipeline)."""
+    on = [on] if isinstance(on, str) else list(on)
+    index = index_of(table, on) if keys.height <= INDEX_MAX_KEYS else None
+    if index is not None:
+        values = keys.select(on).rows() if len(on) > 1 else keys.get_column(on[0]).to_list()
+        get = index.row.get
+        rows = np.fromiter((get(k, -1) for k in values), dtype=np.int64, count=len(values))
+        at, missing = np.maximum(rows, 0), rows < 0
+        out = {}
+        for c in columns:
+            got = _array(table, c)[at] if table.height else np.zeros(len(rows))
+            out[c] = got.astype(np.float64)  # a copy: the fills below never write into the table's memory
+            out[c][missing] = np.nan
+    else:
+        joined = keys.select(on).join(table.select(*on, *columns), on=on, how="left", maintain_order="left")
+        if joined.height != keys.height:
+            raise ValueError(f"the table is not unique on {on}: a lookup would repeat rows")
+        # One parallel pass; to_numpy then copies only the columns still holding nulls (as NaN).
+        filled = joined.select(pl.col(c).cast(pl.Float64) if np.isnan(fill[c]) else
+                               pl.col(c).cast(pl.Float64).fill_null(fill[c]) for c in columns)
+        return {c: filled[c].to_numpy() for c in columns}
+    for c, values in out.items():
+        if not np.isnan(fill[c]):
+            values[np.isnan(values)] = fill[c]
+    return out
+
+
+_ARRAYS: dict[tuple[int, str], list] = {}  # (id, column) of a marked table → [weakref to it, numpy values]
+
+
+def _array(table: pl.DataFrame, column: str) -> np.ndarray | None:
+    """A marked table's column as numpy (nulls as NaN), kept while the table lives; None for other tables."""
+    key = (id(table), column)
+    entry = _ARRAYS.get(key)
+    if entry is not None and entry[0]() is table:
+        return entry[1]
+    if not any(k[0] == id(table) and v[0]() is table for k, v in list(_INDEXES.items())):
+        return None
+    values = table[column].to_numpy()
+    with _LOCK:
+        _ARRAYS[key] = [weakref.ref(table, lambda _, k=key: _ARRAYS.pop(k, None)), values]
+    return values
+
+
 def contains(table: pl.DataFrame, on: str, values: pl.Series) -> pl.Series:
     """Whether each value is a key of ``table`` (``values.is_in(table[on])``; a null is never one)."""
     index = index_of(table, [on]) if len(values) <= INDEX_MAX_KEYS else None
