@@ -20,12 +20,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from engagesim import io
 from engagesim.config import LEIDEN_MAX_EDGES
 from engagesim.features import history
-from engagesim.features.lookup import indexed, left_lookup
+from engagesim.features.lookup import indexed, left_lookup, lookup_columns
 from engagesim.features.ops import FeatureOp, Provenance, Snapshot
 from engagesim.schema import ENGAGEMENTS
 
@@ -155,21 +156,30 @@ class Accounts(FeatureOp):
 
     def __init__(self, users: pl.DataFrame | None = None) -> None:
         self.users = users  # ``post_ops.user_attributes`` of the users table
+        self._table: pl.DataFrame | None = None  # + creation in epoch µs (``_lookup``)
+        self._indexed = False
 
     def columns(self) -> list[str]:
         return [f"{p}_{c}" for p in ("user", "creator") for c in (*ACCOUNT_COLUMNS, "account_age_days")]
 
     def transform(self, df: pl.DataFrame, at: Joins) -> pl.DataFrame:
-        out = []
+        table = self._lookup()
+        now = df["impression_at"].dt.epoch("us").to_numpy()
+        cols: dict[str, np.ndarray] = {}
         for prefix, key in (("user", "user_id"), ("creator", "creator_id")):
-            found = left_lookup(df.select(pl.col(key).alias("user_id")), self.users, "user_id").drop("user_id")
-            frame = pl.concat([df.select("impression_at"), found.rename({c: f"{prefix}_{c}" for c in found.columns})],
-                              how="horizontal")
-            out.append(frame.select(
-                *[pl.col(f"{prefix}_{c}") for c in ACCOUNT_COLUMNS],
-                ((pl.col("impression_at") - pl.col(f"{prefix}__user_created")).dt.total_seconds() / 86400.0)
-                .cast(pl.Float32).alias(f"{prefix}_account_age_days")))
-        return pl.concat(out, how="horizontal")
+            got = lookup_columns(table, "user_id", df.select(pl.col(key).alias("user_id")), [*ACCOUNT_COLUMNS, "_us"],
+                                 dict.fromkeys([*ACCOUNT_COLUMNS, "_us"], np.nan))
+            cols.update({f"{prefix}_{c}": got[c] for c in ACCOUNT_COLUMNS})
+            # Whole seconds, as polars' Duration.total_seconds gives them (truncated), then days.
+            cols[f"{prefix}_account_age_days"] = np.trunc((now - got["_us"]) / 1e6) / 86400.0
+        return pl.DataFrame([pl.Series(c, v.astype(np.float32), nan_to_null=True) for c, v in cols.items()])
+
+    def _lookup(self) -> pl.DataFrame:
+        """The users table with account creation as µs since the epoch, made once per op (indexed in a loaded run)."""
+        if self._table is None:
+            table = self.users.with_columns(pl.col("_user_created").dt.epoch("us").alias("_us"))
+            self._table = indexed(table, "user_id") if self._indexed else table
+        return self._table
 
     def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict]:
         if self.users is not None and "users" not in skip:
@@ -181,7 +191,7 @@ class Accounts(FeatureOp):
         return cls(io.read_parquet(io.join(uri, "users.parquet"), storage))
 
     def index_for_lookups(self) -> None:
-        indexed(self.users, "user_id")
+        self._indexed, self._table = True, None
 
 
 class PostSide(FeatureOp):
