@@ -5,6 +5,8 @@ import datetime as dt
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engagesim.features import encodings, history
 from engagesim.features.graph import fit_graph
@@ -86,6 +88,20 @@ def test_list_summary_top3_sum_mean():
     np.testing.assert_allclose(out[0], [0.4, 0.3, 0.2, 1.0, 0.25, 4], rtol=1e-6)
     np.testing.assert_allclose(out[1], [0.5, 0.5, 0.5, 0, 0, 0])  # no list elements → prior, zeros
     np.testing.assert_allclose(out[2][:4], [0.9, 0.5, 0.5, 0.9], rtol=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from([0.1, 0.2, 0.5, 1.5, -0.3])), max_size=20))
+def test_list_summary_equals_a_row_by_row_reference(elements):
+    """Shuffled rows, ties and rows without elements: each row's sorted top 3, sum, mean and count."""
+    rows = np.array([r for r, _ in elements], dtype=np.int64)
+    values = np.array([v for _, v in elements], dtype=np.float64)
+    out = encodings.list_te_summary(rows, values, 6, prior=0.7)
+    for r in range(6):
+        mine = sorted((v for k, v in elements if k == r), reverse=True)
+        top = (mine + [0.7] * 3)[:3]
+        want = [*top, sum(mine), sum(mine) / len(mine) if mine else 0.0, len(mine)]
+        np.testing.assert_allclose(out[r], np.float32(want), rtol=1e-6, atol=1e-7)
 
 
 def _impressions(rows):

@@ -178,22 +178,23 @@ def list_te_summary(row_ids: np.ndarray, values: np.ndarray, n_rows: int, prior:
     """Per row from the TE values of its list elements: top-3 values (padded with the prior), sum, mean, count.
 
     ``row_ids`` says which row each element belongs to (the exploded list). Shape (n_rows, top + 3).
+    numpy (a sort by row then value, and bincounts): a served post's few hashtags cost µs where a polars
+    group-by cost ~0.5 ms, and a block's millions of elements sort in well under a second.
     """
     out = np.zeros((n_rows, top + 3), dtype=np.float32)
     out[:, :top] = prior
     if len(values):
-        df = pl.DataFrame({"r": row_ids, "v": values})
-        agg = df.group_by("r").agg(
-            pl.col("v").sort(descending=True).head(top).alias("top"),
-            pl.col("v").sum().alias("sum"),
-            pl.col("v").mean().alias("mean"),
-            pl.len().alias("n"),
-        )
-        rows = agg["r"].to_numpy()
-        for k in range(top):
-            vals = agg["top"].list.get(k, null_on_oob=True).fill_null(prior).to_numpy()
-            out[rows, k] = vals
-        out[rows, top] = agg["sum"].to_numpy()
-        out[rows, top + 1] = agg["mean"].to_numpy()
-        out[rows, top + 2] = agg["n"].to_numpy()
+        r, v = np.asarray(row_ids, dtype=np.int64), np.asarray(values, dtype=np.float64)
+        by_value = np.argsort(-v, kind="stable")  # by row, then the largest value first: two stable sorts
+        order = by_value[np.argsort(r[by_value], kind="stable")]  # (the integer one is a radix sort)
+        rs, vs = r[order], v[order]
+        rank = np.arange(len(rs)) - np.searchsorted(rs, rs, side="left")
+        first = rank < top
+        out[rs[first], rank[first]] = vs[first]
+        n = np.bincount(r, minlength=n_rows)
+        s = np.bincount(r, weights=v, minlength=n_rows)
+        has = n > 0
+        out[has, top] = s[has]
+        out[has, top + 1] = s[has] / n[has]
+        out[has, top + 2] = n[has]
     return out
