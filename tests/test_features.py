@@ -104,6 +104,29 @@ def test_list_summary_equals_a_row_by_row_reference(elements):
         np.testing.assert_allclose(out[r], np.float32(want), rtol=1e-6, atol=1e-7)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 20)), max_size=25),
+       st.lists(st.tuples(st.sampled_from(["a", "b", "d", None]), st.integers(-2, 22)), min_size=1, max_size=8))
+def test_previous_post_by_index_equals_the_as_of_join(known_rows, new_rows):
+    """A served post's previous post (binary search per account) is the batch's as-of join: strictly earlier
+    posts only (ties excluded), unknown accounts and accounts without an earlier post get null."""
+    from engagesim.features.temporal import PreviousPosts, earlier_posts
+
+    base = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+
+    def frame(rows, prefix):
+        return pl.DataFrame({"post_id": [f"{prefix}{i}" for i in range(len(rows))], "author_id": [a for a, _ in rows],
+                             "created_at": [base + dt.timedelta(hours=h, seconds=0.5 * h) for _, h in rows]},
+                            schema={"post_id": pl.String, "author_id": pl.String,
+                                    "created_at": pl.Datetime("us", "UTC")})
+
+    known, new = frame(known_rows, "k"), frame(new_rows, "n")
+    earlier = earlier_posts(known)
+    joined = temporal_features(new, None, known, earlier=earlier)
+    indexed = temporal_features(new, None, known, earlier=earlier, previous=PreviousPosts(earlier))
+    assert joined.equals(indexed), (joined, indexed)
+
+
 def _impressions(rows):
     df = pl.DataFrame(rows, schema=["user_id", "creator_id", "impression_at", "like_at"], orient="row")
     df = df.with_columns(pl.concat_str(pl.lit("p_"), pl.col("creator_id")).alias("post_id"))

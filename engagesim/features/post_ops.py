@@ -22,7 +22,7 @@ from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows, Snapshot
 from engagesim.features.post import MEDIA_COLUMNS
 from engagesim.features.post_fit import LIST_SUMMARY, TE_COUNTED, TE_LIST, TE_SCALAR
 from engagesim.features.reach import REACH_COLUMNS, AuthorReach
-from engagesim.features.temporal import TEMPORAL_COLUMNS, earlier_posts, temporal_features
+from engagesim.features.temporal import TEMPORAL_COLUMNS, PreviousPosts, earlier_posts, temporal_features
 from engagesim.features.text import TEXT_STAT_COLUMNS
 from engagesim.io import read_parquet, write_parquet
 
@@ -94,6 +94,7 @@ class Temporal(FeatureOp):
         self.accounts = accounts  # author_id, _account_created
         self.known = known  # post_id, author_id, created_at: what a "previous post" may be
         self._earlier: pl.DataFrame | None = None
+        self._previous: PreviousPosts | None = None  # a loaded run's per-account times (index_for_lookups)
 
     def fit_partial(self, rows: Rows) -> pl.DataFrame:
         return rows.df.select("post_id", "author_id", "created_at")
@@ -112,7 +113,8 @@ class Temporal(FeatureOp):
 
     def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame:
         return temporal_features(df.select("post_id", "author_id", "created_at"), known=self.known,
-                                 accounts=self.accounts, earlier=self.earlier()).drop("post_id")
+                                 accounts=self.accounts, earlier=self.earlier(), previous=self._previous
+                                 ).drop("post_id")
 
     def save(self, uri, storage, skip):
         if "known_posts" not in skip:
@@ -133,7 +135,8 @@ class Temporal(FeatureOp):
 
     def index_for_lookups(self) -> None:
         indexed(self.accounts, "author_id")
-        self.earlier()
+        if self.earlier() is not None:
+            self._previous = PreviousPosts(self.earlier())
 
 
 @dataclass
