@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from engagesim.features.lookup import indexed, left_lookup
+from engagesim.features.lookup import indexed, lookup_columns
 
 REACH_COLUMNS = ["author_reach_log_impressions", "author_reach_posts"]
 
@@ -67,11 +68,12 @@ class AuthorReach:
     def features(self, posts: pl.DataFrame) -> pl.DataFrame:
         """Row-aligned with ``posts`` (post_id, author_id): mean log1p impressions of the author's other
         exposed posts (null when there are none) and how many there are."""
-        joined = left_lookup(left_lookup(posts.select("post_id", "author_id"), self._authors, "author_id"),
-                             self._own, "post_id")
-        others = pl.col("_n").fill_null(0) - pl.col("_own").is_not_null().cast(pl.Float64)
-        total = pl.col("_sum").fill_null(0) - pl.col("_own").fill_null(0)
-        return joined.select(
-            pl.when(others > 0).then(total / others).otherwise(None).cast(pl.Float32).alias(REACH_COLUMNS[0]),
-            others.cast(pl.Float32).alias(REACH_COLUMNS[1]),
-        )
+        author = lookup_columns(self._authors, "author_id", posts, ["_sum", "_n"], {"_sum": 0.0, "_n": 0.0})
+        own = lookup_columns(self._own, "post_id", posts, ["_own"], {"_own": np.nan})["_own"]
+        known = ~np.isnan(own)
+        others = author["_n"] - known
+        total = author["_sum"] - np.where(known, own, 0.0)
+        mean = np.full(len(others), np.nan)
+        np.divide(total, others, out=mean, where=others > 0)
+        return pl.DataFrame([pl.Series(REACH_COLUMNS[0], mean.astype(np.float32), nan_to_null=True),
+                             pl.Series(REACH_COLUMNS[1], others.astype(np.float32))])
