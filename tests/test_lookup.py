@@ -85,8 +85,9 @@ def test_lookup_columns_equal_the_left_join_filled(two_keys, plan, data):
     table, keys, on = data.draw(table_and_keys(two_keys))
     times = data.draw(st.lists(st.one_of(st.none(), st.integers(0, 2**52)), min_size=table.height,
                                max_size=table.height))
-    table = table.with_columns(pl.Series("t", times, dtype=pl.Int64),
-                               pl.when(pl.col("v") > 2).then(None).otherwise(pl.col("v")).alias("v"))
+    table = table.with_columns(pl.Series("t", times, dtype=pl.Int64),  # v: a null and a NaN, both filled
+                               pl.when(pl.col("v") > 3).then(float("nan")).when(pl.col("v") > 2).then(None)
+                               .otherwise(pl.col("v")).alias("v"))
     old = lookup.INDEX_MAX_KEYS
     lookup.INDEX_MAX_KEYS = 10**6 if plan == "index" else -1
     lookup.indexed(table, on)
@@ -95,7 +96,7 @@ def test_lookup_columns_equal_the_left_join_filled(two_keys, plan, data):
     finally:
         lookup.INDEX_MAX_KEYS = old
     want = keys.join(table, on=on, how="left", maintain_order="left")
-    assert np.array_equal(got["v"], want["v"].fill_null(0.0).to_numpy())
+    assert np.array_equal(got["v"], want["v"].fill_null(0.0).fill_nan(0.0).to_numpy())
     t = want["t"].cast(pl.Float64).to_numpy()
     assert np.array_equal(got["t"], t, equal_nan=True)
 

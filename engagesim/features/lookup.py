@@ -114,8 +114,8 @@ def left_lookup(keys: pl.DataFrame, table: pl.DataFrame, on: str | list[str],
 def lookup_columns(table: pl.DataFrame, on: str | list[str], keys: pl.DataFrame, columns: list[str],
                    fill: dict[str, float]) -> dict[str, np.ndarray]:
     """``columns`` of the ``table`` row (unique on ``on``) of each key of ``keys`` (its ``on`` columns) as
-    float64 numpy, ``fill[column]`` where the table has no such key or the value is null (a null key never
-    matches): a left join's columns without a frame per lookup.
+    float64 numpy, ``fill[column]`` where the table has no such key or the value is null or NaN (a null key
+    never matches): a left join's columns without a frame per lookup.
 
     Two plans, one result (tests/test_lookup.py): up to ``INDEX_MAX_KEYS`` keys of a marked table, its key →
     row index and its columns converted to numpy once (a served row: µs); otherwise a hash join carrying the
@@ -138,7 +138,7 @@ def lookup_columns(table: pl.DataFrame, on: str | list[str], keys: pl.DataFrame,
             raise ValueError(f"the table is not unique on {on}: a lookup would repeat rows")
         # One parallel pass; to_numpy then copies only the columns still holding nulls (as NaN).
         filled = joined.select(pl.col(c).cast(pl.Float64) if np.isnan(fill[c]) else
-                               pl.col(c).cast(pl.Float64).fill_null(fill[c]) for c in columns)
+                               pl.col(c).cast(pl.Float64).fill_null(fill[c]).fill_nan(fill[c]) for c in columns)
         return {c: filled[c].to_numpy() for c in columns}
     for c, values in out.items():
         if not np.isnan(fill[c]):

@@ -100,7 +100,7 @@ class Temporal(FeatureOp):
         return rows.df.select("post_id", "author_id", "created_at")
 
     def combine(self, parts: Iterable[pl.DataFrame]) -> None:
-        self.known, self._earlier = pl.concat(list(parts)), None
+        self.known, self._earlier, self._previous = pl.concat(list(parts)), None, None
 
     def columns(self) -> list[str]:
         return TEMPORAL_COLUMNS
