@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from engagesim.features.lookup import lookup_columns
+from engagesim.features.lookup import float32_frame, lookup_columns
 from engagesim.schema import ENGAGEMENTS
 
 Mode = Literal["window", "past", "apply"]
@@ -129,7 +129,7 @@ def join_history(rows: pl.DataFrame, tables: dict[str, pl.DataFrame], mode: Mode
             out[f"{prefix}_{e}_rate"] = count / np.maximum(n, 1.0)
             # µs times are integers below 2^53: exact in float64, so this is the integer difference, as before.
             out[f"{prefix}_{e}_secs_since_last"] = (now - got[f"last_{e}"]) / 1e6
-    return pl.DataFrame([pl.Series(name, v.astype(np.float32), nan_to_null=True) for name, v in out.items()])
+    return float32_frame(out)
 
 
 def column_names(prefix: str) -> list[str]:

@@ -26,7 +26,7 @@ import polars as pl
 from engagesim import io
 from engagesim.config import LEIDEN_MAX_EDGES
 from engagesim.features import history
-from engagesim.features.lookup import indexed, left_lookup, lookup_columns
+from engagesim.features.lookup import float32_frame, indexed, left_lookup, lookup_columns
 from engagesim.features.ops import FeatureOp, Provenance, Snapshot
 from engagesim.schema import ENGAGEMENTS
 
@@ -172,7 +172,7 @@ class Accounts(FeatureOp):
             cols.update({f"{prefix}_{c}": got[c] for c in ACCOUNT_COLUMNS})
             # Whole seconds, as polars' Duration.total_seconds gives them (truncated), then days.
             cols[f"{prefix}_account_age_days"] = np.trunc((now - got["_us"]) / 1e6) / 86400.0
-        return pl.DataFrame([pl.Series(c, v.astype(np.float32), nan_to_null=True) for c, v in cols.items()])
+        return float32_frame(cols)
 
     def _lookup(self) -> pl.DataFrame:
         """The users table with account creation as µs since the epoch, made once per op (indexed in a loaded run)."""

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from engagesim.features.lookup import indexed, lookup_columns
+from engagesim.features.lookup import float32_frame, indexed, lookup_columns
 
 REACH_COLUMNS = ["author_reach_log_impressions", "author_reach_posts"]
 
@@ -75,5 +75,4 @@ class AuthorReach:
         total = author["_sum"] - np.where(known, own, 0.0)
         mean = np.full(len(others), np.nan)
         np.divide(total, others, out=mean, where=others > 0)
-        return pl.DataFrame([pl.Series(REACH_COLUMNS[0], mean.astype(np.float32), nan_to_null=True),
-                             pl.Series(REACH_COLUMNS[1], others.astype(np.float32))])
+        return float32_frame({REACH_COLUMNS[0]: mean, REACH_COLUMNS[1]: others})
