@@ -148,7 +148,8 @@ def lookup_columns(table: pl.DataFrame, on: str | list[str], keys: pl.DataFrame,
 
 def float32_frame(columns: dict[str, np.ndarray]) -> pl.DataFrame:
     """Feature columns computed from ``lookup_columns`` → a Float32 frame, NaN as null (what the joins gave)."""
-    return pl.DataFrame([pl.Series(name, values.astype(np.float32), nan_to_null=True) for name, values in columns.items()])
+    return pl.DataFrame([pl.Series(name, values.astype(np.float32), nan_to_null=True)
+                         for name, values in columns.items()])
 
 
 _ARRAYS: dict[tuple[int, str], list] = {}  # (id, column) of a marked table → [weakref to it, numpy values]
