@@ -72,13 +72,19 @@ def child(source: str, cap: int | None) -> None:
         phases[phase] = round(max(peak[0], proc.memory_info().rss) / 2**20)
         peak[0] = 0
 
-    pairs = pl.read_parquet(f"{source}/*.parquet")
-    mark("read")
-    model = fit_graph_from_pairs(pairs, 20, 0, cap, mark=mark)
+    rows = [0]
+
+    def parts():  # one part at a time, as the pipeline's graph task reads them
+        for path in sorted(Path(source).glob("*.parquet")):
+            part = pl.read_parquet(path)
+            rows[0] += part.height
+            yield part
+
+    model = fit_graph_from_pairs(parts(), 20, 0, cap, mark=mark)
     seconds = time.perf_counter() - start
     done.set()
     like = model.communities["like"]
-    print(json.dumps({"cap": cap, "pairs": pairs.height, "seconds": round(seconds, 1), "phases_peak_mb": phases,
+    print(json.dumps({"cap": cap, "pairs": rows[0], "seconds": round(seconds, 1), "phases_peak_mb": phases,
                       "peak_mb": max(phases.values()), "like_labelled": int((like >= 0).sum()),
                       "like_communities": len(np.unique(like[like >= 0]))}))
 
@@ -101,7 +107,10 @@ def main() -> None:
         source = args.edges
         if source is None:
             source = work
-            synthetic_pairs(args.pairs).write_parquet(f"{work}/part-0.parquet")
+            pairs = synthetic_pairs(args.pairs).with_columns(part=pl.col("user_id").hash() % 40)
+            for i, part in enumerate(pairs.partition_by("part", include_key=False)):  # by user, as the history fit
+                part.write_parquet(f"{work}/part-{i:05d}.parquet")
+            del pairs
         results = {}
         for name, cap in (("uncapped", -1), ("capped", args.cap or LEIDEN_MAX_EDGES)):
             done = subprocess.run([sys.executable, __file__, "--child", source, "--cap", str(cap)],

@@ -13,6 +13,7 @@ from engagesim.features.graph import fit_graph
 from engagesim.features.image_stats import image_stats
 from engagesim.features.temporal import temporal_features
 from engagesim.features.text import text_features
+from engagesim.schema import ENGAGEMENTS
 from engagesim.synth.images import draw_image
 
 UTC = dt.timezone.utc
@@ -170,6 +171,40 @@ def test_graph_features():
     assert f[0]["cf_similarity"] > f[1]["cf_similarity"]  # c1 is like what u0 engages with; c0 less so for u2
     assert f[2]["cf_similarity"] == 0 and f[2]["same_community_like"] == 0  # unknown user: cold start, no crash
     assert f[0]["same_community_like"] == 1 and 0 < f[0]["inv_community_size_like"] <= 1
+
+
+def test_graph_fit_from_parts_equals_the_string_sorted_edge_list():
+    """The fit codes each edge part's keys as it reads it (no frame of every edge's strings): users must come out
+    in sorted order and creators in order of first appearance of the (user_id, creator_id)-sorted edge list —
+    the ids every other feature indexes by — and parts that repeat a pair (the in-process executor's blocks)
+    must sum like one frame. Checked against that order built directly from the strings, parts in any order."""
+    from engagesim.features.graph import coded_edges, fit_graph_from_pairs
+
+    rng = np.random.default_rng(3)
+    n = 4_000
+    frame = pl.DataFrame({"user_id": [f"u{x}" for x in rng.integers(0, 600, n)],
+                          "creator_id": [f"c{x}" for x in rng.integers(0, 90, n)],
+                          **{f"c_{e}": rng.poisson(0.3, n).astype(float) for e in ENGAGEMENTS},
+                          "follows": (rng.random(n) < 0.2).astype(np.int8)})
+    edges = (frame.group_by("user_id", "creator_id").agg(*[pl.col(f"c_{e}").sum() for e in ENGAGEMENTS],
+                                                         pl.col("follows").max())
+             .filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
+             .sort("user_id", "creator_id"))
+    users, creators, table = coded_edges([frame[i::4] for i in (2, 0, 3, 1)])
+    assert users.to_list() == edges["user_id"].unique(maintain_order=True).to_list()
+    assert creators.to_list() == edges["creator_id"].unique(maintain_order=True).to_list()
+    assert users.gather(table["u"]).to_list() == edges["user_id"].to_list()
+    assert creators.gather(table["c"]).to_list() == edges["creator_id"].to_list()
+    for e in ENGAGEMENTS:
+        assert table[f"c_{e}"].to_list() == edges[f"c_{e}"].to_list()
+    assert table["follows"].to_list() == edges["follows"].to_list()
+    whole, parted = fit_graph_from_pairs(frame, 5, max_edges=None), fit_graph_from_pairs(
+        iter([frame[i::3] for i in range(3)]), 5, max_edges=None)
+    for name in ("engaged", "creator_co", "jaccard_top"):
+        assert (getattr(whole, name) != getattr(parted, name)).nnz == 0
+    for e in ENGAGEMENTS:
+        assert np.array_equal(whole.communities[e], parted.communities[e])
+    assert len(fit_graph_from_pairs([], 5).users) == 0  # no parts: an empty graph
 
 
 def test_leiden_above_its_edge_cap_runs_on_a_user_sample_and_assigns_the_rest():

@@ -13,7 +13,7 @@ was 24.4; without the feature it was 38.8. The direct (u, c) history lives in th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -295,20 +295,61 @@ def graph_edges(pairs: pl.DataFrame) -> pl.DataFrame:
     return per_pair.filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
 
 
-def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0,
+def coded_edges(parts: Iterable[pl.DataFrame]) -> tuple[pl.Series, pl.Series, pl.DataFrame]:
+    """Edge parts → (user keys, creator keys, per-pair table on integer codes ``u``, ``c`` into them).
+
+    The same table as ``graph_edges`` of all parts concatenated, sorted by (user_id, creator_id), with users in
+    sorted order and creators in order of first appearance — what the fit assigns ids by — but no string
+    column of the whole edge list ever exists: each part is coded against its own sorted keys as it arrives
+    (an Enum cast), and the codes are mapped to the global sorted keys after. Why: at 40M impressions the
+    17.9M-edge table, summed and sorted on its string keys, was the graph task's peak (5.4 GB).
+    """
+    coded, user_keys, creator_keys = [], [], []
+    for part in parts:
+        if "follows" not in part.columns:
+            part = part.with_columns(pl.lit(0, pl.Int8).alias("follows"))
+        users, creators = part["user_id"].unique().sort(), part["creator_id"].unique().sort()
+        coded.append(part.select(pl.col("user_id").cast(pl.Enum(users)).to_physical().cast(pl.Int64).alias("u"),
+                                 pl.col("creator_id").cast(pl.Enum(creators)).to_physical().cast(pl.Int64).alias("c"),
+                                 *[pl.col(f"c_{e}").cast(pl.Float64) for e in ENGAGEMENTS],
+                                 pl.col("follows").fill_null(0).cast(pl.Int8)))
+        user_keys.append(users)
+        creator_keys.append(creators)
+    all_users = pl.concat(user_keys).unique().sort() if user_keys else pl.Series("user_id", [], pl.String)
+    all_creators = pl.concat(creator_keys).unique().sort() if creator_keys else pl.Series("creator_id", [], pl.String)
+    for i, (users, creators) in enumerate(zip(user_keys, creator_keys)):  # local code → global sorted rank
+        u_map, c_map = all_users.search_sorted(users).to_numpy(), all_creators.search_sorted(creators).to_numpy()
+        coded[i] = coded[i].with_columns(u=u_map[coded[i]["u"].to_numpy()], c=c_map[coded[i]["c"].to_numpy()])
+    empty = {"u": pl.Int64, "c": pl.Int64, **{f"c_{e}": pl.Float64 for e in ENGAGEMENTS}, "follows": pl.Int8}
+    table = pl.concat(coded, rechunk=False) if coded else pl.DataFrame(schema=empty)
+    del coded
+    table = (table.group_by("u", "c").agg(*[pl.col(f"c_{e}").sum() for e in ENGAGEMENTS], pl.col("follows").max())
+             .filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
+             .sort("u", "c"))
+    u, c = table["u"].to_numpy(), table["c"].to_numpy()
+    kept_users = np.unique(u)  # sorted: the users' sorted order
+    seen, first = np.unique(c, return_index=True)
+    creator_order = seen[np.argsort(first, kind="stable")]  # creators by first appearance
+    position = np.full(len(all_creators), -1, dtype=np.int64)
+    position[creator_order] = np.arange(len(creator_order))
+    table = table.with_columns(u=np.searchsorted(kept_users, u), c=position[c])
+    return (all_users.gather(kept_users).alias("user_id"), all_creators.gather(creator_order).alias("creator_id"),
+            table)
+
+
+def fit_graph_from_pairs(pairs: pl.DataFrame | Iterable[pl.DataFrame], jaccard_k: int = 20, seed: int = 0,
                          max_edges: int | None = LEIDEN_MAX_EDGES,
                          mark: Callable[[str], None] = lambda _: None) -> GraphModel:
     """Fit from the (user, creator[, window]) aggregates of the history stage: no pass over raw rows.
 
-    ``pairs`` has user_id, creator_id, c_<engagement> counts and ``follows`` (0/1). ``mark(phase)`` is called
-    as each phase ends (``bench/graph.py`` measures memory by phase with it).
+    ``pairs`` (one frame, or parts of it read one at a time) has user_id, creator_id, c_<engagement> counts and
+    ``follows`` (0/1). ``mark(phase)`` is called as each phase ends (``bench/graph.py`` measures memory by phase
+    with it).
     """
-    per_pair = graph_edges(pairs).sort("user_id", "creator_id")  # deterministic, whatever order the parts came in
+    user_keys, creator_keys, per_pair = coded_edges([pairs] if isinstance(pairs, pl.DataFrame) else pairs)
     mark("per-pair table")
-    users = Index(per_pair["user_id"].unique(maintain_order=True))
-    creators = Index(per_pair["creator_id"].unique(maintain_order=True))
-    u = users.lookup(per_pair["user_id"])
-    c = creators.lookup(per_pair["creator_id"])
+    users, creators = Index(user_keys), Index(creator_keys)
+    u, c = per_pair["u"].to_numpy(), per_pair["c"].to_numpy()
     counts = {e: per_pair[f"c_{e}"].to_numpy() for e in ENGAGEMENTS}
     any_engagement = np.zeros(per_pair.height, dtype=bool)
     for e in ENGAGEMENTS:
@@ -317,7 +358,8 @@ def fit_graph_from_pairs(pairs: pl.DataFrame, jaccard_k: int = 20, seed: int = 0
     engaged = _matrix(u[any_engagement], c[any_engagement], shape)
     creator_co = (engaged.T @ engaged).tocsr()
     mark("engaged and creator_co")
-    follows = per_pair["follows"].fill_null(0).to_numpy().astype(bool)
+    follows = per_pair["follows"].to_numpy().astype(bool)
+    del per_pair
     followers = _matrix(c[follows], u[follows], (len(creators), len(users)))
     model = GraphModel(users, creators, engaged, creator_co, _top_k_jaccard(followers, jaccard_k))
     mark("jaccard_top")

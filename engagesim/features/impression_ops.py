@@ -122,7 +122,7 @@ class Graph(FeatureOp):
     def combine(self, parts: Iterable[pl.DataFrame]) -> None:
         from engagesim.features.graph import fit_graph_from_pairs
 
-        self.model = fit_graph_from_pairs(pl.concat(list(parts)), self.jaccard_k, self.seed, self.max_edges)
+        self.model = fit_graph_from_pairs(list(parts), self.jaccard_k, self.seed, self.max_edges)
 
     def columns(self) -> list[str]:
         from engagesim.features.graph import GRAPH_COLUMNS

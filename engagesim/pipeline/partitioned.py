@@ -37,7 +37,6 @@ from engagesim.features.impression import prepare, with_topic
 from engagesim.features.impression_ops import History, Joins
 from engagesim.features.ops import sum_by_keys
 from engagesim.features.state import read_parts
-from engagesim.schema import ENGAGEMENTS
 
 PART = "_part"
 MODES = ("train", "apply")
@@ -154,14 +153,16 @@ def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int, max
 
 def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: int,
                 max_edges: int | None = LEIDEN_MAX_EDGES) -> tuple:
-    """The task's body: (graph, seconds). An empty edge list (no training engagements) fits an empty graph."""
+    """The task's body: (graph, seconds). No edge parts (no training engagements) fit an empty graph."""
     from engagesim.features.graph import fit_graph_from_pairs
 
     start = time.perf_counter()
-    edges = read_parts(edges_uri, storage) if io.list_files(edges_uri, storage) else pl.DataFrame(
-        schema={"user_id": pl.String, "creator_id": pl.String, **{f"c_{e}": pl.Float64 for e in ENGAGEMENTS},
-                "follows": pl.Int8})
-    graph = fit_graph_from_pairs(edges, jaccard_k, seed=seed, max_edges=max_edges)
+    fs, _ = io.filesystem(edges_uri, storage)
+    files = sorted(f for f in io.list_files(edges_uri, storage) if f.endswith(".parquet"))
+    # One part at a time: the fit codes each part's keys as it reads it (graph.coded_edges), so no frame of
+    # every edge's string keys exists in this process.
+    parts = (pl.from_arrow(pq.read_table(f, filesystem=fs)) for f in files)
+    graph = fit_graph_from_pairs(parts, jaccard_k, seed=seed, max_edges=max_edges)
     graph.save(save_uri, storage)
     return graph, round(time.perf_counter() - start, 2)
 
