@@ -362,3 +362,26 @@ def test_graph_task_on_a_log_without_training_engagements(tmp_path):
     feats = loaded.features(pl.Series(["u1", "u2"]), pl.Series(["c1", "c1"]))
     assert feats.height == 2
     assert feats.equals(graph.features(pl.Series(["u1", "u2"]), pl.Series(["c1", "c1"])))
+
+
+_TEXT_PIECES = ["Hello", "WORLD", "DON'T", "x", "42", "a1", "_", " ", "  ", "\t", "\n", "\x0b", "\x0c", "\x1c", "\x1f",
+                "#", "#Tag", "#2021", "@", "@Bob_1", "<mention>", "<hyperlink>", "http://", "https://www.Ex.com/p?q=1",
+                "http://a.b/c", "https://", "www.", "!", "?", ".", ",", "'", "-", "the", "and", "el", "é", "É", "😀",
+                "ß", "İ", "\u00a0", "\u2003", "ΣΑΣ", "day"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.sampled_from(_TEXT_PIECES), max_size=12).map("".join) | st.none(),
+                          st.sampled_from([None, "", "Acme", "  Acme Co ", "Café"])), min_size=1, max_size=4))
+def test_text_features_of_few_rows_equal_the_polars_path(rows):
+    """A served request's text features go through Python's re (few ASCII rows); a block's through polars.
+    Whitespace the two engines class differently (\\x1c-\\x1f, no-break spaces), placeholders, URLs, non-ASCII
+    texts (which take the polars path) and companies: the same frame either way."""
+    from engagesim.features import text
+
+    posts = pl.DataFrame({"post_id": [str(i) for i in range(len(rows))], "text": [t for t, _ in rows],
+                          "company": [c for _, c in rows]}, schema={"post_id": pl.String, "text": pl.String,
+                                                                     "company": pl.String})
+    assert text.text_features(posts).equals(text._text_polars(posts))
+    if text._is_few_ascii(posts):
+        assert text._text_rows(posts).equals(text._text_polars(posts))
