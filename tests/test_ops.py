@@ -134,3 +134,30 @@ def test_a_state_saved_before_the_ops_had_names_loads_to_the_same_transform(tmp_
     loaded = old.transform(new)
     _assert_same(loaded, state.transform(new))
     assert loaded["account_age_days"].null_count() < new.height  # ages came back (one author has no account row)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fixed_list_matrix_zero_fills_null_rows_only(seed):
+    """Embedding columns → float32 matrices: a null row (a new post without an embedding) becomes zeros, a null
+    element inside a row stays NaN, sliced and chunked arrays alike. Reference: pyarrow's fill_null with a list
+    scalar (what this replaced: 267 ms for a 1,000-row batch request)."""
+    import pyarrow as pa
+
+    from engagesim.features.post_ops import fixed_list_matrix
+
+    def reference(arr):
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if arr.null_count:
+            arr = arr.fill_null(pa.scalar([0.0] * arr.type.list_size, type=arr.type))
+        return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, arr.type.list_size).astype(np.float32)
+
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        n, w = int(rng.integers(0, 20)), int(rng.integers(1, 5))
+        rows = [None if rng.random() < 0.3 else [None if rng.random() < 0.1 else float(x) for x in rng.normal(size=w)]
+                for _ in range(n)]
+        arr = pa.array(rows, type=pa.list_(pa.float32(), w))
+        for a in (arr, arr.slice(min(2, n)), pa.chunked_array([arr, arr.slice(1)], type=arr.type)):
+            got, want = fixed_list_matrix(a), reference(a)
+            assert got.dtype == np.float32 and np.array_equal(got, want, equal_nan=True)

@@ -51,9 +51,14 @@ def fixed_list_matrix(arr) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     width = arr.type.list_size
-    if arr.null_count:
-        arr = arr.fill_null(pa.scalar([0.0] * width, type=arr.type))
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
+    values = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
+    if not arr.null_count:
+        return values
+    # flatten() skips null rows; placed into zeros (pyarrow's fill_null with a list scalar took 267 ms for a
+    # 1,000-row batch request whose new posts had no embedding: half the request).
+    out = np.zeros((len(arr), width), dtype=np.float32)
+    out[arr.is_valid().to_numpy(zero_copy_only=False)] = values
+    return out
 
 
 def block_matrix(df: pl.DataFrame, column: str) -> np.ndarray:
