@@ -30,17 +30,26 @@ def _pss_uss(proc: psutil.Process) -> tuple[int, int]:
 
 
 def process_rss() -> tuple[int, int, int, int, int]:
-    """(driver + every Ray worker process on the machine, the driver alone, the largest worker, the same
+    """(driver + every Ray worker process of its cluster, the driver alone, the largest worker, the same
     total as PSS, the largest worker's USS), in bytes. The RSS total counts an object-store page once per
-    process that maps it."""
+    process that maps it.
+
+    Workers are the ``ray::`` processes descended from this driver (the local Ray it started: raylet →
+    workers), so another job's or a test run's Ray on the same machine does not count; where it joined a
+    cluster started elsewhere (no such descendants), every ``ray::`` process on the machine."""
     me = psutil.Process(os.getpid())
     driver = me.memory_info().rss
     total, largest, pss, largest_uss = driver, 0, _pss_uss(me)[0], 0
-    for proc in psutil.process_iter(["name", "memory_info"]):
+    try:
+        ours = [p for p in me.children(recursive=True) if p.name().startswith("ray::")]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        ours = []
+    for proc in ours or psutil.process_iter():
         try:
-            if proc.info["name"] and proc.info["name"].startswith("ray::") and proc.info["memory_info"]:
-                total += proc.info["memory_info"].rss
-                largest = max(largest, proc.info["memory_info"].rss)
+            name, info = proc.name(), proc.memory_info()
+            if name.startswith("ray::"):
+                total += info.rss
+                largest = max(largest, info.rss)
                 proc_pss, proc_uss = _pss_uss(proc)
                 pss += proc_pss
                 largest_uss = max(largest_uss, proc_uss)
@@ -50,7 +59,7 @@ def process_rss() -> tuple[int, int, int, int, int]:
 
 
 def ray_and_driver_rss() -> int:
-    """Resident memory of this driver plus every Ray worker process on the machine (bytes)."""
+    """Resident memory of this driver plus every Ray worker process of its cluster (bytes)."""
     return process_rss()[0]
 
 
