@@ -5,6 +5,8 @@ import os
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engagesim import metrics
 from engagesim.models import ensemble, knn, nn, xgb
@@ -39,6 +41,39 @@ def test_a_few_rows_convert_once_for_every_member_and_equal_the_per_member_matri
     assert data._LAST.table[0] is few  # converted once, reused by the next member
     assert matrix(big, ["x1"]).shape == (20, 1) and data._LAST.table[0] is big
     assert np.array_equal(matrix(few, ["y_like"]), data._float32(few, ["y_like"]))  # a label: not in the cache
+
+
+_TYPES = [pa.int8(), pa.int32(), pa.int64(), pa.uint8(), pa.float32(), pa.float64(), pa.bool_()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_float32_conversion_equals_polars_for_every_numeric_type(draw):
+    """A few rows convert through Arrow's row-major tensor (nulls → NaN), larger or boolean tables through
+    polars: the same float32 matrix either way, for integers, floats with NaN and nulls, and tables in chunks."""
+    import polars as pl
+
+    from engagesim.models import data
+
+    n = draw.draw(st.integers(1, data.FEW_ROWS + 3))
+    types = draw.draw(st.lists(st.sampled_from(_TYPES), min_size=1, max_size=6))
+    rng = np.random.default_rng(draw.draw(st.integers(0, 2**16)))
+    columns = {}
+    for i, t in enumerate(types):
+        values = rng.normal(0, 1e6, n) if pa.types.is_floating(t) else rng.integers(0, 100, n)
+        values = values.astype(t.to_pandas_dtype())
+        mask = rng.random(n) < 0.2
+        if pa.types.is_floating(t):
+            values[rng.random(n) < 0.1] = np.nan
+        columns[f"c{i}"] = pa.array(values, t, mask=mask)
+    table = pa.table(columns)
+    if n > 1:
+        table = pa.concat_tables([table.slice(0, n // 2), table.slice(n // 2)])
+    names = list(columns)
+    frame = pl.from_arrow(table.select(names))
+    want = np.ascontiguousarray(frame.select(pl.all().cast(pl.Float32)).to_numpy(), dtype=np.float32)
+    got = data._float32(table, names)
+    assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"] and np.array_equal(got, want, equal_nan=True)
 
 
 def test_small_batches_run_the_net_on_one_thread_and_restore_the_default():

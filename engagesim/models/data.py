@@ -72,6 +72,14 @@ _LAST = threading.local()
 def _float32(table: pa.Table, columns: list[str]) -> np.ndarray:
     if not columns:
         return np.empty((table.num_rows, 0), dtype=np.float32)
+    if 0 < table.num_rows <= FEW_ROWS:
+        picked = table.select(columns)
+        if all(pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in picked.schema):
+            # Arrow's own row-major conversion (nulls → NaN): 0.21 ms for a served row's 152 columns where
+            # polars took 1.1 ms. Booleans it does not take; those tables go through polars.
+            (batch,) = picked.combine_chunks().to_batches()
+            return np.ascontiguousarray(batch.to_tensor(null_to_nan=True, row_major=True).to_numpy(),
+                                        dtype=np.float32)
     frame = pl.from_arrow(table.select(columns))
     if isinstance(frame, pl.Series):
         frame = frame.to_frame()
