@@ -69,10 +69,11 @@ class RequestPredictor:
             imp = self.run.score_impression_features(
                 self.run.impression_features(pa.Table.from_pylist(impressions), featurised_posts=features))
             with_viewer = [i for i, r in enumerate(requests) if r.viewer is not None]
+            p = {e: imp.column(f"p_{e}").to_numpy().tolist() for e in ENGAGEMENTS}  # not a pyarrow scalar per cell
             for row, i in enumerate(with_viewer):
-                engagement[i] = {e: float(imp.column(f"p_{e}")[row].as_py()) for e in ENGAGEMENTS}
-        cols = {c: scored.column(c).to_numpy() for c in ["log1p_likes", "expected_likes", "likes_low", "likes_high",
-                                                         *members]}
+                engagement[i] = {e: p[e][row] for e in ENGAGEMENTS}
+        cols = {c: scored.column(c).to_numpy().tolist() for c in ["log1p_likes", "expected_likes", "likes_low",
+                                                                  "likes_high", *members]}
         out = []
         for i, post in enumerate(posts):
             out.append({
