@@ -12,6 +12,8 @@ import datetime as dt
 import numpy as np
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engagesim.features import ops as feature_ops
 from engagesim.features import post_fit
@@ -161,3 +163,17 @@ def test_fixed_list_matrix_zero_fills_null_rows_only(seed):
         for a in (arr, arr.slice(min(2, n)), pa.chunked_array([arr, arr.slice(1)], type=arr.type)):
             got, want = fixed_list_matrix(a), reference(a)
             assert got.dtype == np.float32 and np.array_equal(got, want, equal_nan=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.none() | st.lists(st.none() | st.sampled_from(["#a", "b", "", "ü", "b"]), max_size=4),
+                min_size=1, max_size=70))
+def test_key_rows_of_a_few_rows_equal_the_explode(lists):
+    """A served post's list keys (hashtags, domains) are walked in Python, a block's exploded by polars: the same
+    (row, key) pairs in the same order — null lists, empty lists and null elements dropped, repeats kept."""
+    df = pl.DataFrame({"hashtags": lists}, schema={"hashtags": pl.List(pl.String)})
+    rows, keys = post_fit.key_rows(df, "hashtags")
+    exploded = (df.select(pl.int_range(pl.len()).alias("row"), pl.col("hashtags")).explode("hashtags")
+                .drop_nulls("hashtags"))
+    assert rows.dtype == np.int64 and rows.tolist() == exploded["row"].to_list()
+    assert keys.name == "hashtags" and keys.dtype == pl.String and keys.to_list() == exploded["hashtags"].to_list()

@@ -31,6 +31,7 @@ from engagesim.features import encodings
 
 TE_SCALAR = ["author_id", "company", "language"]
 TE_LIST = ["hashtags", "domains"]
+FEW_ROWS = 64  # up to this many rows, ``key_rows`` of a list column walks the lists in Python
 # Keys whose encoding also says how many labelled posts it stands on (``te_<key>_n``). Training rows see
 # out-of-fold (or earlier) posts only, so a sparse account's training rows carry the prior where serving has
 # its mean: with the count, trees learn how far to trust the mean instead of learning to ignore it.
@@ -136,6 +137,14 @@ def key_rows(df: pl.DataFrame, column: str) -> tuple[np.ndarray, pl.Series]:
     """(row of each key, the keys): one per row for scalar columns (null → "<none>"), one per list element."""
     if column in TE_SCALAR:
         return np.arange(df.height), df[column].fill_null("<none>").cast(pl.String)
+    if df.height <= FEW_ROWS and df.schema[column] == pl.List(pl.String):  # a served post: no explode
+        rows, keys = [], []
+        for i, elements in enumerate(df[column].to_list()):
+            for e in elements or ():
+                if e is not None:
+                    rows.append(i)
+                    keys.append(e)
+        return np.array(rows, dtype=np.int64), pl.Series(column, keys, dtype=pl.String)
     exploded = df.select(pl.int_range(pl.len()).alias("row"), pl.col(column)).explode(column).drop_nulls(column)
     return exploded["row"].to_numpy(), exploded[column].cast(pl.String)
 
