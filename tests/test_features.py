@@ -367,21 +367,54 @@ def test_graph_task_on_a_log_without_training_engagements(tmp_path):
 _TEXT_PIECES = ["Hello", "WORLD", "DON'T", "x", "42", "a1", "_", " ", "  ", "\t", "\n", "\x0b", "\x0c", "\x1c", "\x1f",
                 "#", "#Tag", "#2021", "@", "@Bob_1", "<mention>", "<hyperlink>", "http://", "https://www.Ex.com/p?q=1",
                 "http://a.b/c", "https://", "www.", "!", "?", ".", ",", "'", "-", "the", "and", "el", "é", "É", "😀",
-                "ß", "İ", "\u00a0", "\u2003", "ΣΑΣ", "day"]
+                "❤\ufe0f", "👩\u200d💻", "ß", "İ", "\u00a0", "\u2003", "ΣΑΣ", "day", "²", "٣", "ǅ", "ﬁ", "\u0301"]
+_TEXT = st.lists(st.sampled_from(_TEXT_PIECES) | st.text(max_size=3), max_size=12).map("".join)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.lists(st.sampled_from(_TEXT_PIECES), max_size=12).map("".join) | st.none(),
-                          st.sampled_from([None, "", "Acme", "  Acme Co ", "Café"])), min_size=1, max_size=4))
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(_TEXT | st.none(), st.sampled_from([None, "", "Acme", "  Acme Co ", "Café", "ΣΑΣ"]) | _TEXT),
+                min_size=1, max_size=4))
 def test_text_features_of_few_rows_equal_the_polars_path(rows):
-    """A served request's text features go through Python's re (few ASCII rows); a block's through polars.
-    Whitespace the two engines class differently (\\x1c-\\x1f, no-break spaces), placeholders, URLs, non-ASCII
-    texts (which take the polars path) and companies: the same frame either way."""
+    """A served request's text features go through Python's re where every character is one both engines treat
+    alike, a block's through polars. Arbitrary Unicode, whitespace the engines class differently (\\x1c-\\x1f),
+    combining marks, emoji sequences, final sigma, placeholders, URLs and companies: the same frame either way."""
     from engagesim.features import text
 
     posts = pl.DataFrame({"post_id": [str(i) for i in range(len(rows))], "text": [t for t, _ in rows],
                           "company": [c for _, c in rows]}, schema={"post_id": pl.String, "text": pl.String,
                                                                      "company": pl.String})
     assert text.text_features(posts).equals(text._text_polars(posts))
-    if text._is_few_ascii(posts):
+    if text._is_few_agreed(posts):
         assert text._text_rows(posts).equals(text._text_polars(posts))
+
+
+def test_the_python_text_path_takes_everyday_text_and_refuses_what_the_engines_class_differently():
+    from engagesim.features import text
+
+    def agreed(value: str) -> bool:
+        return text._is_few_agreed(pl.DataFrame({"post_id": ["p"], "text": [value], "company": [None]},
+                                                schema={"post_id": pl.String, "text": pl.String, "company": pl.String}))
+
+    for everyday in ("Big launch today! #NewThings @acme https://www.acme.com/x", "Café crème à 3€ ☕ 😀",
+                     "Grüße aus München", "日本語のテキスト", "Привет, мир!"):
+        assert agreed(everyday), everyday
+    for differs in ("a\x1cb", "❤\ufe0f", "e\u0301", "ΣΑΣ"):
+        assert not agreed(differs), differs
+
+
+_MEDIA_ITEM = st.none() | st.fixed_dictionaries({"kind": st.sampled_from(["photo", "video", "gif", "doc", None]),
+                                                 "uri": st.sampled_from(["a", "b", None])})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.none() | st.lists(_MEDIA_ITEM, max_size=4), min_size=1, max_size=6))
+def test_media_counts_of_few_rows_equal_the_polars_path(media):
+    """A served post's media counts and first photo are taken in Python, a block's through polars list
+    expressions: the same frame for null lists, empty lists, null items, unknown kinds and null URIs."""
+    import pyarrow as pa
+
+    from engagesim.features import post
+    from engagesim.schema import MEDIA_ITEM
+
+    df = pl.from_arrow(pa.table({"media": pa.array(media, pa.list_(MEDIA_ITEM))}))
+    assert post._media_rows(df).equals(post._media_polars(df))

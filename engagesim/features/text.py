@@ -4,15 +4,19 @@ Vectorised with polars string expressions; no Ray. Placeholders the Adobe
 organisers used (``<hyperlink>``, ``<mention>``) count as a link / mention.
 
 A served request has one post: the polars select (~20 expressions) cost 4.5 ms of its ~25 ms on an idle
-machine, nearly all of it per-expression overhead. Up to ``FEW_ROWS`` rows whose text and company are ASCII,
-the same regexes run through Python's ``re`` (ASCII mode, where its classes are exactly the Rust regex
-crate's Unicode classes restricted to ASCII: whitespace is the same six characters, ``str.strip`` is not and is
-not used). Other rows take the polars path; a property test holds the two equal.
+machine, nearly all of it per-expression overhead. Up to ``FEW_ROWS`` rows, the same regexes run through
+Python's ``re`` when every character of the rows is one on which the two engines agree: Python's classes
+(``\\w``, ``\\s``, ``\\d``, letters), ``str.isspace`` and ``str.lower`` give what polars' Rust regex and
+``to_lowercase`` give, for the character and for what it lowercases to. Each character is checked once, by
+asking polars (``_learn``); those that differ (``\\x1c``–``\\x1f`` are ``\\s`` to Python only; combining marks
+and U+200D are ``\\w`` to Rust only, so most emoji with a variation selector) and the context-dependent final
+sigma send their rows through polars. A property test over arbitrary Unicode holds the two paths equal.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 
 import polars as pl
 
@@ -55,7 +59,7 @@ def clean_expr(text: pl.Expr) -> pl.Expr:
 
 def text_features(posts: pl.DataFrame) -> pl.DataFrame:
     """Counts, lists and the cleaned text (+ inferred company, as Adobe's team appended it)."""
-    return _text_rows(posts) if _is_few_ascii(posts) else _text_polars(posts)
+    return _text_rows(posts) if _is_few_agreed(posts) else _text_polars(posts)
 
 
 def _text_polars(posts: pl.DataFrame) -> pl.DataFrame:
@@ -88,26 +92,50 @@ def _text_polars(posts: pl.DataFrame) -> pl.DataFrame:
 
 
 FEW_ROWS = 64
-_ASCII_SPACE = " \t\n\r\x0b\x0c"  # Rust's White_Space ∩ ASCII; Python's str.strip() also strips \x1c-\x1f
-_RE = {name: re.compile(pattern, re.ASCII) for name, pattern in {
+_RE = {name: re.compile(pattern) for name, pattern in {
     "url": URL, "mention": MENTION, "hashtag": r"#\w+", "at": r"@\w+", "domain": DOMAIN, "word": WORD,
     "caps": r"[A-Z][A-Z']+", "scheme": r"^https?://(?:www\.)?", "path": r"/.*$", "punct": r"[^\w\s]",
     "stop": rf"\b(?:{'|'.join(STOP_WORDS)})\b", "spaces": r"\s+"}.items()}
+_CLASSES = {"w": r"\w", "s": r"\s", "d": r"\d", "letter": r"[^\W\d_]", "punct": r"[^\w\s]"}
+_AGREE: dict[str, bool] = {}  # character → both engines treat it alike (filled by _learn, never shrinks)
+_AGREE_LOCK = threading.Lock()
 
 
-def _is_few_ascii(posts: pl.DataFrame) -> bool:
+def _learn(chars: set[str]) -> None:
+    """Record, for characters not seen before, whether Python's re / str methods and polars agree on them."""
+    todo = sorted(chars - _AGREE.keys())
+    if not todo:
+        return
+    lowered = {c: c.lower() for c in todo}
+    probe = sorted(set(todo).union(*map(set, lowered.values())))
+    rust = pl.DataFrame({"c": probe}, schema={"c": pl.String}).select(
+        *[pl.col("c").str.contains(f"^{pattern}$").alias(k) for k, pattern in _CLASSES.items()],
+        pl.col("c").str.to_lowercase().alias("lower"))
+    classes = {k: rust[k].to_list() for k in _CLASSES}
+    same = {c: all(bool(re.fullmatch(pattern, c)) == classes[k][i] for k, pattern in _CLASSES.items())
+            and c.isspace() == classes["s"][i] for i, c in enumerate(probe)}
+    rust_lower = dict(zip(probe, rust["lower"].to_list()))
+    with _AGREE_LOCK:
+        for c in todo:  # Σ: its lowercase depends on the letters around it (final sigma)
+            _AGREE[c] = (c != "\u03a3" and same[c] and rust_lower[c] == lowered[c]
+                         and all(same[x] for x in lowered[c]))
+
+
+def _is_few_agreed(posts: pl.DataFrame) -> bool:
     if posts.height > FEW_ROWS:
         return False
     texts = posts["text"].to_list()
-    companies = posts["company"].to_list() if "company" in posts.columns else [None] * posts.height
-    return all((t is None or t.isascii()) and (c is None or c.isascii()) for t, c in zip(texts, companies))
+    companies = posts["company"].to_list() if "company" in posts.columns else []
+    chars = set().union(*(set(v) for v in (*texts, *companies) if v))
+    _learn(chars)
+    return all(_AGREE[c] for c in chars)
 
 
 def _clean(text: str) -> str:
     r = _RE
     out = r["mention"].sub(" ", r["url"].sub(" ", text)).replace("#", " ").lower()
     out = r["spaces"].sub(" ", r["stop"].sub(" ", r["punct"].sub(" ", out)))
-    return out.strip(_ASCII_SPACE)
+    return out.strip()
 
 
 def _row(text: str | None, company: str | None) -> dict:
@@ -126,7 +154,7 @@ def _row(text: str | None, company: str | None) -> dict:
             "mentions": [m[1:].lower() for m in r["at"].findall(text)],
             "domains": [r["path"].sub("", r["scheme"].sub("", m.group(0)), count=1).lower()
                         for m in r["domain"].finditer(text)],
-            "clean_text": cleaned.strip(_ASCII_SPACE)}
+            "clean_text": cleaned.strip()}
 
 
 _SCHEMA = {**{c: pl.Float32 for c in TEXT_STAT_COLUMNS}, "hashtags": pl.List(pl.String),
@@ -134,7 +162,7 @@ _SCHEMA = {**{c: pl.Float32 for c in TEXT_STAT_COLUMNS}, "hashtags": pl.List(pl.
 
 
 def _text_rows(posts: pl.DataFrame) -> pl.DataFrame:
-    """``text_features`` of a few ASCII rows, row by row in Python (equal to the polars path)."""
+    """``text_features`` of a few rows the engines agree on, row by row in Python (equal to the polars path)."""
     companies = posts["company"].to_list() if "company" in posts.columns else [None] * posts.height
     rows = [_row(t, c) for t, c in zip(posts["text"].to_list(), companies)]
     columns = {name: [row[name] for row in rows] for name in _SCHEMA}
