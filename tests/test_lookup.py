@@ -43,6 +43,9 @@ def test_lookup_equals_the_left_join(two_keys, plan, with_extra, data):
         whole, _, _ = data.draw(table_and_keys(two_keys))
         extra = whole.join(table, on=on, how="anti").with_columns(pl.col("v").cast(pl.Float32) * 2 + 0.5)
         extra = extra.with_columns(pl.col("v").cast(pl.Int64)) if data.draw(st.booleans()) else extra
+        extra = extra.with_columns(pl.col("v").cast(pl.Float64)) if data.draw(st.booleans()) else extra
+        if extra.height and data.draw(st.booleans()):  # only keys of new rows (a new post scored alone)
+            keys = extra.select(on)[data.draw(st.lists(st.integers(0, extra.height - 1), min_size=1, max_size=4))]
     old = lookup.INDEX_MAX_KEYS
     lookup.INDEX_MAX_KEYS = 10**6 if plan == "index" else -1
     lookup.indexed(table, on)

@@ -33,6 +33,8 @@ class KeyIndex:
         keys = table.select(on)
         rows = keys.rows() if len(on) > 1 else keys.to_series().to_list()
         self.on = on
+        self.rest = table.drop(on)  # the looked-up columns (no copy: the table's own buffers)
+        self.rest_dtypes = self.rest.dtypes
         self.row: dict[Any, int] = {}
         for i, key in enumerate(rows):
             if key is None or (len(on) > 1 and None in key):
@@ -93,9 +95,11 @@ def left_lookup(keys: pl.DataFrame, table: pl.DataFrame, on: str | list[str],
         return keys.join(both, on=on, how="left", maintain_order="left")
     found = index.positions(keys.select(on))
     hit = found.is_not_null().to_numpy()
-    rest = table.drop(on)
+    rest = index.rest
     if not rest.width:
         return keys
+    if both is None and not hit.any() and (alone := _only_extra(keys.select(on), extra, on, index)) is not None:
+        return pl.concat([keys, alone], how="horizontal")  # a new post scored alone (the common served case)
     if both is not None or hit.all():
         got = rest.select(pl.all().gather(found))
         if both is None:  # every key in the table: the result still takes the extra rows' column types
@@ -109,6 +113,20 @@ def left_lookup(keys: pl.DataFrame, table: pl.DataFrame, on: str | list[str],
             got = pl.concat([rest.select(pl.all().gather(found)), more], how="vertical_relaxed")
             got = got[np.where(hit, np.arange(n), np.arange(n, 2 * n))]
     return pl.concat([keys, got], how="horizontal")
+
+
+def _only_extra(keys: pl.DataFrame, extra: pl.DataFrame, on: list[str], index: KeyIndex) -> pl.DataFrame | None:
+    """The extra rows of keys that are all in ``extra`` (and none in the table), by position, in the table's
+    column types; None where that does not hold (a missing key, repeated extra keys, other types: the join)."""
+    values = keys.rows() if len(on) > 1 else keys.to_series().to_list()
+    extra_keys = extra.select(on).rows() if len(on) > 1 else extra[on[0]].to_list()
+    position = {k: i for i, k in enumerate(extra_keys)}
+    rows = [position.get(k) for k in values]
+    if len(position) != len(extra_keys) or None in rows or any(k is None or (len(on) > 1 and None in k)
+                                                                for k in values):
+        return None
+    got = extra.select(pl.col(index.rest.columns).gather(rows))
+    return got if got.dtypes == index.rest_dtypes else None
 
 
 def lookup_columns(table: pl.DataFrame, on: str | list[str], keys: pl.DataFrame, columns: list[str],
