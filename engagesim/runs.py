@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.errors import UserError
-from engagesim.features.impression import impression_post_columns, join_impressions
+from engagesim.features.impression import join_impressions, post_side_columns
 from engagesim.features.impression_ops import Joins
 from engagesim.features.lookup import contains
 from engagesim.features.post import post_row_features
@@ -169,16 +169,19 @@ class LoadedRun:
             if posts is None and featurised_posts is None:
                 raise ValueError(f"{len(unknown)} post(s) unknown to the run and no posts given, e.g. {unknown[0]!r}")
             new = featurised_posts if featurised_posts is not None else self.post_features(posts)
-            new = new.filter(pl.col("post_id").is_in(unknown.implode())).unique("post_id", maintain_order=True)
-            missing = unknown.filter(~unknown.is_in(new["post_id"].implode()))
-            if len(missing):
-                raise ValueError(f"no post row for post_id {missing[0]!r}")
-            new = impression_post_columns(new)
+            given = new["post_id"].to_list()
+            if len(set(given)) != len(given) or set(given) != set(unknown.to_list()):  # else: exactly the new posts
+                new = new.filter(pl.col("post_id").is_in(unknown.implode())).unique("post_id", maintain_order=True)
+                missing = unknown.filter(~unknown.is_in(new["post_id"].implode()))
+                if len(missing):
+                    raise ValueError(f"no post row for post_id {missing[0]!r}")
             # Looked up below the snapshot's rows, as if concatenated to them (features/lookup.py): the
-            # snapshot keeps its index, never re-hashed for one new post.
-            at.posts_extra = new.select(state.posts.columns)
-            if state.topics is not None and "post_text_cluster" in new.columns:
-                at.topics_extra = new.select("post_id", pl.col("post_text_cluster").alias("topic"))
+            # snapshot keeps its index, never re-hashed for one new post. One select: the columns an impression
+            # row carries (impression_post_columns), named and ordered as the snapshot's.
+            source = {name: column for column, name in post_side_columns(new.columns).items()}
+            at.posts_extra = new.select([pl.col(source[c]).alias(c) for c in state.posts.columns])
+            if state.topics is not None and "post_text_cluster" in source:
+                at.topics_extra = new.select("post_id", pl.col(source["post_text_cluster"]).alias("topic"))
         return join_impressions(table, state.ops, state.origin_us, state.window_hours, at)
 
     # -- score -----------------------------------------------------------------------------------
