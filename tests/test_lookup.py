@@ -51,11 +51,13 @@ def test_lookup_equals_the_left_join(two_keys, plan, with_extra, data):
     lookup.indexed(table, on)
     try:
         got = left_lookup(keys, table, on, extra)
+        alone = left_lookup(keys, table, on, extra, with_keys=False)
     finally:
         lookup.INDEX_MAX_KEYS = old
     both = table if extra is None else pl.concat([table, extra], how="vertical_relaxed")
     want = keys.join(both, on=on, how="left", maintain_order="left")
     assert got.schema == want.schema and got.equals(want), (got, want)
+    assert alone.equals(want.drop(keys.columns))  # the table's columns only
 
 
 def test_a_key_that_is_not_unique_is_refused():

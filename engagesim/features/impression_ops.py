@@ -211,7 +211,7 @@ class PostSide(FeatureOp):
     def transform(self, df: pl.DataFrame, at: Joins) -> pl.DataFrame:
         if self.posts is None:
             return df.select(self.names)
-        return left_lookup(df.select("post_id"), self.posts, "post_id", at.posts_extra).drop("post_id")
+        return left_lookup(df.select("post_id"), self.posts, "post_id", at.posts_extra, with_keys=False)
 
     def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict]:
         if self.posts is not None and "posts" not in skip:

@@ -79,12 +79,13 @@ def index_of(table: pl.DataFrame, on: list[str]) -> KeyIndex | None:
 
 
 def left_lookup(keys: pl.DataFrame, table: pl.DataFrame, on: str | list[str],
-                extra: pl.DataFrame | None = None) -> pl.DataFrame:
+                extra: pl.DataFrame | None = None, with_keys: bool = True) -> pl.DataFrame:
     """``keys.join(table, on=on, how="left", maintain_order="left")`` for a table unique on ``on``: the keys'
     columns, then the table's other columns, one row per key.
 
     ``extra``: rows with keys the table lacks (a request's new posts), as if concatenated below it
-    (``pl.concat([table, extra], how="vertical_relaxed")``) — without re-indexing the table for them."""
+    (``pl.concat([table, extra], how="vertical_relaxed")``) — without re-indexing the table for them.
+    ``with_keys=False``: the table's columns only (the join's, less the keys' columns)."""
     on = [on] if isinstance(on, str) else list(on)
     both = table if extra is None or not extra.height else None
     clash = set(keys.columns) & set(table.columns) - set(on)  # the join would suffix these: leave it to the join
@@ -92,14 +93,15 @@ def left_lookup(keys: pl.DataFrame, table: pl.DataFrame, on: str | list[str],
     if index is None:
         if both is None:
             both = pl.concat([table, extra.select(table.columns)], how="vertical_relaxed")
-        return keys.join(both, on=on, how="left", maintain_order="left")
+        joined = keys.join(both, on=on, how="left", maintain_order="left")
+        return joined if with_keys else joined.drop(keys.columns)
     found = index.positions(keys.select(on))
     hit = found.is_not_null().to_numpy()
     rest = index.rest
     if not rest.width:
-        return keys
+        return keys if with_keys else keys.drop(keys.columns)
     if both is None and not hit.any() and (alone := _only_extra(keys.select(on), extra, on, index)) is not None:
-        return pl.concat([keys, alone], how="horizontal")  # a new post scored alone (the common served case)
+        return pl.concat([keys, alone], how="horizontal") if with_keys else alone  # a new post scored alone
     if both is not None or hit.all():
         got = rest.select(pl.all().gather(found))
         if both is None:  # every key in the table: the result still takes the extra rows' column types
@@ -112,7 +114,7 @@ def left_lookup(keys: pl.DataFrame, table: pl.DataFrame, on: str | list[str],
             n = keys.height
             got = pl.concat([rest.select(pl.all().gather(found)), more], how="vertical_relaxed")
             got = got[np.where(hit, np.arange(n), np.arange(n, 2 * n))]
-    return pl.concat([keys, got], how="horizontal")
+    return pl.concat([keys, got], how="horizontal") if with_keys else got
 
 
 def _only_extra(keys: pl.DataFrame, extra: pl.DataFrame, on: list[str], index: KeyIndex) -> pl.DataFrame | None:
