@@ -9,13 +9,13 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from engagesim.features.text import text_features
+from engagesim.features.text import FEW_ROWS, text_features
 
 MEDIA_COLUMNS = ["n_media", "n_photo", "n_video", "n_gif"]
 
 
 MEDIA_KINDS = ("photo", "video", "gif")
-FEW_ROWS = 64  # up to this many rows (a served request), media counts are taken in Python: no list.eval
+# Up to text.FEW_ROWS rows (a served request), media counts are taken in Python: no list.eval.
 
 
 def media_features(posts: pl.DataFrame) -> pl.DataFrame:

@@ -28,10 +28,11 @@ import numpy as np
 import polars as pl
 
 from engagesim.features import encodings
+from engagesim.features.text import FEW_ROWS  # one "few rows" bound for the served-request paths
 
 TE_SCALAR = ["author_id", "company", "language"]
 TE_LIST = ["hashtags", "domains"]
-FEW_ROWS = 64  # up to this many rows, ``key_rows`` of a list column walks the lists in Python
+
 # Keys whose encoding also says how many labelled posts it stands on (``te_<key>_n``). Training rows see
 # out-of-fold (or earlier) posts only, so a sparse account's training rows carry the prior where serving has
 # its mean: with the count, trees learn how far to trust the mean instead of learning to ignore it.
