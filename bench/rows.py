@@ -4,7 +4,8 @@ Each size runs ``pipeline behaviour`` end to end (synthetic world generated on R
 impression training, evaluation, report) in a driver process of its own, on the embedded local Ray, with
 embeddings off and XGBoost only (for time; the data plane is the same for every family). Prints one JSON
 line per size: wall seconds, seconds per stage, the driver's peak RSS (and the steps of the job where it
-peaked: the driver's RSS between two of its log lines), the peak of driver + every Ray worker
+peaked: the driver's RSS between two of its log lines; every step's RSS peak, end USS and Arrow bytes in
+``driver_steps``), the peak of driver + every Ray worker
 and the largest single worker, which training path ran, and the served ensemble's like RCE. A last line
 gives the growth of the all-process peak between the two largest sizes (the issue's bound: ≤ 1.3× from 10M
 to 40M) and the largest driver peak (bound: ≤ 1.5 GB at every size).
@@ -54,12 +55,18 @@ class DriverSteps:
             time.sleep(0.1)
 
     def log(self, message: str) -> None:
+        import pyarrow as pa
+
         self._peak = max(self._peak, self._proc.memory_info().rss)
-        self.steps.append((message.strip()[:90], round(self._peak / 2**20, 1)))
+        # Also at the step's end: the driver's own pages (USS: without the object-store pages it mapped, which
+        # RSS counts) and what Arrow's pool holds live (the rest of USS is other heaps, or freed and retained).
+        uss = self._proc.memory_full_info().uss
+        self.steps.append((message.strip()[:90], round(self._peak / 2**20, 1), round(uss / 2**20, 1),
+                           round(pa.total_allocated_bytes() / 2**20, 1)))
         self._peak = 0
         print(message, file=sys.stderr, flush=True)
 
-    def top(self, k: int = 6) -> list[tuple[str, float]]:
+    def top(self, k: int = 6) -> list[tuple]:
         self._stop.set()
         return sorted(self.steps, key=lambda s: -s[1])[:k]
 
@@ -84,6 +91,8 @@ def child(impressions: int, out: str, rounds: int, overrides: list[str]) -> None
         "seconds": round(seconds, 1), "stages": {k: round(v.get("seconds", 0), 1) for k, v in manifest["stages"].items()},
         "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "driver_peak_steps_mb": steps.top(),
+        # Every step in order: (the log line ending it, peak RSS in it, USS and Arrow's live bytes at its end; MB).
+        "driver_steps": steps.steps,
         "all_peak_mb": peak.peak_mb, "all_peak_pss_mb": peak.pss_mb, "largest_worker_mb": peak.worker_mb,
         "largest_worker_uss_mb": peak.worker_uss_mb,
         "train_input": imp.get("train_input"), "validation": imp.get("validation"),

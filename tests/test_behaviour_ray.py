@@ -280,25 +280,34 @@ def test_streamed_normaliser_equals_the_in_memory_fit(ray_local):
     np.testing.assert_allclose(std, nn.fit_normaliser(x)[1], rtol=1e-5, atol=1e-6)
 
 
-def test_xgb_worker_killed_resumes_from_checkpoint(features, tmp_path):
+def test_xgb_outputs_fit_in_one_run_and_a_killed_worker_resumes_the_booster_it_was_on(features, tmp_path):
+    """Two labels, one Ray Train run: rank 0 dies at round 25 of the second booster; the retry keeps the first
+    from the checkpoint and resumes the second from its last checkpointed round. Each booster equals plain
+    xgboost on its own label (one worker, no row or column sampling: the fit is deterministic)."""
     out, _ = features
     table = io.read_table(io.join(out, "impressions"))
     train = table.filter(pc.equal(table.column("split"), "train"))
+    valid = table.filter(pc.equal(table.column("split"), "valid"))
     f = feature_columns(table.schema)[:20]
     from engagesim.config import XGBConfig
     from engagesim.models.chaos import CrashOnce
 
     marker = str(tmp_path / "crashed")
-    params = xgb.params_for("layer6", "binary:logistic", {"nthread": 1})
-    settings = XGBConfig(rounds=40, checkpoint_every=10, cpus_per_worker=1)
-    booster = xgb.fit_ray(train, None, f, "y_like", params, settings, str(tmp_path), "chaos",
-                          callbacks=[CrashOnce(25, marker)])
-    assert open(marker).read() == "25"  # the worker really died at round 25...
+    params = xgb.params_for("layer6", "binary:logistic", {"nthread": 1, "subsample": 1.0, "colsample_bytree": 1.0})
+    settings = XGBConfig(rounds=40, checkpoint_every=10, cpus_per_worker=1, early_stopping=40)
+    labels = ["y_like", "y_reply"]
+    boosters = xgb.fit_ray_many(train, valid, f, labels, params, settings, str(tmp_path), "chaos",
+                                callbacks=[CrashOnce(25, marker, skip_fits=1)])
+    assert open(marker).read() == "25"  # the worker really died at round 25 of the second booster...
     resumed = int(open(marker + ".resumed").read())
     # ...the retry started from a checkpoint (every 10 rounds; the newest may not be registered yet)...
     assert 0 < resumed < 25 and resumed % 10 == 0
-    assert booster.num_boosted_rounds() == 40  # ...and finished the job
-    assert np.isfinite(xgb.predict(booster, train.slice(0, 10), f)).all()
+    for label in labels:  # ...and both boosters are those of one plain fit per label
+        plain = xgb.train_booster(xgb.dmatrix(train, f, label), xgb.dmatrix(valid, f, label), params, 40, 40)
+        assert boosters[label].num_boosted_rounds() == plain.num_boosted_rounds()
+        np.testing.assert_allclose(xgb.predict(boosters[label], valid, f), xgb.predict(plain, valid, f),
+                                   rtol=1e-5, atol=1e-6, err_msg=label)
+    assert not np.allclose(xgb.predict(boosters["y_like"], valid, f), xgb.predict(boosters["y_reply"], valid, f))
 
 
 def test_tune_matches_or_beats_default_and_train_accepts_it(features, config, tmp_path):

@@ -30,17 +30,23 @@ def _rank() -> int:
 
 
 class CrashOnce(xgb.callback.TrainingCallback, LoopCallback):
-    """Kill rank 0 once when ``at`` rounds (XGBoost) or units (the torch loop) are done."""
+    """Kill rank 0 once when ``at`` rounds (XGBoost) or units (the torch loop) are done; in a multi-output
+    XGBoost run, of the booster after the first ``skip_fits``."""
 
-    def __init__(self, at: int, marker: str, delay: float = 0.0):
-        self.at, self.marker, self.delay = at, marker, delay
+    def __init__(self, at: int, marker: str, delay: float = 0.0, skip_fits: int = 0):
+        self.at, self.marker, self.delay, self.skip_fits = at, marker, delay, skip_fits
+        self.fits = 0
+
+    def before_training(self, model: xgb.Booster) -> xgb.Booster:
+        self.fits += 1
+        return model
 
     def on_resume(self, done: int) -> None:
         Path(self.marker + ".resumed").write_text(str(done))
 
     # XGBoost
     def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict) -> bool:
-        if model.num_boosted_rounds() >= self.at:
+        if self.fits > self.skip_fits and model.num_boosted_rounds() >= self.at:
             _die_once(self.marker, model.num_boosted_rounds(), _rank(), self.delay)
         return False
 

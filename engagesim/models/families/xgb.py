@@ -1,5 +1,5 @@
 """XGBoost: one booster per output (log1p(likes) at post level; like/reply/retweet/quote at impression level),
-each fit on Ray Train. Files: ``xgb.ubj`` (post) or ``xgb_<engagement>.ubj``, + a JSON sidecar each."""
+a level's boosters fit in one Ray Train run. Files: ``xgb.ubj`` (post) or ``xgb_<engagement>.ubj``, + a JSON sidecar each."""
 
 from __future__ import annotations
 
@@ -71,16 +71,21 @@ class XGBFamily(Family):
         boosters = {}
         # valid: always a table with the level's columns (train may be a Ray Dataset).
         margin = c.post_margin and level.name == "post" and account_prior(valid) is not None
-        for label, output in zip(level.labels, level.outputs):
-            run_name = "post_xgb" if level.name == "post" else f"impression_xgb_{output}"
-            if margin:  # squared error: boosting y − m from 0 is boosting y from the margin m
+        meta = {"task": "regression"} if level.name == "post" else {}
+        if margin:  # squared error: boosting y − m from 0 is boosting y from the margin m — one label at a time
+            meta["margin"] = "account_prior"
+            fitted = {}
+            for label in level.labels:
                 train, valid = _with_residual(train, label), _with_residual(valid, label)
-            booster = xgb.fit_ray(train, valid, features, RESIDUAL if margin else label, params, c, ctx.ray_dir,
-                                  run_name, ctx.resources(self))
-            meta = {"task": "regression"} if level.name == "post" else {"engagement": output}
-            if margin:
-                meta["margin"] = "account_prior"
-            boosters[output] = (booster, {"features": features, **meta})
+                fitted[label] = xgb.fit_ray(train, valid, features, RESIDUAL, params, c, ctx.ray_dir,
+                                            f"{level.name}_xgb", ctx.resources(self))
+        else:  # every output in one Ray Train run: one matrix, one worker group (models/xgb.py)
+            names = ["post_xgb"] if level.name == "post" else [f"impression_xgb_{o}" for o in level.outputs]
+            fitted = xgb.fit_ray_many(train, valid, features, list(level.labels), params, c, ctx.ray_dir,
+                                      f"{level.name}_xgb", ctx.resources(self), names=names)
+        for label, output in zip(level.labels, level.outputs):
+            engagement = {} if level.name == "post" else {"engagement": output}
+            boosters[output] = (fitted[label], {"features": features, **meta, **engagement})
         if level.name == "post":
             importance = boosters[level.outputs[0]][0].get_score(importance_type="gain")
             ctx.info["xgb_top_features"] = dict(sorted(importance.items(), key=lambda kv: -kv[1])[:15])
