@@ -190,14 +190,17 @@ def test_graph_fit_from_parts_equals_the_string_sorted_edge_list():
                                                          pl.col("follows").max())
              .filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
              .sort("user_id", "creator_id"))
-    users, creators, table = coded_edges([frame[i::4] for i in (2, 0, 3, 1)])
-    assert users.to_list() == edges["user_id"].unique(maintain_order=True).to_list()
-    assert creators.to_list() == edges["creator_id"].unique(maintain_order=True).to_list()
-    assert users.gather(table["u"]).to_list() == edges["user_id"].to_list()
-    assert creators.gather(table["c"]).to_list() == edges["creator_id"].to_list()
-    for e in ENGAGEMENTS:
-        assert table[f"c_{e}"].to_list() == edges[f"c_{e}"].to_list()
-    assert table["follows"].to_list() == edges["follows"].to_list()
+    # Parts that share users (summed again after concatenation), and parts by user (the Ray path: final per part).
+    by_user = frame.with_columns(part=pl.col("user_id").hash(seed=1) % 4).partition_by("part", include_key=False)
+    for parts in ([frame[i::4] for i in (2, 0, 3, 1)], by_user[::-1]):
+        users, creators, table = coded_edges(parts)
+        assert users.to_list() == edges["user_id"].unique(maintain_order=True).to_list()
+        assert creators.to_list() == edges["creator_id"].unique(maintain_order=True).to_list()
+        assert users.gather(table["u"]).to_list() == edges["user_id"].to_list()
+        assert creators.gather(table["c"]).to_list() == edges["creator_id"].to_list()
+        for e in ENGAGEMENTS:
+            assert table[f"c_{e}"].to_list() == edges[f"c_{e}"].to_list()
+        assert table["follows"].to_list() == edges["follows"].to_list()
     whole, parted = fit_graph_from_pairs(frame, 5, max_edges=None), fit_graph_from_pairs(
         iter([frame[i::3] for i in range(3)]), 5, max_edges=None)
     for name in ("engaged", "creator_co", "jaccard_top"):

@@ -295,6 +295,10 @@ def graph_edges(pairs: pl.DataFrame) -> pl.DataFrame:
     return per_pair.filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
 
 
+def _sum_pairs(table: pl.DataFrame) -> pl.DataFrame:
+    return table.group_by("u", "c").agg(*[pl.col(f"c_{e}").sum() for e in ENGAGEMENTS], pl.col("follows").max())
+
+
 def coded_edges(parts: Iterable[pl.DataFrame]) -> tuple[pl.Series, pl.Series, pl.DataFrame]:
     """Edge parts → (user keys, creator keys, per-pair table on integer codes ``u``, ``c`` into them).
 
@@ -309,30 +313,37 @@ def coded_edges(parts: Iterable[pl.DataFrame]) -> tuple[pl.Series, pl.Series, pl
         if "follows" not in part.columns:
             part = part.with_columns(pl.lit(0, pl.Int8).alias("follows"))
         users, creators = part["user_id"].unique().sort(), part["creator_id"].unique().sort()
-        coded.append(part.select(pl.col("user_id").cast(pl.Enum(users)).to_physical().cast(pl.Int64).alias("u"),
-                                 pl.col("creator_id").cast(pl.Enum(creators)).to_physical().cast(pl.Int64).alias("c"),
-                                 *[pl.col(f"c_{e}").cast(pl.Float64) for e in ENGAGEMENTS],
-                                 pl.col("follows").fill_null(0).cast(pl.Int8)))
+        # Int32 codes and Float32 counts (the fit only asks whether a count is > 0; integer sums are exact in
+        # Float32 below 2^24): 25 bytes an edge where Int64/Float64 took 49. Summed per part first, so a pair
+        # repeated over windows is one row before any concatenation.
+        coded.append(part.select(pl.col("user_id").cast(pl.Enum(users)).to_physical().cast(pl.Int32).alias("u"),
+                                 pl.col("creator_id").cast(pl.Enum(creators)).to_physical().cast(pl.Int32).alias("c"),
+                                 *[pl.col(f"c_{e}").cast(pl.Float32) for e in ENGAGEMENTS],
+                                 pl.col("follows").fill_null(0).cast(pl.Int8)).pipe(_sum_pairs))
         user_keys.append(users)
         creator_keys.append(creators)
     all_users = pl.concat(user_keys).unique().sort() if user_keys else pl.Series("user_id", [], pl.String)
     all_creators = pl.concat(creator_keys).unique().sort() if creator_keys else pl.Series("creator_id", [], pl.String)
     for i, (users, creators) in enumerate(zip(user_keys, creator_keys)):  # local code → global sorted rank
-        u_map, c_map = all_users.search_sorted(users).to_numpy(), all_creators.search_sorted(creators).to_numpy()
+        u_map = all_users.search_sorted(users).to_numpy().astype(np.int32)
+        c_map = all_creators.search_sorted(creators).to_numpy().astype(np.int32)
         coded[i] = coded[i].with_columns(u=u_map[coded[i]["u"].to_numpy()], c=c_map[coded[i]["c"].to_numpy()])
-    empty = {"u": pl.Int64, "c": pl.Int64, **{f"c_{e}": pl.Float64 for e in ENGAGEMENTS}, "follows": pl.Int8}
+    empty = {"u": pl.Int32, "c": pl.Int32, **{f"c_{e}": pl.Float32 for e in ENGAGEMENTS}, "follows": pl.Int8}
     table = pl.concat(coded, rechunk=False) if coded else pl.DataFrame(schema=empty)
     del coded
-    table = (table.group_by("u", "c").agg(*[pl.col(f"c_{e}").sum() for e in ENGAGEMENTS], pl.col("follows").max())
-             .filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
+    # Parts that share no user (the Ray path: each user's pairs in one history partition) share no pair either:
+    # their per-part sums are final, and the whole table is only sorted — no second group-by copy of it.
+    if sum(len(users) for users in user_keys) != len(all_users):
+        table = _sum_pairs(table)
+    table = (table.filter(pl.any_horizontal(*[pl.col(f"c_{e}") > 0 for e in ENGAGEMENTS], pl.col("follows") > 0))
              .sort("u", "c"))
     u, c = table["u"].to_numpy(), table["c"].to_numpy()
     kept_users = np.unique(u)  # sorted: the users' sorted order
     seen, first = np.unique(c, return_index=True)
     creator_order = seen[np.argsort(first, kind="stable")]  # creators by first appearance
-    position = np.full(len(all_creators), -1, dtype=np.int64)
-    position[creator_order] = np.arange(len(creator_order))
-    table = table.with_columns(u=np.searchsorted(kept_users, u), c=position[c])
+    position = np.full(len(all_creators), -1, dtype=np.int32)
+    position[creator_order] = np.arange(len(creator_order), dtype=np.int32)
+    table = table.with_columns(u=np.searchsorted(kept_users, u).astype(np.int32), c=position[c])
     return (all_users.gather(kept_users).alias("user_id"), all_creators.gather(creator_order).alias("creator_id"),
             table)
 
