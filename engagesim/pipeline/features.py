@@ -250,9 +250,11 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
                                     {"cutoff": cutoff_us, "origin": origin_us})
     clock.lap("join_and_write")
     io.remove_tree(scratch, cfg.storage)
-    # Counted on Ray Data from the written parts (the driver gets one row per split, not the column).
-    split_rows = datasets.read(out_uri, cfg.storage).select_columns(["split"]).groupby("split").count().take_all()
-    return ({"rows": {r["split"]: int(r["count()"]) for r in split_rows}, "total_rows": rows, "cutoff_us": cutoff_us,
+    # Counted on Ray Data from the written parts (the driver gets a row of counts per block, not the column).
+    from engagesim.pipeline.validation import count_splits
+
+    split_rows = {split: n for split, n in count_splits(datasets.read(out_uri, cfg.storage)).items() if n}
+    return ({"rows": split_rows, "total_rows": rows, "cutoff_us": cutoff_us,
              "test_from_us": test_from_us, "origin_us": origin_us,
              "posts": "hash join on post_id" if side.joined else "broadcast",
              "history": {"partitions": parts, "partitioned": {k: v for k, v in rounds.items()},

@@ -84,9 +84,12 @@ def split_valid(ds, fit_rows: int, seed: int, keys: tuple[str, ...] = IMPRESSION
 
 
 def count_splits(ds) -> dict[str, int]:
-    """Rows per split, one pass (partial counts per block, summed)."""
-    sums = ds.select_columns(["split"]).map_batches(_count_splits, batch_format="pyarrow").sum(list(SPLITS))
-    return {s: int((sums or {}).get(f"sum({s})") or 0) for s in SPLITS}
+    """Rows per split, one pass: a row of counts per block, summed in the driver (a row per block is all it
+    holds). Why not ``Dataset.sum`` or ``groupby("split").count()``: both run a hash shuffle of 200 reduce
+    tasks for three numbers — 8–12 s on a 30k-row table, where this takes 1–3 s."""
+    counts = datasets.collect(ds.select_columns(["split"]).map_batches(_count_splits, batch_format="pyarrow",
+                                                                          batch_size=None))
+    return {s: int(np.sum(counts.column(s).to_numpy())) if counts.num_rows else 0 for s in SPLITS}
 
 
 def sample_rows(ds, columns: list[str], total_rows: int, rows: int = 200_000, seed: int = 0) -> pa.Table:
