@@ -10,8 +10,9 @@ the same run beside ``features.leiden_max_edges``; the last line gives the ratio
     .venv/bin/python bench/graph.py --edges <dir of Parquet parts>    # a run's edges (the history fit writes
                                                                       # them under features/*_history_train/_edges)
 
-On the 40M-impression world's 17.9M edges (2026-12-05): whole fit 7.70 GB before the Jaccard blocks and the
-cap, 5.4 GB after; the per-pair table is now the peak (README, "How it scales").
+On the 40M-impression world's 17.9M edges: whole fit 7.70 GB before the Jaccard blocks and the cap, 5.4 GB
+after (2026-12-05); 3.03 GB with the per-pair table on integer codes, summed per part (2026-12-06), where
+Leiden on the like edges is now the peak (README, "How it scales").
 """
 
 from __future__ import annotations
