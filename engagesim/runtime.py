@@ -15,6 +15,24 @@ from engagesim.config import RayConfig
 LOCAL_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
+def release_freed_memory() -> None:
+    """Hand the memory a finished stage freed back to the OS: Python's cycles, Arrow's pool (jemalloc keeps
+    freed pages for reuse) and glibc's arenas (numpy's buffers). A job's driver runs every stage in one
+    process, and what one stage freed but its allocator kept was still counted against the next stage's peak
+    (bench/rows.py's driver steps: the USS a stage ended at stayed for the stages after it)."""
+    import ctypes
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
 def local_ray_env() -> None:
     """Defaults for an embedded Ray, set before it starts (its processes inherit the environment)."""
     for key, value in LOCAL_RAY_ENV.items():

@@ -111,8 +111,11 @@ class Run:
         self.save()
 
     def stage(self, name: str, outputs: dict[str, Any], seconds: float, **extra: Any) -> None:
+        from engagesim.runtime import release_freed_memory
+
         self.manifest["stages"][name] = {"outputs": outputs, "seconds": round(seconds, 2), **extra}
         self.save()
+        release_freed_memory()  # before the next stage starts: its peak should not carry this one's freed pages
 
     def metrics(self, name: str, values: dict[str, Any]) -> None:
         self.manifest["metrics"][name] = values
