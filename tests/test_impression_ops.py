@@ -156,3 +156,17 @@ def test_a_history_op_carries_columns_a_partition_join_made():
     assert carried.transform(pl.concat([df, made], how="horizontal"), Joins(cutoff, "window")).equals(made)
     assert isinstance(_fresh("graph", users, posts), Graph) and isinstance(_fresh("accounts", users, posts), Accounts)
     assert isinstance(_fresh("posts", users, posts), PostSide)
+
+
+def test_join_rounds_run_the_key_with_fewest_groups_first():
+    """Each round's shuffle carries the columns earlier rounds added, so the one-group post_id round precedes the
+    user_id round (user, pair, topic); tables at or under the size limit are broadcast instead."""
+    from engagesim.pipeline.partitioned import split_by_size
+
+    rows = {"user": 5, "creator": 2, "pair": 9, "post": 7, "topic": 8}
+    rounds, broadcast = split_by_size(rows, 1)
+    assert list(rounds) == ["creator_id", "post_id", "user_id"]
+    assert rounds["user_id"] == ["user", "pair", "topic"] and broadcast == []
+    rounds, broadcast = split_by_size(rows, 6)
+    assert list(rounds.items()) == [("post_id", ["post"]), ("user_id", ["pair", "topic"])]
+    assert broadcast == ["user", "creator"]
