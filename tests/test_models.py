@@ -481,3 +481,20 @@ def test_xgboost_boosts_from_the_account_company_global_mean():
     np.testing.assert_allclose(_residual(table, "label_log1p_likes").column(RESIDUAL).to_numpy(), 4.0 - hier)
     assert account_prior(table.drop_columns(["te_author_id_hier"])).tolist() == [3.0, 5.0, 4.0]  # older runs
     assert account_prior(pa.table({"x": [1.0]})) is None
+
+
+def test_streamed_scoring_applies_an_output_without_a_stacker_as_its_weighted_mean():
+    """An engagement whose validation kept one member has no stacker (pipeline/train.py::_ensembles scores its
+    "stacked" as the loss-weighted mean); the streamed scorer does the same instead of failing (a foreign
+    RecSys world's run hit KeyError 'stacker' here)."""
+    from engagesim.models.bundle import apply_ensemble
+    from engagesim.pipeline.validation import as_method
+
+    preds = {"xgb": np.array([0.2, 0.7]), "nn": np.array([0.4, 0.1])}
+    alone = {"method": "loss_weighted", "task": "binary", "members": ["xgb"], "weights": {"xgb": 1.0}}
+    for method in ("loss_weighted", "stacked"):
+        np.testing.assert_allclose(apply_ensemble(as_method(alone, method), preds), preds["xgb"])
+    stacked = {**alone, "members": ["xgb", "nn"], "weights": {"xgb": 0.5, "nn": 0.5},
+               "stacker": {"coef": [1.0, 0.0], "intercept": 0.0}}
+    np.testing.assert_allclose(apply_ensemble(as_method(stacked, "stacked"), preds), preds["xgb"], rtol=1e-6)
+    np.testing.assert_allclose(apply_ensemble(as_method(stacked, "loss_weighted"), preds), [0.3, 0.4])

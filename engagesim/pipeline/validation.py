@@ -129,6 +129,15 @@ def prob_columns(name: str) -> list[str]:
     return [f"p_{e}{suffix}" for e in ENGAGEMENTS]
 
 
+def as_method(spec: dict, method: str) -> dict:
+    """An output's ensemble spec applied as ``method``. Where no stacker was fitted (one member kept on
+    validation, or too few rows) "stacked" is the loss-weighted mean, as training scored it
+    (``pipeline/train.py::_ensembles``)."""
+    if method == "stacked" and "stacker" not in spec:
+        return {**spec, "method": "loss_weighted"}
+    return {**spec, "method": method}
+
+
 class _MemberScorer:
     """One actor: this level's saved members and both ensembles (as ``ensemble.json`` holds them)."""
 
@@ -143,7 +152,7 @@ class _MemberScorer:
             members = dict(preds)
             for method in ("loss_weighted", "stacked"):
                 preds[f"ensemble_{method}"] = np.column_stack([
-                    apply_ensemble({**specs[e], "method": method}, {k: v[:, i] for k, v in members.items()})
+                    apply_ensemble(as_method(specs[e], method), {k: v[:, i] for k, v in members.items()})
                     for i, e in enumerate(ENGAGEMENTS)])
         cols = {c: batch.column(c) for c in KEYS}
         for name, p in preds.items():
