@@ -49,7 +49,7 @@ def single_process(features, world: str, post_path: str, answer) -> None:
     out = features_in_process(inter, pl.read_parquet(post_path), pl.from_arrow(io.read_table(io.join(world, "users"))),
                               features.valid_hours, features.window_hours, features.history_mode, features.jaccard_k,
                               features.seed, test_share=features.test_share,
-                              leiden_max_edges=features.leiden_max_edges)
+                              leiden_max_edges=features.leiden_max_edges, community_folds=features.community_folds)
     assert out.num_rows == inter.num_rows
     answer.put(inter.num_rows / (time.perf_counter() - start))
 

@@ -166,6 +166,11 @@ class FeaturesConfig(Section):
         LEIDEN_MAX_EDGES, ge=1, description="Edges Leiden runs on, at most (it is global: one process holds them, ~280 "
         "bytes each). Above it Leiden runs on every edge of a seeded share of the users and the others join the "
         "community most of their creators are in. 10M impressions have ~4M edges; null: no cap.")
+    community_folds: int = Field(
+        1, ge=1, le=8, description="Leiden community labellings the graph features read: 1 = one fit on every "
+        "training edge (a training row's own engagement then helps put its user in its creator's community: a leak "
+        "where users have few edges); k >= 2 = k fits, each leaving one fold of (user, creator) pairs out, and a "
+        "pair reads the one fit without its edge.")
     text_clusters: int = Field(
         24, ge=2, description="k-means clusters of post text embeddings: the 'topic' of the user × topic history."
     )

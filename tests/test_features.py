@@ -433,3 +433,44 @@ def test_importing_the_graph_features_leaves_igraph_to_the_fit():
 
     code = "import sys, engagesim.features.graph; print('igraph' in sys.modules, 'matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]
+
+
+def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp_path):
+    """With features.community_folds=2, a pair's same_community / inv_community_size read a Leiden labelling fit
+    without its own edge: removing that edge from the log leaves them unchanged (with one labelling, a user with
+    few edges is put in a creator's community by the very engagement the row is labelled with). Saved and loaded
+    back, the model gives the same features; a model of one labelling still loads as before."""
+    from engagesim.features.graph import GraphModel
+
+    rng = np.random.default_rng(0)  # 60 users, 12 creators, ~2.4 edges a user: sparse, as the foreign worlds
+    edges = sorted({(f"u{u:02d}", f"c{rng.integers(0, 12)}") for u in rng.integers(0, 60, 150)})
+    log = _impressions([(u, c, T(1), T(1.1)) for u, c in edges])
+    model = fit_graph(log, jaccard_k=3)
+    from engagesim.features.graph import fit_graph_from_pairs
+
+    pairs = history.window_aggregates(log.select("user_id", "creator_id", "window", "t_us", "follows_creator",
+                                                 *[f"y_{e}" for e in ENGAGEMENTS]))["pair"]
+    two = fit_graph_from_pairs(pairs, jaccard_k=3, community_folds=2)
+    assert two.communities["like"].shape == (2, len(two.users) + len(two.creators))
+    degree_u = {u: sum(1 for a, _ in edges if a == u) for u, _ in edges}
+    first_user = {}
+    for u, c in edges:
+        first_user.setdefault(c, u)
+    checked = moved = 0
+    cols = [f"{p}_like" for p in ("same_community", "inv_community_size")]
+    for u, c in edges:  # pairs whose removal keeps every key (and every id) of the graph
+        if degree_u[u] < 2 or first_user[c] == u or sum(1 for _, b in edges if b == c) < 2:
+            continue
+        rest = pairs.filter((pl.col("user_id") != u) | (pl.col("creator_id") != c))
+        one = lambda m: m.features(pl.Series([u]), pl.Series([c])).select(cols).row(0)  # noqa: E731
+        assert one(two) == one(fit_graph_from_pairs(rest, jaccard_k=3, community_folds=2)), (u, c)
+        moved += one(model) != one(fit_graph_from_pairs(rest, jaccard_k=3))
+        checked += 1
+        if checked == 8:
+            break
+    assert checked == 8 and moved >= 4  # one labelling: most pairs' own edges moved their own features
+    everyone = (pl.Series([u for u, _ in edges]), pl.Series([c for _, c in edges]))
+    two.save(str(tmp_path / "two"))
+    assert GraphModel.load(str(tmp_path / "two")).features(*everyone).equals(two.features(*everyone))
+    model.save(str(tmp_path / "one"))
+    assert GraphModel.load(str(tmp_path / "one")).features(*everyone).equals(model.features(*everyone))

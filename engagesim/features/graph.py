@@ -58,8 +58,10 @@ class GraphModel:
     engaged: sp.csr_matrix  # users × creators, binary: any engagement
     creator_co: sp.csr_matrix  # creators × creators: users who engaged with both (diagonal: with each)
     jaccard_top: sp.csr_matrix  # creators × creators, top-k Jaccard of follower sets (binary)
-    communities: dict[str, np.ndarray] = field(default_factory=dict)  # per engagement: users+creators → community
-    community_sizes: dict[str, np.ndarray] = field(default_factory=dict)
+    # Per engagement: users+creators → community; with community folds a (folds, nodes) array, one labelling per
+    # fold of the (user, creator) pairs, each fit on the other folds' edges only (``pair_fold``).
+    communities: dict[str, np.ndarray] = field(default_factory=dict)
+    community_sizes: dict[str, np.ndarray] = field(default_factory=dict)  # per labelling (rows, as communities)
     chunk: int = 5_000  # pairs per sparse selection (bounds memory)
 
     def save(self, uri: str, storage=None) -> None:
@@ -96,6 +98,15 @@ class GraphModel:
                    csr("engaged"), csr("creator_co"), csr("jaccard_top"),
                    {e: arrays[f"communities.{e}"] for e in engagements},
                    {e: arrays[f"community_sizes.{e}"] for e in engagements})
+
+    def _folds(self, u: np.ndarray, c: np.ndarray, folds: int) -> np.ndarray:
+        """``pair_fold`` of id pairs (unknown ids: fold 0, whose labels they never read)."""
+        uh, ch = self._hashes
+        return pair_fold(uh[np.maximum(u, 0)], ch[np.maximum(c, 0)], folds)
+
+    @cached_property
+    def _hashes(self) -> tuple[np.ndarray, np.ndarray]:
+        return key_hashes(self.users.keys), key_hashes(self.creators.keys)
 
     @cached_property
     def _cf_terms(self) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
@@ -182,15 +193,30 @@ class GraphModel:
             labels = self.communities.get(e)
             same = np.zeros(n, dtype=np.float32)
             inv_size = np.zeros(n, dtype=np.float32)
-            if labels is not None and len(labels):  # an empty graph (no training edges) knows no one
-                cu = np.where(u >= 0, labels[np.maximum(u, 0)], -1)
-                cc = np.where(c >= 0, labels[n_users + np.maximum(c, 0)], -1)
-                same = ((cu >= 0) & (cu == cc)).astype(np.float32)
+            if labels is not None and labels.size:  # an empty graph (no training edges) knows no one
                 sizes = self.community_sizes[e]
-                inv_size = np.where(cu >= 0, 1.0 / sizes[np.maximum(cu, 0)], 0.0).astype(np.float32)
+                # With folds, a pair reads the labelling its own edge was left out of (rows: the fold's).
+                row = self._folds(u, c, len(labels)) if labels.ndim == 2 else None
+                at = (lambda table, i: table[row, i]) if row is not None else (lambda table, i: table[i])  # noqa: E731
+                cu = np.where(u >= 0, at(labels, np.maximum(u, 0)), -1)
+                cc = np.where(c >= 0, at(labels, n_users + np.maximum(c, 0)), -1)
+                same = ((cu >= 0) & (cu == cc)).astype(np.float32)
+                inv_size = np.where(cu >= 0, 1.0 / at(sizes, np.maximum(cu, 0)), 0.0).astype(np.float32)
             cols[f"same_community_{e}"] = same
             cols[f"inv_community_size_{e}"] = inv_size
         return pl.DataFrame(cols)
+
+
+def key_hashes(keys: pl.Series) -> np.ndarray:
+    """A fixed hash per key (polars' seeded hash, as the history partitions use): a pair's fold depends on its
+    two keys only, never on which other keys the graph has (ids do)."""
+    return keys.hash(seed=0).to_numpy()
+
+
+def pair_fold(user_hash: np.ndarray, creator_hash: np.ndarray, folds: int) -> np.ndarray:
+    """The community fold of each (user, creator) pair, from the two keys' hashes."""
+    mixed = user_hash.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + creator_hash.astype(np.uint64)
+    return ((mixed >> np.uint64(33)) % np.uint64(folds)).astype(np.int64)
 
 
 JACCARD_BLOCK = 2048  # creators per block of the follower-set intersections
@@ -353,12 +379,18 @@ def coded_edges(parts: Iterable[pl.DataFrame]) -> tuple[pl.Series, pl.Series, pl
 
 def fit_graph_from_pairs(pairs: pl.DataFrame | Iterable[pl.DataFrame], jaccard_k: int = 20, seed: int = 0,
                          max_edges: int | None = LEIDEN_MAX_EDGES,
-                         mark: Callable[[str], None] = lambda _: None) -> GraphModel:
+                         mark: Callable[[str], None] = lambda _: None, community_folds: int = 1) -> GraphModel:
     """Fit from the (user, creator[, window]) aggregates of the history stage: no pass over raw rows.
 
     ``pairs`` (one frame, or parts of it read one at a time) has user_id, creator_id, c_<engagement> counts and
     ``follows`` (0/1). ``mark(phase)`` is called as each phase ends (``bench/graph.py`` measures memory by phase
     with it).
+
+    ``community_folds`` (``features.community_folds``): 1 labels communities on every training edge, so a
+    training row's own engagement helps put its user in its creator's community — a leak where users have few
+    edges (a foreign RecSys world: the XGBoost test like RCE 3.9 with the community columns, 12.6 without). With
+    k ≥ 2 the pairs are split into k folds (``pair_fold``) and each fold's pairs read a labelling fit without
+    their edges (k Leiden fits on (k-1)/k of the edges each: at k = 2 two fits on half, about one fit's time).
     """
     user_keys, creator_keys, per_pair = coded_edges([pairs] if isinstance(pairs, pl.DataFrame) else pairs)
     mark("per-pair table")
@@ -377,9 +409,18 @@ def fit_graph_from_pairs(pairs: pl.DataFrame | Iterable[pl.DataFrame], jaccard_k
     followers = _matrix(c[follows], u[follows], (len(creators), len(users)))
     model = GraphModel(users, creators, engaged, creator_co, _top_k_jaccard(followers, jaccard_k))
     mark("jaccard_top")
+    fold = model._folds(u, c, community_folds) if community_folds > 1 else None
     for e in ENGAGEMENTS:
         mask = counts[e] > 0
-        labels, sizes = _leiden(u[mask], c[mask], len(users), len(creators), seed, max_edges)
+        if fold is None:
+            labels, sizes = _leiden(u[mask], c[mask], len(users), len(creators), seed, max_edges)
+        else:  # labelling k leaves fold k's pairs out
+            fits = [_leiden(u[mask & (fold != k)], c[mask & (fold != k)], len(users), len(creators), seed, max_edges)
+                    for k in range(community_folds)]
+            labels = np.stack([f[0] for f in fits])
+            sizes = np.ones((community_folds, max(len(f[1]) for f in fits)))
+            for k, f in enumerate(fits):
+                sizes[k, :len(f[1])] = f[1]
         mark(f"leiden {e}")
         model.communities[e] = labels
         model.community_sizes[e] = sizes

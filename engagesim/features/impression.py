@@ -104,7 +104,7 @@ def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, wind
 def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users: pl.DataFrame,
                         valid_hours: float, window_hours: int, history_mode: str, jaccard_k: int = 20,
                         seed: int = 0, *, test_share: float,
-                        leiden_max_edges: int | None = LEIDEN_MAX_EDGES) -> pa.Table:
+                        leiden_max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = 1) -> pa.Table:
     """The in-process executor: the whole impression feature table from one polars frame.
 
     The same ops the Ray executor fits per block and partition (``pipeline/partitioned.py``), each fit here on
@@ -120,7 +120,7 @@ def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users:
     train = df.filter(pl.col("t_us") < cutoff_us)
     posts = impression_post_columns(post_table)
     ops = impression_ops(history.groups_for(train), history_mode, jaccard_k, seed, user_attributes(users), posts,
-                         topics, posts.columns, leiden_max_edges)
+                         topics, posts.columns, leiden_max_edges, community_folds)
     fit_in_process(ops, train)
     return join_impressions(interactions, ops, origin_us, window_hours, Joins(cutoff_us, history_mode),
                             test_from(cutoff_us, valid_hours, test_share))

@@ -111,8 +111,10 @@ class Graph(FeatureOp):
     maxes = ("follows",)
     fits = True
 
-    def __init__(self, jaccard_k: int = 20, seed: int = 0, model=None, max_edges: int | None = LEIDEN_MAX_EDGES) -> None:
+    def __init__(self, jaccard_k: int = 20, seed: int = 0, model=None, max_edges: int | None = LEIDEN_MAX_EDGES,
+                 community_folds: int = 1) -> None:
         self.jaccard_k, self.seed, self.model, self.max_edges = jaccard_k, seed, model, max_edges
+        self.community_folds = community_folds
 
     def fit_partial(self, events: pl.DataFrame) -> pl.DataFrame:
         from engagesim.features.graph import graph_edges
@@ -122,7 +124,8 @@ class Graph(FeatureOp):
     def combine(self, parts: Iterable[pl.DataFrame]) -> None:
         from engagesim.features.graph import fit_graph_from_pairs
 
-        self.model = fit_graph_from_pairs(list(parts), self.jaccard_k, self.seed, self.max_edges)
+        self.model = fit_graph_from_pairs(list(parts), self.jaccard_k, self.seed, self.max_edges,
+                                          community_folds=self.community_folds)
 
     def columns(self) -> list[str]:
         from engagesim.features.graph import GRAPH_COLUMNS
@@ -234,10 +237,10 @@ class PostSide(FeatureOp):
 
 def impression_ops(groups: Iterable[str], history_mode: str, jaccard_k: int, seed: int, users: pl.DataFrame | None,
                    posts: pl.DataFrame | None, topics: pl.DataFrame | None, post_names: list[str],
-                   leiden_max_edges: int | None = LEIDEN_MAX_EDGES) -> list[FeatureOp]:
+                   leiden_max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = 1) -> list[FeatureOp]:
     """The ops of an impression table in column order (history groups in ``history.GROUPS`` order)."""
     return [*(History(p, history_mode) for p in history.GROUPS if p in set(groups)),
-            Graph(jaccard_k, seed, max_edges=leiden_max_edges),
+            Graph(jaccard_k, seed, max_edges=leiden_max_edges, community_folds=community_folds),
             Accounts(users), PostSide(posts, topics, post_names)]
 
 

@@ -210,7 +210,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     state = ImpressionState(origin_us, cutoff_us, f.window_hours,
                             impression_ops([p for p in history.GROUPS if p != "topic" or has_topics], f.history_mode,
                                            f.jaccard_k, f.seed, None, *side.frames(), side.names,
-                                           f.leiden_max_edges),
+                                           f.leiden_max_edges, f.community_folds),
                             saved_parts=["history", "graph", "users"])
     train_rows, n_edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours,
                                                   [op for op in state.ops if isinstance(op, History)],
@@ -222,7 +222,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
     rounds, broadcast = partitioned.split_by_size(train_rows, f.broadcast_max_rows)
     # The graph is fit from the pair aggregates' edges (training rows only), in a task, while the joins run.
     graph_ref, graph_seconds = partitioned.fit_graph_task(layout, io.join(state_uri, "graph"), f.jaccard_k, f.seed,
-                                                          f.leiden_max_edges)
+                                                          f.leiden_max_edges, f.community_folds)
     # Broadcast tables are read by tasks: the driver hands refs on and holds none of them.
     users_ref = datasets.in_task(_users_table, users_uri, cfg.storage, io.join(state_uri, "users.parquet"))
     # The ops as the join tasks hold them: broadcast tables by ref (fetched once per worker); a group joined

@@ -141,18 +141,20 @@ def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours
     return train_rows, int(summary["edges"].sum())
 
 
-def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int, max_edges: int | None = LEIDEN_MAX_EDGES):
+def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int, max_edges: int | None = LEIDEN_MAX_EDGES,
+                   community_folds: int = 1):
     """Fit the graph from the edge parts in a Ray task and save it there: (graph ref, seconds ref).
 
     Leiden is a global algorithm, so one process holds the whole edge list (engaged or followed pairs, far
     fewer than impressions: 637,794 at 2M); that process is a worker, not the driver, and it runs while the
     partitioned joins do. The join tasks fetch the graph from the object store; the driver never does.
     """
-    return _graph_remote().remote(layout.edges_uri(), save_uri, layout.storage, jaccard_k, seed, max_edges)
+    return _graph_remote().remote(layout.edges_uri(), save_uri, layout.storage, jaccard_k, seed, max_edges,
+                                  community_folds)
 
 
 def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: int,
-                max_edges: int | None = LEIDEN_MAX_EDGES) -> tuple:
+                max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = 1) -> tuple:
     """The task's body: (graph, seconds). No edge parts (no training engagements) fit an empty graph."""
     from engagesim.features.graph import fit_graph_from_pairs
 
@@ -162,7 +164,7 @@ def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: in
     # One part at a time: the fit codes each part's keys as it reads it (graph.coded_edges), so no frame of
     # every edge's string keys exists in this process.
     parts = (pl.from_arrow(pq.read_table(f, filesystem=fs)) for f in files)
-    graph = fit_graph_from_pairs(parts, jaccard_k, seed=seed, max_edges=max_edges)
+    graph = fit_graph_from_pairs(parts, jaccard_k, seed=seed, max_edges=max_edges, community_folds=community_folds)
     graph.save(save_uri, storage)
     return graph, round(time.perf_counter() - start, 2)
 
