@@ -55,9 +55,10 @@ content: setup
 reproduce: setup
 	$(PY) jobs/reproduce.py
 
-# The behaviour job on real data it has never seen (later period, sparse accounts, new accounts) → docs/evaluation.md (~3 min).
+# The behaviour job on data it has never seen → docs/evaluation.md (~30 min): post level on the real Adobe files (later
+# period, sparse accounts, new accounts), impression level on RecSys-format logs from another world (engagesim/foreign.py).
 evaluation: setup
-	$(PY) jobs/evaluation.py
+	$(PY) jobs/evaluation.py --impressions
 
 test: setup $(BROWSER)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -91,7 +91,8 @@ def test_partitioned_executor_equals_the_in_process_one(features, world, config)
     local = pl.from_arrow(features_in_process(
         io.read_table(io.join(world, "interactions")), pl.from_arrow(io.read_table(io.join(out, "posts"))),
         pl.from_arrow(io.read_table(io.join(world, "users"))), f.valid_hours, f.window_hours, f.history_mode,
-        f.jaccard_k, f.seed, test_share=f.test_share, leiden_max_edges=f.leiden_max_edges))
+        f.jaccard_k, f.seed, test_share=f.test_share, leiden_max_edges=f.leiden_max_edges,
+        community_folds=f.community_folds))
     ray_table = pl.from_arrow(io.read_table(io.join(out, "impressions")))
     assert ray_table.height == local.height == 40_000
     assert frame_mismatches(ray_table, local, ["impression_at", "user_id", "post_id"]) == []

@@ -296,7 +296,8 @@ info, _ = build_impression_features(fcfg, io.join(world, "interactions"), io.joi
 f = fcfg.features
 local = pl.from_arrow(features_in_process(io.read_table(io.join(world, "interactions")), posts, users,
                                           f.valid_hours, f.window_hours, f.history_mode, f.jaccard_k, f.seed,
-                                          test_share=f.test_share, leiden_max_edges=f.leiden_max_edges))
+                                          test_share=f.test_share, leiden_max_edges=f.leiden_max_edges,
+                                          community_folds=f.community_folds))
 dist = pl.from_arrow(io.read_table(out + "_impressions"))
 report.update({"history_rows": dist.height, "history_rounds": sorted(info["history"]["partitioned"]),
                "post_join": info["posts"],

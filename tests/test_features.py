@@ -166,7 +166,7 @@ def test_graph_features():
     for u, c in [("u0", "c0"), ("u0", "c1"), ("u1", "c0"), ("u1", "c1"), ("u2", "c2"), ("u1", "c2")]:
         rows.append((u, c, T(1), T(1.1)))
     d = _impressions(rows)
-    model = fit_graph(d, jaccard_k=5)
+    model = fit_graph(d, jaccard_k=5, community_folds=1)  # one labelling: six edges are too few to split in folds
     f = model.features(pl.Series(["u0", "u2", "zz"]), pl.Series(["c1", "c0", "c0"])).to_dicts()
     assert f[0]["cf_similarity"] > f[1]["cf_similarity"]  # c1 is like what u0 engages with; c0 less so for u2
     assert f[2]["cf_similarity"] == 0 and f[2]["same_community_like"] == 0  # unknown user: cold start, no crash
@@ -436,7 +436,7 @@ def test_importing_the_graph_features_leaves_igraph_to_the_fit():
 
 
 def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp_path):
-    """With features.community_folds=2, a pair's same_community / inv_community_size read a Leiden labelling fit
+    """With features.community_folds=2 (the default), a pair's same_community / inv_community_size read a Leiden labelling fit
     without its own edge: removing that edge from the log leaves them unchanged (with one labelling, a user with
     few edges is put in a creator's community by the very engagement the row is labelled with). Saved and loaded
     back, the model gives the same features; a model of one labelling still loads as before."""
@@ -445,7 +445,7 @@ def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp
     rng = np.random.default_rng(0)  # 60 users, 12 creators, ~2.4 edges a user: sparse, as the foreign worlds
     edges = sorted({(f"u{u:02d}", f"c{rng.integers(0, 12)}") for u in rng.integers(0, 60, 150)})
     log = _impressions([(u, c, T(1), T(1.1)) for u, c in edges])
-    model = fit_graph(log, jaccard_k=3)
+    model = fit_graph(log, jaccard_k=3, community_folds=1)
     from engagesim.features.graph import fit_graph_from_pairs
 
     pairs = history.window_aggregates(log.select("user_id", "creator_id", "window", "t_us", "follows_creator",
@@ -464,7 +464,7 @@ def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp
         rest = pairs.filter((pl.col("user_id") != u) | (pl.col("creator_id") != c))
         one = lambda m: m.features(pl.Series([u]), pl.Series([c])).select(cols).row(0)  # noqa: E731
         assert one(two) == one(fit_graph_from_pairs(rest, jaccard_k=3, community_folds=2)), (u, c)
-        moved += one(model) != one(fit_graph_from_pairs(rest, jaccard_k=3))
+        moved += one(model) != one(fit_graph_from_pairs(rest, jaccard_k=3, community_folds=1))
         checked += 1
         if checked == 8:
             break

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from safetensors.numpy import load as load_arrays
 
 from engagesim import io
-from engagesim.config import LEIDEN_MAX_EDGES
+from engagesim.config import COMMUNITY_FOLDS, LEIDEN_MAX_EDGES
 from engagesim.features.lookup import lookup_columns
 from engagesim.schema import ENGAGEMENTS
 
@@ -301,13 +301,13 @@ def _leiden(users: np.ndarray, creators: np.ndarray, n_users: int, n_creators: i
 
 
 def fit_graph(train: pl.DataFrame, jaccard_k: int = 20, seed: int = 0,
-              max_edges: int | None = LEIDEN_MAX_EDGES) -> GraphModel:
+              max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = COMMUNITY_FOLDS) -> GraphModel:
     """Fit on training impressions (with y_<engagement> columns and follows_creator)."""
     from engagesim.features.history import window_aggregates
 
     return fit_graph_from_pairs(window_aggregates(train.select(
         "user_id", "creator_id", "window", "t_us", "follows_creator", *[f"y_{e}" for e in ENGAGEMENTS]))["pair"],
-        jaccard_k, seed, max_edges)
+        jaccard_k, seed, max_edges, community_folds=community_folds)
 
 
 def graph_edges(pairs: pl.DataFrame) -> pl.DataFrame:
@@ -379,7 +379,7 @@ def coded_edges(parts: Iterable[pl.DataFrame]) -> tuple[pl.Series, pl.Series, pl
 
 def fit_graph_from_pairs(pairs: pl.DataFrame | Iterable[pl.DataFrame], jaccard_k: int = 20, seed: int = 0,
                          max_edges: int | None = LEIDEN_MAX_EDGES,
-                         mark: Callable[[str], None] = lambda _: None, community_folds: int = 1) -> GraphModel:
+                         mark: Callable[[str], None] = lambda _: None, community_folds: int = COMMUNITY_FOLDS) -> GraphModel:
     """Fit from the (user, creator[, window]) aggregates of the history stage: no pass over raw rows.
 
     ``pairs`` (one frame, or parts of it read one at a time) has user_id, creator_id, c_<engagement> counts and

@@ -10,7 +10,7 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from engagesim.config import LEIDEN_MAX_EDGES
+from engagesim.config import COMMUNITY_FOLDS, LEIDEN_MAX_EDGES
 from engagesim.features import history
 from engagesim.features.impression_ops import Joins, PostSide, impression_ops
 from engagesim.features.lookup import left_lookup
@@ -104,7 +104,7 @@ def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, wind
 def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users: pl.DataFrame,
                         valid_hours: float, window_hours: int, history_mode: str, jaccard_k: int = 20,
                         seed: int = 0, *, test_share: float,
-                        leiden_max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = 1) -> pa.Table:
+                        leiden_max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = COMMUNITY_FOLDS) -> pa.Table:
     """The in-process executor: the whole impression feature table from one polars frame.
 
     The same ops the Ray executor fits per block and partition (``pipeline/partitioned.py``), each fit here on

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from engagesim import io
-from engagesim.config import LEIDEN_MAX_EDGES
+from engagesim.config import COMMUNITY_FOLDS, LEIDEN_MAX_EDGES
 from engagesim.features import history
 from engagesim.features.lookup import float32_frame, indexed, left_lookup, lookup_columns
 from engagesim.features.ops import FeatureOp, Provenance, Snapshot
@@ -105,14 +105,15 @@ def history_uri(uri: str, prefix: str) -> str:
 class Graph(FeatureOp):
     name = "graph"
     provenance = Provenance("CF / Jaccard / Leiden on training interactions",
-                            "label-derived: fit on train split only; CF leaves the row's own (user, creator) edge out")
+                            "label-derived: fit on train split only; CF leaves the row's own (user, creator) edge out, "
+                            "and so do the community columns with features.community_folds >= 2")
     keys = ("user_id", "creator_id")
     sums = tuple(f"c_{e}" for e in ENGAGEMENTS)
     maxes = ("follows",)
     fits = True
 
     def __init__(self, jaccard_k: int = 20, seed: int = 0, model=None, max_edges: int | None = LEIDEN_MAX_EDGES,
-                 community_folds: int = 1) -> None:
+                 community_folds: int = COMMUNITY_FOLDS) -> None:
         self.jaccard_k, self.seed, self.model, self.max_edges = jaccard_k, seed, model, max_edges
         self.community_folds = community_folds
 
@@ -237,7 +238,7 @@ class PostSide(FeatureOp):
 
 def impression_ops(groups: Iterable[str], history_mode: str, jaccard_k: int, seed: int, users: pl.DataFrame | None,
                    posts: pl.DataFrame | None, topics: pl.DataFrame | None, post_names: list[str],
-                   leiden_max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = 1) -> list[FeatureOp]:
+                   leiden_max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = COMMUNITY_FOLDS) -> list[FeatureOp]:
     """The ops of an impression table in column order (history groups in ``history.GROUPS`` order)."""
     return [*(History(p, history_mode) for p in history.GROUPS if p in set(groups)),
             Graph(jaccard_k, seed, max_edges=leiden_max_edges, community_folds=community_folds),

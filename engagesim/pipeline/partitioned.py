@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engagesim import datasets, io
-from engagesim.config import LEIDEN_MAX_EDGES, StorageConfig
+from engagesim.config import COMMUNITY_FOLDS, LEIDEN_MAX_EDGES, StorageConfig
 from engagesim.features import history
 from engagesim.features.graph import graph_edges
 from engagesim.features.impression import prepare, with_topic
@@ -142,7 +142,7 @@ def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours
 
 
 def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int, max_edges: int | None = LEIDEN_MAX_EDGES,
-                   community_folds: int = 1):
+                   community_folds: int = COMMUNITY_FOLDS):
     """Fit the graph from the edge parts in a Ray task and save it there: (graph ref, seconds ref).
 
     Leiden is a global algorithm, so one process holds the whole edge list (engaged or followed pairs, far
@@ -154,7 +154,7 @@ def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int, max
 
 
 def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: int,
-                max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = 1) -> tuple:
+                max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = COMMUNITY_FOLDS) -> tuple:
     """The task's body: (graph, seconds). No edge parts (no training engagements) fit an empty graph."""
     from engagesim.features.graph import fit_graph_from_pairs
 
