@@ -28,8 +28,8 @@ import polars as pl
 from engagesim import foreign, holdout, io
 from engagesim.config import load_config
 from engagesim.metrics import rce, rmse
-from engagesim.schema import ENGAGEMENTS
 from engagesim.runtime import quiet_ray
+from engagesim.schema import ENGAGEMENTS
 
 ADOBE = Path("../shared/data/adobe")
 FILES = {"company": ADOBE / "content_simulation_test_company.xlsx",

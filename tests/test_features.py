@@ -435,6 +435,10 @@ def test_importing_the_graph_features_leaves_igraph_to_the_fit():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]
 
 
+def _pair_columns(model, user: str, creator: str, columns: list[str]) -> tuple:
+    return model.features(pl.Series([user]), pl.Series([creator])).select(columns).row(0)
+
+
 def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp_path):
     """With features.community_folds=2 (the default), a pair's same_community / inv_community_size read a Leiden labelling fit
     without its own edge: removing that edge from the log leaves them unchanged (with one labelling, a user with
@@ -462,9 +466,10 @@ def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp
         if degree_u[u] < 2 or first_user[c] == u or sum(1 for _, b in edges if b == c) < 2:
             continue
         rest = pairs.filter((pl.col("user_id") != u) | (pl.col("creator_id") != c))
-        one = lambda m: m.features(pl.Series([u]), pl.Series([c])).select(cols).row(0)  # noqa: E731
-        assert one(two) == one(fit_graph_from_pairs(rest, jaccard_k=3, community_folds=2)), (u, c)
-        moved += one(model) != one(fit_graph_from_pairs(rest, jaccard_k=3, community_folds=1))
+        assert _pair_columns(two, u, c, cols) == _pair_columns(
+            fit_graph_from_pairs(rest, jaccard_k=3, community_folds=2), u, c, cols), (u, c)
+        moved += _pair_columns(model, u, c, cols) != _pair_columns(
+            fit_graph_from_pairs(rest, jaccard_k=3, community_folds=1), u, c, cols)
         checked += 1
         if checked == 8:
             break

@@ -197,14 +197,18 @@ class GraphModel:
                 sizes = self.community_sizes[e]
                 # With folds, a pair reads the labelling its own edge was left out of (rows: the fold's).
                 row = self._folds(u, c, len(labels)) if labels.ndim == 2 else None
-                at = (lambda table, i: table[row, i]) if row is not None else (lambda table, i: table[i])  # noqa: E731
-                cu = np.where(u >= 0, at(labels, np.maximum(u, 0)), -1)
-                cc = np.where(c >= 0, at(labels, n_users + np.maximum(c, 0)), -1)
+                cu = np.where(u >= 0, _at(labels, np.maximum(u, 0), row), -1)
+                cc = np.where(c >= 0, _at(labels, n_users + np.maximum(c, 0), row), -1)
                 same = ((cu >= 0) & (cu == cc)).astype(np.float32)
-                inv_size = np.where(cu >= 0, 1.0 / at(sizes, np.maximum(cu, 0)), 0.0).astype(np.float32)
+                inv_size = np.where(cu >= 0, 1.0 / _at(sizes, np.maximum(cu, 0), row), 0.0).astype(np.float32)
             cols[f"same_community_{e}"] = same
             cols[f"inv_community_size_{e}"] = inv_size
         return pl.DataFrame(cols)
+
+
+def _at(table: np.ndarray, i: np.ndarray, row: np.ndarray | None) -> np.ndarray:
+    """``table[i]`` of a single labelling, or ``table[row, i]`` with one labelling per fold (rows)."""
+    return table[i] if row is None else table[row, i]
 
 
 def key_hashes(keys: pl.Series) -> np.ndarray:
