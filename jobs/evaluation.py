@@ -106,12 +106,13 @@ def evaluate_world(name: str, world: foreign.ForeignWorld, work: Path, overrides
                                              "features.valid_hours=72", *overrides])
     log(f"== recsys/{name}: {made['rows']:,} impressions, rates {made['rates']}")
     run = behaviour.run(cfg, f"recsys-{name}", log=lambda m: log(f"   {m}"))
-    preds = pl.from_arrow(io.read_table(io.join(run.uri, "predictions", "impressions")))
-    truth = pl.read_parquet(where / "truth.parquet").rename({f"p_{e}": f"oracle_{e}" for e in ENGAGEMENTS})
-    rows = preds.join(truth, on=["user_id", "post_id", "impression_at"], how="inner")
+    preds = pl.from_arrow(io.read_table(io.join(run.uri, "predictions", "impressions")))  # the test split only
+    # The truth of the whole log stays a lazy scan: only the test rows' probabilities and each user's first time.
+    truth = pl.scan_parquet(where / "truth.parquet").rename({f"p_{e}": f"oracle_{e}" for e in ENGAGEMENTS})
     first_seen = truth.group_by("user_id").agg(pl.col("impression_at").min().alias("_first"))
-    start = rows["impression_at"].min()
-    rows = rows.join(first_seen, on="user_id").with_columns(cold=pl.col("_first") >= start)  # first seen in test
+    rows = (preds.lazy().join(truth, on=["user_id", "post_id", "impression_at"], how="inner")
+            .join(first_seen, on="user_id").collect())
+    rows = rows.with_columns(cold=pl.col("_first") >= rows["impression_at"].min())  # first seen in the test period
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for subset, frame in (("all", rows), ("cold_users", rows.filter(pl.col("cold")))):
         for e in ENGAGEMENTS:

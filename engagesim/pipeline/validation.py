@@ -304,8 +304,7 @@ class _PostScorer:
         members = {k: v for k, v in preds.items() if k != "ensemble"}
         if len(members) >= 2 and all(m in members for m in self.fitted.get("members", [None])):
             for method in ("loss_weighted", "stacked"):
-                use = method if "stacker" in self.fitted else "loss_weighted"
-                preds[f"ensemble_{method}"] = apply_ensemble({**self.fitted, "method": use}, members)
+                preds[f"ensemble_{method}"] = apply_ensemble(as_method(self.fitted, method), members)
         account = batch.column(ACCOUNT_MEAN).to_numpy(zero_copy_only=False) if ACCOUNT_MEAN in batch.column_names \
             else np.full(len(y), np.nan)
         preds["global_mean"] = np.full(len(y), self.prior)
