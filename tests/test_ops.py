@@ -177,3 +177,30 @@ def test_key_rows_of_a_few_rows_equal_the_explode(lists):
                 .drop_nulls("hashtags"))
     assert rows.dtype == np.int64 and rows.tolist() == exploded["row"].to_list()
     assert keys.name == "hashtags" and keys.dtype == pl.String and keys.to_list() == exploded["hashtags"].to_list()
+
+
+def test_text_clusters_find_topics_carried_by_words_that_the_embedding_misses(tmp_path):
+    """Two topics told apart only by their words (the embeddings are noise, as MiniLM's were for wordpiece salad
+    in engagesim.foreign's world): the word half separates them; a row's cluster does not depend on the rows
+    beside it, and survives save and load."""
+    from engagesim.features.embedding_ops import TextClusters
+
+    rng = np.random.default_rng(0)
+    vocab = [[f"alpha{i}" for i in range(30)], [f"beta{i}" for i in range(30)]]
+    filler = [f"the{i}" for i in range(200)]
+    topic = rng.integers(0, 2, size=400)
+    text = [" ".join(list(rng.choice(vocab[k], 6)) + list(rng.choice(filler, 4))) for k in topic]
+    emb = rng.normal(size=(400, 16)).astype(np.float32)
+    df = pl.DataFrame({"post_id": [f"p{i:04d}" for i in range(400)], "text": text,
+                       "text_emb": pl.Series(emb.tolist(), dtype=pl.Array(pl.Float32, 16))})
+    rows = feature_ops.Rows(df=df, y=np.zeros(400), train=np.ones(400, bool), fold=np.zeros(400, np.int64),
+                             labelled=np.ones(400, bool))
+    op = TextClusters(clusters=2, train_rows=400)
+    op.combine([op.fit_partial(rows)])
+    got = op.transform(df, feature_ops.Apply())["text_cluster"].to_numpy()
+    assert (got == topic).all() or (got == 1 - topic).all()
+    one = [op.transform(df[i:i + 1], feature_ops.Apply())["text_cluster"][0] for i in range(0, 400, 37)]
+    assert one == got[::37].tolist()
+    meta, arrays = op.save(str(tmp_path), None, set())
+    loaded = TextClusters.load(str(tmp_path), None, meta, arrays, "cutoff")
+    assert loaded.transform(df, feature_ops.Apply())["text_cluster"].to_list() == got.tolist()

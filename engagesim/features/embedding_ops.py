@@ -109,22 +109,80 @@ class Projections(FeatureOp):
                                 for k in meta.get("projection_order", [])})
 
 
-class TextClusters(FeatureOp):
-    """The nearest of ``features.text_clusters`` k-means centres of the text embedding."""
+WORD_BUCKETS = 2**15  # hashed word ids: a fixed-size basis whatever the vocabulary (no word list to store)
+WORD_DIMS = 32  # LSA dimensions of the word half
 
-    name, provenance = "text_clusters", Provenance("k-means of text embeddings (fit on train rows)",
-                                                   "unsupervised: no labels")
+
+@dataclass
+class WordSpace:
+    """Latent semantic analysis of a post's words: hashed tf-idf (sublinear tf, l2) @ an SVD basis, row-normalised.
+
+    Why words beside the embedding: on RecSys-format logs whose texts are a topic's wordpieces among others
+    (engagesim.foreign's reference world) k-means of MiniLM embeddings agreed with the true topic at AMI 0.44,
+    k-means of [words | embedding] at 0.96; on make demo's world, whose texts are sentences, 0.889 → 0.896
+    (jobs measured on the runs' post tables, 24 clusters, the topic hashtag / synthetic topic as the truth)."""
+
+    idf: np.ndarray  # (WORD_BUCKETS,)
+    basis: np.ndarray  # (WORD_DIMS, WORD_BUCKETS)
+
+    @staticmethod
+    def counts(texts: list[str]):
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        return HashingVectorizer(n_features=WORD_BUCKETS, alternate_sign=False, norm=None,
+                                 dtype=np.float64).transform(texts)
+
+    @classmethod
+    def fit(cls, texts: list[str]) -> WordSpace | None:
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfTransformer
+
+        counts = cls.counts(texts)
+        if counts.nnz == 0 or len(texts) <= WORD_DIMS:
+            return None
+        idf = TfidfTransformer(sublinear_tf=True).fit(counts).idf_
+        basis = TruncatedSVD(WORD_DIMS, random_state=0).fit(cls._tfidf(counts, idf)).components_
+        return cls(idf.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32))
+
+    @staticmethod
+    def _tfidf(counts, idf: np.ndarray):
+        from sklearn.preprocessing import normalize
+
+        counts = counts.copy()
+        counts.data = 1.0 + np.log(counts.data)
+        return normalize(counts.multiply(idf.astype(np.float64)).tocsr())
+
+    def apply(self, texts: list[str]) -> np.ndarray:
+        """(n, WORD_DIMS) unit rows (zero for a text without words), float64: one row's value never depends on
+        the rows beside it."""
+        z = np.asarray(self._tfidf(self.counts(texts), self.idf) @ self.basis.T.astype(np.float64))
+        return _unit_rows(z)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+class TextClusters(FeatureOp):
+    """The nearest of ``features.text_clusters`` k-means centres of [LSA of the words | text embedding], each
+    half unit-length (``WordSpace``); runs saved before the word half cluster the embedding alone."""
+
+    name, provenance = "text_clusters", Provenance("k-means of post words (LSA) and text embeddings (fit on "
+                                                   "train rows)", "unsupervised: no labels")
     fits = True
 
-    def __init__(self, clusters: int = 24, train_rows: int = 1, centres: np.ndarray | None = None):
-        self.clusters, self.centres = clusters, centres
+    def __init__(self, clusters: int = 24, train_rows: int = 1, centres: np.ndarray | None = None,
+                 words: WordSpace | None = None):
+        self.clusters, self.centres, self.words = clusters, centres, words
         self.fraction = post_fit.KMEANS_SAMPLE / max(train_rows, 1)  # the sample's share of training posts
 
     def fit_partial(self, rows: Rows) -> pl.DataFrame | None:
         if "text_emb" not in rows.df.columns:
             return None
         chosen = rows.train & post_fit.in_kmeans_sample(rows.df, self.fraction)
-        return rows.df.filter(pl.Series(chosen)).select("post_id", "text_emb")
+        text = pl.col("text").fill_null("") if "text" in rows.df.columns else pl.lit("")
+        return rows.df.filter(pl.Series(chosen)).select("post_id", "text_emb", text.alias("text"))
 
     def combine(self, parts: Iterable[pl.DataFrame | None]) -> None:
         parts = [p for p in parts if p is not None]
@@ -133,9 +191,17 @@ class TextClusters(FeatureOp):
             from sklearn.cluster import MiniBatchKMeans
 
             # In post_id order: mini-batches follow row order, which a distributed gather does not keep.
-            x = block_matrix(sample.sort("post_id"), "text_emb")
-            km = MiniBatchKMeans(n_clusters=self.clusters, random_state=0, n_init=3).fit(x)
+            sample = sample.sort("post_id")
+            self.words = WordSpace.fit(sample["text"].to_list())
+            km = MiniBatchKMeans(n_clusters=self.clusters, random_state=0, n_init=3).fit(self._space(sample))
             self.centres = km.cluster_centers_.astype(np.float32)
+
+    def _space(self, df: pl.DataFrame) -> np.ndarray:
+        emb = block_matrix(df, "text_emb")
+        if self.words is None:
+            return emb
+        text = df["text"].fill_null("").to_list() if "text" in df.columns else [""] * df.height
+        return np.hstack([self.words.apply(text), _unit_rows(emb.astype(np.float64))])
 
     def columns(self) -> list[str]:
         return ["text_cluster"]
@@ -143,14 +209,18 @@ class TextClusters(FeatureOp):
     def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame | None:
         if self.centres is None or "text_emb" not in df.columns:
             return None
-        return pl.DataFrame({"text_cluster": nearest_centre(block_matrix(df, "text_emb"), self.centres)})
+        return pl.DataFrame({"text_cluster": nearest_centre(self._space(df), self.centres)})
 
     def save(self, uri, storage, skip):
-        return {"has_centres": self.centres is not None}, ({} if self.centres is None else {"centres": self.centres})
+        arrays = {} if self.centres is None else {"centres": self.centres}
+        if self.words is not None:
+            arrays.update({"words.idf": self.words.idf, "words.basis": self.words.basis})
+        return {"has_centres": self.centres is not None}, arrays
 
     @classmethod
     def load(cls, uri, storage, meta, arrays, snapshot):
-        return cls(centres=arrays.get("centres") if meta.get("has_centres") else None)
+        words = WordSpace(arrays["words.idf"], arrays["words.basis"]) if "words.basis" in arrays else None
+        return cls(centres=arrays.get("centres") if meta.get("has_centres") else None, words=words)
 
 
 class Vectors(FeatureOp):
