@@ -14,8 +14,8 @@ logs can be held against the best any model could do (the oracle) on its own tes
   follow flag and media, with its own weights (``WEIGHTS``).
 
 ``generate`` writes ``logs/part-00000.tsv.gz`` (24 ``\\x01``-separated fields, what ``data.source=recsys``
-reads) and ``truth.parquet`` (user_id, post_id, impression_at and p_<engagement> of every line). Pure numpy;
-the same config and seed give the same bytes.
+reads) and ``truth.parquet`` (user_id, post_id, impression_at, p_<engagement> and the latent ``FACTORS`` of
+every line). Pure numpy; the same config and seed give the same bytes.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ DAY = 86_400
 WEIGHTS = {"like": (-1.1, 0.9, 0.8, 0.9, 0.6, 0.3), "reply": (-4.6, 0.6, 0.3, 1.2, 0.9, -0.2),
            "retweet": (-3.6, 1.1, 1.1, 0.8, 0.4, 0.2), "quote": (-5.8, 0.8, 0.6, 1.0, 0.5, 0.0)}
 WORDS = np.arange(2_000, 29_000)  # ordinary wordpiece ids of the bert-base-uncased vocabulary
+
+# The latent factors truth.parquet keeps beside each impression's probabilities, so an evaluation can say which one
+# a model misses: the viewer's affinity to the tweet's topic, the creator's quality, the viewer's own propensity.
+FACTORS = ("affinity", "creator_quality", "user_propensity")
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,9 @@ def generate(world: ForeignWorld, out: str) -> dict:
     # Creators are users of the log too (as in RecSys): their ids never meet a viewer's, so keys stay apart.
     table = pa.table({"user_id": ids_u[viewer[order]], "post_id": ids_t[tweet[order]],
                       "impression_at": pa.array(tweet_at[tweet[order]] * 1_000_000, pa.timestamp("us", "UTC")),
-                      **{f"p_{e}": truth[e][order].astype(np.float64) for e in ENGAGEMENTS}})
+                      **{f"p_{e}": truth[e][order].astype(np.float64) for e in ENGAGEMENTS},
+                      **{name: factor[order].astype(np.float64) for name, factor in
+                         zip(FACTORS, (affinity, quality[creator], propensity[viewer]), strict=True)}})
     pq.write_table(table, os.path.join(out, "truth.parquet"))
     return {"world": asdict(world), "rows": n, "rates": {e: round(float(engaged[e].mean()), 4) for e in ENGAGEMENTS},
             "cold_rows": int(cold[viewer].sum())}

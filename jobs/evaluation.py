@@ -122,9 +122,27 @@ def evaluate_world(name: str, world: foreign.ForeignWorld, work: Path, overrides
                 column = f"p_{e}" if member == "ensemble" else f"p_{e}_{member}"
                 if column in frame.columns:
                     cell[member] = rce(y, frame[column].to_numpy().astype(np.float64))
+            if subset == "all":
+                cell.update(with_factors(y, frame[f"p_{e}"].to_numpy(), frame))
             scores.setdefault(subset, {})[e] = cell
     return {"world": name, "settings": made["world"], "rates": made["rates"], "test_rows": rows.height,
             "cold_test_rows": int(rows["cold"].sum()), "rce": scores}
+
+
+def with_factors(y: np.ndarray, p: np.ndarray, frame: pl.DataFrame) -> dict[str, float]:
+    """Where the ensemble's gap to the oracle lies: the RCE of a logistic fit of [ensemble logit, one true latent
+    factor] on the test rows themselves (in-sample: a diagnostic, not a model). A factor the ensemble already
+    captures adds ~0; the one it misses most closes most of the gap."""
+    from sklearn.linear_model import LogisticRegression
+
+    q = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+    logit = np.log(q / (1 - q))
+    out = {}
+    for factor in foreign.FACTORS:
+        if factor in frame.columns and 0 < y.sum() < len(y):
+            x = np.column_stack([logit, frame[factor].to_numpy()])
+            out[f"+{factor}"] = rce(y, LogisticRegression(C=100.0).fit(x, y).predict_proba(x)[:, 1])
+    return out
 
 
 def impression_markdown(results: list[dict]) -> list[str]:
@@ -145,6 +163,18 @@ def impression_markdown(results: list[dict]) -> list[str]:
             lines.append(f"| {r['world']} | {r['test_rows']:,} | {e} | {fmt(s.get('oracle'))} | "
                          f"{fmt(s.get('ensemble'))} | {fmt(s.get('xgb'))} | {fmt(s.get('nn'))} | {share} | "
                          f"{fmt(cold.get('oracle'))} / {fmt(cold.get('ensemble'))} ({r['cold_test_rows']:,} rows) |")
+    factors = [f"+{f}" for f in foreign.FACTORS]
+    lines += ["", "Where the gap lies: the ensemble's test RCE if it also knew one true latent factor of each "
+              "impression (a logistic fit of [ensemble logit, factor] on the test rows: a diagnostic, in-sample). "
+              "The factor that adds most is what the logs' features fail to recover.", "",
+              "| world | engagement | ensemble | " + " | ".join(f"+ {f[1:]}" for f in factors) + " |",
+              "|---|---|---|" + "---|" * len(factors)]
+    for r in results:
+        for e in ENGAGEMENTS:
+            s = r["rce"]["all"][e]
+            if all(f in s for f in factors):
+                lines.append(f"| {r['world']} | {e} | {s['ensemble']:.2f} | "
+                             + " | ".join(f"{s[f]:.2f}" for f in factors) + " |")
     lines += ["", "Worlds: " + "; ".join(
         f"**{r['world']}**: " + ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k != "seed")
         + f"; engagement rates {r['rates']}" for r in results) + "."]
