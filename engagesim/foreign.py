@@ -14,8 +14,8 @@ logs can be held against the best any model could do (the oracle) on its own tes
   follow flag and media, with its own weights (``WEIGHTS``).
 
 ``generate`` writes ``logs/part-00000.tsv.gz`` (24 ``\\x01``-separated fields, what ``data.source=recsys``
-reads) and ``truth.parquet`` (user_id, post_id, impression_at, p_<engagement> and the latent ``FACTORS`` of
-every line). Pure numpy; the same config and seed give the same bytes.
+reads) and ``truth.parquet`` (user_id, post_id, impression_at, p_<engagement>, the latent ``FACTORS``, the
+tweet's topic and what the line shows, for every line). Pure numpy; the same config and seed give the same bytes.
 """
 
 from __future__ import annotations
@@ -143,7 +143,12 @@ def generate(world: ForeignWorld, out: str) -> dict:
                       "impression_at": pa.array(tweet_at[tweet[order]] * 1_000_000, pa.timestamp("us", "UTC")),
                       **{f"p_{e}": truth[e][order].astype(np.float64) for e in ENGAGEMENTS},
                       **{name: factor[order].astype(np.float64) for name, factor in
-                         zip(FACTORS, (affinity, quality[creator], propensity[viewer]), strict=True)}})
+                         zip(FACTORS, (affinity, quality[creator], propensity[viewer]), strict=True)},
+                      # What the line shows (engagements, follow flag, photo) and the tweet's true topic, for
+                      # a bound that knows the topics but estimates affinity from the log (jobs/evaluation.py).
+                      **{f"engaged_{e}": engaged[e][order] for e in ENGAGEMENTS},
+                      "topic": topic[tweet[order]].astype(np.int32), "follows": follows[order],
+                      "photo": photo[tweet[order]]})
     pq.write_table(table, os.path.join(out, "truth.parquet"))
     return {"world": asdict(world), "rows": n, "rates": {e: round(float(engaged[e].mean()), 4) for e in ENGAGEMENTS},
             "cold_rows": int(cold[viewer].sum())}
