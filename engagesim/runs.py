@@ -117,7 +117,7 @@ class LoadedRun:
 
     @cached_property
     def impression_state(self) -> ImpressionState:
-        state = ImpressionState.load(self.path("features", "state", "impressions"), self.storage)
+        state = ImpressionState.load(self.path("features", "state", "impressions"), self.storage, self.snapshot)
         state.index_for_lookups()
         return state
 

@@ -97,8 +97,8 @@ def test_partitioned_executor_equals_the_in_process_one(features, world, config)
     assert ray_table.height == local.height == 40_000
     assert frame_mismatches(ray_table, local, ["impression_at", "user_id", "post_id"]) == []
     # The apply tables are saved as parts, one per partition, and the state reads them whole.
-    parts = io.list_files(io.join(out, "state", "impressions", "history", "pair", "apply"))
-    assert len(parts) == 3
+    for snapshot in ("apply", "recent", "latest"):  # the held-out snapshots too (History.extend)
+        assert len(io.list_files(io.join(out, "state", "impressions", "history", "pair", snapshot))) == 3
     # The post features met the impressions by a hash join; the serving snapshot's post tables were written
     # as parts and load back as the table the broadcast path would have held.
     from engagesim.features.impression import impression_post_columns

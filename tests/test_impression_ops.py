@@ -170,3 +170,48 @@ def test_join_rounds_run_the_key_with_fewest_groups_first():
     rounds, broadcast = split_by_size(rows, 6)
     assert list(rounds.items()) == [("post_id", ["post"]), ("user_id", ["pair", "topic"])]
     assert broadcast == ["user", "creator"]
+
+
+def test_test_rows_read_the_history_of_the_validation_period_too_and_serving_every_labelled_row(tmp_path):
+    """History.extend: validation rows read the training totals; test rows the totals over training and
+    validation events (a user who arrived in the validation period has a history there); a loaded run serves
+    the test rows' snapshot with snapshot="cutoff" and every labelled event with "latest"."""
+    import shutil
+
+    from engagesim.features.impression import history_columns
+
+    log, users, posts = _world(3000)
+    df, cutoff = _prepared(log, posts)
+    test_from = cutoff + 12 * 3600 * 10**6
+    # A user seen only after the cutoff: the validation period is all the history it has.
+    late = df.filter((pl.col("t_us") >= cutoff - 3 * 24 * 3600 * 10**6)).with_columns(user_id=pl.lit("newcomer"))
+    df = pl.concat([df, late.with_columns(t_us=pl.col("t_us") + 3 * 24 * 3600 * 10**6 - 3600 * 10**6)
+                    .filter(pl.col("t_us") >= cutoff)])
+    periods = [df.filter(pl.col("t_us") < cutoff), df.filter((pl.col("t_us") >= cutoff) & (pl.col("t_us") < test_from)),
+               df.filter(pl.col("t_us") >= test_from)]
+    op = History("user", "window")
+    feature_ops.fit_in_process([op], periods[0])
+    op.extend(op.fit_partial(periods[1]), op.fit_partial(periods[2]))
+    got = op.transform(df, Joins(cutoff, "window", test_from_us=test_from))
+    rows = {"valid": (df["t_us"] >= cutoff) & (df["t_us"] < test_from), "test": df["t_us"] >= test_from}
+    for split, events in (("valid", periods[0]), ("test", pl.concat(periods[:2]))):
+        want = history.history_features(df.filter(rows[split]), "apply", events).select(op.columns())
+        assert frame_mismatches(got.filter(rows[split]).with_row_index(), want.with_row_index(), ["index"]) == []
+    newcomer = df["user_id"] == "newcomer"
+    assert (got.filter(newcomer & rows["valid"])["user_n"] == 0).all()
+    assert (got.filter(newcomer & rows["test"])["user_n"] > 0).all()
+
+    state = ImpressionState(0, cutoff, 24, [op])
+    state.save(str(tmp_path / "state"))
+    serve = Joins(ALWAYS_APPLY)
+    test_rows = df.filter(rows["test"])
+    as_evaluated = ImpressionState.load(str(tmp_path / "state"), snapshot="cutoff").ops[0].transform(test_rows, serve)
+    assert frame_mismatches(as_evaluated.with_row_index(), got.filter(rows["test"]).with_row_index(), ["index"]) == []
+    latest = ImpressionState.load(str(tmp_path / "state")).ops[0].transform(test_rows, serve)
+    want = history.history_features(test_rows, "apply", df).select(op.columns())
+    assert frame_mismatches(latest.with_row_index(), want.with_row_index(), ["index"]) == []
+    for snapshot in ("recent", "latest"):  # a run saved before the snapshots serves its training totals
+        shutil.rmtree(tmp_path / "state" / "history" / "user" / snapshot)
+    old = ImpressionState.load(str(tmp_path / "state")).ops[0].transform(test_rows, serve)
+    want = history.history_features(test_rows, "apply", periods[0]).select(op.columns())
+    assert frame_mismatches(old.with_row_index(), want.with_row_index(), ["index"]) == []

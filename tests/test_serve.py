@@ -81,10 +81,12 @@ def test_served_predictions_equal_the_in_process_ones(service):
         assert abs(one["likes"]["log1p"] - expected[one["post_id"]]) <= 1e-6
         assert one["likes"]["low"] <= one["likes"]["expected"] <= one["likes"]["high"]
 
-    # Impression level: a viewer on a known post gets exactly the evaluated probabilities.
+    # Impression level: a viewer on a known post (evaluated test rows) gets what load_run().predict answers.
     imp = pl.from_arrow(io.read_table(io.join(run.uri, "predictions", "impressions"))).head(20)
     inter = pl.from_arrow(io.read_table(io.join(run.uri, "data", "interactions"))).join(
         imp.select("user_id", "post_id", "impression_at"), on=["user_id", "post_id", "impression_at"], how="semi")
+    imp = pl.from_arrow(load_run(run.uri).predict(
+        inter.select("user_id", "post_id", "creator_id", "impression_at", "follows_creator")))
     by_id = {r["post_id"]: r for r in posts.filter(pl.col("post_id").is_in(inter["post_id"].implode())).to_dicts()}
     requests_ = [{"post": _post_body(by_id[r["post_id"]]),
                   "viewer": {"user_id": r["user_id"], "follows_creator": r["follows_creator"],

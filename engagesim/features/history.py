@@ -107,6 +107,17 @@ def feature_tables(aggregates: dict[str, pl.DataFrame], mode: Mode) -> dict[str,
     return tables
 
 
+def added(table: pl.DataFrame, aggregates: pl.DataFrame | None, keys: list[str]) -> pl.DataFrame:
+    """An apply table (per key) with later events' ``window_aggregates`` added: sums add, last times take the
+    maximum. The held-out snapshots are made this way (``History.extend``): the training totals plus the
+    validation period's events for test rows, plus the test period's for serving."""
+    if aggregates is None or aggregates.height == 0:
+        return table
+    more = aggregates.select(*keys, *SUMS, *LASTS)
+    return (pl.concat([table.select(*keys, *SUMS, *LASTS), more], how="vertical_relaxed").group_by(keys)
+            .agg(*[pl.col(c).sum() for c in SUMS], *[pl.col(c).max() for c in LASTS]))
+
+
 def join_history(rows: pl.DataFrame, tables: dict[str, pl.DataFrame], mode: Mode) -> pl.DataFrame:
     """History features for ``rows`` from ``feature_tables``; row-aligned with ``rows``.
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from engagesim.config import COMMUNITY_FOLDS, LEIDEN_MAX_EDGES
 from engagesim.features import history
-from engagesim.features.impression_ops import Joins, PostSide, impression_ops
+from engagesim.features.impression_ops import History, Joins, PostSide, impression_ops
 from engagesim.features.lookup import left_lookup
 from engagesim.features.ops import FeatureOp, first, fit_in_process
 from engagesim.schema import ENGAGEMENTS
@@ -58,19 +58,28 @@ def prepare(batch: pa.Table, origin_us: int, window_hours: int, topics: pl.DataF
 
 
 def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cutoff_us: int,
-                    history_mode: str) -> pl.DataFrame:
+                    history_mode: str, recent_tables: dict | None = None,
+                    test_from_us: int | None = None) -> pl.DataFrame:
     """History features of ``df`` (from ``prepare``) for the groups in the tables; row-aligned.
 
-    Training rows read the ``history_mode`` tables (key × window), rows past the cutoff the apply totals.
+    Training rows read the ``history_mode`` tables (key × window), rows past the cutoff the apply totals, and
+    rows from ``test_from_us`` the recent ones (training + validation period) when there are any.
     """
     if not train_tables and not apply_tables:
         return pl.DataFrame()
-    is_valid = df["t_us"] >= cutoff_us
-    if is_valid.all() or not is_valid.any():  # one side only (a request, most blocks): no split and re-sort
-        return history.join_history(df, *((apply_tables, "apply") if is_valid.all() else (train_tables, history_mode)))
+    t = df["t_us"]
+    periods = [(t < cutoff_us, history_mode, train_tables)]
+    if recent_tables is not None and test_from_us is not None:
+        periods += [((t >= cutoff_us) & (t < test_from_us), "apply", apply_tables),
+                    (t >= test_from_us, "apply", recent_tables)]
+    else:
+        periods.append((t >= cutoff_us, "apply", apply_tables))
+    for mask, mode, tables in periods:
+        if mask.all():  # one period only (a request, most blocks): no split and re-sort
+            return history.join_history(df, tables, mode)
     df = df.with_row_index("_i")
     parts = []
-    for mask, mode, tables in ((~is_valid, history_mode, train_tables), (is_valid, "apply", apply_tables)):
+    for mask, mode, tables in periods:
         rows = df.filter(mask)
         if rows.height:
             parts.append(pl.concat([rows.select("_i"), history.join_history(rows, tables, mode)], how="horizontal"))
@@ -122,5 +131,11 @@ def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users:
     ops = impression_ops(history.groups_for(train), history_mode, jaccard_k, seed, user_attributes(users), posts,
                          topics, posts.columns, leiden_max_edges, community_folds)
     fit_in_process(ops, train)
-    return join_impressions(interactions, ops, origin_us, window_hours, Joins(cutoff_us, history_mode),
-                            test_from(cutoff_us, valid_hours, test_share))
+    test_from_us = test_from(cutoff_us, valid_hours, test_share)
+    held_out = [df.filter((pl.col("t_us") >= lo) & (pl.col("t_us") < hi))
+                for lo, hi in ((cutoff_us, test_from_us), (test_from_us, 2**62))]
+    for op in ops:
+        if isinstance(op, History):
+            op.extend(*(op.fit_partial(events) for events in held_out))
+    return join_impressions(interactions, ops, origin_us, window_hours,
+                            Joins(cutoff_us, history_mode, test_from_us=test_from_us), test_from_us)

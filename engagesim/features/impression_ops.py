@@ -36,12 +36,14 @@ ACCOUNT_COLUMNS = ("follower_count", "following_count", "follower_ratio", "verif
 @dataclass
 class Joins:
     """What an impression op's transform knows beyond the rows: rows from ``cutoff_us`` read the apply (training
-    total) tables, earlier rows the ``history_mode`` ones; posts (and their topics) the snapshot lacks."""
+    total) tables, rows from ``test_from_us`` the recent ones (training + validation period), earlier rows the
+    ``history_mode`` ones; posts (and their topics) the snapshot lacks."""
 
     cutoff_us: int
     history_mode: str = "apply"
     posts_extra: pl.DataFrame | None = None
     topics_extra: pl.DataFrame | None = None
+    test_from_us: int | None = None
 
 
 class History(FeatureOp):
@@ -51,8 +53,12 @@ class History(FeatureOp):
     fits = True
 
     def __init__(self, prefix: str, mode: str = "window", train: pl.DataFrame | None = None,
-                 apply: pl.DataFrame | None = None) -> None:
+                 apply: pl.DataFrame | None = None, recent: pl.DataFrame | None = None,
+                 latest: pl.DataFrame | None = None) -> None:
         self.prefix, self.mode, self.train, self.apply = prefix, mode, train, apply
+        # The held-out snapshots (``extend``): recent = training + validation period, what test rows read;
+        # latest = + the test period, what a loaded run serves by default. None in runs saved before them.
+        self.recent, self.latest = recent, latest
         self.name = f"history_{prefix}"
         self.keys = (*history.GROUPS[prefix], "window")
         # The pair's parts also carry the follow flag: the Ray executor takes the graph's edges from them.
@@ -67,6 +73,17 @@ class History(FeatureOp):
         self.train = history.feature_tables(aggregates, self.mode)[self.prefix]
         self.apply = history.feature_tables(aggregates, "apply")[self.prefix]
 
+    def extend(self, validation: pl.DataFrame | None, test: pl.DataFrame | None) -> None:
+        """The held-out snapshots from the held-out periods' partial fits (``fit_partial`` of their events).
+
+        Why: a test row's history used to stop at the training cutoff, so the validation period's events —
+        all the history there is of a user who arrived in it — were never seen. On engagesim.foreign's reference
+        world a third of the test rows are such users (user_n = 0 on 33 % of test rows, 0.8 % of training
+        rows). Validation rows still read the training totals (they choose the models)."""
+        keys = history.GROUPS[self.prefix]
+        self.recent = history.added(self.apply, validation, keys)
+        self.latest = history.added(self.recent, test, keys)
+
     def columns(self) -> list[str]:
         return history.column_names(self.prefix)
 
@@ -77,29 +94,41 @@ class History(FeatureOp):
         from engagesim.features.impression import history_columns
 
         train = {} if self.train is None else {self.prefix: self.train}
-        return history_columns(df, train, {self.prefix: self.apply}, at.cutoff_us, at.history_mode)
+        recent = None if self.recent is None else {self.prefix: self.recent}
+        return history_columns(df, train, {self.prefix: self.apply}, at.cutoff_us, at.history_mode, recent,
+                               at.test_from_us)
 
     def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict]:
-        if self.apply is not None and "history" not in skip:
-            io.write_parquet(io.join(history_uri(uri, self.prefix), "part-00000.parquet"), self.apply, storage)
+        if "history" not in skip:
+            for snapshot, table in (("apply", self.apply), ("recent", self.recent), ("latest", self.latest)):
+                if table is not None:
+                    io.write_parquet(io.join(history_uri(uri, self.prefix, snapshot), "part-00000.parquet"), table,
+                                     storage)
         return {}, {}
 
     @classmethod
-    def load_group(cls, uri: str, storage, prefix: str) -> History:
+    def load_group(cls, uri: str, storage, prefix: str, snapshot: Snapshot = "latest") -> History:
+        """The group's table a loaded run serves from (as its apply table: serving reads nothing else):
+        ``snapshot="cutoff"`` the one the test rows were featurised with (recent), "latest" the one over every
+        labelled row; runs saved before those snapshots have the training totals only."""
         single = io.join(uri, f"history_{prefix}.parquet")  # runs from before the partitioned plane
+        if io.exists(single, storage):
+            return cls(prefix, "apply", None, io.read_parquet(single, storage))
         from engagesim.features.state import read_parts
 
-        table = io.read_parquet(single, storage) if io.exists(single, storage) else read_parts(
-            history_uri(uri, prefix), storage)
-        return cls(prefix, "apply", None, table)
+        names = ("latest", "recent") if snapshot == "latest" else ("recent",)
+        at = next((a for n in names if io.exists(a := history_uri(uri, prefix, n), storage)),
+                  history_uri(uri, prefix))
+        return cls(prefix, "apply", None, read_parts(at, storage))
 
     def index_for_lookups(self) -> None:
         indexed(self.apply, history.GROUPS[self.prefix])
 
 
-def history_uri(uri: str, prefix: str) -> str:
-    """Where a group's apply table lives: Parquet parts, one per key-hash partition (pipeline/partitioned.py)."""
-    return io.join(uri, "history", prefix, "apply")
+def history_uri(uri: str, prefix: str, snapshot: str = "apply") -> str:
+    """Where a group's table of one snapshot lives (apply: training totals; recent, latest: ``History.extend``):
+    Parquet parts, one per key-hash partition (pipeline/partitioned.py)."""
+    return io.join(uri, "history", prefix, snapshot)
 
 
 class Graph(FeatureOp):

@@ -248,13 +248,15 @@ class ImpressionState:
             "topics": (side is not None and side.topics is not None) or "topics" in self.saved_parts}, storage)
 
     @classmethod
-    def load(cls, uri: str, storage=None) -> ImpressionState:
-        """Every op the state names; one saved before the ops had names has its groups' history, then the rest."""
+    def load(cls, uri: str, storage=None, snapshot: Snapshot = "latest") -> ImpressionState:
+        """Every op the state names; one saved before the ops had names has its groups' history, then the rest.
+        ``snapshot``: the history a loaded run serves from (``History.load_group``)."""
         meta = io.read_json(io.join(uri, "state.json"), storage)
         names = meta.get("ops") or [f"history_{p}" for p in GROUPS if p in meta["history"]] + list(IMPRESSION_OPS)
         return cls(meta["origin_us"], meta["cutoff_us"], meta["window_hours"],
-                   [History.load_group(uri, storage, name.removeprefix("history_")) if name.startswith("history_")
-                    else IMPRESSION_OPS[name].load(uri, storage, meta, {}, "latest") for name in names])
+                   [History.load_group(uri, storage, name.removeprefix("history_"), snapshot)
+                    if name.startswith("history_")
+                    else IMPRESSION_OPS[name].load(uri, storage, meta, {}, snapshot) for name in names])
 
     def index_for_lookups(self) -> None:
         """Serving (a loaded run): history, users, posts, topics and graph ids answer a few keys by index."""

@@ -212,9 +212,10 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
                                            f.jaccard_k, f.seed, None, *side.frames(), side.names,
                                            f.leiden_max_edges, f.community_folds),
                             saved_parts=["history", "graph", "users"])
+    test_from_us = test_from(cutoff_us, f.valid_hours, f.test_share)
     train_rows, n_edges = partitioned.fit_history(ds, layout, origin_us, cutoff_us, f.window_hours,
                                                   [op for op in state.ops if isinstance(op, History)],
-                                                  topics_refs.get("topics"))
+                                                  topics_refs.get("topics"), test_from_us)
     clock.lap("history_fit")
     # A group no training row reached (an empty log) has no tables to join.
     state.ops = [op for op in state.ops if not isinstance(op, History) or op.prefix in train_rows]
@@ -232,20 +233,21 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
                               topics_refs.get("topics"), side.names)
     for op in task_ops:
         if isinstance(op, History) and op.prefix in broadcast:
-            op.train, op.apply = (datasets.in_task(layout.read, op.prefix, mode) for mode in partitioned.MODES)
+            op.train, op.apply, op.recent = (datasets.in_task(layout.read, op.prefix, mode)
+                                             for mode in ("train", "apply", "recent"))
         elif isinstance(op, Graph):
             op.model = graph_ref
     join_kwargs = {"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": f.window_hours,
-                   "history_mode": f.history_mode}
+                   "history_mode": f.history_mode, "test_from_us": test_from_us}
     keyed = partitioned.join_rounds(ds, rounds, layout, topics_refs, **join_kwargs)
     if side.joined:
         keyed = keyed.join(side.posts_ds, "left_outer", num_partitions=parts, on=("post_id",))
     if side.posts_ds is not None:
         side.save(cfg, state_uri, state)
-    test_from_us = test_from(cutoff_us, f.valid_hours, f.test_share)
     joined = keyed.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
                                fn_kwargs={"ops": task_ops, "origin_us": origin_us, "window_hours": f.window_hours,
-                                          "at": Joins(cutoff_us, f.history_mode), "test_from_us": test_from_us})
+                                          "at": Joins(cutoff_us, f.history_mode, test_from_us=test_from_us),
+                                          "test_from_us": test_from_us})
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
     clock.lap("join_and_write")

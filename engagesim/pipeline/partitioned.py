@@ -39,7 +39,8 @@ from engagesim.features.ops import sum_by_keys
 from engagesim.features.state import read_parts
 
 PART = "_part"
-MODES = ("train", "apply")
+MODES = ("train", "apply", "recent", "latest")  # recent, latest: History.extend's held-out snapshots
+PERIODS = ("train", "validation", "test")  # which events a partial fit was made from
 
 
 def partition_id(key: str, parts: int) -> pl.Expr:
@@ -62,7 +63,7 @@ class Layout:
     storage: StorageConfig | None = None
 
     def path(self, prefix: str, mode: str, part: int) -> str:
-        root = self.apply_uri if mode == "apply" else self.train_uri
+        root = self.train_uri if mode == "train" else self.apply_uri
         return io.join(root, prefix, mode, f"part-{part:05d}.parquet")
 
     def edges_uri(self) -> str:
@@ -71,45 +72,62 @@ class Layout:
     def read(self, prefix: str, mode: str, part: int | None = None) -> pl.DataFrame:
         """One partition of a table, or (``part=None``, for broadcasting) all of them."""
         if part is None:
-            return read_parts(io.join(self.apply_uri if mode == "apply" else self.train_uri, prefix, mode),
+            return read_parts(io.join(self.train_uri if mode == "train" else self.apply_uri, prefix, mode),
                               self.storage)
         return io.read_parquet(self.path(prefix, mode, part), self.storage)
 
 
 def partial_aggregates(batch: pa.Table, origin_us: int, cutoff_us: int, window_hours: int, parts: int,
-                       ops: list[History], topics=None) -> pa.Table:
-    """One block → each ``History`` op's partial fit, cut by key-hash partition, as Arrow IPC payloads."""
+                       ops: list[History], topics=None, test_from_us: int | None = None) -> pa.Table:
+    """One block → each ``History`` op's partial fit of each period's events (training; validation and test,
+    for the held-out snapshots), cut by key-hash partition, as Arrow IPC payloads."""
     topics = datasets.fetched({"topics": topics})["topics"] if topics is not None else None
     df = with_topic(history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours), topics)
-    train = df.filter(pl.col("t_us") < cutoff_us)
-    prefixes, ids, payloads = [], [], []
-    for op in ops:
-        cut = op.fit_partial(train).with_columns(partition_id(history.PARTITION_KEY[op.prefix], parts))
-        for (part,), piece in cut.partition_by(PART, as_dict=True).items():
-            prefixes.append(op.prefix)
-            ids.append(part)
-            payloads.append(io.frame_bytes(piece.drop(PART)))
-    return pa.table({"prefix": pa.array(prefixes, pa.string()), PART: pa.array(ids, pa.int32()),
-                     "ipc": pa.array(payloads, pa.binary())})
+    test_from_us = 2**62 if test_from_us is None else test_from_us
+    periods = (df.filter(pl.col("t_us") < cutoff_us),
+               df.filter((pl.col("t_us") >= cutoff_us) & (pl.col("t_us") < test_from_us)),
+               df.filter(pl.col("t_us") >= test_from_us))
+    prefixes, kinds, ids, payloads = [], [], [], []
+    for period, events in zip(PERIODS, periods, strict=True):
+        if not events.height:
+            continue
+        for op in ops:
+            cut = op.fit_partial(events).with_columns(partition_id(history.PARTITION_KEY[op.prefix], parts))
+            for (part,), piece in cut.partition_by(PART, as_dict=True).items():
+                prefixes.append(op.prefix)
+                kinds.append(period)
+                ids.append(part)
+                payloads.append(io.frame_bytes(piece.drop(PART)))
+    return pa.table({"prefix": pa.array(prefixes, pa.string()), "period": pa.array(kinds, pa.string()),
+                     PART: pa.array(ids, pa.int32()), "ipc": pa.array(payloads, pa.binary())})
 
 
 def combine_partition(group: pa.Table, layout: Layout, ops: list[History]) -> pa.Table:
-    """All pieces of one partition → each op combined on them, its training and apply tables written; row counts.
+    """All pieces of one partition → each op combined on them, its tables written (training, apply and the
+    held-out snapshots, ``History.extend``); row counts.
 
     The pair op's combined part also gives this partition's graph edges (``Graph``'s keyed part: every
     (user, creator) of a user is in that user's partition, so the edges are final here)."""
     part = group.column(PART)[0].as_py()
-    pieces: dict[str, list[pl.DataFrame]] = {}
-    for prefix, payload in zip(group.column("prefix").to_pylist(), group.column("ipc").to_pylist()):
-        pieces.setdefault(prefix, []).append(io.frame_of_bytes(payload))
+    pieces: dict[tuple[str, str], list[pl.DataFrame]] = {}
+    for prefix, period, payload in zip(group.column("prefix").to_pylist(), group.column("period").to_pylist(),
+                                       group.column("ipc").to_pylist()):
+        pieces.setdefault((prefix, period), []).append(io.frame_of_bytes(payload))
     rows, edges = {}, 0
     for op in ops:
-        if op.prefix not in pieces:
+        have = [period for period in PERIODS if (op.prefix, period) in pieces]
+        if not have:
             continue
         fitted = copy.copy(op)
-        summed = sum_by_keys(fitted, pl.concat(pieces[op.prefix]))
+        # A partition whose keys all arrived after the cutoff (cold users only) has no training piece: empty
+        # training tables, and its held-out snapshots still hold those users' later events.
+        train = pl.concat(pieces[op.prefix, "train"]) if "train" in have else pieces[op.prefix, have[0]][0].clear()
+        summed = sum_by_keys(fitted, train)
         fitted.combine([summed])
-        for mode, table in (("train", fitted.train), ("apply", fitted.apply)):
+        fitted.extend(*(sum_by_keys(fitted, pl.concat(pieces[op.prefix, period]))
+                        if (op.prefix, period) in pieces else None for period in PERIODS[1:]))
+        for mode in MODES:
+            table = getattr(fitted, mode)
             io.write_parquet(layout.path(op.prefix, mode, part), table, layout.storage)
             rows[op.prefix, mode] = table.height
         if op.prefix == "pair":
@@ -124,7 +142,7 @@ def combine_partition(group: pa.Table, layout: Layout, ops: list[History]) -> pa
 
 
 def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours: int, ops: list[History],
-                topics_ref=None) -> tuple[dict[str, int], int]:
+                topics_ref=None, test_from_us: int | None = None) -> tuple[dict[str, int], int]:
     """Passes 1 and 2: every ``History`` op fit per block, combined per key-hash partition, its tables written
     partition by partition, and the graph's edge list with them.
 
@@ -132,7 +150,8 @@ def fit_history(ds, layout: Layout, origin_us: int, cutoff_us: int, window_hours
     """
     pieces = ds.map_batches(partial_aggregates, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"origin_us": origin_us, "cutoff_us": cutoff_us, "window_hours": window_hours,
-                                       "parts": layout.parts, "ops": ops, "topics": topics_ref})
+                                       "parts": layout.parts, "ops": ops, "topics": topics_ref,
+                                       "test_from_us": test_from_us})
     combined = pieces.groupby(PART, num_partitions=layout.parts).map_groups(
         combine_partition, batch_format="pyarrow", fn_kwargs={"layout": layout, "ops": ops})
     summary = pl.from_arrow(datasets.collect(combined))
@@ -209,14 +228,15 @@ def split_by_size(train_rows: dict[str, int], broadcast_max_rows: int) -> tuple[
 
 
 def join_partition(group: pa.Table, layout: Layout, prefixes: list[str], refs: dict, origin_us: int,
-                   cutoff_us: int, window_hours: int, history_mode: str) -> pa.Table:
+                   cutoff_us: int, window_hours: int, history_mode: str, test_from_us: int | None = None) -> pa.Table:
     """One partition of impressions + that partition's tables of ``prefixes`` → the rows with those columns
     (each group's ``History`` op, holding only this partition's tables)."""
     part = group.column(PART)[0].as_py()
     batch = group.drop_columns([PART])
     df = prepare(batch, origin_us, window_hours, datasets.fetched(refs).get("topics") if refs else None)
-    ops = [History(p, history_mode, layout.read(p, "train", part), layout.read(p, "apply", part)) for p in prefixes]
-    at = Joins(cutoff_us, history_mode)
+    ops = [History(p, history_mode, *(layout.read(p, mode, part) for mode in ("train", "apply", "recent")))
+           for p in prefixes]
+    at = Joins(cutoff_us, history_mode, test_from_us=test_from_us)
     return pl.concat([pl.from_arrow(batch), *[op.transform(df, at) for op in ops]], how="horizontal").to_arrow()
 
 
