@@ -178,7 +178,6 @@ def test_test_rows_read_the_history_of_the_validation_period_too_and_serving_eve
     the test rows' snapshot with snapshot="cutoff" and every labelled event with "latest"."""
     import shutil
 
-    from engagesim.features.impression import history_columns
 
     log, users, posts = _world(3000)
     df, cutoff = _prepared(log, posts)
