@@ -98,7 +98,8 @@ def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, wind
     Pure: the Ray executor maps it over blocks (its ops holding the broadcast tables, or none where the rows
     already carry an op's columns: a group joined partition against partition, posts met by a hash join), the
     in-process executor calls it on the whole table, serving on a request's rows. Rows from ``at.cutoff_us`` are
-    "valid", from ``test_from_us`` (None: never) "test"; both read the apply (training total) tables.
+    "valid", from ``test_from_us`` (None: never) "test"; valid rows read the apply (training total) tables, test
+    rows the recent ones when ``at.test_from_us`` says so (``History.extend``).
     """
     side = first(ops, PostSide)
     df = prepare(batch, origin_us, window_hours, side.topics if side else None, at.topics_extra)

@@ -48,7 +48,8 @@ class Joins:
 
 class History(FeatureOp):
     provenance = Provenance("LAYER6/Synerise engagement history",
-                            "label-derived: other windows or past-only on train; train totals on valid")
+                            "label-derived: other windows or past-only on train; train totals on valid; "
+                            "train + validation totals on test")
     sums = tuple(history.SUMS)
     fits = True
 
