@@ -107,25 +107,41 @@ def test_list_summary_equals_a_row_by_row_reference(elements):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 20)), max_size=25),
-       st.lists(st.tuples(st.sampled_from(["a", "b", "d", None]), st.integers(-2, 22)), min_size=1, max_size=8))
-def test_previous_post_by_index_equals_the_as_of_join(known_rows, new_rows):
+       st.lists(st.tuples(st.sampled_from(["a", "b", "d", None]), st.one_of(st.none(), st.integers(-2, 22))),
+                min_size=1, max_size=8),
+       st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.one_of(st.none(), st.integers(-400, 400))),
+                max_size=3, unique_by=lambda r: r[0]))
+def test_previous_post_by_index_equals_the_as_of_join(known_rows, new_rows, account_rows):
     """A served post's previous post (binary search per account) is the batch's as-of join: strictly earlier
-    posts only (ties excluded), unknown accounts and accounts without an earlier post get null."""
-    from engagesim.features.temporal import PreviousPosts, earlier_posts
+    posts only (ties excluded), unknown accounts and accounts without an earlier post get null. A few posts'
+    whole temporal row (``temporal.few_rows``: day, hour, month, account age — made before or after the post,
+    unknown or null) equals the frame path's."""
+    from engagesim.features.temporal import AccountsCreated, PreviousPosts, earlier_posts
 
     base = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 
+    def at(h):  # ~40 days apart at most: days of the week, hours and months all change
+        return None if h is None else base + dt.timedelta(hours=37 * h, seconds=0.5 * h, microseconds=h * h)
+
     def frame(rows, prefix):
         return pl.DataFrame({"post_id": [f"{prefix}{i}" for i in range(len(rows))], "author_id": [a for a, _ in rows],
-                             "created_at": [base + dt.timedelta(hours=h, seconds=0.5 * h) for _, h in rows]},
+                             "created_at": [at(h) for _, h in rows]},
                             schema={"post_id": pl.String, "author_id": pl.String,
                                     "created_at": pl.Datetime("us", "UTC")})
 
     known, new = frame(known_rows, "k"), frame(new_rows, "n")
+    accounts = pl.DataFrame({"author_id": [a for a, _ in account_rows],
+                             "_account_created": [at(h) for _, h in account_rows]},
+                            schema={"author_id": pl.String, "_account_created": pl.Datetime("us", "UTC")})
     earlier = earlier_posts(known)
     joined = temporal_features(new, None, known, earlier=earlier)
     indexed = temporal_features(new, None, known, earlier=earlier, previous=PreviousPosts(earlier))
     assert joined.equals(indexed), (joined, indexed)
+    joined = temporal_features(new, None, known, earlier=earlier, accounts=accounts)
+    few = temporal_features(new, None, known, earlier=earlier, accounts=accounts, previous=PreviousPosts(earlier),
+                            created=AccountsCreated(accounts))
+    assert joined.equals(few), (joined, few)
+    assert few.schema == joined.schema
 
 
 def _impressions(rows):
@@ -305,6 +321,15 @@ def test_cf_similarity_leaves_the_pair_out():
     got = model.features(pl.Series([users[u] for u, _ in pairs]), pl.Series([creators[c] for _, c in pairs]))
     want = np.array([brute(u, c) for u, c in pairs])
     np.testing.assert_allclose(got["cf_similarity"].to_numpy(), want, atol=1e-5)
+    # Engagements with c's Jaccard neighbours, as the sparse product it is (c itself is no neighbour of c).
+    jaccard = model.jaccard_top.toarray()
+    assert not np.diag(jaccard).any()
+    similar = [dense[u] @ jaccard[c] for u, c in pairs]
+    np.testing.assert_array_equal(got["similar_creators_engaged"].to_numpy(), np.float32(similar))
+    # One pair alone (a served request) gets what it gets among all the others.
+    for k in (0, 7, len(pairs) - 1):
+        one = model.features(pl.Series([users[pairs[k][0]]]), pl.Series([creators[pairs[k][1]]]))
+        assert one.row(0) == got.row(k)
     # The pair's own edge does not move its score: only the edge changes between these two models.
     u, c = next((u, c) for u, c in pairs if dense[u, c])
     without = fit_graph(_impressions([(a, b, T(1), T(1.1)) for a, b in sorted(edges)

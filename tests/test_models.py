@@ -103,6 +103,29 @@ def test_xgb_learns_and_round_trips(tmp_path):
     assert open(path, "rb").read(1) == b"{"  # UBJSON object, not a pickle
 
 
+def test_a_few_rows_walk_the_same_trees_as_xgboost():
+    """Requests of a few rows go through treelite's GTIL (models/xgb.py): the same numbers as XGBoost's own
+    predictor up to the best iteration, missing values included, and one row alone as inside a batch."""
+    rng = np.random.default_rng(3)
+    train, valid = _table(3000, 0), _table(1000, 1)
+    f = ["x1", "x2", "flag"]
+    for objective, label in (("binary:logistic", "y_like"), ("reg:squarederror", "x1")):
+        features = [c for c in f if c != label] or f
+        params = xgb.params_for("layer6", objective, {"nthread": 1})
+        booster = xgb.train_booster(xgb.dmatrix(train, features, label), xgb.dmatrix(valid, features, label),
+                                    params, 60, 5)
+        x = matrix(valid, features)[:400].copy()
+        x[rng.random(x.shape) < 0.2] = np.nan
+        batch = xgb.predict(booster, x, features)  # 400 rows: XGBoost's predictor
+        assert x.shape[0] > xgb.FEW_ROWS
+        few = np.concatenate([xgb.predict(booster, x[i:i + xgb.FEW_ROWS], features)
+                              for i in range(0, len(x), xgb.FEW_ROWS)])
+        np.testing.assert_allclose(few, batch, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(xgb.predict(booster, x[7:8], features), batch[7:8], rtol=0, atol=1e-6)
+        every_tree = booster.inplace_predict(x[7:8], missing=np.nan)  # the best iteration is honoured
+        assert booster.best_iteration + 1 == booster.num_boosted_rounds() or abs(every_tree[0] - batch[7]) > 1e-6
+
+
 def test_external_memory_is_chosen_by_the_values_a_worker_holds():
     assert not xgb.uses_external_memory("auto", 1_500_000, 160)  # 2M impressions: bins stay in RAM
     assert xgb.uses_external_memory("auto", 7_500_000, 160)  # 10M

@@ -179,6 +179,29 @@ def test_key_rows_of_a_few_rows_equal_the_explode(lists):
     assert keys.name == "hashtags" and keys.dtype == pl.String and keys.to_list() == exploded["hashtags"].to_list()
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.none() | st.sampled_from(["acme", "", "<none>", "ü"]), min_size=1, max_size=70))
+def test_scalar_keys_of_a_few_rows_equal_the_expression(values):
+    """A served post's author / company key: null becomes "<none>" in Python as in the polars expression."""
+    df = pl.DataFrame({"company": values}, schema={"company": pl.String})
+    rows, keys = post_fit.key_rows(df, "company")
+    assert rows.tolist() == list(range(len(values)))
+    assert keys.name == "company" and keys.equals(df["company"].fill_null("<none>").cast(pl.String))
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.none() | st.sampled_from(["en", "fr", "", "xx"]), min_size=1, max_size=70),
+       st.lists(st.sampled_from(["en", "fr", "", "de"]), unique=True, max_size=4))
+def test_one_hot_of_a_few_rows_equals_the_expression(values, categories):
+    """A served post's language one-hot (Python comparisons) is the expression's: nulls and unknowns all 0."""
+    from engagesim.features.encodings import one_hot
+
+    series = pl.Series("language", values, dtype=pl.String)
+    want = series.to_frame("_v").select((pl.col("_v") == c).fill_null(False).cast(pl.Int8).alias(f"lang={c}")
+                                        for c in categories)
+    assert one_hot(series, categories, "lang").equals(want)
+
+
 def test_text_clusters_find_topics_carried_by_words_that_the_embedding_misses(tmp_path):
     """Two topics told apart only by their words (the embeddings are noise, as MiniLM's were for wordpiece salad
     in engagesim.foreign's world): the word half separates them; a row's cluster does not depend on the rows

@@ -43,8 +43,15 @@ def fourier_features(x: np.ndarray, scales: int = 8) -> np.ndarray:
     return np.concatenate([np.sin(x), np.cos(x)], axis=1).astype(np.float32)
 
 
+ONE_HOT_FEW_ROWS = 64  # up to this many string values, one_hot compares in Python (no expression per category)
+
+
 def one_hot(values: pl.Series, categories: list[str], prefix: str) -> pl.DataFrame:
     """One column per known category (``prefix=value``); unknown values are all zeros."""
+    if len(values) <= ONE_HOT_FEW_ROWS and values.dtype == pl.String and categories:
+        given = values.to_list()  # a served post: 0.05 ms where the select of 20 expressions cost ~0.3
+        return pl.DataFrame([pl.Series(f"{prefix}={c}", [int(v == c) for v in given], dtype=pl.Int8)
+                             for c in categories])
     return values.to_frame("_v").select(  # one pass (a served row: ~0.1 ms, where a Series op per category cost 1.3)
         (pl.col("_v") == c).fill_null(False).cast(pl.Int8).alias(f"{prefix}={c}") for c in categories)
 
@@ -65,7 +72,7 @@ class TargetStats:
         """Each key's smoothed mean, how many labelled rows it stands on (0: the prior alone) and their sum."""
         from engagesim.features.lookup import lookup_columns
 
-        got = lookup_columns(self.table, self.key, pl.DataFrame({self.key: keys}), ["te_sum", "te_count"],
+        got = lookup_columns(self.table, self.key, keys.alias(self.key).to_frame(), ["te_sum", "te_count"],
                              {"te_sum": 0.0, "te_count": 0.0})
         s, c = got["te_sum"], got["te_count"]
         return (s + self.prior * self.smoothing) / (c + self.smoothing), c, s

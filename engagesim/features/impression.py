@@ -91,21 +91,20 @@ def test_from(cutoff_us: int, valid_hours: float, test_share: float) -> int:
     return cutoff_us + int((1 - test_share) * valid_hours * 3600 * 1e6)
 
 
-def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, window_hours: int, at: Joins,
-                     test_from_us: int | None = None) -> pa.Table:
+def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, window_hours: int, at: Joins) -> pa.Table:
     """Impression rows + the fitted impression ops (``features/impression_ops.py``) → the impression feature table.
 
     Pure: the Ray executor maps it over blocks (its ops holding the broadcast tables, or none where the rows
     already carry an op's columns: a group joined partition against partition, posts met by a hash join), the
     in-process executor calls it on the whole table, serving on a request's rows. Rows from ``at.cutoff_us`` are
-    "valid", from ``test_from_us`` (None: never) "test"; valid rows read the apply (training total) tables, test
-    rows the recent ones when ``at.test_from_us`` says so (``History.extend``).
+    "valid", from ``at.test_from_us`` (None: never) "test"; valid rows read the apply (training total) tables,
+    test rows the recent ones (``History.extend``).
     """
     side = first(ops, PostSide)
     df = prepare(batch, origin_us, window_hours, side.topics if side else None, at.topics_extra)
     split = pl.when(pl.col("t_us") >= at.cutoff_us).then(pl.lit("valid")).otherwise(pl.lit("train"))
-    if test_from_us is not None:
-        split = pl.when(pl.col("t_us") >= test_from_us).then(pl.lit("test")).otherwise(split)
+    if at.test_from_us is not None:
+        split = pl.when(pl.col("t_us") >= at.test_from_us).then(pl.lit("test")).otherwise(split)
     own = df.select("user_id", "post_id", "creator_id", "impression_at", split.alias("split"),
                     *[pl.col(f"y_{e}") for e in ENGAGEMENTS], pl.col("follows_creator").cast(pl.Float32))
     return pl.concat([own, *[op.transform(df, at) for op in ops]], how="horizontal").to_arrow()
@@ -139,4 +138,4 @@ def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users:
         if isinstance(op, History):
             op.extend(*(op.fit_partial(events) for events in held_out))
     return join_impressions(interactions, ops, origin_us, window_hours,
-                            Joins(cutoff_us, history_mode, test_from_us=test_from_us), test_from_us)
+                            Joins(cutoff_us, history_mode, test_from_us=test_from_us))

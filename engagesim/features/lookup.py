@@ -166,6 +166,12 @@ def lookup_columns(table: pl.DataFrame, on: str | list[str], keys: pl.DataFrame,
     return out
 
 
+def frame(columns: dict[str, np.ndarray]) -> pl.DataFrame:
+    """numpy columns → a frame, as ``pl.DataFrame(columns)`` makes it: built from Series, which costs half
+    (0.07 vs 0.14 ms for ten one-row columns — a served request builds a dozen such frames)."""
+    return pl.DataFrame([pl.Series(name, values) for name, values in columns.items()])
+
+
 def float32_frame(columns: dict[str, np.ndarray]) -> pl.DataFrame:
     """Feature columns computed from ``lookup_columns`` → a Float32 frame, NaN as null (what the joins gave)."""
     return pl.DataFrame([pl.Series(name, values.astype(np.float32), nan_to_null=True)

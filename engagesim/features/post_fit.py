@@ -136,11 +136,15 @@ def keys_in_buckets(rows: pl.DataFrame, where: dict[int, tuple[int, int]]) -> di
 
 def key_rows(df: pl.DataFrame, column: str) -> tuple[np.ndarray, pl.Series]:
     """(row of each key, the keys): one per row for scalar columns (null → "<none>"), one per list element."""
+    values = df.get_column(column)
     if column in TE_SCALAR:
-        return np.arange(df.height), df[column].fill_null("<none>").cast(pl.String)
-    if df.height <= FEW_ROWS and df.schema[column] == pl.List(pl.String):  # a served post: no explode
+        if df.height <= FEW_ROWS and values.dtype == pl.String:  # a served post: no expression (~0.2 ms each)
+            return np.arange(df.height), pl.Series(column, ["<none>" if v is None else v for v in values.to_list()],
+                                                   dtype=pl.String)
+        return np.arange(df.height), values.fill_null("<none>").cast(pl.String)
+    if df.height <= FEW_ROWS and values.dtype == pl.List(pl.String):  # a served post: no explode
         rows, keys = [], []
-        for i, elements in enumerate(df[column].to_list()):
+        for i, elements in enumerate(values.to_list()):
             for e in elements or ():
                 if e is not None:
                     rows.append(i)

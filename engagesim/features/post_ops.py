@@ -17,12 +17,18 @@ import polars as pl
 from engagesim import io
 from engagesim.features import encodings, post_fit
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.lookup import contains, indexed, left_lookup
+from engagesim.features.lookup import contains, frame, indexed, left_lookup
 from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows, Snapshot
 from engagesim.features.post import MEDIA_COLUMNS
 from engagesim.features.post_fit import LIST_SUMMARY, TE_COUNTED, TE_LIST, TE_SCALAR
 from engagesim.features.reach import REACH_COLUMNS, AuthorReach
-from engagesim.features.temporal import TEMPORAL_COLUMNS, PreviousPosts, earlier_posts, temporal_features
+from engagesim.features.temporal import (
+    TEMPORAL_COLUMNS,
+    AccountsCreated,
+    PreviousPosts,
+    earlier_posts,
+    temporal_features,
+)
 from engagesim.features.text import TEXT_STAT_COLUMNS
 from engagesim.io import read_parquet, write_parquet
 
@@ -100,6 +106,7 @@ class Temporal(FeatureOp):
         self.known = known  # post_id, author_id, created_at: what a "previous post" may be
         self._earlier: pl.DataFrame | None = None
         self._previous: PreviousPosts | None = None  # a loaded run's per-account times (index_for_lookups)
+        self._created: AccountsCreated | None = None  # and its accounts' creation times
 
     def fit_partial(self, rows: Rows) -> pl.DataFrame:
         return rows.df.select("post_id", "author_id", "created_at")
@@ -118,8 +125,8 @@ class Temporal(FeatureOp):
 
     def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame:
         return temporal_features(df.select("post_id", "author_id", "created_at"), known=self.known,
-                                 accounts=self.accounts, earlier=self.earlier(), previous=self._previous
-                                 ).drop("post_id")
+                                 accounts=self.accounts, earlier=self.earlier(), previous=self._previous,
+                                 created=self._created).drop("post_id")
 
     def save(self, uri, storage, skip):
         if "known_posts" not in skip:
@@ -142,6 +149,8 @@ class Temporal(FeatureOp):
         indexed(self.accounts, "author_id")
         if self.earlier() is not None:
             self._previous = PreviousPosts(self.earlier())
+        if self.accounts is not None:
+            self._created = AccountsCreated(self.accounts)
 
 
 @dataclass
@@ -226,7 +235,7 @@ class TargetEncoding(FeatureOp):
                 cols[f"te_{key}_{name}"] = summary[:, k]
         if author is not None and self.hier_smoothing is not None:
             cols["te_author_id_hier"] = post_fit.hierarchical(*author, cols["te_company"], self.hier_smoothing)
-        return pl.DataFrame(cols)
+        return frame(cols)
 
     def _past(self, df: pl.DataFrame, roles: Rows) -> pl.DataFrame:
         """``te_mode=past``: each training row sees only strictly earlier rows of its key (in process only)."""

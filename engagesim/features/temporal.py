@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from engagesim.features.lookup import INDEX_MAX_KEYS, left_lookup
+from engagesim.features.lookup import INDEX_MAX_KEYS, KeyIndex, left_lookup
 
 TEMPORAL_COLUMNS = ["day_of_week", "hour", "month", "secs_since_prev_post", "account_age_days"]
 
@@ -27,15 +27,70 @@ class PreviousPosts:
         spans = by.group_by("author_id").agg(pl.col("i").min().alias("s"), pl.len().alias("n"))
         self.span = dict(zip(spans["author_id"].to_list(), zip(spans["s"].to_list(), spans["n"].to_list())))
 
-    def previous(self, posts: pl.DataFrame) -> pl.Series:
-        """``_prev`` of each post: the account's latest known post strictly before it (null: none)."""
-        times = posts["created_at"].dt.epoch(self.dtype.time_unit).to_list()
+    def before(self, authors: list, times: list) -> list[int | None]:
+        """Each (author, time)'s latest known post time strictly before it, in the snapshot's unit (None: none)."""
         out = []
-        for author, t in zip(posts["author_id"].to_list(), times):
+        for author, t in zip(authors, times):
             s, n = self.span.get(author, (0, 0))
             i = int(np.searchsorted(self.t[s:s + n], t, side="left")) - 1 if n and t is not None else -1
             out.append(int(self.t[s + i]) if i >= 0 else None)
-        return pl.Series("_prev", out, dtype=pl.Int64).cast(self.dtype)
+        return out
+
+    def previous(self, posts: pl.DataFrame) -> pl.Series:
+        """``_prev`` of each post: the account's latest known post strictly before it (null: none)."""
+        times = posts["created_at"].dt.epoch(self.dtype.time_unit).to_list()
+        return pl.Series("_prev", self.before(posts["author_id"].to_list(), times), dtype=pl.Int64).cast(self.dtype)
+
+
+class AccountsCreated:
+    """Each account's creation time (µs), found by key: a few posts' account ages without a join."""
+
+    def __init__(self, accounts: pl.DataFrame):
+        self.row = KeyIndex(accounts, ["author_id"]).row  # unique accounts, as the lookup's index requires
+        self.us = accounts["_account_created"].dt.epoch("us").to_list()
+
+    def created(self, authors: list) -> list[int | None]:
+        get = self.row.get
+        return [None if (i := get(a)) is None else self.us[i] for a in authors]
+
+
+_US = {"us": 1, "ms": 1_000, "ns": None}
+_DAY_US, _HOUR_US = 86_400_000_000, 3_600_000_000
+
+
+def _seconds(delta_us: int) -> int:
+    """A duration's whole seconds, truncated toward zero (``dt.total_seconds()``)."""
+    return delta_us // 1_000_000 if delta_us >= 0 else -((-delta_us) // 1_000_000)
+
+
+FEW_ROWS = 64  # up to this many posts, ``few_rows`` (a Python loop: µs a row)
+
+
+def few_rows(posts: pl.DataFrame, previous: PreviousPosts, accounts: AccountsCreated | None) -> pl.DataFrame | None:
+    """``temporal_features`` of a few posts in plain Python (a served post: ~0.1 ms where the frame operations
+    cost ~1 ms), or None where its arithmetic would not be the polars path's: times other than UTC µs."""
+    dtype = posts.schema["created_at"]
+    if dtype != pl.Datetime("us", "UTC") or previous.dtype != dtype:
+        return None
+    times = posts["created_at"].dt.epoch("us").to_list()
+    authors = posts["author_id"].to_list()
+    prev = previous.before(authors, times)
+    made = accounts.created(authors) if accounts is not None else [None] * len(times)
+    cols: dict[str, list] = {c: [] for c in TEMPORAL_COLUMNS}
+    for t, p, m in zip(times, prev, made):
+        if t is None:
+            for c in TEMPORAL_COLUMNS:
+                cols[c].append(None)
+            continue
+        days = t // _DAY_US
+        cols["day_of_week"].append((days + 3) % 7)  # 1970-01-01 was a Thursday; Monday = 0
+        cols["hour"].append(t // _HOUR_US % 24)
+        cols["month"].append(int(np.datetime64(t, "us").astype("datetime64[M]").astype(np.int64)) % 12 + 1)
+        cols["secs_since_prev_post"].append(None if p is None else _seconds(t - p))
+        cols["account_age_days"].append(None if m is None else _seconds(t - m) / 86400.0)
+    return pl.DataFrame([posts["post_id"], *[pl.Series(c, cols[c], dtype=pl.Int8) for c in ("day_of_week", "hour", "month")],
+                         pl.Series("secs_since_prev_post", cols["secs_since_prev_post"], dtype=pl.Int64).cast(pl.Float32),
+                         pl.Series("account_age_days", cols["account_age_days"], dtype=pl.Float64).cast(pl.Float32)])
 
 
 def account_created(users: pl.DataFrame) -> pl.DataFrame:
@@ -45,7 +100,8 @@ def account_created(users: pl.DataFrame) -> pl.DataFrame:
 
 def temporal_features(posts: pl.DataFrame, users: pl.DataFrame | None = None,
                       known: pl.DataFrame | None = None, *, accounts: pl.DataFrame | None = None,
-                      earlier: pl.DataFrame | None = None, previous: PreviousPosts | None = None) -> pl.DataFrame:
+                      earlier: pl.DataFrame | None = None, previous: PreviousPosts | None = None,
+                      created: AccountsCreated | None = None) -> pl.DataFrame:
     """Day of week (0 = Monday), hour and month (UTC), seconds since the same account's previous post
     (Adobe; null when no earlier post of the account is known) and the author's account age in days
     (null without a users table).
@@ -56,8 +112,12 @@ def temporal_features(posts: pl.DataFrame, users: pl.DataFrame | None = None,
 
     ``accounts`` / ``earlier``: ``account_created(users)`` / ``earlier_posts(known)`` made once by the caller
     (a loaded run keeps them, the first indexed): one request then neither renames nor sorts the snapshot.
-    ``previous``: ``PreviousPosts(earlier)``, which answers up to ``lookup.INDEX_MAX_KEYS`` posts without the join.
+    ``previous``: ``PreviousPosts(earlier)``, which answers up to ``lookup.INDEX_MAX_KEYS`` posts without the join;
+    with ``created`` (``AccountsCreated(accounts)``) up to ``FEW_ROWS`` posts take ``few_rows``.
     """
+    if previous is not None and posts.height <= FEW_ROWS and (created is not None or accounts is users is None):
+        if (out := few_rows(posts, previous, created)) is not None:
+            return out
     rows = posts.select("post_id", "author_id", "created_at").with_row_index("_i")
     if previous is not None and posts.height <= INDEX_MAX_KEYS:
         ordered = rows.with_columns(previous.previous(rows))

@@ -344,13 +344,37 @@ def load(path: str) -> tuple[xgb.Booster, dict]:
 # load_run), XGBoost's OpenMP team meets torch's still-spinning threads; one row then took 2.58 ms per booster on
 # 2 cores, 0.49 ms with nthread=1 (5.5 calls per single request), while a large batch still wants every core.
 ONE_THREAD_ROWS = 2048
+# Up to this many rows treelite's GTIL walks the trees instead (a served request). Why: ``inplace_predict`` costs
+# 0.14–0.28 ms per call for one row whatever the model (its call path, not the trees), GTIL 0.03–0.04 ms on the
+# same boosters — a single request calls five. Past a few dozen rows XGBoost is faster (5,000 rows on one thread:
+# 8–19 ms vs 23–65 ms), so batches stay on it. GTIL sums in another order: |diff| ≤ 4e-7 on these boosters
+# (a test holds it to 1e-6).
+FEW_ROWS = 16
 _THREADS_LOCK = threading.Lock()
 
 
+def _treelite(booster: xgb.Booster, best: int | None):
+    """The booster's trees up to the best iteration as a treelite model, built once per booster (serving)."""
+    model = getattr(booster, "_engagesim_treelite", None)
+    if model is None:
+        import treelite
+
+        with _THREADS_LOCK:
+            model = treelite.frontend.from_xgboost(booster if best is None else booster[: best + 1])
+            booster._engagesim_treelite = model
+    return model
+
+
 def predict(booster: xgb.Booster, table: pa.Table | np.ndarray, features: list[str]) -> np.ndarray:
-    """Predictions up to the best iteration; ``inplace_predict`` on a float32 matrix (no DMatrix)."""
+    """Predictions up to the best iteration; ``inplace_predict`` on a float32 matrix (no DMatrix), or treelite's
+    GTIL on a few rows."""
     x = table if isinstance(table, np.ndarray) else matrix(table, features)
     best = getattr(booster, "best_iteration", None)
+    if 0 < x.shape[0] <= FEW_ROWS:
+        from treelite import gtil
+
+        out = np.asarray(gtil.predict(_treelite(booster, best), x, nthread=1), dtype=np.float32).reshape(len(x), -1)
+        return out[:, 0] if out.shape[1] == 1 else out  # XGBoost's shapes: (n,) for one output, else (n, k)
     kwargs = {"iteration_range": (0, best + 1)} if best is not None else {}
     threads = 1 if x.shape[0] < ONE_THREAD_ROWS else 0
     with _THREADS_LOCK:  # set_param is no thread-safe read; the lock keeps a concurrent caller's count its own

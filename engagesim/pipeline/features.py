@@ -246,8 +246,7 @@ def build_impression_features(cfg: AppConfig, interactions_uri: str, users_uri: 
         side.save(cfg, state_uri, state)
     joined = keyed.map_batches(_join_impressions_ray, batch_format="pyarrow", batch_size=100_000,
                                fn_kwargs={"ops": task_ops, "origin_us": origin_us, "window_hours": f.window_hours,
-                                          "at": Joins(cutoff_us, f.history_mode, test_from_us=test_from_us),
-                                          "test_from_us": test_from_us})
+                                          "at": Joins(cutoff_us, f.history_mode, test_from_us=test_from_us)})
     rows = datasets.write_streaming(joined, out_uri, "impression_features", cfg.storage,
                                     {"cutoff": cutoff_us, "origin": origin_us})
     clock.lap("join_and_write")
