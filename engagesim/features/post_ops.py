@@ -150,7 +150,10 @@ class Temporal(FeatureOp):
         if self.earlier() is not None:
             self._previous = PreviousPosts(self.earlier())
         if self.accounts is not None:
-            self._created = AccountsCreated(self.accounts)
+            try:
+                self._created = AccountsCreated(self.accounts)
+            except ValueError:  # an account twice: the frame path (and its lookup's own check) as before
+                self._created = None
 
 
 @dataclass

@@ -54,7 +54,6 @@ class AccountsCreated:
         return [None if (i := get(a)) is None else self.us[i] for a in authors]
 
 
-_US = {"us": 1, "ms": 1_000, "ns": None}
 _DAY_US, _HOUR_US = 86_400_000_000, 3_600_000_000
 
 
@@ -115,7 +114,7 @@ def temporal_features(posts: pl.DataFrame, users: pl.DataFrame | None = None,
     ``previous``: ``PreviousPosts(earlier)``, which answers up to ``lookup.INDEX_MAX_KEYS`` posts without the join;
     with ``created`` (``AccountsCreated(accounts)``) up to ``FEW_ROWS`` posts take ``few_rows``.
     """
-    if previous is not None and posts.height <= FEW_ROWS and (created is not None or accounts is users is None):
+    if previous is not None and posts.height <= FEW_ROWS and (created is not None or (accounts is None and users is None)):
         if (out := few_rows(posts, previous, created)) is not None:
             return out
     rows = posts.select("post_id", "author_id", "created_at").with_row_index("_i")
