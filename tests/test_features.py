@@ -116,6 +116,7 @@ def test_previous_post_by_index_equals_the_as_of_join(known_rows, new_rows, acco
     posts only (ties excluded), unknown accounts and accounts without an earlier post get null. A few posts'
     whole temporal row (``temporal.few_rows``: day, hour, month, account age — made before or after the post,
     unknown or null) equals the frame path's."""
+    from engagesim.features.lookup import KeyIndex
     from engagesim.features.temporal import AccountsCreated, PreviousPosts, earlier_posts
 
     base = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
@@ -139,7 +140,7 @@ def test_previous_post_by_index_equals_the_as_of_join(known_rows, new_rows, acco
     assert joined.equals(indexed), (joined, indexed)
     joined = temporal_features(new, None, known, earlier=earlier, accounts=accounts)
     few = temporal_features(new, None, known, earlier=earlier, accounts=accounts, previous=PreviousPosts(earlier),
-                            created=AccountsCreated(accounts))
+                            created=AccountsCreated(accounts, KeyIndex(accounts, ["author_id"])))
     assert joined.equals(few), (joined, few)
     assert few.schema == joined.schema
 

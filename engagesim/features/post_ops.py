@@ -17,7 +17,7 @@ import polars as pl
 from engagesim import io
 from engagesim.features import encodings, post_fit
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.lookup import contains, frame, indexed, left_lookup
+from engagesim.features.lookup import contains, frame, index_of, indexed, left_lookup
 from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows, Snapshot
 from engagesim.features.post import MEDIA_COLUMNS
 from engagesim.features.post_fit import LIST_SUMMARY, TE_COUNTED, TE_LIST, TE_SCALAR
@@ -150,8 +150,8 @@ class Temporal(FeatureOp):
         if self.earlier() is not None:
             self._previous = PreviousPosts(self.earlier())
         if self.accounts is not None:
-            try:
-                self._created = AccountsCreated(self.accounts)
+            try:  # the index left_lookup builds on its first request anyway, built now and shared
+                self._created = AccountsCreated(self.accounts, index_of(self.accounts, ["author_id"]))
             except ValueError:  # an account twice: the frame path (and its lookup's own check) as before
                 self._created = None
 

@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 
 from engagesim.features.lookup import INDEX_MAX_KEYS, KeyIndex, left_lookup
+from engagesim.features.text import FEW_ROWS  # the served-request paths' one bound
 
 TEMPORAL_COLUMNS = ["day_of_week", "hour", "month", "secs_since_prev_post", "account_age_days"]
 
@@ -45,8 +46,8 @@ class PreviousPosts:
 class AccountsCreated:
     """Each account's creation time (µs), found by key: a few posts' account ages without a join."""
 
-    def __init__(self, accounts: pl.DataFrame):
-        self.row = KeyIndex(accounts, ["author_id"]).row  # unique accounts, as the lookup's index requires
+    def __init__(self, accounts: pl.DataFrame, index: KeyIndex):
+        self.row = index.row  # the accounts table's lookup index (features/lookup.py): unique accounts
         self.us = accounts["_account_created"].dt.epoch("us").to_list()
 
     def created(self, authors: list) -> list[int | None]:
@@ -62,7 +63,6 @@ def _seconds(delta_us: int) -> int:
     return delta_us // 1_000_000 if delta_us >= 0 else -((-delta_us) // 1_000_000)
 
 
-FEW_ROWS = 64  # up to this many posts, ``few_rows`` (a Python loop: µs a row)
 
 
 def few_rows(posts: pl.DataFrame, previous: PreviousPosts, accounts: AccountsCreated | None) -> pl.DataFrame | None:
