@@ -56,7 +56,7 @@ def synthetic_pairs(n: int, seed: int = 0) -> pl.DataFrame:
 
 def child(source: str, cap: int | None) -> None:
     """One fit in this process; prints one JSON line."""
-    from engagesim.features.graph import fit_graph_from_pairs
+    from engagesim.features.graph_fit import fit_graph_from_pairs
 
     proc, peak, phases = psutil.Process(), [0], {}
     done = threading.Event()

@@ -220,29 +220,32 @@ def main() -> None:
     for topology, by_clients in floors.items():
         for clients, result in by_clients.items():
             emit(bench="serve_echo_floor", topology=topology, clients=clients, **result)
-    # No per-key rate limit here: the benchmark measures the service, not the limiter.
-    serve.run(build_app(run_uri, keys=KEY, max_batch_rows=args.batch_rows, rate=RateLimit(per_second=1e6, burst=10**6)),
-              name="engagesim", route_prefix="/")
+    # No per-key rate limit here: the benchmark measures the service, not the limiter. Both topologies, each
+    # beside the echo floor of its own shape: the measurement that chose the default (engagesim/serve/app.py).
     url = f"http://127.0.0.1:{port}"
-    http_load(url, sample, 1, 20)  # warm-up
-    for clients in (1, 8, 32):
-        result = http_load(url, sample, clients, max(args.requests // clients, 5))
-        floor = floors["gateway_scorer"].get(clients)
-        emit(bench="serve_http_single", clients=clients, **result,
-             ratio_p50_vs_in_process=round(result["p50_ms"] / percentile_ms(single, 50), 2),
-             **({"floor_p50_ms": floor["p50_ms"], "over_floor_p50_ms": round(result["p50_ms"] - floor["p50_ms"], 2),
-                 "floor_requests_per_s": floor["requests_per_s"]} if floor else {}))
-    rows = sample[:args.batch_rows]
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        r = requests.post(f"{url}/v1/predict:batch", json={"rows": rows}, headers={"Authorization": f"Bearer {KEY}"},
-                          timeout=300)
-        times.append(time.perf_counter() - t)
-        assert r.status_code == 200, r.text
-    batch_rate = args.batch_rows / float(np.median(times))
-    emit(bench="serve_http_batch", rows=args.batch_rows, rows_per_s=round(batch_rate, 1),
-         in_process_rows_per_s=round(inproc_batch, 1), ratio=round(batch_rate / inproc_batch, 3))
+    for topology, floor_name in (("one", "one_deployment"), ("two", "gateway_scorer")):
+        serve.run(build_app(run_uri, keys=KEY, max_batch_rows=args.batch_rows, topology=topology,
+                            rate=RateLimit(per_second=1e6, burst=10**6)), name="engagesim", route_prefix="/")
+        http_load(url, sample, 1, 20)  # warm-up
+        for clients in (1, 8, 32):
+            result = http_load(url, sample, clients, max(args.requests // clients, 5))
+            floor = floors[floor_name].get(clients)
+            emit(bench="serve_http_single", topology=topology, clients=clients, **result,
+                 ratio_p50_vs_in_process=round(result["p50_ms"] / percentile_ms(single, 50), 2),
+                 **({"floor_p50_ms": floor["p50_ms"], "over_floor_p50_ms": round(result["p50_ms"] - floor["p50_ms"], 2),
+                     "floor_requests_per_s": floor["requests_per_s"]} if floor else {}))
+        rows = sample[:args.batch_rows]
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            r = requests.post(f"{url}/v1/predict:batch", json={"rows": rows},
+                              headers={"Authorization": f"Bearer {KEY}"}, timeout=300)
+            times.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.text
+        batch_rate = args.batch_rows / float(np.median(times))
+        emit(bench="serve_http_batch", topology=topology, rows=args.batch_rows, rows_per_s=round(batch_rate, 1),
+             in_process_rows_per_s=round(inproc_batch, 1), ratio=round(batch_rate / inproc_batch, 3))
+        serve.delete("engagesim")
     serve.shutdown()
 
     # Offline scoring: Ray Data actors vs one in-process call over the same posts.

@@ -517,6 +517,9 @@ def serve_command(
         None, "--media-host", help="Let requests name https:// media on this host (and its subdomains); repeatable. "
         "None: requests may only upload an image (post.image_base64); a path or s3:// URI is always refused."),
     rate: float = typer.Option(50.0, "--rate-limit", min=0.1, help="Requests per second per API key (429 beyond)."),
+    topology: str = typer.Option("one", help="one: each replica parses, checks and scores (fastest; a replica lost "
+                                 "mid-request costs its requests a 500); two: a gateway in front of scorer replicas "
+                                 "(a lost scorer is a retryable 503; scorers scale apart, e.g. on GPU nodes)."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -532,9 +535,13 @@ def serve_command(
     from engagesim.serve.guard import RateLimit
 
     hosts = tuple(media_hosts or ())
+    if topology not in ("one", "two"):
+        from engagesim.errors import UserError
+
+        raise UserError(f"--topology {topology!r}: use one or two")
     if write_config is not None:
-        write_config.write_text(yaml.safe_dump(serve_config(run_dir, host, port, gpus, content_run, hosts),
-                                                 sort_keys=False))
+        config_ = serve_config(run_dir, host, port, gpus, content_run, hosts, topology)
+        write_config.write_text(yaml.safe_dump(config_, sort_keys=False))
         finish({"config": str(write_config), "deploy": f"serve deploy {write_config}"}, False, "serve config")
         return
     from ray import serve
@@ -544,7 +551,7 @@ def serve_command(
     cfg = _config(config, overrides)
     try:
         application = build_app(run_dir, gpus_per_replica=gpus, content_run=content_run, media_hosts=hosts,
-                                rate=RateLimit(per_second=rate, burst=max(1, int(2 * rate))))
+                                rate=RateLimit(per_second=rate, burst=max(1, int(2 * rate))), topology=topology)
     except RuntimeError as exc:
         err.print(f"[red]{escape(str(exc))}[/red]", soft_wrap=True)
         raise typer.Exit(2) from None

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engagesim.features import encodings, history
-from engagesim.features.graph import fit_graph
+from engagesim.features.graph_fit import fit_graph
 from engagesim.features.image_stats import image_stats
 from engagesim.features.temporal import temporal_features
 from engagesim.features.text import text_features
@@ -195,7 +195,7 @@ def test_graph_fit_from_parts_equals_the_string_sorted_edge_list():
     in sorted order and creators in order of first appearance of the (user_id, creator_id)-sorted edge list —
     the ids every other feature indexes by — and parts that repeat a pair (the in-process executor's blocks)
     must sum like one frame. Checked against that order built directly from the strings, parts in any order."""
-    from engagesim.features.graph import coded_edges, fit_graph_from_pairs
+    from engagesim.features.graph_fit import coded_edges, fit_graph_from_pairs
 
     rng = np.random.default_rng(3)
     n = 4_000
@@ -235,7 +235,7 @@ def test_leiden_above_its_edge_cap_runs_on_a_user_sample_and_assigns_the_rest():
 
     import igraph
 
-    from engagesim.features import graph as g
+    from engagesim.features import graph_fit as g
 
     rng = np.random.default_rng(5)
     users, creators = [], []
@@ -272,7 +272,7 @@ def test_top_k_jaccard_by_blocks_equals_brute_force():
     equal a dense brute force; small follower sets make many ties."""
     import scipy.sparse as sp
 
-    from engagesim.features.graph import _top_k_jaccard
+    from engagesim.features.graph_fit import _top_k_jaccard
 
     rng = np.random.default_rng(4)
     dense = (rng.random((30, 25)) < 0.12).astype(np.float32)  # 30 creators × 25 users
@@ -476,7 +476,7 @@ def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp
     edges = sorted({(f"u{u:02d}", f"c{rng.integers(0, 12)}") for u in rng.integers(0, 60, 150)})
     log = _impressions([(u, c, T(1), T(1.1)) for u, c in edges])
     model = fit_graph(log, jaccard_k=3, community_folds=1)
-    from engagesim.features.graph import fit_graph_from_pairs
+    from engagesim.features.graph_fit import fit_graph_from_pairs
 
     pairs = history.window_aggregates(log.select("user_id", "creator_id", "window", "t_us", "follows_creator",
                                                  *[f"y_{e}" for e in ENGAGEMENTS]))["pair"]

@@ -27,9 +27,11 @@ def service(behaviour_run):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # The world's media URLs are on an unresolvable host: allowed here, they fail as they did in evaluation.
-    serve.run(build_app(behaviour_run.uri, keys=f"{'other-key-' * 2},{KEY}", max_batch_rows=200, scorer_replicas=1,
-                        media_hosts=("media.engagesim.invalid",)),
-              name="engagesim", route_prefix="/")
+    # The default topology (one deployment) at /, and gateway → scorer at /two (the same Guard under a prefix).
+    for name, prefix, topology in (("engagesim", "/", "one"), ("engagesim-two", "/two", "two")):
+        serve.run(build_app(behaviour_run.uri, keys=f"{'other-key-' * 2},{KEY}", max_batch_rows=200,
+                            scorer_replicas=1, media_hosts=("media.engagesim.invalid",), topology=topology),
+                  name=name, route_prefix=prefix)
     url = f"http://127.0.0.1:{port}"
     try:
         yield url, behaviour_run
@@ -76,10 +78,12 @@ def test_served_predictions_equal_the_in_process_ones(service):
     assert batch.status_code == 200, batch.text
     for p in batch.json()["predictions"]:
         assert abs(p["likes"]["log1p"] - expected[p["post_id"]]) <= 1e-6
-    for body in rows[:10]:
-        one = requests.post(f"{url}/v1/predict", json=body, headers=_auth(), timeout=60).json()
+    for i, body in enumerate(rows[:10]):
+        root = url if i % 2 else f"{url}/two"  # both topologies answer alike
+        one = requests.post(f"{root}/v1/predict", json=body, headers=_auth(), timeout=60).json()
         assert abs(one["likes"]["log1p"] - expected[one["post_id"]]) <= 1e-6
         assert one["likes"]["low"] <= one["likes"]["expected"] <= one["likes"]["high"]
+    assert requests.post(f"{url}/two/v1/predict", json=rows[0], timeout=60).status_code == 401  # guarded under /two
 
     # Impression level: a viewer on a known post (evaluated test rows) gets what load_run().predict answers.
     imp = pl.from_arrow(io.read_table(io.join(run.uri, "predictions", "impressions"))).head(20)
@@ -150,21 +154,26 @@ def test_auth_and_bad_input_are_4xx_and_the_service_keeps_answering(service):
     assert {"/v1/predict", "/v1/predict:batch", "/v1/models", "/healthz"} <= set(docs["paths"])
 
 
-def test_killed_replica_is_replaced_and_requests_recover(service):
+@pytest.mark.parametrize("app_name", ["engagesim-two", "engagesim"])
+def test_killed_replica_is_replaced_and_requests_recover(service, app_name):
+    """Gateway → scorer: a scorer lost mid-request is a retryable 503. One deployment: the lost replica's
+    in-flight requests get the proxy's 500 (the documented price of the faster topology). Both recover."""
     import ray
 
     url, _ = service
+    root = f"{url}/two" if app_name == "engagesim-two" else url
+    allowed = {200, 503} if app_name == "engagesim-two" else {200, 500, 503}
     body = {"post": {"account": "a1", "text": "load test", "created_at": "2024-03-02T15:00:00Z"}}
 
     def call(_):
         try:
-            return requests.post(f"{url}/v1/predict", json=body, headers=_auth(), timeout=60).status_code
+            return requests.post(f"{root}/v1/predict", json=body, headers=_auth(), timeout=60).status_code
         except requests.RequestException:
             return -1
 
     def scorer_replicas():
         return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                      if a["namespace"] == "serve" and "#Scorer#" in a["name"])
+                      if a["namespace"] == "serve" and f"::{app_name}#Scorer#" in a["name"])
 
     before = scorer_replicas()
     assert len(before) == 1
@@ -173,7 +182,7 @@ def test_killed_replica_is_replaced_and_requests_recover(service):
         time.sleep(0.5)
         ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
         statuses = [f.result() for f in futures]
-    assert set(statuses) <= {200, 503}, statuses
+    assert set(statuses) <= allowed, statuses
     assert statuses.count(200) > 0
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -241,6 +250,16 @@ def test_generated_serve_config_passes_serves_schema(tmp_path):
     assert any(d.name == "ContentGenerator" for d in app.deployments)
     assert KEY not in out.read_text()  # keys never land in the config file: their digests do (serve deploy
     assert app.runtime_env["env_vars"]["ENGAGESIM_API_KEY_DIGESTS"]  # does not carry the user's environment)
+    # One deployment by default (it holds the gateway, named Scorer); --topology two adds the Gateway.
+    assert app.args["topology"] == "one" and not any(d.name == "Gateway" for d in app.deployments)
+    two = run_cli("serve", "--run", "s3://bucket/runs/abc", "--write-config", str(out), "--topology", "two",
+                  env={"ENGAGESIM_API_KEYS": KEY})
+    assert two.returncode == 0, two.stderr
+    names = {d.name for d in ServeDeploySchema.model_validate(yaml.safe_load(out.read_text())).applications[0].deployments}
+    assert names == {"Scorer", "Gateway"}
+    wrong = run_cli("serve", "--run", "s3://bucket/runs/abc", "--topology", "three", env={"ENGAGESIM_API_KEYS": KEY})
+    assert wrong.returncode != 0 and "--topology 'three': use one or two" in wrong.stdout + wrong.stderr
+    assert "Traceback" not in wrong.stderr
 
 
 def test_serve_refuses_to_start_without_api_keys():

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 
 from engagesim.features import post_fit
-from engagesim.features.graph import GraphModel, fit_graph
+from engagesim.features.graph import GraphModel
+from engagesim.features.graph_fit import fit_graph
 from engagesim.features.state import PostState, Projection
 from engagesim.features.temporal import temporal_features
 

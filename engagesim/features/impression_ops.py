@@ -148,12 +148,12 @@ class Graph(FeatureOp):
         self.community_folds = community_folds
 
     def fit_partial(self, events: pl.DataFrame) -> pl.DataFrame:
-        from engagesim.features.graph import graph_edges
+        from engagesim.features.graph_fit import graph_edges
 
         return graph_edges(history.window_aggregates(events, ["pair"])["pair"])
 
     def combine(self, parts: Iterable[pl.DataFrame]) -> None:
-        from engagesim.features.graph import fit_graph_from_pairs
+        from engagesim.features.graph_fit import fit_graph_from_pairs
 
         self.model = fit_graph_from_pairs(list(parts), self.jaccard_k, self.seed, self.max_edges,
                                           community_folds=self.community_folds)

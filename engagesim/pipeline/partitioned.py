@@ -9,7 +9,7 @@ tables equal):
    user-keyed groups — user, pair, topic — share ``user_id``).
 2. **Combine by key with a shuffle.** ``groupby("_part").map_groups``: one task per partition combines
    that partition's pieces, derives its training (window / past) and apply tables and writes them as
-   Parquet parts — the only copy — and its (user, creator) edges (``graph.graph_edges``: engaged or followed
+   Parquet parts — the only copy — and its (user, creator) edges (``graph_fit.graph_edges``: engaged or followed
    pairs only) as a part of the edge list the graph is fit from. The driver gets row counts only.
 3. **Join partition against partition.** A group whose training table has more than
    ``features.broadcast_max_rows`` rows is joined by shuffling the impressions on the same partition id
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from engagesim import datasets, io
 from engagesim.config import COMMUNITY_FOLDS, LEIDEN_MAX_EDGES, StorageConfig
 from engagesim.features import history
-from engagesim.features.graph import graph_edges
+from engagesim.features.graph_fit import graph_edges
 from engagesim.features.impression import prepare, with_topic
 from engagesim.features.impression_ops import History, Joins
 from engagesim.features.ops import sum_by_keys
@@ -175,12 +175,12 @@ def fit_graph_task(layout: Layout, save_uri: str, jaccard_k: int, seed: int, max
 def _graph_task(edges_uri: str, save_uri: str, storage, jaccard_k: int, seed: int,
                 max_edges: int | None = LEIDEN_MAX_EDGES, community_folds: int = COMMUNITY_FOLDS) -> tuple:
     """The task's body: (graph, seconds). No edge parts (no training engagements) fit an empty graph."""
-    from engagesim.features.graph import fit_graph_from_pairs
+    from engagesim.features.graph_fit import fit_graph_from_pairs
 
     start = time.perf_counter()
     fs, _ = io.filesystem(edges_uri, storage)
     files = sorted(f for f in io.list_files(edges_uri, storage) if f.endswith(".parquet"))
-    # One part at a time: the fit codes each part's keys as it reads it (graph.coded_edges), so no frame of
+    # One part at a time: the fit codes each part's keys as it reads it (graph_fit.coded_edges), so no frame of
     # every edge's string keys exists in this process.
     parts = (pl.from_arrow(pq.read_table(f, filesystem=fs)) for f in files)
     graph = fit_graph_from_pairs(parts, jaccard_k, seed=seed, max_edges=max_edges, community_folds=community_folds)

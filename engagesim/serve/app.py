@@ -1,10 +1,15 @@
-"""The Ray Serve application: FastAPI gateway → batched scorer replicas holding a run's ensemble.
+"""The Ray Serve application: a FastAPI gateway (HTTP, API keys, validation, error mapping, the page) and the
+scorer (the run's feature state, encoders and models; ``QueueBatcher`` groups concurrent single requests into
+one model call), in one of two topologies:
 
-Two deployments composed with a ``DeploymentHandle``: the ``Gateway`` (HTTP,
-API keys, validation, error mapping, the page) and the ``Scorer`` (the run's
-feature state, encoders and models; ``@serve.batch`` groups concurrent single
-requests into one model call; autoscaled). Start it with ``engagesim serve
---run RUN_DIR`` or ``serve run``/``serve deploy`` on a config from
+- ``one`` (default): one autoscaled deployment, named ``Scorer``, whose replicas hold both. Chosen by
+  measurement (bench/serve.py, README): the gateway → scorer handle call cost the gateway ~17 % of its CPU in
+  Ray's actor-call path, and one deployment answered ~2× the requests per second at 8 clients.
+- ``two``: a ``Gateway`` deployment calling ``Scorer`` replicas through a ``DeploymentHandle``. A scoring
+  replica lost mid-request then becomes a retryable 503 (in ``one`` its in-flight requests get the proxy's
+  500), and scorers can scale on GPU nodes apart from the HTTP layer.
+
+Start it with ``engagesim serve --run RUN_DIR`` or ``serve run``/``serve deploy`` on a config from
 ``engagesim serve --run RUN_DIR --write-config serve.yaml``.
 
 API keys come only from the environment (``ENGAGESIM_API_KEYS``, comma
@@ -18,6 +23,7 @@ import hashlib
 import hmac
 import os
 from importlib import resources
+from types import SimpleNamespace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -98,12 +104,64 @@ def key_digests(keys: str | None) -> list[str]:
     return [hashlib.sha256(k.encode()).hexdigest() for k in keys_]
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=64,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
-    health_check_period_s=2,
-)
+class QueueBatcher:
+    """Single requests scored together: while a batch is scored, new requests queue; the next batch is all
+    that queued by then (up to ``max_size``), taken the moment scoring is free — no wait when idle.
+
+    Why not ``@serve.batch``: it forms each batch within its wait window and only then queues it behind its
+    ``max_concurrent_batches`` semaphore, so with a ~25 ms scoring call its batches came out of size ~1 under
+    load — at 8 clients the scorer spent 28 CPU-ms per request, where a batch of 8 costs 3.4 ms a request
+    in process (bench/serve.py; README)."""
+
+    def __init__(self, fn, max_size: int = 32):
+        self.fn, self.max_size = fn, max_size
+        self._queue: asyncio.Queue | None = None  # made on the replica's event loop, at the first request
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._run())
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            batch = [(item, f) for item, f in batch if not f.done()]  # a client gone: its request is dropped
+            if not batch:
+                continue
+            try:
+                results = await self.fn([item for item, _ in batch])
+            except Exception as exc:
+                if len(batch) == 1:
+                    _settle(batch[0][1], exception=exc)
+                    continue
+                for item, f in batch:  # one by one: a bad request fails alone, not the batch it queued in
+                    try:
+                        _settle(f, result=(await self.fn([item]))[0])
+                    except Exception as exc_:
+                        _settle(f, exception=exc_)
+                continue
+            for (_, f), result in zip(batch, results):
+                _settle(f, result=result)
+
+
+def _settle(future: asyncio.Future, result: Any = None, exception: BaseException | None = None) -> None:
+    if not future.done():  # (its client may have gone)
+        future.set_result(result) if exception is None else future.set_exception(exception)
+
+
+SCORER = {"ray_actor_options": {"num_cpus": 1}, "max_ongoing_requests": 64, "health_check_period_s": 2,
+          "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16}}
+TOPOLOGIES = ("one", "two")
+
+
+@serve.deployment(**SCORER)
 class Scorer:
     """Holds one run's feature state and models; scores lists of requests."""
 
@@ -112,10 +170,10 @@ class Scorer:
 
         self.predictor = RequestPredictor(run_uri, media)
         self._one_at_a_time = asyncio.Lock()
+        self._singles = QueueBatcher(self._predict, max_size=32)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def predict_one(self, requests: list[PredictRequest]) -> list[dict]:
-        return await self._predict(requests)
+    async def predict_one(self, request: PredictRequest) -> dict:
+        return await self._singles.submit(request)
 
     async def predict_many(self, requests: list[PredictRequest]) -> list[dict]:
         return await self._predict(requests)
@@ -131,6 +189,22 @@ class Scorer:
 
     def limits(self) -> dict:
         return {"max_text_chars": self.predictor.max_text_chars, "impressions": self.predictor.has_impressions}
+
+
+class InProcess:
+    """A scorer in the gateway's own replica (topology ``one``), called as a handle is: ``.method.remote(…)``."""
+
+    def __init__(self, target: Any):
+        self._target = target
+
+    def __getattr__(self, name: str) -> SimpleNamespace:
+        method = getattr(self._target, name)
+
+        async def remote(*args):
+            result = method(*args)
+            return await result if asyncio.iscoroutine(result) else result
+
+        return SimpleNamespace(remote=remote)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=4)
@@ -160,11 +234,13 @@ class ContentGenerator:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, scorer: DeploymentHandle, digests: list[str], max_batch_rows: int = 1000,
+    def __init__(self, scorer: DeploymentHandle | str, digests: list[str], max_batch_rows: int = 1000,
                  max_body_bytes: int = 8 * 1024 * 1024, generator: DeploymentHandle | None = None,
                  media: MediaPolicy | None = None, rate: RateLimit | None = None, deadline_s: float = 30.0):
-        self.scorer, self.max_batch_rows, self.deadline_s = scorer, max_batch_rows, deadline_s
+        """``scorer``: a handle to ``Scorer`` replicas (topology ``two``), or a run URI to score in this replica."""
+        self.max_batch_rows, self.deadline_s = max_batch_rows, deadline_s
         self.generator, self.media = generator, media or MediaPolicy()
+        self.scorer = InProcess(Scorer.func_or_class(scorer, self.media)) if isinstance(scorer, str) else scorer
         # What the Guard middleware checks before a route (and its body parsing) runs.
         app.state.digests, app.state.max_body_bytes = list(digests), max_body_bytes
         app.state.rate = rate or RateLimit()
@@ -210,6 +286,8 @@ class Gateway:
             if isinstance(exc, RayTaskError) and isinstance(exc.cause, ValueError):
                 raise ApiError(422, "invalid_request", str(exc.cause)) from None
             raise ApiError(503, "unavailable", "a scoring replica restarted; retry", {"Retry-After": "1"}) from None
+        except ValueError as exc:  # a request the run cannot score, raised in this replica (topology one)
+            raise ApiError(422, "invalid_request", str(exc)) from None
         except Exception as exc:  # Serve's own "replica unavailable" errors and the like
             if type(exc).__name__ in ("BackPressureError", "DeploymentUnavailableError", "ActorDiedError",
                                       "ActorUnavailableError", "RequestCancelledError"):
@@ -256,7 +334,7 @@ class Gateway:
 
 def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000, scorer_replicas: int | None = None,
               gpus_per_replica: float = 0.0, content_run: str | None = None, media_hosts: tuple[str, ...] = (),
-              rate: RateLimit | None = None):
+              rate: RateLimit | None = None, topology: str = "one"):
     """The Serve application for a run (keys default to the environment's ENGAGESIM_API_KEYS, or the digests in
     ENGAGESIM_API_KEY_DIGESTS that a ``serve deploy`` config carries).
 
@@ -264,9 +342,12 @@ def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000,
     ``content_run`` adds ``POST /v1/generate`` (its candidates ranked by this run's ensemble).
     ``media_hosts``: hosts whose https:// media requests may name (none: no fetching; uploads still work).
     ``rate``: requests per second per key and gateway replica (429 with Retry-After beyond it).
+    ``topology``: "one" deployment holding gateway and scorer, or "two" (gateway → scorers); see the module.
     """
     from engagesim.runs import check_run
 
+    if topology not in TOPOLOGIES:
+        raise RuntimeError(f"topology {topology!r}: use one of {', '.join(TOPOLOGIES)}")
     digests = key_digests(keys if keys is not None else os.environ.get(KEYS_ENV))
     check_run(run_uri)  # before any replica starts: a wrong path is one line, not a failed deployment
     options: dict = {}
@@ -274,9 +355,12 @@ def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000,
         options.update(num_replicas=scorer_replicas, autoscaling_config=None)
     if gpus_per_replica:
         options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": gpus_per_replica}
-    scorer = Scorer.options(**options) if options else Scorer
     generator = ContentGenerator.bind(content_run, run_uri) if content_run else None
     media = MediaPolicy(hosts=tuple(media_hosts))
+    if topology == "one":  # the gateway's replicas score: they take the scorer's resources, scaling and name
+        gateway = Gateway.options(name="Scorer", **{**SCORER, **options})
+        return gateway.bind(run_uri, digests, max_batch_rows, generator=generator, media=media, rate=rate)
+    scorer = Scorer.options(**options) if options else Scorer
     return Gateway.bind(scorer.bind(run_uri, media), digests, max_batch_rows, generator=generator, media=media,
                         rate=rate)
 
@@ -288,11 +372,11 @@ def app_builder(args: dict[str, str]):
     hosts = tuple(h for h in str(args.get("media_hosts", "")).split(",") if h)
     return build_app(args["run"], max_batch_rows=int(args.get("max_batch_rows", 1000)),
                      gpus_per_replica=float(args.get("gpus_per_replica", 0)), content_run=args.get("content_run"),
-                     media_hosts=hosts)
+                     media_hosts=hosts, topology=str(args.get("topology", "one")))
 
 
 def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_per_replica: float = 0.0,
-                 content_run: str | None = None, media_hosts: tuple[str, ...] = ()) -> dict:
+                 content_run: str | None = None, media_hosts: tuple[str, ...] = (), topology: str = "one") -> dict:
     """A Serve config file for ``serve deploy``. ``serve deploy`` does not carry the user's shell environment
     to the cluster, so the digests of ENGAGESIM_API_KEYS (never the keys) go into the application's
     ``runtime_env``; without keys in this environment the cluster's own environment must provide them."""
@@ -305,7 +389,7 @@ def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_p
             "name": "engagesim",
             "route_prefix": "/",
             "import_path": "engagesim.serve.app:app_builder",
-            "args": {"run": run_uri, "max_batch_rows": 1000, "gpus_per_replica": gpus_per_replica,
+            "args": {"run": run_uri, "max_batch_rows": 1000, "gpus_per_replica": gpus_per_replica, "topology": topology,
                      **({"content_run": content_run} if content_run else {}),
                      **({"media_hosts": ",".join(media_hosts)} if media_hosts else {})},
             **({"runtime_env": runtime_env} if runtime_env else {}),
@@ -313,7 +397,7 @@ def serve_config(run_uri: str, host: str = "127.0.0.1", port: int = 8000, gpus_p
                 {"name": "Scorer", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4,
                                                           "target_ongoing_requests": 16},
                  "ray_actor_options": {"num_cpus": 1, **({"num_gpus": gpus_per_replica} if gpus_per_replica else {})}},
-                {"name": "Gateway", "num_replicas": 1},
+                *([{"name": "Gateway", "num_replicas": 1}] if topology == "two" else []),
                 *([{"name": "ContentGenerator", "num_replicas": 1}] if content_run else []),
             ],
         }],

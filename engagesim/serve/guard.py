@@ -69,7 +69,10 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope["app"].state
-        if scope["path"].startswith("/v1/"):
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # an app under a route prefix (/engagesim/v1/…) is guarded the same
+            path = path[len(root):]
+        if path.startswith("/v1/"):
             digest = presented_digest(scope.get("headers", []))
             known = getattr(state, "digests", [])
             if digest is None or not any(hmac.compare_digest(digest, d) for d in known):
