@@ -344,7 +344,7 @@ def build_app(run_uri: str, keys: str | None = None, max_batch_rows: int = 1000,
     ``gpus_per_replica`` > 0 puts scorer replicas on GPU nodes (the encoders and the NN use CUDA there).
     ``content_run`` adds ``POST /v1/generate`` (its candidates ranked by this run's ensemble).
     ``media_hosts``: hosts whose https:// media requests may name (none: no fetching; uploads still work).
-    ``rate``: requests per second per key and gateway replica (429 with Retry-After beyond it).
+    ``rate``: requests per second per key and HTTP replica (429 with Retry-After beyond it).
     ``topology``: "one" deployment holding gateway and scorer, or "two" (gateway → scorers); see the module.
     """
     from engagesim.runs import check_run
