@@ -532,14 +532,14 @@ def serve_command(
     """
     import yaml
 
-    from engagesim.serve.app import build_app, serve_config
+    from engagesim.serve.app import TOPOLOGIES, build_app, serve_config
     from engagesim.serve.guard import RateLimit
 
     hosts = tuple(media_hosts or ())
-    if topology not in ("one", "two"):
+    if topology not in TOPOLOGIES:
         from engagesim.errors import UserError
 
-        raise UserError(f"--topology {topology!r}: use one or two")
+        raise UserError(f"--topology {topology!r}: use {' or '.join(TOPOLOGIES)}")
     if write_config is not None:
         config_ = serve_config(run_dir, host, port, gpus, content_run, hosts, topology)
         write_config.write_text(yaml.safe_dump(config_, sort_keys=False))
