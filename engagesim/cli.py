@@ -483,6 +483,9 @@ def score(
     snapshot: str = typer.Option("latest", help="latest: account statistics over every labelled post of the run "
                                  "(what Serve uses); cutoff: those of its training split, which reproduces the "
                                  "run's evaluation exactly."),
+    members: str = typer.Option("all", help="all: a column per member the run kept beside the ensemble's; served: "
+                                "only the members the served ensemble reads (what Serve computes; the others cost "
+                                "as much, e.g. a LAYER6 NN the ensemble dropped)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Batch-score a table with a run's ensemble on Ray Data (the code Ray Serve runs, offline).
@@ -492,15 +495,16 @@ def score(
 
     Example: `engagesim score --run runs/behaviour-… --in data/new_posts --out runs/scores`
     """
+    from engagesim.errors import UserError
     from engagesim.pipeline.score import score as run_score
 
     quiet_ray()
     if snapshot not in ("latest", "cutoff"):
-        from engagesim.errors import UserError
-
         raise UserError(f"--snapshot {snapshot!r}: use latest or cutoff")
+    if members not in ("all", "served"):
+        raise UserError(f"--members {members!r}: use all or served")
     result = run_score(run_dir, in_uri, out_uri, posts_uri=posts_uri, actors=actors, batch_size=batch_size,
-                       snapshot=snapshot)
+                       snapshot=snapshot, members=members)
     finish(result, as_json, "score")
 
 

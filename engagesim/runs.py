@@ -25,7 +25,7 @@ from engagesim.features.impression_ops import Joins
 from engagesim.features.lookup import contains
 from engagesim.features.post import post_row_features
 from engagesim.features.state import ImpressionState, PostState, Snapshot
-from engagesim.models.bundle import ImpressionModels, PostModels
+from engagesim.models.bundle import ImpressionModels, Members, PostModels
 from engagesim.schema import ENGAGEMENTS, INTERACTIONS, POSTS, request_post_id
 
 # Impression rows past every training event: the whole row is looked up in the "apply" snapshot.
@@ -185,9 +185,11 @@ class LoadedRun:
         return join_impressions(table, state.ops, state.origin_us, state.window_hours, at)
 
     # -- score -----------------------------------------------------------------------------------
-    def score_post_features(self, table: pa.Table | pl.DataFrame) -> pa.Table:
+    def score_post_features(self, table: pa.Table | pl.DataFrame, members: Members = "all") -> pa.Table:
+        """Post features → the served log1p(likes), expected likes with an 80 % interval, and a column per member
+        (``members="served"``: only the members the served ensemble reads; "all": every member the run kept)."""
         table = _as_arrow(table)
-        preds = self.post_models.predict(table)
+        preds = self.post_models.predict(table, members)
         low, high = self.post_models.interval(preds["ensemble"])
         cols = {"post_id": table.column("post_id"), "log1p_likes": preds["ensemble"],
                 "expected_likes": np.expm1(preds["ensemble"]).astype(np.float32),
@@ -195,38 +197,40 @@ class LoadedRun:
         cols.update({f"log1p_likes_{k}": v for k, v in preds.items() if k != "ensemble"})
         return pa.table(cols)
 
-    def score_impression_features(self, table: pa.Table | pl.DataFrame) -> pa.Table:
+    def score_impression_features(self, table: pa.Table | pl.DataFrame, members: Members = "all") -> pa.Table:
+        """Impression features → P(engagement) of the served ensemble, and of each member (``members`` as above)."""
         table = _as_arrow(table)
-        preds = self.impression_models.predict(table)
+        preds = self.impression_models.predict(table, members)
         cols: dict[str, Any] = {k: table.column(k) for k in ("user_id", "post_id", "impression_at")}
         for name, p in preds.items():
             suffix = "" if name == "ensemble" else f"_{name}"
             cols.update({f"p_{e}{suffix}": p[:, i] for i, e in enumerate(ENGAGEMENTS)})
         return pa.table(cols)
 
-    def predict(self, rows: Any, posts: Any | None = None) -> Any:
+    def predict(self, rows: Any, posts: Any | None = None, members: Members = "all") -> Any:
         """Raw rows → predictions. Impression rows (user_id, post_id, impression_at, …) give P(engagement);
-        post rows give expected likes with an 80 % interval. Every member model's output is included.
+        post rows give expected likes with an 80 % interval, and (``members="all"``) every member's.
 
         Posts come as contract rows or in the request shape of ``/v1/predict`` (``account``, ``text``,
         ``created_at``; ``post_id`` optional, then the id HTTP would give). A pandas DataFrame in gives a pandas
-        DataFrame out; anything else a pyarrow Table."""
+        DataFrame out; anything else a pyarrow Table. ``members="served"``: only the served ensemble's members are
+        computed and returned (the ensemble's columns are the same; the run's other members cost as much)."""
         table = _as_arrow(rows)
         impressions = {"user_id", "impression_at"} <= set(table.column_names)
         if table.num_rows == 0:  # encoders and joins want rows; the answer is the empty table of the right shape
-            return _like(rows, self._empty_result(impressions))
+            return _like(rows, self._empty_result(impressions, members))
         if impressions:
-            return _like(rows, self.score_impression_features(self.impression_features(table, posts)))
-        return _like(rows, self.score_post_features(self.post_features(table)))
+            return _like(rows, self.score_impression_features(self.impression_features(table, posts), members))
+        return _like(rows, self.score_post_features(self.post_features(table), members))
 
-    def _empty_result(self, impressions: bool) -> pa.Table:
+    def _empty_result(self, impressions: bool, members: Members) -> pa.Table:
         when = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
         probe = {"post_id": "_schema_probe", "author_id": "_", "username": "_", "text": "", "created_at": when,
                  "media": []}
         if not impressions:
-            return self.predict([probe]).slice(0, 0)
+            return self.predict([probe], members=members).slice(0, 0)
         viewer = {"user_id": "_", "post_id": "_schema_probe", "creator_id": "_", "impression_at": when}
-        return self.predict([viewer], posts=[probe]).slice(0, 0)
+        return self.predict([viewer], posts=[probe], members=members).slice(0, 0)
 
 
 class RunNotFound(UserError, FileNotFoundError):

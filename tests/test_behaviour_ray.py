@@ -335,7 +335,9 @@ def test_nn_two_stage_fine_tunes_on_the_latest_window(features, config, tmp_path
     two_stage.train.models = ["nn"]
     two_stage.train.nn.finetune_hours = 24
     two_stage.train.nn.epochs = 1
+    two_stage.train.nn.hidden = [32, 16]  # replaces layer6_preset's widths
     imp = train_impression_level(two_stage, io.join(out, "impressions"), str(tmp_path))
+    assert io.read_json(str(tmp_path / "impression" / "nn" / "config.json"))["spec"]["hidden"] == [32, 16]
     info = imp["nn_two_stage"]
     assert 0 < info["finetune_rows"] < imp["rows"]["train"]  # only the most recent training rows
     assert np.isfinite(info["finetune_loss"]).all()

@@ -454,6 +454,26 @@ def test_the_stacker_weights_are_not_negative():
     assert names == ["a", "b", "c"] and (model.coef_ >= 0).all()
 
 
+def test_served_members_follow_the_ensemble_predict_applies():
+    from engagesim.models.bundle import ImpressionModels, PostModels
+
+    def level(cls, ensemble, members):
+        models = object.__new__(cls)
+        models.ensemble, models.loaded = ensemble, dict.fromkeys(members)
+        return models
+
+    kept = ["xgb", "nn", "stacked_mlp", "author_mean"]
+    regimes = {"regimes": {"seen": {"members": ["xgb"]}, "new": {"members": ["author_mean"]}},
+               "members": ["xgb", "nn"]}
+    assert level(PostModels, regimes, kept).served_members() == {"xgb", "author_mean"}
+    # The stacked MLP reads XGBoost's prediction: served, it brings XGBoost along.
+    assert level(PostModels, {"members": ["stacked_mlp"]}, kept).served_members() == {"stacked_mlp", "xgb"}
+    # A member of the ensemble missing from the run: predict falls back to the first member, and so does this.
+    assert level(PostModels, {"members": ["nn", "knn"]}, kept).served_members() == {"xgb"}
+    engagements = {"engagements": {"like": {"members": ["xgb"]}, "reply": {"members": ["xgb", "nn"]}}}
+    assert level(ImpressionModels, engagements, ["xgb", "nn", "slm"]).served_members() == {"xgb", "nn"}
+
+
 def test_account_regimes_get_their_own_ensembles_and_route_by_the_encoding_count():
     """The validation rows of accounts with labelled posts and of new accounts choose apart; each served
     prediction follows its row's regime."""

@@ -35,6 +35,8 @@ def test_presets_override_only_what_their_paper_specifies():
     layer6 = load_config("configs/local.yaml", preset="layer6_recsys2021")
     assert layer6.train.xgb.preset == "layer6" and layer6.train.models == ["xgb", "nn", "slm"]
     assert layer6.synth == base.synth and layer6.train.xgb.rounds == base.train.xgb.rounds  # the rest: base config
+    # LAYER6's own NN widths, where the default is a smaller net
+    assert layer6.train.nn.hidden is None and base.train.nn.hidden == [256, 128, 64]
     override = load_config("configs/local.yaml", ["train.xgb.rounds=7"], preset="layer6_recsys2021")
     assert override.train.xgb.rounds == 7  # --set wins over the preset
     with pytest.raises(ConfigError, match="known presets"):

@@ -92,6 +92,24 @@ def test_predict_posts_from_raw_rows_equals_evaluation(run):
     assert (fresh["likes_low"] <= fresh["expected_likes"]).all() and (fresh["expected_likes"] <= fresh["likes_high"]).all()
 
 
+def test_served_members_give_the_served_ensemble_and_only_its_members(run):
+    """``members="served"`` computes what the served ensemble reads: the same ensemble numbers, fewer columns."""
+    raw = _frame(run, "data", "posts").head(40).drop("likes", "retweets", "replies", "quotes")
+    every, served = (pl.from_arrow(run.predict(raw, members=m)) for m in ("all", "served"))
+    assert (every["log1p_likes"] - served["log1p_likes"]).abs().max() == 0
+    names = {c[len("log1p_likes_"):] for c in served.columns if c.startswith("log1p_likes_")}
+    assert names == run.post_models.served_members() and names <= set(run.post_models.members)
+    for name in names:
+        assert served[f"log1p_likes_{name}"].equals(every[f"log1p_likes_{name}"])
+    assert run.predict(raw.head(0), members="served").column_names == served.columns
+    rows = _frame(run, "data", "interactions").head(200).with_columns(pl.lit(None).alias(f"{e}_at") for e in ENGAGEMENTS)
+    every, served = (pl.from_arrow(run.predict(rows, members=m)) for m in ("all", "served"))
+    for e in ENGAGEMENTS:
+        assert (every[f"p_{e}"] - served[f"p_{e}"]).abs().max() == 0
+    with pytest.raises(ValueError, match="members"):
+        run.predict(raw, members="some")
+
+
 def test_predict_impressions_from_raw_rows_equals_evaluation(run):
     evaluated = _frame(run, "predictions", "impressions")
     keys = ["user_id", "post_id", "impression_at"]

@@ -10,7 +10,7 @@ and stacker coefficients).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +22,7 @@ from engagesim.models.family import IMPRESSION, POST, Level, Member, family_name
 from engagesim.schema import ENGAGEMENTS
 
 MAX_LOG1P_LIKES = float(np.log1p(1e10))
+Members = Literal["all", "served"]  # every member the run kept, or only those its served ensemble reads
 
 
 # --- ensembles ----------------------------------------------------------------------------------
@@ -69,10 +70,42 @@ class LevelModels:
     def members(self) -> list[str]:
         return list(self.loaded)
 
-    def member_predictions(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """(n, outputs) per member, in training order: each sees the predictions of those before it."""
+    def served_members(self) -> set[str]:
+        """The members the served ensemble reads (as ``predict`` chooses it), and those they read in turn."""
+        if getattr(self, "_served", None) is None:
+            self._served = self._served_members()
+        return self._served
+
+    def _served_members(self) -> set[str]:
+        spec = self.ensemble or {}
+        choices = [{m for s in group.values() for m in s["members"]}  # predict's order of preference
+                   for group in (spec.get("regimes"), spec.get("engagements")) if group]
+        choices += [set(spec["members"])] if spec.get("members") else []
+        first = {next(iter(self.loaded))} if self.loaded else set()  # no ensemble it can apply: the first member
+        wanted = next((c for c in choices if c <= set(self.loaded)), first)
+        todo = list(wanted)
+        while todo:
+            family = family_of_member(todo.pop())
+            for required in (family.requires if family else ()):
+                if required not in wanted:
+                    wanted.add(required)
+                    todo.append(required)
+        return wanted
+
+    def member_predictions(self, table: pa.Table, members: Members = "all") -> dict[str, np.ndarray]:
+        """(n, outputs) per member, in training order: each sees the predictions of those before it.
+
+        ``members="served"``: only those the served ensemble reads (``served_members``) — what Serve computes.
+        Members a run keeps beside its ensemble (dropped on validation, or not chosen by the evidence rule)
+        cost as much as the served ones: on the serve benchmark's run the post level serves XGBoost alone
+        while its LAYER6 NN and stacked MLP ran on every request."""
+        if members not in get_args(Members):
+            raise ValueError(f"members={members!r}: use one of {', '.join(get_args(Members))}")
+        only = self.served_members() if members == "served" else None
         out: dict[str, np.ndarray] = {}
         for name, member in self.loaded.items():
+            if only is not None and name not in only:
+                continue
             family = family_of_member(name)
             if family is None or all(r in out for r in family.requires):
                 p = np.asarray(member.predict(table, out), dtype=np.float32)
@@ -102,9 +135,10 @@ class PostModels(LevelModels):
         member = self.loaded.get("knn")
         return member.column if member else None
 
-    def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """Every member's prediction of log1p(likes) and ``ensemble`` (the served one)."""
-        out = {k: v[:, 0] for k, v in self.member_predictions(table).items()}
+    def predict(self, table: pa.Table, members: Members = "all") -> dict[str, np.ndarray]:
+        """Every member's prediction of log1p(likes) (``members="served"``: the served ensemble's) and ``ensemble``
+        (the served one)."""
+        out = {k: v[:, 0] for k, v in self.member_predictions(table, members).items()}
         regimes = (self.ensemble or {}).get("regimes")
         if regimes and all(m in out for spec in regimes.values() for m in spec["members"]):
             # Each post by its account regime (pipeline/train.py::_regime_ensembles): seen = labelled posts
@@ -153,9 +187,10 @@ class ImpressionModels(LevelModels):
         member = self.loaded.get("xgb")
         return dict(member.boosters) if member else {}
 
-    def predict(self, table: pa.Table) -> dict[str, np.ndarray]:
-        """(n, 4) probabilities per member and ``ensemble``; columns in ENGAGEMENTS order."""
-        out = self.member_predictions(table)
+    def predict(self, table: pa.Table, members: Members = "all") -> dict[str, np.ndarray]:
+        """(n, 4) probabilities per member (``members="served"``: the served ensemble's) and ``ensemble``; columns
+        in ENGAGEMENTS order."""
+        out = self.member_predictions(table, members)
         specs = (self.ensemble or {}).get("engagements")
         if specs and all(m in out for spec in specs.values() for m in spec["members"]):
             out["ensemble"] = np.column_stack([

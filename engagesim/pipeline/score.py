@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from engagesim import datasets, io
 from engagesim.features.state import Snapshot
+from engagesim.models.bundle import Members
 from engagesim.runs import load_run
 from engagesim.runtime import ensure_ray
 from engagesim.schema import make_rejects, validate
@@ -29,8 +30,9 @@ class ScoringActor:
     """One actor: the loaded run, scoring contract rows of one kind."""
 
     def __init__(self, run_uri: str, kind: Kind, rejects_uri: str, token: str, posts_uri: str | None = None,
-                 snapshot: Snapshot = "latest"):
+                 snapshot: Snapshot = "latest", members: Members = "all"):
         self.run = load_run(run_uri, snapshot=snapshot)
+        self.members = members
         self.kind, self.rejects_uri = kind, rejects_uri
         self.posts = io.read_table(posts_uri, self.run.storage) if posts_uri else None
         self.prefix = f"part-{token}-{uuid.uuid4().hex[:8]}"
@@ -46,18 +48,19 @@ class ScoringActor:
         if bad.num_rows:
             self._reject(bad)
         try:
-            return self.run.predict(good, posts=self.posts)
+            return self.run.predict(good, posts=self.posts, members=self.members)
         except ValueError as exc:  # e.g. impressions of posts the run never saw, and no --posts given
             self._reject(make_rejects("score", list(range(good.num_rows)), [str(exc)[:200]] * good.num_rows,
                                       [json.dumps(r, default=str) for r in good.to_pylist()]))
-            return self.run.predict(good.slice(0, 0), posts=self.posts)
+            return self.run.predict(good.slice(0, 0), posts=self.posts, members=self.members)
 
 
 def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, posts_uri: str | None = None,
           actors: int = 1, batch_size: int = 4096, storage=None, ray_config=None,
-          snapshot: Snapshot = "latest") -> dict[str, Any]:
+          snapshot: Snapshot = "latest", members: Members = "all") -> dict[str, Any]:
     """Score every row of ``in_uri`` (a posts or interactions dataset) with the run's served ensemble
-    (``snapshot``: see ``load_run``; "cutoff" reproduces the run's own evaluation)."""
+    (``snapshot``: see ``load_run``; "cutoff" reproduces the run's own evaluation; ``members``: "all" adds a column
+    per member the run kept, "served" only those the ensemble reads — the others cost as much to compute)."""
     import ray
 
     run = load_run(run_uri, storage)  # the run and the input are checked before Ray starts
@@ -74,7 +77,7 @@ def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, pos
     token = uuid.uuid4().hex[:12]
     scored = ds.map_batches(
         ScoringActor, fn_constructor_kwargs={"run_uri": run_uri, "kind": kind, "rejects_uri": rejects_uri, "token": token,
-                                       "posts_uri": posts_uri, "snapshot": snapshot},
+                                       "posts_uri": posts_uri, "snapshot": snapshot, "members": members},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="pyarrow",
         num_gpus=run.config.embed.gpus_per_actor or None, num_cpus=1)
     written = datasets.write_streaming(scored, io.join(out_uri, "predictions"), f"{kind}_predictions", storage,

@@ -91,7 +91,9 @@ class Prediction(BaseModel):
     post_id: str
     likes: Likes
     engagement: dict[str, float] | None = Field(None, description="P(like/reply/retweet/quote) for the viewer.")
-    members: dict[str, float] = Field(default_factory=dict, description="Each model's log1p(likes).")
+    members: dict[str, float] = Field(default_factory=dict, description=(
+        "log1p(likes) of each model the served ensemble reads (the run's other members are not computed per "
+        "request; `engagesim score --members all` gives them all)."))
     top_features: list[dict] | None = None
     model_version: str
 

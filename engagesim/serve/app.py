@@ -243,11 +243,14 @@ class Gateway:
         """``scorer``: a handle to ``Scorer`` replicas (topology ``two``), or a run URI to score in this replica."""
         self.max_batch_rows, self.deadline_s = max_batch_rows, deadline_s
         self.generator, self.media = generator, media or MediaPolicy()
-        self.scorer = InProcess(Scorer.func_or_class(scorer, self.media)) if isinstance(scorer, str) else scorer
+        local = Scorer.func_or_class(scorer, self.media) if isinstance(scorer, str) else None
+        self.scorer = InProcess(local) if local is not None else scorer
         # What the Guard middleware checks before a route (and its body parsing) runs.
         app.state.digests, app.state.max_body_bytes = list(digests), max_body_bytes
         app.state.rate = rate or RateLimit()
-        self.limits: dict | None = None
+        # The run's request limits: known now in this replica (topology one); asked of a scorer at the first
+        # request otherwise (a constructor cannot await the handle).
+        self.limits: dict | None = local.limits() if local is not None else None
 
     def _authorise(self, request: Request) -> None:
         """Kept as a second check on every route (the Guard middleware has already refused a bad key)."""

@@ -57,7 +57,7 @@ class RequestPredictor:
         post_rows = pa.Table.from_pylist(posts)
         new_accounts = pl.DataFrame(accounts) if accounts else None
         features = self.run.post_features(post_rows, new_accounts)
-        scored = self.run.score_post_features(features)
+        scored = self.run.score_post_features(features, members="served")
         members = [c for c in scored.column_names if c.startswith("log1p_likes_")]
         explain = [i for i, r in enumerate(requests) if r.explain]
         contributions = (dict(zip(explain, self.run.post_models.contributions(features[explain].to_arrow())))
@@ -66,8 +66,8 @@ class RequestPredictor:
         if impressions:
             if not self.has_impressions:
                 raise ValueError("viewer: this run has no impression-level models")
-            imp = self.run.score_impression_features(
-                self.run.impression_features(pa.Table.from_pylist(impressions), featurised_posts=features))
+            rows = self.run.impression_features(pa.Table.from_pylist(impressions), featurised_posts=features)
+            imp = self.run.score_impression_features(rows, members="served")  # what the ensemble reads, no more
             with_viewer = [i for i, r in enumerate(requests) if r.viewer is not None]
             p = {e: imp.column(f"p_{e}").to_numpy().tolist() for e in ENGAGEMENTS}  # not a pyarrow scalar per cell
             for row, i in enumerate(with_viewer):

@@ -37,7 +37,7 @@ class NNFamily(Family):
         x = None if streamed else matrix(train, features)
         mean, std = nn.fit_normaliser_stream(train, features) if streamed else nn.fit_normaliser(x)
         spec = nn.NNSpec(arch=c.arch, n_inputs=len(features), n_outputs=len(level.labels), task=level.task,
-                         hidden=list(nn.LAYER6_PRESETS[c.layer6_preset]), dropout=c.dropout, width=c.width,
+                         hidden=list(c.hidden or nn.LAYER6_PRESETS[c.layer6_preset]), dropout=c.dropout, width=c.width,
                          fourier_scales=c.fourier_scales, mean=mean, std=std)
         rows = ctx.train_rows if streamed else train.num_rows
         batch = c.batch_size or nn.default_batch(rows, c.workers)
