@@ -470,6 +470,8 @@ def test_served_members_follow_the_ensemble_predict_applies():
     assert level(PostModels, {"members": ["stacked_mlp"]}, kept).served_members() == {"stacked_mlp", "xgb"}
     # A member of the ensemble missing from the run: predict falls back to the first member, and so does this.
     assert level(PostModels, {"members": ["nn", "knn"]}, kept).served_members() == {"xgb"}
+    # ...and where what a member reads is missing (a stacked MLP without its XGBoost): predict cannot apply it.
+    assert level(PostModels, {"members": ["stacked_mlp"]}, ["nn", "stacked_mlp"]).served_members() == {"nn"}
     engagements = {"engagements": {"like": {"members": ["xgb"]}, "reply": {"members": ["xgb", "nn"]}}}
     assert level(ImpressionModels, engagements, ["xgb", "nn", "slm"]).served_members() == {"xgb", "nn"}
 

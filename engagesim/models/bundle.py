@@ -45,6 +45,18 @@ def apply_ensemble(spec: dict, preds: dict[str, np.ndarray]) -> np.ndarray:
 
 # --- a level's members ---------------------------------------------------------------------------
 
+def _with_requirements(members: set[str]) -> set[str]:
+    """``members`` and every member whose predictions they read, transitively (``Family.requires``)."""
+    wanted, todo = set(members), list(members)
+    while todo:
+        family = family_of_member(todo.pop())
+        for required in (family.requires if family else ()):
+            if required not in wanted:
+                wanted.add(required)
+                todo.append(required)
+    return wanted
+
+
 class LevelModels:
     """The members a run trained at one level, as its ``ensemble.json["families"]`` lists them (runs
     written before that key: every registered family that finds its files), and their ensemble."""
@@ -81,16 +93,9 @@ class LevelModels:
         choices = [{m for s in group.values() for m in s["members"]}  # predict's order of preference
                    for group in (spec.get("regimes"), spec.get("engagements")) if group]
         choices += [set(spec["members"])] if spec.get("members") else []
-        first = {next(iter(self.loaded))} if self.loaded else set()  # no ensemble it can apply: the first member
-        wanted = next((c for c in choices if c <= set(self.loaded)), first)
-        todo = list(wanted)
-        while todo:
-            family = family_of_member(todo.pop())
-            for required in (family.requires if family else ()):
-                if required not in wanted:
-                    wanted.add(required)
-                    todo.append(required)
-        return wanted
+        # The first whose members (and what they read) the run has; else predict serves the first member.
+        usable = (c for c in map(_with_requirements, choices) if c <= set(self.loaded))
+        return next(usable, _with_requirements({next(iter(self.loaded))}) if self.loaded else set())
 
     def member_predictions(self, table: pa.Table, members: Members = "all") -> dict[str, np.ndarray]:
         """(n, outputs) per member, in training order: each sees the predictions of those before it.
