@@ -157,18 +157,22 @@ def test_auth_and_bad_input_are_4xx_and_the_service_keeps_answering(service):
 @pytest.mark.parametrize("app_name", ["engagesim-two", "engagesim"])
 def test_killed_replica_is_replaced_and_requests_recover(service, app_name):
     """Gateway → scorer: a scorer lost mid-request is a retryable 503. One deployment: the lost replica's
-    in-flight requests get the proxy's 500 (the documented price of the faster topology). Both recover."""
+    in-flight requests fail — the proxy answers 500 or, when the replica dies mid-response, closes the
+    connection (-1 here; CI saw it on a slow sitting) — the documented price of the faster topology. A client
+    timeout (-2) is never allowed. Both recover."""
     import ray
 
     url, _ = service
     root = f"{url}/two" if app_name == "engagesim-two" else url
-    allowed = {200, 503} if app_name == "engagesim-two" else {200, 500, 503}
+    allowed = {200, 503} if app_name == "engagesim-two" else {200, 500, 503, -1}
     body = {"post": {"account": "a1", "text": "load test", "created_at": "2024-03-02T15:00:00Z"}}
 
     def call(_):
         try:
             return requests.post(f"{root}/v1/predict", json=body, headers=_auth(), timeout=60).status_code
-        except requests.RequestException:
+        except requests.Timeout:
+            return -2
+        except requests.ConnectionError:
             return -1
 
     def scorer_replicas():

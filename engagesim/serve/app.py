@@ -9,7 +9,7 @@ one model call), in one of two topologies:
   path.
 - ``two``: a ``Gateway`` deployment calling ``Scorer`` replicas through a ``DeploymentHandle``. A scoring
   replica lost mid-request then becomes a retryable 503 (in ``one`` its in-flight requests get the proxy's
-  500), and scorers can scale on GPU nodes apart from the HTTP layer.
+  500 or a closed connection), and scorers can scale on GPU nodes apart from the HTTP layer.
 
 Start it with ``engagesim serve --run RUN_DIR`` or ``serve run``/``serve deploy`` on a config from
 ``engagesim serve --run RUN_DIR --write-config serve.yaml``.
