@@ -495,14 +495,17 @@ def score(
 
     Example: `engagesim score --run runs/behaviour-… --in data/new_posts --out runs/scores`
     """
+    from typing import get_args
+
     from engagesim.errors import UserError
+    from engagesim.models.bundle import Members
     from engagesim.pipeline.score import score as run_score
 
     quiet_ray()
     if snapshot not in ("latest", "cutoff"):
         raise UserError(f"--snapshot {snapshot!r}: use latest or cutoff")
-    if members not in ("all", "served"):
-        raise UserError(f"--members {members!r}: use all or served")
+    if members not in get_args(Members):
+        raise UserError(f"--members {members!r}: use {' or '.join(get_args(Members))}")
     result = run_score(run_dir, in_uri, out_uri, posts_uri=posts_uri, actors=actors, batch_size=batch_size,
                        snapshot=snapshot, members=members)
     finish(result, as_json, "score")

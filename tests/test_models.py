@@ -474,6 +474,8 @@ def test_served_members_follow_the_ensemble_predict_applies():
     assert level(PostModels, {"members": ["stacked_mlp"]}, ["nn", "stacked_mlp"]).served_members() == {"nn"}
     engagements = {"engagements": {"like": {"members": ["xgb"]}, "reply": {"members": ["xgb", "nn"]}}}
     assert level(ImpressionModels, engagements, ["xgb", "nn", "slm"]).served_members() == {"xgb", "nn"}
+    # The impression level applies per-engagement ensembles only: a top-level member list is not its ensemble.
+    assert level(ImpressionModels, {"members": ["nn"]}, ["xgb", "nn"]).served == ("member", "xgb", {"xgb"})
 
 
 def test_account_regimes_get_their_own_ensembles_and_route_by_the_encoding_count():

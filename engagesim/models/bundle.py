@@ -10,6 +10,7 @@ and stacker coefficients).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -82,20 +83,31 @@ class LevelModels:
     def members(self) -> list[str]:
         return list(self.loaded)
 
-    def served_members(self) -> set[str]:
-        """The members the served ensemble reads (as ``predict`` chooses it), and those they read in turn."""
-        if getattr(self, "_served", None) is None:
-            self._served = self._served_members()
-        return self._served
+    def _ensembles(self) -> list[tuple[str, Any, set[str]]]:
+        """(kind, spec, members) of the ensembles this level's ``predict`` may apply, in its order of preference."""
+        return []
 
-    def _served_members(self) -> set[str]:
-        spec = self.ensemble or {}
-        choices = [{m for s in group.values() for m in s["members"]}  # predict's order of preference
-                   for group in (spec.get("regimes"), spec.get("engagements")) if group]
-        choices += [set(spec["members"])] if spec.get("members") else []
-        # The first whose members (and what they read) the run has; else predict serves the first member.
-        usable = (c for c in map(_with_requirements, choices) if c <= set(self.loaded))
-        return next(usable, _with_requirements({next(iter(self.loaded))}) if self.loaded else set())
+    @functools.cached_property
+    def served(self) -> tuple[str, Any, frozenset[str]]:
+        """How the served prediction is made, chosen once for ``predict`` and ``served_members``: the first
+        ensemble whose members (and what they read) the run has, else its first member that has what it reads
+        — (kind, spec or member name, the members that computes)."""
+        loaded = set(self.loaded)
+        for kind, spec, members in self._ensembles():
+            if (wanted := _with_requirements(members)) <= loaded:
+                return kind, spec, frozenset(wanted)
+        for name in self.loaded:
+            if (wanted := _with_requirements({name})) <= loaded:
+                return "member", name, frozenset(wanted)
+        return "member", None, frozenset()
+
+    def served_members(self) -> frozenset[str]:
+        """The members the served ensemble reads, and those they read in turn."""
+        return self.served[2]
+
+    def _served_prediction(self, out: dict[str, np.ndarray]) -> np.ndarray:
+        kind, spec, _ = self.served
+        return out[spec] if kind == "member" else apply_ensemble(spec, out)
 
     def member_predictions(self, table: pa.Table, members: Members = "all") -> dict[str, np.ndarray]:
         """(n, outputs) per member, in training order: each sees the predictions of those before it.
@@ -140,20 +152,24 @@ class PostModels(LevelModels):
         member = self.loaded.get("knn")
         return member.column if member else None
 
+    def _ensembles(self) -> list[tuple[str, Any, set[str]]]:
+        spec = self.ensemble or {}
+        regimes = spec.get("regimes")
+        return ([("regimes", regimes, {m for s in regimes.values() for m in s["members"]})] if regimes else []) + (
+            [("ensemble", spec, set(spec["members"]))] if spec.get("members") else [])
+
     def predict(self, table: pa.Table, members: Members = "all") -> dict[str, np.ndarray]:
         """Every member's prediction of log1p(likes) (``members="served"``: the served ensemble's) and ``ensemble``
         (the served one)."""
         out = {k: v[:, 0] for k, v in self.member_predictions(table, members).items()}
-        regimes = (self.ensemble or {}).get("regimes")
-        if regimes and all(m in out for spec in regimes.values() for m in spec["members"]):
+        kind, regimes, _ = self.served
+        if kind == "regimes":
             # Each post by its account regime (pipeline/train.py::_regime_ensembles): seen = labelled posts
             # behind the account's encoding in the snapshot this run serves.
             seen = np.nan_to_num(table.column("te_author_id_n").to_numpy(zero_copy_only=False)) > 0
             out["ensemble"] = np.where(seen, apply_ensemble(regimes["seen"], out), apply_ensemble(regimes["new"], out))
-        elif self.ensemble and all(m in out for m in self.ensemble["members"]):
-            out["ensemble"] = apply_ensemble(self.ensemble, out)
         else:
-            out["ensemble"] = out[next(iter(out))]
+            out["ensemble"] = self._served_prediction(out)
         # log1p(likes) within [0, log1p(1e10)]: a count, and never an overflow downstream.
         return {k: np.clip(np.asarray(v, dtype=np.float32), 0.0, MAX_LOG1P_LIKES) for k, v in out.items()}
 
@@ -186,6 +202,10 @@ class ImpressionModels(LevelModels):
     def __init__(self, directory: str):
         super().__init__(directory, IMPRESSION)
 
+    def _ensembles(self) -> list[tuple[str, Any, set[str]]]:
+        specs = (self.ensemble or {}).get("engagements")
+        return [("engagements", specs, {m for s in specs.values() for m in s["members"]})] if specs else []
+
     @property
     def xgb(self) -> dict[str, tuple]:
         """engagement → (booster, meta) of the XGBoost member ({} without one)."""
@@ -196,10 +216,10 @@ class ImpressionModels(LevelModels):
         """(n, 4) probabilities per member (``members="served"``: the served ensemble's) and ``ensemble``; columns
         in ENGAGEMENTS order."""
         out = self.member_predictions(table, members)
-        specs = (self.ensemble or {}).get("engagements")
-        if specs and all(m in out for spec in specs.values() for m in spec["members"]):
+        kind, specs, _ = self.served
+        if kind == "engagements":
             out["ensemble"] = np.column_stack([
                 apply_ensemble(specs[e], {k: v[:, i] for k, v in out.items()}) for i, e in enumerate(ENGAGEMENTS)])
         else:
-            out["ensemble"] = out[next(iter(out))]
+            out["ensemble"] = self._served_prediction(out)
         return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
