@@ -302,6 +302,22 @@ def test_image_stats_follow_latents():
     assert feats[:, 3].min() >= 0 and feats[:, 3].max() <= 9  # entropy of 512 bins, in bits
 
 
+def test_hsv_equals_colorsys_on_every_kind_of_pixel():
+    """The vectorised HSV (picked per pixel from each sector's formula) is the standard library's, ties and
+    greys included: the sector choice is where a vectorised rewrite goes wrong."""
+    import colorsys
+
+    from engagesim.features.image_stats import _hsv
+
+    rng = np.random.default_rng(5)
+    ties = [(v, v, w) for v, w in rng.integers(0, 256, (40, 2))] + [(v, w, w) for v, w in rng.integers(0, 256, (40, 2))]
+    ties += [(w, v, w) for v, w in rng.integers(0, 256, (40, 2))] + [(0, 0, 0), (255, 255, 255), (7, 7, 7)]
+    pixels = np.array([*rng.integers(0, 256, (400, 3)).tolist(), *[list(map(int, t)) for t in ties]], dtype=np.uint8)
+    hue, sat, val = (a.ravel() for a in _hsv(pixels.reshape(1, -1, 3)))
+    want = np.array([colorsys.rgb_to_hsv(*(p / 255.0)) for p in pixels.astype(np.float64)])
+    np.testing.assert_allclose(np.column_stack([hue, sat, val]), want, rtol=0, atol=1e-12)
+
+
 def test_cf_similarity_leaves_the_pair_out():
     """The CF score of (u, c) equals a brute-force cosine CF on the graph with the (u, c) edge removed."""
     rng = np.random.default_rng(3)

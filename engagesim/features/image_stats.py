@@ -33,26 +33,38 @@ def decode(data: bytes, size: int | None = 128) -> np.ndarray:
         return np.asarray(im)
 
 
+def _channels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R, G, B as contiguous float64 planes. Reductions over the 3-long colour axis (``max(axis=2)``, ``mean``,
+    ``norm``) cost numpy ~0.5 ms each on a 128×128 image; on planes they are elementwise, with the same result
+    bit for bit (a sum over three is the same left-to-right sum): image_stats 5.7 → 1.9 ms a photo."""
+    x = np.moveaxis(rgb, 2, 0).astype(np.float64)
+    return x[0], x[1], x[2]
+
+
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x = rgb.astype(np.float64) / 255.0
-    mx, mn = x.max(axis=2), x.min(axis=2)
+    r, g, b = (c / 255.0 for c in _channels(rgb))
+    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
     delta = mx - mn
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    hue = np.zeros_like(mx)
     nz = delta > 1e-9
     rm = nz & (mx == r)
     gm = nz & (mx == g) & ~rm
     bm = nz & ~rm & ~gm
-    hue[rm] = ((g - b)[rm] / delta[rm]) % 6
-    hue[gm] = (b - r)[gm] / delta[gm] + 2
-    hue[bm] = (r - g)[bm] / delta[bm] + 4
+    # Each sector's formula over the whole plane, then picked per pixel: the same values as assigning through
+    # boolean masks (elementwise either way), without the nine masked gathers and scatters.
+    d = np.where(nz, delta, 1.0)
+    # (g - b) / d lies in [-1, 1] (|g - b| <= max - min, and rounding keeps the order), where x % 6 is x, or
+    # x + 6 below zero: the same numbers as np.remainder's fmod-and-adjust, at a tenth of its 0.38 ms.
+    red_sector = (g - b) / d
+    red_sector = np.where(red_sector < 0, red_sector + 6, red_sector)
+    hue = np.where(rm, red_sector, np.where(gm, (b - r) / d + 2, np.where(bm, (r - g) / d + 4, 0.0)))
     sat = np.where(mx > 0, delta / np.maximum(mx, 1e-9), 0.0)
     return hue / 6.0, sat, mx
 
 
 def image_stats(rgb: np.ndarray) -> np.ndarray:
     """The five features for one RGB image, as float32 in IMAGE_STAT_COLUMNS order."""
-    gray = rgb.astype(np.float64).mean(axis=2)
+    red, green, blue = _channels(rgb)
+    gray = (red + green + blue) / 3
     h, w = gray.shape
 
     spectrum = np.abs(np.fft.fftshift(np.fft.fft2(gray - gray.mean())))
@@ -74,7 +86,9 @@ def image_stats(rgb: np.ndarray) -> np.ndarray:
     entropy = float(-(p * np.log2(p)).sum())
 
     # Salient mass: pixels far from the median colour, weighted by that distance.
-    dist = np.linalg.norm(rgb.astype(np.float64) - np.median(rgb.reshape(-1, 3), axis=0), axis=2)
+    mr, mg, mb = (np.median(plane) for plane in np.moveaxis(rgb, 2, 0))  # a contiguous plane each: 0.45 → 0.2 ms
+    dr, dg, db = red - mr, green - mg, blue - mb
+    dist = np.sqrt(dr * dr + dg * dg + db * db)
     weight = np.where(dist > np.percentile(dist, 75), dist, 0.0)
     if weight.sum() > 0:
         cy, cx = (yy * weight).sum() / weight.sum(), (xx * weight).sum() / weight.sum()
