@@ -108,6 +108,21 @@ def test_projection_survives_fortran_ordered_components(tmp_path):
     assert np.array_equal(Projection(arrays["m"], arrays["c"], 0).apply(x), p.apply(x))
 
 
+def test_projection_of_the_non_null_rows_equals_projecting_the_zero_filled_block():
+    """Projections project only the rows that have an embedding; a null row gets the zero vector's projection,
+    as when every row went through ``block_matrix`` (nulls as zeros)."""
+    from engagesim.features.post_ops import block_matrix, valid_block
+
+    rng = np.random.default_rng(4)
+    p = Projection.fit(rng.normal(size=(200, 12)).astype(np.float32), 4)
+    rows = [None if i % 3 else rng.normal(size=12).astype(np.float32).tolist() for i in range(40)]
+    for case in (rows, [None] * 5, [r for r in rows if r is not None], []):
+        df = pl.DataFrame({"emb": pl.Series(case, dtype=pl.Array(pl.Float32, 12))})
+        got, want = p.apply_rows(*valid_block(df, "emb")), p.apply(block_matrix(df, "emb"))
+        assert got.shape == want.shape == (len(case), 4)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 def test_time_since_previous_post_uses_known_posts_not_the_batch():
     known = pl.DataFrame({"post_id": ["a", "b", "c"], "author_id": ["x", "x", "y"],
                           "created_at": [T(0), T(5), T(1)]})

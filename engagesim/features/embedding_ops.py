@@ -16,7 +16,7 @@ import polars as pl
 from engagesim.features import post_fit
 from engagesim.features.lookup import frame
 from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows
-from engagesim.features.post_ops import EMBEDDING_BLOCKS, NO_LABELS, block_matrix
+from engagesim.features.post_ops import EMBEDDING_BLOCKS, NO_LABELS, block_matrix, valid_block
 
 
 @dataclass
@@ -53,6 +53,18 @@ class Projection:
         sums in another order for another batch shape; float64's order error is far below one float32 step."""
         x = np.asarray(x, np.float64)
         return ((x - self.mean.astype(np.float64)) @ self.components.T.astype(np.float64)).astype(np.float32)
+
+    def apply_rows(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """``apply`` of a block whose null rows count as zeros (``block_matrix``), projecting only the non-null
+        rows (``valid_block``): a null row's answer is the zero vector's, the same for each. Most posts carry no
+        image, so most of a scoring block's 1,280-wide image rows were zeros converted to float64 and
+        multiplied (4,096 posts of which 19 had a photo: 22 of the block's ~230 ms)."""
+        out = np.empty((len(valid), self.components.shape[0]), dtype=np.float32)
+        if valid.any():
+            out[valid] = self.apply(values)
+        if not valid.all():
+            out[~valid] = self.apply(np.zeros((1, self.mean.shape[0]), dtype=np.float32))[0]
+        return out
 
 
 def nearest_centre(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -95,7 +107,7 @@ class Projections(FeatureOp):
         parts = []
         for column, prefix in EMBEDDING_BLOCKS:
             if column in df.columns and prefix in self.projections:
-                comps = self.projections[prefix].apply(block_matrix(df, column))
+                comps = self.projections[prefix].apply_rows(*valid_block(df, column))
                 parts.append(frame({f"{prefix}_pca_{i}": comps[:, i] for i in range(comps.shape[1])}))
         return pl.concat(parts, how="horizontal") if parts else None
 

@@ -71,6 +71,19 @@ def block_matrix(df: pl.DataFrame, column: str) -> np.ndarray:
     return fixed_list_matrix(df[column].to_arrow())
 
 
+def valid_block(df: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the float32 matrix of the column's non-null rows, which rows those are): ``block_matrix`` without the
+    zero rows, for transforms that give every null row one constant answer."""
+    import pyarrow as pa
+
+    arr = df[column].to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    values = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, arr.type.list_size).astype(np.float32)
+    return values, valid
+
+
 def table_or_parts(uri: str, name: str, storage=None) -> pl.DataFrame:
     """``<name>.parquet`` (in-process executor) or the committed dataset ``<name>/`` (Ray executor), read whole."""
     single = io.join(uri, f"{name}.parquet")
