@@ -179,7 +179,9 @@ def main() -> None:
     parser.add_argument("--impressions", type=int, default=60_000)
     parser.add_argument("--requests", type=int, default=200, help="Requests per client count.")
     parser.add_argument("--batch-rows", type=int, default=1000)
-    parser.add_argument("--score-rows", type=int, default=100_000, help="Posts scored offline.")
+    parser.add_argument("--score-rows", type=int, nargs="+", default=[100_000, 400_000],
+                        help="Posts scored offline, at each size: the marginal rate between the smallest and the "
+                             "largest separates the per-row cost from the fixed one (the actor's start, the run's load).")
     parser.add_argument("--snapshot-scale", type=int, default=10,
                         help="Also time one request against a world this many times larger (0: skip): lookups "
                              "that scan would grow with it.")
@@ -254,24 +256,34 @@ def main() -> None:
 
     # A larger table than the run's own posts: copies with fresh ids (the contract rejects duplicate ids).
     base_posts = pl.from_arrow(io.read_table(io.join(run_uri, "data", "posts")))
-    copies = [base_posts.with_columns(pl.col("post_id") + f"-c{k}") for k in range(-(-args.score_rows // base_posts.height))]
-    table = pl.concat(copies).head(args.score_rows).to_arrow()
-    posts_uri = f"{tmp}/score_input"
-    writer = io.DatasetWriter(posts_uri, "posts")
-    writer.write(table)
-    writer.commit()
     loaded = load_run(run_uri)
     actors = max(1, (os.cpu_count() or 2) - 1)
-    # members="all" (the default) also computes the members the served ensemble does not read; "served" is what
-    # Serve computes. Each beside its own in-process baseline.
-    for members in ("all", "served"):
-        t = time.perf_counter()
-        loaded.predict(table, members=members)
-        base = table.num_rows / (time.perf_counter() - t)
-        result = score(run_uri, posts_uri, f"{tmp}/scores-{members}", actors=actors, members=members)
-        emit(bench="score_offline", members=members, rows=result["read"], actors=actors,
-             rows_per_s=result["rows_per_s"], rows_per_s_per_core=round(result["rows_per_s"] / actors, 1),
-             in_process_rows_per_s=round(base, 1), ratio=round(result["rows_per_s"] / base, 3))
+    seconds: dict[str, dict[int, float]] = {"all": {}, "served": {}}
+    for rows in sorted(args.score_rows):
+        copies = [base_posts.with_columns(pl.col("post_id") + f"-c{k}") for k in range(-(-rows // base_posts.height))]
+        table = pl.concat(copies).head(rows).to_arrow()
+        posts_uri = f"{tmp}/score_input_{rows}"
+        writer = io.DatasetWriter(posts_uri, "posts")
+        writer.write(table)
+        writer.commit()
+        # members="all" (the default) also computes the members the served ensemble does not read; "served" is
+        # what Serve computes. Each beside its own in-process baseline.
+        for members in ("all", "served"):
+            t = time.perf_counter()
+            loaded.predict(table, members=members)
+            base = table.num_rows / (time.perf_counter() - t)
+            result = score(run_uri, posts_uri, f"{tmp}/scores-{members}-{rows}", actors=actors, members=members)
+            seconds[members][rows] = result["seconds"]
+            emit(bench="score_offline", members=members, rows=result["read"], actors=actors,
+                 rows_per_s=result["rows_per_s"], rows_per_s_per_core=round(result["rows_per_s"] / actors, 1),
+                 in_process_rows_per_s=round(base, 1), ratio=round(result["rows_per_s"] / base, 3))
+    for members, by_rows in seconds.items():
+        if len(by_rows) > 1:
+            (small, s0), (large, s1) = min(by_rows.items()), max(by_rows.items())
+            marginal = (large - small) / max(s1 - s0, 1e-9)
+            emit(bench="score_offline_marginal", members=members, rows=[small, large], seconds=[s0, s1],
+                 marginal_rows_per_s_per_core=round(marginal / actors, 1),
+                 fixed_s=round(s0 - small / marginal, 2))
     ray.shutdown()
 
 
