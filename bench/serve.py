@@ -10,6 +10,7 @@ the ensemble without it), then measures on 127.0.0.1. Prints JSON lines.
 
 import argparse
 import concurrent.futures as cf
+import datetime as dt
 import os
 import sys
 import tempfile
@@ -174,13 +175,58 @@ def state_rows(run_uri: str) -> dict:
             "pairs": state.apply_tables["pair"].height if "pair" in state.apply_tables else None}
 
 
+def score_input(run_uri: str, kind: str, rows: int) -> pl.DataFrame:
+    """``rows`` posts or impressions from the run's own data: copies with fresh ids (the contract rejects
+    duplicate post ids) or impression times a second apart per copy (the same viewers and known posts)."""
+    name = "posts" if kind == "posts" else "interactions"
+    base = pl.from_arrow(io.read_table(io.join(run_uri, "data", name)))
+    copies = range(-(-rows // base.height))
+    if kind == "posts":
+        return pl.concat([base.with_columns(pl.col("post_id") + f"-c{k}") for k in copies]).head(rows)
+    return pl.concat([base.with_columns(pl.col("impression_at") + dt.timedelta(seconds=k)) for k in copies]).head(rows)
+
+
+def score_sizes(run_uri: str, tmp: str, sizes: list[int]) -> None:
+    """``engagesim score`` (one actor) on posts (every member, then the served ones) and on impressions (served),
+    at each size beside one in-process call on the same table; then the marginal rate between the smallest
+    and largest size, which separates the per-row cost from the fixed one (the actor's start, the run's load)."""
+    from engagesim.pipeline.score import score
+    from engagesim.runs import load_run
+
+    loaded = load_run(run_uri)
+    actors = max(1, (os.cpu_count() or 2) - 1)
+    seconds: dict[tuple[str, str], dict[int, float]] = {}
+    for kind, members in (("posts", "all"), ("posts", "served"), ("interactions", "served")):
+        for rows in sizes:
+            table = score_input(run_uri, kind, rows).to_arrow()
+            uri = f"{tmp}/score_input_{kind}_{rows}"
+            if not io.exists(uri):
+                writer = io.DatasetWriter(uri, kind)
+                writer.write(table)
+                writer.commit()
+            t = time.perf_counter()
+            loaded.predict(table, members=members)
+            base = table.num_rows / (time.perf_counter() - t)
+            result = score(run_uri, uri, f"{tmp}/scores-{kind}-{members}-{rows}", actors=actors, members=members)
+            seconds.setdefault((kind, members), {})[rows] = result["seconds"]
+            emit(bench="score_offline", kind=kind, members=members, rows=result["read"], actors=actors,
+                 rows_per_s=result["rows_per_s"], rows_per_s_per_core=round(result["rows_per_s"] / actors, 1),
+                 in_process_rows_per_s=round(base, 1), ratio=round(result["rows_per_s"] / base, 3))
+    for (kind, members), by_rows in seconds.items():
+        if len(by_rows) > 1:
+            (small, s0), (large, s1) = min(by_rows.items()), max(by_rows.items())
+            marginal = (large - small) / max(s1 - s0, 1e-9)
+            emit(bench="score_offline_marginal", kind=kind, members=members, rows=[small, large], seconds=[s0, s1],
+                 marginal_rows_per_s_per_core=round(marginal / actors, 1), fixed_s=round(s0 - small / marginal, 2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--impressions", type=int, default=60_000)
     parser.add_argument("--requests", type=int, default=200, help="Requests per client count.")
     parser.add_argument("--batch-rows", type=int, default=1000)
     parser.add_argument("--score-rows", type=int, nargs="+", default=[100_000, 400_000],
-                        help="Posts scored offline, at each size: the marginal rate between the smallest and the "
+                        help="Posts (and impressions) scored offline, at each size: the marginal rate between the smallest and the "
                              "largest separates the per-row cost from the fixed one (the actor's start, the run's load).")
     parser.add_argument("--snapshot-scale", type=int, default=10,
                         help="Also time one request against a world this many times larger (0: skip): lookups "
@@ -250,40 +296,8 @@ def main() -> None:
         serve.delete("engagesim")
     serve.shutdown()
 
-    # Offline scoring: Ray Data actors vs one in-process call over the same posts.
-    from engagesim.pipeline.score import score
-    from engagesim.runs import load_run
-
-    # A larger table than the run's own posts: copies with fresh ids (the contract rejects duplicate ids).
-    base_posts = pl.from_arrow(io.read_table(io.join(run_uri, "data", "posts")))
-    loaded = load_run(run_uri)
-    actors = max(1, (os.cpu_count() or 2) - 1)
-    seconds: dict[str, dict[int, float]] = {"all": {}, "served": {}}
-    for rows in sorted(args.score_rows):
-        copies = [base_posts.with_columns(pl.col("post_id") + f"-c{k}") for k in range(-(-rows // base_posts.height))]
-        table = pl.concat(copies).head(rows).to_arrow()
-        posts_uri = f"{tmp}/score_input_{rows}"
-        writer = io.DatasetWriter(posts_uri, "posts")
-        writer.write(table)
-        writer.commit()
-        # members="all" (the default) also computes the members the served ensemble does not read; "served" is
-        # what Serve computes. Each beside its own in-process baseline.
-        for members in ("all", "served"):
-            t = time.perf_counter()
-            loaded.predict(table, members=members)
-            base = table.num_rows / (time.perf_counter() - t)
-            result = score(run_uri, posts_uri, f"{tmp}/scores-{members}-{rows}", actors=actors, members=members)
-            seconds[members][rows] = result["seconds"]
-            emit(bench="score_offline", members=members, rows=result["read"], actors=actors,
-                 rows_per_s=result["rows_per_s"], rows_per_s_per_core=round(result["rows_per_s"] / actors, 1),
-                 in_process_rows_per_s=round(base, 1), ratio=round(result["rows_per_s"] / base, 3))
-    for members, by_rows in seconds.items():
-        if len(by_rows) > 1:
-            (small, s0), (large, s1) = min(by_rows.items()), max(by_rows.items())
-            marginal = (large - small) / max(s1 - s0, 1e-9)
-            emit(bench="score_offline_marginal", members=members, rows=[small, large], seconds=[s0, s1],
-                 marginal_rows_per_s_per_core=round(marginal / actors, 1),
-                 fixed_s=round(s0 - small / marginal, 2))
+    # Offline scoring: Ray Data actors vs one in-process call over the same rows.
+    score_sizes(run_uri, tmp, sorted(args.score_rows))
     ray.shutdown()
 
 
