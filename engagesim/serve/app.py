@@ -249,7 +249,8 @@ class Gateway:
         app.state.digests, app.state.max_body_bytes = list(digests), max_body_bytes
         app.state.rate = rate or RateLimit()
         # The run's request limits: known now in this replica (topology one); asked of a scorer at the first
-        # request otherwise (a constructor cannot await the handle).
+        # request otherwise (Serve's ingress wrapper would await an async constructor, which could ask at
+        # start-up instead; not done yet).
         self.limits: dict | None = local.limits() if local is not None else None
 
     def _authorise(self, request: Request) -> None:
