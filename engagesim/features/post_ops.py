@@ -50,20 +50,25 @@ def user_attributes(users: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def fixed_list_matrix(arr) -> np.ndarray:
-    """A fixed-size-list array as a float32 matrix; null rows become zeros."""
+def fixed_list_rows(arr) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed-size-list array's non-null rows as a float32 matrix, and which rows those are."""
     import pyarrow as pa
 
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    width = arr.type.list_size
-    values = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
-    if not arr.null_count:
+    values = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, arr.type.list_size).astype(np.float32)
+    return values, arr.is_valid().to_numpy(zero_copy_only=False)
+
+
+def fixed_list_matrix(arr) -> np.ndarray:
+    """A fixed-size-list array as a float32 matrix; null rows become zeros."""
+    values, valid = fixed_list_rows(arr)  # flatten() skips null rows
+    if valid.all():
         return values
-    # flatten() skips null rows; placed into zeros (pyarrow's fill_null with a list scalar took 267 ms for a
-    # 1,000-row batch request whose new posts had no embedding: half the request).
-    out = np.zeros((len(arr), width), dtype=np.float32)
-    out[arr.is_valid().to_numpy(zero_copy_only=False)] = values
+    # Placed into zeros (pyarrow's fill_null with a list scalar took 267 ms for a 1,000-row batch request whose
+    # new posts had no embedding: half the request).
+    out = np.zeros((len(valid), values.shape[1]), dtype=np.float32)
+    out[valid] = values
     return out
 
 
@@ -72,16 +77,9 @@ def block_matrix(df: pl.DataFrame, column: str) -> np.ndarray:
 
 
 def valid_block(df: pl.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(the float32 matrix of the column's non-null rows, which rows those are): ``block_matrix`` without the
-    zero rows, for transforms that give every null row one constant answer."""
-    import pyarrow as pa
-
-    arr = df[column].to_arrow()
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    values = arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, arr.type.list_size).astype(np.float32)
-    return values, valid
+    """``block_matrix`` without the zero rows (``fixed_list_rows``), for transforms that give every null row one
+    constant answer."""
+    return fixed_list_rows(df[column].to_arrow())
 
 
 def table_or_parts(uri: str, name: str, storage=None) -> pl.DataFrame:

@@ -72,9 +72,9 @@ def score(run_uri: str, in_uri: str, out_uri: str, kind: Kind | None = None, pos
         kind = "interactions" if "impression_at" in pq.read_schema(files[0], filesystem=fs).names else "posts"
     started = time.perf_counter()
     ds = ray.data.read_parquet(files, filesystem=fs)
-    # From the Parquet footers, not ``ds.count()``: that ran the read once more before scoring began, ~3 s
-    # of a cold start (Ray Data's first execution) in front of the actor's own start.
-    read = io.count_rows(in_uri, storage)
+    # The committed count from the input's manifest, not ``ds.count()``: that ran the read once more before
+    # scoring began, ~3 s of a cold start (Ray Data's first execution) in front of the actor's own start.
+    read = io.read_manifest(in_uri, storage)["rows"]
     rejects_uri = io.join(out_uri, io.REJECTS_DIR)
     token = uuid.uuid4().hex[:12]
     scored = ds.map_batches(
