@@ -237,10 +237,14 @@ class ContentGenerator:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, scorer: DeploymentHandle | str, digests: list[str], max_batch_rows: int = 1000,
-                 max_body_bytes: int = 8 * 1024 * 1024, generator: DeploymentHandle | None = None,
-                 media: MediaPolicy | None = None, rate: RateLimit | None = None, deadline_s: float = 30.0):
-        """``scorer``: a handle to ``Scorer`` replicas (topology ``two``), or a run URI to score in this replica."""
+    async def __init__(self, scorer: DeploymentHandle | str, digests: list[str], max_batch_rows: int = 1000,
+                       max_body_bytes: int = 8 * 1024 * 1024, generator: DeploymentHandle | None = None,
+                       media: MediaPolicy | None = None, rate: RateLimit | None = None, deadline_s: float = 30.0):
+        """``scorer``: a handle to ``Scorer`` replicas (topology ``two``), or a run URI to score in this replica.
+
+        Async: Serve's ingress wrapper awaits it, so in topology two the run's request limits are asked of a
+        scorer here, before the replica takes traffic (waiting for a scorer replica to start), not by the first
+        request."""
         self.max_batch_rows, self.deadline_s = max_batch_rows, deadline_s
         self.generator, self.media = generator, media or MediaPolicy()
         local = Scorer.func_or_class(scorer, self.media) if isinstance(scorer, str) else None
@@ -248,10 +252,9 @@ class Gateway:
         # What the Guard middleware checks before a route (and its body parsing) runs.
         app.state.digests, app.state.max_body_bytes = list(digests), max_body_bytes
         app.state.rate = rate or RateLimit()
-        # The run's request limits: known now in this replica (topology one); asked of a scorer at the first
-        # request otherwise (Serve's ingress wrapper would await an async constructor, which could ask at
-        # start-up instead; not done yet).
-        self.limits: dict | None = local.limits() if local is not None else None
+        # The run's request limits (text length, whether viewers can be scored): every request is checked
+        # against them before it reaches a scorer.
+        self.limits: dict = local.limits() if local is not None else await self.scorer.limits.remote()
 
     def _authorise(self, request: Request) -> None:
         """Kept as a second check on every route (the Guard middleware has already refused a bad key)."""
@@ -262,9 +265,7 @@ class Gateway:
             raise ApiError(401, "unauthorized", "send Authorization: Bearer <API key>",
                            {"WWW-Authenticate": "Bearer"})
 
-    async def _check(self, requests: list[PredictRequest], prefix: str) -> None:
-        if self.limits is None:
-            self.limits = await self._call(self.scorer.limits.remote)
+    def _check(self, requests: list[PredictRequest], prefix: str) -> None:
         for i, r in enumerate(requests):
             where = f"{prefix}{i}]." if prefix else ""
             if len(r.post.text) > self.limits["max_text_chars"]:
@@ -314,7 +315,7 @@ class Gateway:
     @app.post("/v1/predict", response_model=Prediction, summary="Predict one post (and, with a viewer, P(engagement)).")
     async def predict(self, body: PredictRequest, request: Request) -> dict:
         self._authorise(request)
-        await self._check([body], "")
+        self._check([body], "")
         return await self._call(self.scorer.predict_one.remote, body)
 
     @app.post("/v1/predict:batch", response_model=BatchResponse, summary="Predict many rows in one call.")
@@ -322,7 +323,7 @@ class Gateway:
         self._authorise(request)
         if len(body.rows) > self.max_batch_rows:
             raise ApiError(413, "payload_too_large", f"rows: at most {self.max_batch_rows} per call")
-        await self._check(body.rows, "rows[")
+        self._check(body.rows, "rows[")
         predictions = await self._call(self.scorer.predict_many.remote, body.rows)
         return {"predictions": predictions, "model_version": predictions[0]["model_version"]}
 
