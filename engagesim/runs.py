@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.errors import UserError
-from engagesim.features.impression import join_impressions, post_side_columns
+from engagesim.features.impression import impression_arrays, join_impressions, post_side_columns
 from engagesim.features.impression_ops import Joins
 from engagesim.features.lookup import contains
 from engagesim.features.post import post_row_features
@@ -160,6 +160,13 @@ class LoadedRun:
         featurised from ``posts`` (or taken from ``featurised_posts`` when the caller already has them);
         an unknown post without a row is an error.
         """
+        table, at = self._impression_inputs(impressions, posts, featurised_posts)
+        state = self.impression_state
+        return join_impressions(table, state.ops, state.origin_us, state.window_hours, at)
+
+    def _impression_inputs(self, impressions: Any, posts: Any | None,
+                           featurised_posts: pl.DataFrame | None) -> tuple[pa.Table, Joins]:
+        """The conformed impression rows and what their ops' joins need: the posts the snapshot lacks."""
         table = _conform(_as_arrow(impressions), INTERACTIONS)
         state = self.impression_state
         at = Joins(ALWAYS_APPLY)
@@ -182,7 +189,7 @@ class LoadedRun:
             at.posts_extra = new.select([pl.col(source[c]).alias(c) for c in state.posts.columns])
             if state.topics is not None and "post_text_cluster" in source:
                 at.topics_extra = new.select("post_id", pl.col(source["post_text_cluster"]).alias("topic"))
-        return join_impressions(table, state.ops, state.origin_us, state.window_hours, at)
+        return table, at
 
     # -- score -----------------------------------------------------------------------------------
     def score_post_features(self, table: pa.Table | pl.DataFrame, members: Members = "all") -> pa.Table:
@@ -200,12 +207,21 @@ class LoadedRun:
     def score_impression_features(self, table: pa.Table | pl.DataFrame, members: Members = "all") -> pa.Table:
         """Impression features → P(engagement) of the served ensemble, and of each member (``members`` as above)."""
         table = _as_arrow(table)
-        preds = self.impression_models.predict(table, members)
-        cols: dict[str, Any] = {k: table.column(k) for k in ("user_id", "post_id", "impression_at")}
-        for name, p in preds.items():
-            suffix = "" if name == "ensemble" else f"_{name}"
-            cols.update({f"p_{e}{suffix}": p[:, i] for i, e in enumerate(ENGAGEMENTS)})
-        return pa.table(cols)
+        return _impression_scores(table, self.impression_models.predict(table, members))
+
+    def score_impressions(self, impressions: Any, posts: Any | None = None,
+                          featurised_posts: pl.DataFrame | None = None, members: Members = "all") -> pa.Table:
+        """Raw impressions → ``score_impression_features(impression_features(…))``, the features as numpy columns
+        (``impression_arrays``) where every member to run takes them: no feature table is built. What ``predict``
+        and Serve call."""
+        models = self.impression_models
+        if not models.takes_arrays(members):
+            return self.score_impression_features(self.impression_features(impressions, posts, featurised_posts),
+                                                  members)
+        table, at = self._impression_inputs(impressions, posts, featurised_posts)
+        state = self.impression_state
+        arrays = impression_arrays(table, state.ops, state.origin_us, state.window_hours, at)
+        return _impression_scores(table, models.predict(arrays, members))
 
     def predict(self, rows: Any, posts: Any | None = None, members: Members = "all") -> Any:
         """Raw rows → predictions. Impression rows (user_id, post_id, impression_at, …) give P(engagement);
@@ -220,7 +236,7 @@ class LoadedRun:
         if table.num_rows == 0:  # encoders and joins want rows; the answer is the empty table of the right shape
             return _like(rows, self._empty_result(impressions, members))
         if impressions:
-            return _like(rows, self.score_impression_features(self.impression_features(table, posts), members))
+            return _like(rows, self.score_impressions(table, posts, members=members))
         return _like(rows, self.score_post_features(self.post_features(table), members))
 
     def _empty_result(self, impressions: bool, members: Members) -> pa.Table:
@@ -231,6 +247,18 @@ class LoadedRun:
             return self.predict([probe], members=members).slice(0, 0)
         viewer = {"user_id": "_", "post_id": "_schema_probe", "creator_id": "_", "impression_at": when}
         return self.predict([viewer], posts=[probe], members=members).slice(0, 0)
+
+
+def _impression_scores(rows: pa.Table, preds: dict[str, np.ndarray]) -> pa.Table:
+    """The rows' ids and P(engagement) of the served ensemble (``p_<engagement>``) and of each member
+    (``p_<engagement>_<member>``). Ids as large strings whichever path scored them (a feature table comes out of
+    polars with them)."""
+    cols: dict[str, Any] = {k: rows.column(k).cast(pa.large_string()) for k in ("user_id", "post_id")}
+    cols["impression_at"] = rows.column("impression_at")
+    for name, p in preds.items():
+        suffix = "" if name == "ensemble" else f"_{name}"
+        cols.update({f"p_{e}{suffix}": p[:, i] for i, e in enumerate(ENGAGEMENTS)})
+    return pa.table(cols)
 
 
 class RunNotFound(UserError, FileNotFoundError):

@@ -121,6 +121,24 @@ def test_predict_impressions_from_raw_rows_equals_evaluation(run):
         assert (joined[f"p_{e}"] - joined[f"p_{e}_fresh"]).abs().max() <= 1e-6, e
 
 
+def test_scoring_from_feature_arrays_equals_scoring_the_feature_table(run, monkeypatch):
+    """``predict`` and Serve score impressions from the ops' numpy columns (``impression_arrays``), never building
+    the feature table: the same probabilities exactly — known and new posts mixed, one row and many (index
+    lookups, then hash joins) — and where a served member cannot take arrays, the table path."""
+    raw = _frame(run, "data", "interactions").with_columns(pl.lit(None).alias(f"{e}_at") for e in ENGAGEMENTS)
+    new = (_frame(run, "data", "posts").head(2).drop("likes", "retweets", "replies", "quotes")
+           .with_columns(pl.format("{}-new", "post_id").alias("post_id")))
+    mixed = pl.concat([raw.head(4), raw.slice(4, 2).with_columns(new["post_id"])])
+    for rows in (mixed.tail(1), mixed.head(1), mixed, raw.head(2500)):
+        arrays = run.score_impressions(rows, posts=new)
+        assert arrays.equals(run.score_impression_features(run.impression_features(rows, posts=new))), rows.height
+    expected, calls, table_path = run.score_impressions(mixed, posts=new), [], run.impression_features
+    monkeypatch.setattr(run, "impression_features", lambda *a, **k: calls.append(1) or table_path(*a, **k))
+    for member in run.impression_models.loaded.values():
+        monkeypatch.setattr(type(member), "takes_arrays", False)
+    assert run.score_impressions(mixed, posts=new).equals(expected) and calls
+
+
 def test_streamed_impression_evaluation_equals_the_in_memory_one(run, tmp_path):
     """The evaluation above train.stream_rows (scoring actors on Ray Data, metrics from partial sums)
     writes the same predictions as the in-process one and the same metrics: RCE exactly, AP within the

@@ -187,6 +187,10 @@ class GraphModel:
         return self.jaccard_top if self.jaccard_top.has_sorted_indices else self.jaccard_top.sorted_indices()
 
     def features(self, user_ids: pl.Series, creator_ids: pl.Series) -> pl.DataFrame:
+        return frame(self.feature_arrays(user_ids, creator_ids))
+
+    def feature_arrays(self, user_ids: pl.Series, creator_ids: pl.Series) -> dict[str, np.ndarray]:
+        """``GRAPH_COLUMNS`` of each (user, creator) as float32 numpy."""
         u = self.users.lookup(user_ids)
         c = self.creators.lookup(creator_ids)
         known = (u >= 0) & (c >= 0)
@@ -223,7 +227,7 @@ class GraphModel:
                 inv_size = np.where(cu >= 0, 1.0 / _at(sizes, np.maximum(cu, 0), row), 0.0).astype(np.float32)
             cols[f"same_community_{e}"] = same
             cols[f"inv_community_size_{e}"] = inv_size
-        return frame(cols)
+        return cols
 
 
 def _at(table: np.ndarray, i: np.ndarray, row: np.ndarray | None) -> np.ndarray:

@@ -7,13 +7,14 @@ it on new rows with a loaded ``ImpressionState``'s ops.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from engagesim.config import COMMUNITY_FOLDS, LEIDEN_MAX_EDGES
 from engagesim.features import history
 from engagesim.features.impression_ops import History, Joins, PostSide, impression_ops
-from engagesim.features.lookup import left_lookup
+from engagesim.features.lookup import float32_frame, left_lookup
 from engagesim.features.ops import FeatureOp, first, fit_in_process
 from engagesim.schema import ENGAGEMENTS
 
@@ -60,14 +61,23 @@ def prepare(batch: pa.Table, origin_us: int, window_hours: int, topics: pl.DataF
 def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cutoff_us: int,
                     history_mode: str, recent_tables: dict | None = None,
                     test_from_us: int | None = None) -> pl.DataFrame:
-    """History features of ``df`` (from ``prepare``) for the groups in the tables; row-aligned.
+    """History features of ``df`` (from ``prepare``) for the groups in the tables; row-aligned (Float32, NaN as
+    null): ``history_arrays`` as a frame."""
+    return float32_frame(history_arrays(df, train_tables, apply_tables, cutoff_us, history_mode, recent_tables,
+                                        test_from_us))
+
+
+def history_arrays(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cutoff_us: int,
+                   history_mode: str, recent_tables: dict | None = None,
+                   test_from_us: int | None = None) -> dict[str, np.ndarray]:
+    """History features of ``df`` as float64 numpy columns (NaN: missing); row-aligned.
 
     Training rows read the ``history_mode`` tables (key × window), rows past the cutoff the apply totals, and
     rows from ``test_from_us`` the recent ones (training + validation period) when there are any.
     """
     if not train_tables and not apply_tables:
-        return pl.DataFrame()
-    t = df["t_us"]
+        return {}
+    t = df["t_us"].to_numpy()
     periods = [(t < cutoff_us, history_mode, train_tables)]
     if recent_tables is not None and test_from_us is not None:
         periods += [((t >= cutoff_us) & (t < test_from_us), "apply", apply_tables),
@@ -75,15 +85,14 @@ def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cu
     else:
         periods.append((t >= cutoff_us, "apply", apply_tables))
     for mask, mode, tables in periods:
-        if mask.all():  # one period only (a request, most blocks): no split and re-sort
-            return history.join_history(df, tables, mode)
-    df = df.with_row_index("_i")
-    parts = []
-    for mask, mode, tables in periods:
-        rows = df.filter(mask)
-        if rows.height:
-            parts.append(pl.concat([rows.select("_i"), history.join_history(rows, tables, mode)], how="horizontal"))
-    return pl.concat(parts).sort("_i").drop("_i")
+        if mask.all():  # one period only (a request, most blocks): no split
+            return history.history_arrays(df, tables, mode)
+    out: dict[str, np.ndarray] = {}
+    for mask, mode, tables in periods:  # the periods partition the rows: each row's values from its own
+        if mask.any():
+            for name, values in history.history_arrays(df.filter(pl.Series(mask)), tables, mode).items():
+                out.setdefault(name, np.full(len(t), np.nan))[mask] = values
+    return out
 
 
 def test_from(cutoff_us: int, valid_hours: float, test_share: float) -> int:
@@ -108,6 +117,22 @@ def join_impressions(batch: pa.Table, ops: list[FeatureOp], origin_us: int, wind
     own = df.select("user_id", "post_id", "creator_id", "impression_at", split.alias("split"),
                     *[pl.col(f"y_{e}") for e in ENGAGEMENTS], pl.col("follows_creator").cast(pl.Float32))
     return pl.concat([own, *[op.transform(df, at) for op in ops]], how="horizontal").to_arrow()
+
+
+def impression_arrays(batch: pa.Table, ops: list[FeatureOp], origin_us: int, window_hours: int,
+                      at: Joins) -> dict[str, np.ndarray]:
+    """``join_impressions``' numeric columns as numpy (NaN: null) — what the models read — without a frame.
+
+    Serving's form of the same ops: each op's ``arrays`` is what its ``transform`` wraps into a frame, so the
+    two are equal by construction (``tests/test_run_api.py`` holds the served rows to the evaluated ones). A
+    request's impression features took 9.4 ms this way through frames, most of it building ~40 one-row Series
+    and converting the joined frame to Arrow (2026-12-07)."""
+    side = first(ops, PostSide)
+    df = prepare(batch, origin_us, window_hours, side.topics if side else None, at.topics_extra)
+    out = {"follows_creator": df.get_column("follows_creator").cast(pl.Float32).to_numpy()}
+    for op in ops:
+        out.update(op.arrays(df, at))
+    return out
 
 
 def features_in_process(interactions: pa.Table, post_table: pl.DataFrame, users: pl.DataFrame,

@@ -87,6 +87,13 @@ class FeatureOp:
     def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame | None:
         raise NotImplementedError
 
+    def arrays(self, df: pl.DataFrame, at: Any) -> dict[str, np.ndarray]:
+        """The numeric columns of ``transform`` as numpy, NaN for null (what a model matrix reads): the serving
+        path's form, which skips building a frame. An op whose transform computes numpy columns overrides it
+        (and its transform is then this, as a frame); the default converts the frame."""
+        out = self.transform(df, at)
+        return {} if out is None else numeric_arrays(out)
+
     def save(self, uri: str, storage, skip: set[str]) -> tuple[dict, dict[str, np.ndarray]]:
         return {}, {}
 
@@ -115,6 +122,18 @@ def sum_by_keys(op: FeatureOp, parts: pl.DataFrame) -> pl.DataFrame:
 
 def transform(ops: list[FeatureOp], df: pl.DataFrame, at: Apply) -> pl.DataFrame:
     return pl.concat([t for op in ops if (t := op.transform(df, at)) is not None], how="horizontal")
+
+
+def numeric_arrays(df: pl.DataFrame) -> dict[str, np.ndarray]:
+    """A frame's numeric and boolean columns as numpy (float32 where a column held nulls or booleans, NaN for
+    null; a model matrix converts every column to float32 anyway)."""
+    out = {}
+    for name, dtype in df.schema.items():
+        if dtype.is_numeric() or dtype == pl.Boolean:
+            column = df.get_column(name)
+            out[name] = (column.cast(pl.Float32).to_numpy() if column.null_count() or dtype == pl.Boolean
+                         else column.to_numpy())
+    return out
 
 
 def first(ops: list[FeatureOp], kind: type[FeatureOp]) -> Any:

@@ -105,6 +105,11 @@ class LevelModels:
         """The members the served ensemble reads, and those they read in turn."""
         return self.served[2]
 
+    def takes_arrays(self, members: Members = "served") -> bool:
+        """Whether every member ``predict(…, members)`` runs takes ``data.FeatureArrays`` for its table."""
+        names = self.served_members() if members == "served" else self.loaded
+        return all(self.loaded[name].takes_arrays for name in names)
+
     def _served_prediction(self, out: dict[str, np.ndarray]) -> np.ndarray:
         kind, spec, _ = self.served
         return out[spec] if kind == "member" else apply_ensemble(spec, out)

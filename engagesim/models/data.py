@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Mapping
 
 import numpy as np
 import polars as pl
@@ -42,12 +43,22 @@ def _feature_columns(schema: pa.Schema) -> tuple[str, ...]:
     return tuple(out)
 
 
-def matrix(table: pa.Table, columns: list[str]) -> np.ndarray:
+# A request's feature columns as numpy (NaN: missing), name → (n,) array: what serving featurises rows into
+# (``features.impression.impression_arrays``), read by members whose family ``takes_arrays``.
+FeatureArrays = Mapping[str, np.ndarray]
+
+
+def matrix(table: pa.Table | FeatureArrays, columns: list[str]) -> np.ndarray:
     """(n, len(columns)) float32; nulls become NaN (XGBoost's missing value; the NN imputes).
 
     One columnar conversion for the whole block (not one cast per column), which is what keeps
-    single-row scoring cheap.
+    single-row scoring cheap. From ``FeatureArrays``, a stack of the columns (0.1 ms for 170 columns of one row,
+    where an Arrow table of them cost 0.7 ms to build and 0.4 ms to convert).
     """
+    if isinstance(table, Mapping):
+        if not columns:
+            return np.empty((len(next(iter(table.values()), ())), 0), dtype=np.float32)
+        return np.ascontiguousarray(np.column_stack([table[c] for c in columns]), dtype=np.float32)
     if not columns:
         return np.empty((table.num_rows, 0), dtype=np.float32)
     if table.num_rows <= FEW_ROWS:
@@ -116,7 +127,9 @@ def weights(table: pa.Table) -> np.ndarray | None:
     return table.column(WEIGHT).to_numpy(zero_copy_only=False) if WEIGHT in table.column_names else None
 
 
-def _column(table: pa.Table, name: str) -> np.ndarray | None:
+def _column(table: pa.Table | FeatureArrays, name: str) -> np.ndarray | None:
+    if isinstance(table, Mapping):
+        return None if name not in table else np.asarray(table[name], dtype=np.float32)
     if name not in table.column_names:
         return None
     return table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)

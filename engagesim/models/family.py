@@ -82,6 +82,9 @@ class Member:
     """A fitted model of one level. Subclasses set ``name`` and implement ``predict`` and ``save``."""
 
     name: str
+    # Whether ``predict`` also takes ``data.FeatureArrays`` (name → numpy column) for ``table``: true of a member
+    # that reads its inputs through ``data.matrix`` only. Serving then skips building an Arrow table.
+    takes_arrays: ClassVar[bool] = False
 
     def predict(self, table: pa.Table, upstream: dict[str, np.ndarray]) -> np.ndarray:
         """(rows, outputs) float32; ``upstream``: predictions of the members before this one."""

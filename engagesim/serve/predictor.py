@@ -66,8 +66,8 @@ class RequestPredictor:
         if impressions:
             if not self.has_impressions:
                 raise ValueError("viewer: this run has no impression-level models")
-            rows = self.run.impression_features(pa.Table.from_pylist(impressions), featurised_posts=features)
-            imp = self.run.score_impression_features(rows, members="served")  # what the ensemble reads, no more
+            imp = self.run.score_impressions(pa.Table.from_pylist(impressions), featurised_posts=features,
+                                             members="served")  # what the ensemble reads, no more
             with_viewer = [i for i, r in enumerate(requests) if r.viewer is not None]
             p = {e: imp.column(f"p_{e}").to_numpy().tolist() for e in ENGAGEMENTS}  # not a pyarrow scalar per cell
             for row, i in enumerate(with_viewer):

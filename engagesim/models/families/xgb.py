@@ -21,6 +21,7 @@ def _file(level: Level, output: str) -> str:
 
 class XGBMember(Member):
     name = "xgb"
+    takes_arrays = True
 
     def __init__(self, level: Level, boosters: dict[str, tuple]):
         self.level, self.boosters = level, boosters  # output → (booster, meta with "features")
