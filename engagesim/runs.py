@@ -23,6 +23,7 @@ from engagesim.errors import UserError
 from engagesim.features.impression import impression_arrays, join_impressions, post_side_columns
 from engagesim.features.impression_ops import Joins
 from engagesim.features.lookup import contains
+from engagesim.features.ops import numeric_arrays
 from engagesim.features.post import post_row_features
 from engagesim.features.state import ImpressionState, PostState, Snapshot
 from engagesim.models.bundle import ImpressionModels, Members, PostModels
@@ -194,11 +195,18 @@ class LoadedRun:
     # -- score -----------------------------------------------------------------------------------
     def score_post_features(self, table: pa.Table | pl.DataFrame, members: Members = "all") -> pa.Table:
         """Post features → the served log1p(likes), expected likes with an 80 % interval, and a column per member
-        (``members="served"``: only the members the served ensemble reads; "all": every member the run kept)."""
-        table = _as_arrow(table)
-        preds = self.post_models.predict(table, members)
+        (``members="served"``: only the members the served ensemble reads; "all": every member the run kept).
+
+        A polars frame (``post_features``' output: ``predict``, Serve) is read as numpy columns where every member to
+        run takes them (``numeric_arrays``; no Arrow table of ~100 columns built per request)."""
+        if isinstance(table, pl.DataFrame) and self.post_models.takes_arrays(members):
+            ids, inputs = table.get_column("post_id").to_arrow(), numeric_arrays(table)
+        else:
+            table = _as_arrow(table)
+            ids, inputs = table.column("post_id"), table
+        preds = self.post_models.predict(inputs, members)
         low, high = self.post_models.interval(preds["ensemble"])
-        cols = {"post_id": table.column("post_id"), "log1p_likes": preds["ensemble"],
+        cols = {"post_id": ids, "log1p_likes": preds["ensemble"],
                 "expected_likes": np.expm1(preds["ensemble"]).astype(np.float32),
                 "likes_low": low.astype(np.float32), "likes_high": high.astype(np.float32)}
         cols.update({f"log1p_likes_{k}": v for k, v in preds.items() if k != "ensemble"})

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from engagesim import io
 from engagesim.models import xgb
+from engagesim.models.data import column_of
 from engagesim.models.ensemble import logit
 from engagesim.models.family import IMPRESSION, POST, Level, Member, family_names, family_of_member, get_family
 from engagesim.schema import ENGAGEMENTS
@@ -171,7 +172,7 @@ class PostModels(LevelModels):
         if kind == "regimes":
             # Each post by its account regime (pipeline/train.py::_regime_ensembles): seen = labelled posts
             # behind the account's encoding in the snapshot this run serves.
-            seen = np.nan_to_num(table.column("te_author_id_n").to_numpy(zero_copy_only=False)) > 0
+            seen = np.nan_to_num(column_of(table, "te_author_id_n")) > 0
             out["ensemble"] = np.where(seen, apply_ensemble(regimes["seen"], out), apply_ensemble(regimes["new"], out))
         else:
             out["ensemble"] = self._served_prediction(out)

@@ -57,7 +57,7 @@ def matrix(table: pa.Table | FeatureArrays, columns: list[str]) -> np.ndarray:
     """
     if isinstance(table, Mapping):
         if not columns:
-            return np.empty((len(next(iter(table.values()), ())), 0), dtype=np.float32)
+            return np.empty((num_rows(table), 0), dtype=np.float32)
         return np.ascontiguousarray(np.column_stack([table[c] for c in columns]), dtype=np.float32)
     if not columns:
         return np.empty((table.num_rows, 0), dtype=np.float32)
@@ -127,7 +127,13 @@ def weights(table: pa.Table) -> np.ndarray | None:
     return table.column(WEIGHT).to_numpy(zero_copy_only=False) if WEIGHT in table.column_names else None
 
 
-def _column(table: pa.Table | FeatureArrays, name: str) -> np.ndarray | None:
+def num_rows(table: pa.Table | FeatureArrays) -> int:
+    if isinstance(table, Mapping):
+        return len(next(iter(table.values()), ()))
+    return table.num_rows
+
+
+def column_of(table: pa.Table | FeatureArrays, name: str) -> np.ndarray | None:
     if isinstance(table, Mapping):
         return None if name not in table else np.asarray(table[name], dtype=np.float32)
     if name not in table.column_names:
@@ -141,5 +147,5 @@ def account_prior(table: pa.Table) -> np.ndarray | None:
     Runs saved before it have ``te_author_id`` only (shrunk towards the global mean), served as they were
     evaluated. Training rows carry out-of-fold versions, later rows the apply ones, as every target encoding.
     None when the table has no author encoding (a run without likes)."""
-    hier = _column(table, "te_author_id_hier")
-    return hier if hier is not None else _column(table, "te_author_id")
+    hier = column_of(table, "te_author_id_hier")
+    return hier if hier is not None else column_of(table, "te_author_id")

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from engagesim import io
-from engagesim.models.data import account_prior
+from engagesim.models.data import account_prior, num_rows
 from engagesim.models.family import Family, FitContext, Level, Member, register_family
 
 FILE = "account_mean_eb.json"
@@ -28,6 +28,7 @@ FILE = "account_mean_eb.json"
 
 class AccountMeanMember(Member):
     name = "account_mean_eb"
+    takes_arrays = True
 
     def __init__(self, prior: float):
         self.prior = prior
@@ -36,7 +37,7 @@ class AccountMeanMember(Member):
         """``account_prior`` of the apply-mode encodings; the training mean where a row has none."""
         values = account_prior(table)
         if values is None:
-            return np.full((table.num_rows, 1), self.prior, dtype=np.float32)
+            return np.full((num_rows(table), 1), self.prior, dtype=np.float32)
         return np.nan_to_num(values, nan=self.prior)[:, None]
 
     def save(self, directory: str) -> None:
