@@ -122,12 +122,16 @@ def test_predict_impressions_from_raw_rows_equals_evaluation(run):
 
 
 def test_scoring_from_feature_arrays_equals_scoring_the_feature_table(run, monkeypatch):
-    """``predict`` and Serve score impressions from the ops' numpy columns (``impression_arrays``), never building
-    the feature table: the same probabilities exactly — known and new posts mixed, one row and many (index
-    lookups, then hash joins) — and where a served member cannot take arrays, the table path."""
-    raw = _frame(run, "data", "interactions").with_columns(pl.lit(None).alias(f"{e}_at") for e in ENGAGEMENTS)
+    """``predict`` and Serve score from numpy columns: impressions from the ops' ``arrays`` (``impression_arrays``),
+    never building the feature table, posts from the feature frame's numeric columns, never converted to Arrow.
+    The same numbers exactly — known and new posts mixed, one row and many (index lookups, then hash joins) —
+    and where a served member cannot take arrays, the table path."""
     new = (_frame(run, "data", "posts").head(2).drop("likes", "retweets", "replies", "quotes")
            .with_columns(pl.format("{}-new", "post_id").alias("post_id")))
+    post_rows = run.post_features(new)
+    for members in ("served", "all"):
+        assert run.score_post_features(post_rows, members).equals(run.score_post_features(post_rows.to_arrow(), members))
+    raw = _frame(run, "data", "interactions").with_columns(pl.lit(None).alias(f"{e}_at") for e in ENGAGEMENTS)
     mixed = pl.concat([raw.head(4), raw.slice(4, 2).with_columns(new["post_id"])])
     for rows in (mixed.tail(1), mixed.head(1), mixed, raw.head(2500)):
         arrays = run.score_impressions(rows, posts=new)
