@@ -123,10 +123,11 @@ def impression_arrays(batch: pa.Table, ops: list[FeatureOp], origin_us: int, win
                       at: Joins) -> dict[str, np.ndarray]:
     """``join_impressions``' numeric columns as numpy (NaN: null) — what the models read — without a frame.
 
-    Serving's form of the same ops: each op's ``arrays`` is what its ``transform`` wraps into a frame, so the
-    two are equal by construction (``tests/test_run_api.py`` holds the served rows to the evaluated ones). A
-    request's impression features took 9.4 ms this way through frames, most of it building ~40 one-row Series
-    and converting the joined frame to Arrow (2026-12-07)."""
+    Serving's form of the same ops: the history, graph and account ops' ``transform`` is their ``arrays`` as a
+    frame (one computation); the post side's ``arrays`` is a lookup of its own, and ``tests/test_run_api.py``
+    holds the scores of both forms bit-identical (and the served rows to the evaluated ones). Through frames a
+    request's impression features took 9.4 ms, most of it building ~40 one-row Series and converting the joined
+    frame to Arrow (2026-12-07)."""
     side = first(ops, PostSide)
     df = prepare(batch, origin_us, window_hours, side.topics if side else None, at.topics_extra)
     out = {"follows_creator": df.get_column("follows_creator").cast(pl.Float32).to_numpy()}

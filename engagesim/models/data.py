@@ -141,7 +141,7 @@ def column_of(table: pa.Table | FeatureArrays, name: str) -> np.ndarray | None:
     return table.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
 
 
-def account_prior(table: pa.Table) -> np.ndarray | None:
+def account_prior(table: pa.Table | FeatureArrays) -> np.ndarray | None:
     """Each row's account → company → global mean log1p(likes): ``te_author_id_hier`` (the account's posts
     shrunk towards its company's encoding, ``post_fit.hierarchical``; a new account gets its company's).
     Runs saved before it have ``te_author_id`` only (shrunk towards the global mean), served as they were

@@ -14,6 +14,7 @@ from engagesim.models.family import Member
 
 class NNMember(Member):
     takes_arrays = True
+
     def __init__(self, name: str, model, features: list[str]):
         self.name, self.model, self.features = name, model, features
 
