@@ -144,7 +144,8 @@ def load(run_uri: str, n: int) -> dict:
 def single_latencies(cases: dict[str, dict], n: int) -> dict[str, list[float]]:
     """One request's latency (post + viewer) for each case, the cases taking turns request by request, so
     that a drift of the machine lands on all of them alike. A case may carry ``index: False`` (every
-    lookup a hash join: the baseline of features/lookup.py)."""
+    lookup a hash join: the baseline of features/lookup.py) or ``arrays: False`` (scored through feature
+    tables, as before the numpy-column path: its baseline)."""
     from engagesim.features import lookup
 
     kept = lookup.INDEX_MAX_KEYS
@@ -152,12 +153,26 @@ def single_latencies(cases: dict[str, dict], n: int) -> dict[str, list[float]]:
     for i in range(n + 20):
         for name, case in cases.items():
             lookup.INDEX_MAX_KEYS = kept if case.get("index", True) else -1
+            run = case["predictor"].run
+            if not case.get("arrays", True):
+                _through_tables(run)
             t = time.perf_counter()
             case["predictor"].predict([case["requests"][i]])
             if i >= 20:  # the first 20: warm-up
                 times[name].append(time.perf_counter() - t)
+            for method in ("score_impressions", "score_post_features"):
+                run.__dict__.pop(method, None)  # back to the class's (numpy-column) path
     lookup.INDEX_MAX_KEYS = kept
     return times
+
+
+def _through_tables(run) -> None:
+    """Make this loaded run score through feature tables (Arrow), the path before numpy columns (the baseline)."""
+    cls = type(run)
+    run.score_impressions = lambda impressions, posts=None, featurised_posts=None, members="all": (
+        run.score_impression_features(run.impression_features(impressions, posts, featurised_posts), members))
+    run.score_post_features = lambda table, members="all": cls.score_post_features(
+        run, table.to_arrow() if isinstance(table, pl.DataFrame) else table, members)
 
 
 def in_process_rows_per_s(case: dict, rows: int) -> float:
@@ -243,6 +258,7 @@ def main() -> None:
     print(f"base run: {run_uri}", file=sys.stderr)
     sample = bodies(run_uri, 2000)
     cases = {"base": load(run_uri, args.requests)}
+    cases["base_tables"] = {**cases["base"], "arrays": False}  # same run and requests, scored through tables
     if args.snapshot_scale > 1:
         large_uri = args.runs[1] if args.runs else train(tmp, "bench-large", args.impressions, args.snapshot_scale)
         print(f"large run: {large_uri}", file=sys.stderr)
@@ -253,6 +269,10 @@ def main() -> None:
     base = cases["base"]
     emit(bench="serve_in_process", p50_ms=percentile_ms(single, 50), p99_ms=percentile_ms(single, 99),
          batch_rows_per_s=inproc_batch, load_s=base["load_s"], state_rss_mb=base["state_rss_mb"], **state_rows(run_uri))
+    tables = times["base_tables"]
+    emit(bench="serve_in_process_numpy_columns", p50_ms=percentile_ms(single, 50), p99_ms=percentile_ms(single, 99),
+         tables_p50_ms=percentile_ms(tables, 50), tables_p99_ms=percentile_ms(tables, 99),
+         ratio_p50_vs_tables=round(percentile_ms(single, 50) / percentile_ms(tables, 50), 3))
     if "large" in cases:
         large, joined = times["large"], times["large_join"]
         emit(bench="serve_in_process_large_snapshot", scale=args.snapshot_scale, p50_ms=percentile_ms(large, 50),
