@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import requests  # noqa: E402
 from common import emit  # noqa: E402
@@ -171,8 +172,15 @@ def _through_tables(run) -> None:
     cls = type(run)
     run.score_impressions = lambda impressions, posts=None, featurised_posts=None, members="all": (
         run.score_impression_features(run.impression_features(impressions, posts, featurised_posts), members))
-    run.score_post_features = lambda table, members="all": cls.score_post_features(
-        run, table.to_arrow() if isinstance(table, pl.DataFrame) else table, members)
+    run.score_post_features = lambda table, members="all": cls.score_post_features(run, _arrow(table), members)
+
+
+def _arrow(posts) -> pa.Table:
+    """Post features as the Arrow table the baseline scores (``FeaturisedPosts``: its frame, made for it)."""
+    from engagesim.runs import FeaturisedPosts
+
+    posts = posts.frame if isinstance(posts, FeaturisedPosts) else posts
+    return posts.to_arrow() if isinstance(posts, pl.DataFrame) else posts
 
 
 def in_process_rows_per_s(case: dict, rows: int) -> float:

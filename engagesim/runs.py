@@ -21,7 +21,7 @@ from engagesim import io
 from engagesim.config import AppConfig
 from engagesim.errors import UserError
 from engagesim.features.impression import impression_arrays, join_impressions, post_side_columns
-from engagesim.features.impression_ops import Joins
+from engagesim.features.impression_ops import ExtraPosts, Joins
 from engagesim.features.lookup import contains
 from engagesim.features.ops import numeric_arrays
 from engagesim.features.post import post_row_features
@@ -90,6 +90,42 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.table([pc.cast(table.column(f.name), f.type) for f in schema], schema=schema)
 
 
+class FeaturisedPosts:
+    """Posts featurised for scoring (``LoadedRun.featurise_posts``): the rows the post ops read, and two forms of
+    their features, each made from those rows when first read — the numeric columns as numpy (``PostState.arrays``:
+    what members that take arrays read) and the feature frame (``PostState.transform``: members that read text,
+    explanations). Both are every row's apply version; ``tests/test_run_api.py`` holds their scores equal."""
+
+    def __init__(self, rows: pl.DataFrame, state: PostState, new_accounts: pl.DataFrame | None = None):
+        self.rows, self._state, self._new_accounts = rows, state, new_accounts
+
+    @cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        return self._state.arrays(self.rows, self._new_accounts)
+
+    @cached_property
+    def frame(self) -> pl.DataFrame:
+        return self._state.transform(self.rows, self._new_accounts)
+
+    def extend(self, at: Joins, unknown: list[str], state: ImpressionState) -> None:
+        """Hand the ``unknown`` posts (those the snapshot lacks) to ``at`` as numpy columns, as ``PostSide.arrays``
+        reads them; an unknown post without a row here is the same error as on the frame path."""
+        ids = self.rows.get_column("post_id").to_list()
+        row: dict[str, int] = {}
+        for i, post in enumerate(ids):
+            row.setdefault(post, i)  # a post given twice: its first row, as the frame path's unique()
+        missing = [post for post in unknown if post not in row]
+        if missing:
+            raise ValueError(f"no post row for post_id {missing[0]!r}")
+        names = post_side_columns(list(self.arrays))
+        at.extra_posts = ExtraPosts(row, {names[c]: v for c, v in self.arrays.items() if c in names})
+        if state.topics is not None and "text_cluster" in self.arrays:
+            first = [row[post] for post in unknown]
+            at.topics_extra = pl.DataFrame({"post_id": pl.Series(unknown, dtype=pl.String),
+                                            "topic": pl.Series(self.arrays["text_cluster"][first])
+                                            .cast(state.topics.schema["topic"])})
+
+
 class LoadedRun:
     def __init__(self, uri: str, storage=None, snapshot: Snapshot = "latest"):
         self.uri = uri
@@ -146,12 +182,22 @@ class LoadedRun:
 
         ``new_accounts``: attributes (author_id, follower_count, …) of accounts the run never saw.
         """
+        return self.post_state.transform(self._post_rows(posts), new_accounts)
+
+    def featurise_posts(self, posts: Any, new_accounts: pl.DataFrame | None = None) -> FeaturisedPosts:
+        """``post_features`` as numpy columns where the members take them, the frame only where something reads
+        it: what ``predict`` and Serve score posts from. ``score_post_features`` and ``score_impressions`` (as
+        ``featurised_posts``) take it."""
+        return FeaturisedPosts(self._post_rows(posts), self.post_state, new_accounts)
+
+    def _post_rows(self, posts: Any) -> pl.DataFrame:
+        """Raw posts → the rows the post ops read: row-local features, then the encoders' columns."""
         rows = post_row_features(_conform(_post_rows(posts), POSTS))
         for encoder in self._encoders:
             rows = encoder(rows)
         # One chunk per column: polars mis-reads a sliced fixed-size-list column that has a validity mask
         # (what to_batches makes of columns with different chunk layouts).
-        return self.post_state.transform(pl.from_arrow(rows.combine_chunks()), new_accounts)
+        return pl.from_arrow(rows.combine_chunks())
 
     def impression_features(self, impressions: Any, posts: Any | None = None,
                             featurised_posts: pl.DataFrame | None = None) -> pa.Table:
@@ -166,8 +212,10 @@ class LoadedRun:
         return join_impressions(table, state.ops, state.origin_us, state.window_hours, at)
 
     def _impression_inputs(self, impressions: Any, posts: Any | None,
-                           featurised_posts: pl.DataFrame | None) -> tuple[pa.Table, Joins]:
-        """The conformed impression rows and what their ops' joins need: the posts the snapshot lacks."""
+                           featurised_posts: pl.DataFrame | FeaturisedPosts | None,
+                           arrays: bool = False) -> tuple[pa.Table, Joins]:
+        """The conformed impression rows and what their ops' joins need: the posts the snapshot lacks (``arrays``:
+        as numpy columns where ``featurised_posts`` has them, for ``PostSide.arrays``)."""
         table = _conform(_as_arrow(impressions), INTERACTIONS)
         state = self.impression_state
         at = Joins(ALWAYS_APPLY)
@@ -176,6 +224,13 @@ class LoadedRun:
         if len(unknown):
             if posts is None and featurised_posts is None:
                 raise ValueError(f"{len(unknown)} post(s) unknown to the run and no posts given, e.g. {unknown[0]!r}")
+            if arrays and featurised_posts is None:  # raw posts: featurised to numpy columns, as Serve's
+                featurised_posts = self.featurise_posts(posts)
+            if isinstance(featurised_posts, FeaturisedPosts):
+                if arrays:
+                    featurised_posts.extend(at, unknown.to_list(), state)
+                    return table, at
+                featurised_posts = featurised_posts.frame
             new = featurised_posts if featurised_posts is not None else self.post_features(posts)
             given = new["post_id"].to_list()
             if len(set(given)) != len(given) or set(given) != set(unknown.to_list()):  # else: exactly the new posts
@@ -193,18 +248,26 @@ class LoadedRun:
         return table, at
 
     # -- score -----------------------------------------------------------------------------------
-    def score_post_features(self, table: pa.Table | pl.DataFrame, members: Members = "all") -> pa.Table:
+    def score_post_features(self, table: pa.Table | pl.DataFrame | FeaturisedPosts, members: Members = "all") -> pa.Table:
         """Post features → the served log1p(likes), expected likes with an 80 % interval, and a column per member
         (``members="served"``: only the members the served ensemble reads; "all": every member the run kept).
 
-        A polars frame (``post_features``' output: ``predict``, Serve) is read as numpy columns where every member to
-        run takes them (``numeric_arrays``; no Arrow table of ~100 columns built per request)."""
+        A polars frame (``post_features``' output: ``predict``) is read as numpy columns where every member to
+        run takes them (``numeric_arrays``; no Arrow table of ~100 columns built per request); ``FeaturisedPosts``
+        (Serve) gives them without a frame."""
+        if isinstance(table, FeaturisedPosts):
+            if self.post_models.takes_arrays(members):
+                ids, inputs = table.rows.get_column("post_id").to_arrow(), table.arrays
+                return self._post_scores(ids, self.post_models.predict(inputs, members))
+            table = table.frame
         if isinstance(table, pl.DataFrame) and self.post_models.takes_arrays(members):
             ids, inputs = table.get_column("post_id").to_arrow(), numeric_arrays(table)
         else:
             table = _as_arrow(table)
             ids, inputs = table.column("post_id"), table
-        preds = self.post_models.predict(inputs, members)
+        return self._post_scores(ids, self.post_models.predict(inputs, members))
+
+    def _post_scores(self, ids: pa.Array, preds: dict[str, np.ndarray]) -> pa.Table:
         low, high = self.post_models.interval(preds["ensemble"])
         cols = {"post_id": ids, "log1p_likes": preds["ensemble"],
                 "expected_likes": np.expm1(preds["ensemble"]).astype(np.float32),
@@ -218,7 +281,8 @@ class LoadedRun:
         return _impression_scores(table, self.impression_models.predict(table, members))
 
     def score_impressions(self, impressions: Any, posts: Any | None = None,
-                          featurised_posts: pl.DataFrame | None = None, members: Members = "all") -> pa.Table:
+                          featurised_posts: pl.DataFrame | FeaturisedPosts | None = None,
+                          members: Members = "all") -> pa.Table:
         """Raw impressions → ``score_impression_features(impression_features(…))``, the features as numpy columns
         (``impression_arrays``) where every member to run takes them: no feature table is built. What ``predict``
         and Serve call."""
@@ -226,7 +290,7 @@ class LoadedRun:
         if not models.takes_arrays(members):
             return self.score_impression_features(self.impression_features(impressions, posts, featurised_posts),
                                                   members)
-        table, at = self._impression_inputs(impressions, posts, featurised_posts)
+        table, at = self._impression_inputs(impressions, posts, featurised_posts, arrays=True)
         state = self.impression_state
         arrays = impression_arrays(table, state.ops, state.origin_us, state.window_hours, at)
         return _impression_scores(table, models.predict(arrays, members))
@@ -245,7 +309,7 @@ class LoadedRun:
             return _like(rows, self._empty_result(impressions, members))
         if impressions:
             return _like(rows, self.score_impressions(table, posts, members=members))
-        return _like(rows, self.score_post_features(self.post_features(table), members))
+        return _like(rows, self.score_post_features(self.featurise_posts(table), members))
 
     def _empty_result(self, impressions: bool, members: Members) -> pa.Table:
         when = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)

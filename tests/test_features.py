@@ -467,6 +467,28 @@ def test_media_counts_of_few_rows_equal_the_polars_path(media):
     assert post._media_rows(df).equals(post._media_polars(df))
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_TEXT | st.none(), st.sampled_from([None, "", "Acme", "Café"]),
+                          st.lists(_MEDIA_ITEM.filter(lambda m: m is not None), max_size=3)), min_size=1, max_size=4))
+def test_post_row_features_of_few_rows_equal_the_polars_path(rows):
+    """A served request's posts get their row-local features in Python and Arrow (no polars frame), a block's
+    through polars: the same table — values and column types — wherever the engines agree on the text."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from engagesim.features import post
+    from engagesim.schema import POSTS
+
+    when = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+    table = pa.Table.from_pylist([{"post_id": f"p{i}", "author_id": "a", "username": "a", "company": company,
+                                   "created_at": when, "language": "en", "likes": i, "text": text, "media": media}
+                                  for i, (text, company, media) in enumerate(rows)], schema=POSTS)
+    few = post._few_rows(table)
+    if few is not None:
+        assert few.equals(post._polars_rows(table))
+
+
 def test_importing_the_graph_features_leaves_igraph_to_the_fit():
     """igraph imports matplotlib (0.45 s of 1.3 s); every Ray worker, CLI command and Serve replica that reads
     graph features imports this module, and only the Leiden fit needs igraph."""

@@ -129,13 +129,22 @@ def test_scoring_from_feature_arrays_equals_scoring_the_feature_table(run, monke
     new = (_frame(run, "data", "posts").head(2).drop("likes", "retweets", "replies", "quotes")
            .with_columns(pl.format("{}-new", "post_id").alias("post_id")))
     post_rows = run.post_features(new)
+    known = _frame(run, "data", "posts").head(300)  # more than FEW_ROWS: the ops' block paths
     for members in ("served", "all"):
         assert run.score_post_features(post_rows, members).equals(run.score_post_features(post_rows.to_arrow(), members))
+        for posts in (new, new.head(1), known, pl.concat([new, new])):  # the post ops' arrays (Serve's posts)
+            table = run.score_post_features(run.post_features(posts).to_arrow(), members)
+            assert run.score_post_features(run.featurise_posts(posts), members).equals(table), (posts.height, members)
     raw = _frame(run, "data", "interactions").with_columns(pl.lit(None).alias(f"{e}_at") for e in ENGAGEMENTS)
     mixed = pl.concat([raw.head(4), raw.slice(4, 2).with_columns(new["post_id"])])
     for rows in (mixed.tail(1), mixed.head(1), mixed, raw.head(2500)):
         arrays = run.score_impressions(rows, posts=new)
         assert arrays.equals(run.score_impression_features(run.impression_features(rows, posts=new))), rows.height
+        # A request's new posts as numpy columns (``FeaturisedPosts``; given twice: the first row, as the frame's)
+        for given in (new, pl.concat([new, new])):
+            assert run.score_impressions(rows, featurised_posts=run.featurise_posts(given)).equals(arrays)
+    with pytest.raises(ValueError, match="no post row for post_id"):
+        run.score_impressions(mixed, featurised_posts=run.featurise_posts(new.head(1)))
     expected, calls, table_path = run.score_impressions(mixed, posts=new), [], run.impression_features
     monkeypatch.setattr(run, "impression_features", lambda *a, **k: calls.append(1) or table_path(*a, **k))
     for member in run.impression_models.loaded.values():

@@ -111,6 +111,14 @@ class Projections(FeatureOp):
                 parts.append(frame({f"{prefix}_pca_{i}": comps[:, i] for i in range(comps.shape[1])}))
         return pl.concat(parts, how="horizontal") if parts else None
 
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        out = {}
+        for column, prefix in EMBEDDING_BLOCKS:
+            if column in df.columns and prefix in self.projections:
+                comps = self.projections[prefix].apply_rows(*valid_block(df, column))
+                out.update({f"{prefix}_pca_{i}": comps[:, i] for i in range(comps.shape[1])})
+        return out
+
     def save(self, uri, storage, skip):
         arrays = {f"{k}.mean": p.mean for k, p in self.projections.items()}
         arrays.update({f"{k}.components": p.components for k, p in self.projections.items()})
@@ -255,3 +263,6 @@ class Vectors(FeatureOp):
     def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame | None:
         blocks = [column for column, _ in EMBEDDING_BLOCKS if column in df.columns]
         return df.select(blocks) if blocks else None
+
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        return {}  # vectors, not numeric columns: what numeric_arrays of the frame would drop

@@ -67,12 +67,14 @@ class TargetStats:
     def apply(self, keys: pl.Series) -> np.ndarray:
         return self.apply_counted(keys)[0]
 
-    def apply_counted(self, keys: pl.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each key's smoothed mean, how many labelled rows it stands on (0: the prior alone) and their sum."""
-        from engagesim.features.lookup import lookup_columns
+    def apply_counted(self, keys: pl.Series | list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each key's smoothed mean, how many labelled rows it stands on (0: the prior alone) and their sum.
+        ``keys`` as a list: a served post's few keys (``post_fit.key_rows(..., as_list=True)``)."""
+        from engagesim.features.lookup import lookup_columns, lookup_values
 
-        got = lookup_columns(self.table, self.key, keys.alias(self.key).to_frame(), ["te_sum", "te_count"],
-                             {"te_sum": 0.0, "te_count": 0.0})
+        fill = {"te_sum": 0.0, "te_count": 0.0}
+        got = (lookup_values(self.table, self.key, keys, ["te_sum", "te_count"], fill) if isinstance(keys, list)
+               else lookup_columns(self.table, self.key, keys.alias(self.key).to_frame(), ["te_sum", "te_count"], fill))
         s, c = got["te_sum"], got["te_count"]
         return (s + self.prior * self.smoothing) / (c + self.smoothing), c, s
 

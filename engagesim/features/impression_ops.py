@@ -34,16 +34,27 @@ ACCOUNT_COLUMNS = ("follower_count", "following_count", "follower_ratio", "verif
 
 
 @dataclass
+class ExtraPosts:
+    """Posts the snapshot lacks (a request's new posts) as numpy columns: the row of each post_id and the
+    columns an impression row carries of it (``post_<name>``)."""
+
+    row: dict[str, int]
+    columns: dict[str, np.ndarray]
+
+
+@dataclass
 class Joins:
     """What an impression op's transform knows beyond the rows: rows from ``cutoff_us`` read the apply (training
     total) tables, rows from ``test_from_us`` the recent ones (training + validation period), earlier rows the
-    ``history_mode`` ones; posts (and their topics) the snapshot lacks."""
+    ``history_mode`` ones; posts (and their topics) the snapshot lacks — as a frame (``posts_extra``) or, for
+    ``PostSide.arrays`` only, as numpy columns (``extra_posts``)."""
 
     cutoff_us: int
     history_mode: str = "apply"
     posts_extra: pl.DataFrame | None = None
     topics_extra: pl.DataFrame | None = None
     test_from_us: int | None = None
+    extra_posts: ExtraPosts | None = None
 
 
 class History(FeatureOp):
@@ -250,6 +261,8 @@ class PostSide(FeatureOp):
 
     def __init__(self, posts: pl.DataFrame | None, topics: pl.DataFrame | None, names: list[str]) -> None:
         self.posts, self.topics, self.names = posts, topics, [n for n in names if n != "post_id"]
+        self._names: list[str] = []
+        self._names_of: pl.DataFrame | None = None  # the snapshot ``_names`` were found in (the pipeline sets posts)
 
     def columns(self) -> list[str]:
         return self.names
@@ -261,15 +274,25 @@ class PostSide(FeatureOp):
 
     def arrays(self, df: pl.DataFrame, at: Joins) -> dict[str, np.ndarray]:
         """The numeric post columns of each row's post (float64, NaN: null or no such post): from the snapshot by
-        ``lookup_columns``, a post it lacks from ``at.posts_extra`` (a request's new post) by position — no frame
-        per request (``transform``'s lookup and its conversion cost 1.7 ms a served row; this 0.4)."""
+        ``lookup_columns``, a post it lacks from ``at.extra_posts`` or ``at.posts_extra`` (a request's new post) by
+        position — no frame per request (``transform``'s lookup and its conversion cost 1.7 ms a served row; this
+        0.4)."""
         if self.posts is None:
             return super().arrays(df, at)
-        names = [n for n, d in self.posts.schema.items() if n != "post_id" and (d.is_numeric() or d == pl.Boolean)]
+        names = self._numeric_names()
         keys = df.select("post_id")
         got = lookup_columns(self.posts, "post_id", keys, names, dict.fromkeys(names, np.nan))
         extra = at.posts_extra
-        if extra is not None and extra.height and names:
+        if at.extra_posts is not None and names:
+            ids = keys.get_column("post_id")
+            new = ~contains(self.posts, "post_id", ids).to_numpy()
+            if new.any():
+                get = at.extra_posts.row.get
+                rows = np.array([get(k, -1) for k in ids.filter(pl.Series(new)).to_list()], dtype=np.int64)
+                for name in names:  # row -1: no such post, NaN (one past the last row)
+                    column = np.append(np.asarray(at.extra_posts.columns[name], dtype=np.float64), np.nan)
+                    got[name][new] = column[rows]
+        elif extra is not None and extra.height and names:
             ids = keys.get_column("post_id")
             new = ~contains(self.posts, "post_id", ids).to_numpy()
             if new.any():
@@ -295,6 +318,13 @@ class PostSide(FeatureOp):
 
         posts = table_or_parts(uri, "posts", storage)
         return cls(posts, table_or_parts(uri, "topics", storage) if meta["topics"] else None, posts.columns)
+
+    def _numeric_names(self) -> list[str]:
+        """The snapshot's numeric columns (what ``arrays`` gives), found once per snapshot."""
+        if self._names_of is not self.posts:
+            self._names, self._names_of = [n for n, d in self.posts.schema.items()
+                                           if n != "post_id" and (d.is_numeric() or d == pl.Boolean)], self.posts
+        return self._names
 
     def index_for_lookups(self) -> None:
         indexed(self.posts, "post_id")

@@ -144,25 +144,39 @@ def lookup_columns(table: pl.DataFrame, on: str | list[str], keys: pl.DataFrame,
     index = index_of(table, on) if keys.height <= INDEX_MAX_KEYS else None
     if index is not None:
         values = keys.select(on).rows() if len(on) > 1 else keys.get_column(on[0]).to_list()
-        get = index.row.get
-        rows = np.fromiter((get(k, -1) for k in values), dtype=np.int64, count=len(values))
-        at, missing = np.maximum(rows, 0), rows < 0
-        out = {}
-        for c in columns:
-            got = _array(table, c)[at] if table.height else np.zeros(len(rows))
-            out[c] = got.astype(np.float64)  # a copy: the fills below never write into the table's memory
-            out[c][missing] = np.nan
-    else:
-        joined = keys.select(on).join(table.select(*on, *columns), on=on, how="left", maintain_order="left")
-        if joined.height != keys.height:
-            raise ValueError(f"the table is not unique on {on}: a lookup would repeat rows")
-        # One parallel pass; to_numpy then copies only the columns still holding nulls (as NaN).
-        filled = joined.select(pl.col(c).cast(pl.Float64) if np.isnan(fill[c]) else
-                               pl.col(c).cast(pl.Float64).fill_null(fill[c]).fill_nan(fill[c]) for c in columns)
-        return {c: filled[c].to_numpy() for c in columns}
-    for c, values in out.items():
+        return _indexed_columns(table, index, values, columns, fill)
+    joined = keys.select(on).join(table.select(*on, *columns), on=on, how="left", maintain_order="left")
+    if joined.height != keys.height:
+        raise ValueError(f"the table is not unique on {on}: a lookup would repeat rows")
+    # One parallel pass; to_numpy then copies only the columns still holding nulls (as NaN).
+    filled = joined.select(pl.col(c).cast(pl.Float64) if np.isnan(fill[c]) else
+                           pl.col(c).cast(pl.Float64).fill_null(fill[c]).fill_nan(fill[c]) for c in columns)
+    return {c: filled[c].to_numpy() for c in columns}
+
+
+def lookup_values(table: pl.DataFrame, on: str, values: list, columns: list[str],
+                  fill: dict[str, float], dtype: pl.DataType = pl.String) -> dict[str, np.ndarray]:
+    """``lookup_columns`` for keys given as a Python list (one key column of type ``dtype``): a served row's
+    keys go straight to the index, without the Series and frame ``lookup_columns`` reads them from."""
+    index = index_of(table, [on]) if len(values) <= INDEX_MAX_KEYS else None
+    if index is None:
+        return lookup_columns(table, on, pl.DataFrame({on: values}, schema={on: dtype}), columns, fill)
+    return _indexed_columns(table, index, values, columns, fill)
+
+
+def _indexed_columns(table: pl.DataFrame, index: KeyIndex, values: list, columns: list[str],
+                     fill: dict[str, float]) -> dict[str, np.ndarray]:
+    get = index.row.get
+    rows = np.fromiter((get(k, -1) for k in values), dtype=np.int64, count=len(values))
+    at, missing = np.maximum(rows, 0), rows < 0
+    out = {}
+    for c in columns:
+        got = _array(table, c)[at] if table.height else np.zeros(len(rows))
+        values_c = got.astype(np.float64)  # a copy: the fills below never write into the table's memory
+        values_c[missing] = np.nan
         if not np.isnan(fill[c]):
-            values[np.isnan(values)] = fill[c]
+            values_c[np.isnan(values_c)] = fill[c]
+        out[c] = values_c
     return out
 
 

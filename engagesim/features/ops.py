@@ -124,15 +124,34 @@ def transform(ops: list[FeatureOp], df: pl.DataFrame, at: Apply) -> pl.DataFrame
     return pl.concat([t for op in ops if (t := op.transform(df, at)) is not None], how="horizontal")
 
 
-def numeric_arrays(df: pl.DataFrame) -> dict[str, np.ndarray]:
-    """A frame's numeric and boolean columns as numpy (float32 where a column held nulls or booleans, NaN for
-    null; a model matrix converts every column to float32 anyway)."""
+def arrays(ops: list[FeatureOp], df: pl.DataFrame, at: Any) -> dict[str, np.ndarray]:
+    """``numeric_arrays(transform(ops, df, at))`` without the frame: each op's ``arrays``, in the ops' order."""
+    out: dict[str, np.ndarray] = {}
+    for op in ops:
+        out.update(op.arrays(df, at))
+    return out
+
+
+def numeric_arrays(df: pl.DataFrame, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """A frame's numeric and boolean columns (of ``names``, those the frame has) as numpy (float32 where a column
+    held nulls or booleans, NaN for null; a model matrix converts every column to float32 anyway).
+
+    Column by column: a served post's 20 columns cost ~0.1 ms so, where one ``select`` of them alone cost 0.2 ms
+    (and the frame's ``schema`` is a new dict on every access: read once)."""
     out = {}
-    for name, dtype in df.schema.items():
-        if dtype.is_numeric() or dtype == pl.Boolean:
-            column = df.get_column(name)
-            out[name] = (column.cast(pl.Float32).to_numpy() if column.null_count() or dtype == pl.Boolean
-                         else column.to_numpy())
+    schema = df.schema
+    for name in schema if names is None else names:
+        dtype = schema.get(name)
+        if dtype is None or not (dtype.is_numeric() or dtype == pl.Boolean):
+            continue
+        column = df.get_column(name)
+        nulls = column.null_count()
+        if dtype == pl.Boolean or (nulls and not dtype.is_float()):
+            out[name] = column.cast(pl.Float32).to_numpy()
+        elif nulls:  # a float column's nulls come out as NaN: the cast in numpy (the same rounding, µs not tens)
+            out[name] = column.to_numpy().astype(np.float32)
+        else:
+            out[name] = column.to_numpy()
     return out
 
 

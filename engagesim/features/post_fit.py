@@ -134,13 +134,14 @@ def keys_in_buckets(rows: pl.DataFrame, where: dict[int, tuple[int, int]]) -> di
 
 # --- target encodings --------------------------------------------------------------------------
 
-def key_rows(df: pl.DataFrame, column: str) -> tuple[np.ndarray, pl.Series]:
-    """(row of each key, the keys): one per row for scalar columns (null → "<none>"), one per list element."""
+def key_rows(df: pl.DataFrame, column: str, as_list: bool = False) -> tuple[np.ndarray, pl.Series | list[str]]:
+    """(row of each key, the keys): one per row for scalar columns (null → "<none>"), one per list element.
+    ``as_list``: a few rows' keys as a Python list (what ``TargetStats.apply_counted`` looks up by index)."""
     values = df.get_column(column)
     if column in TE_SCALAR:
         if df.height <= FEW_ROWS and values.dtype == pl.String:  # a served post: no expression (~0.2 ms each)
-            return np.arange(df.height), pl.Series(column, ["<none>" if v is None else v for v in values.to_list()],
-                                                   dtype=pl.String)
+            keys = ["<none>" if v is None else v for v in values.to_list()]
+            return np.arange(df.height), keys if as_list else pl.Series(column, keys, dtype=pl.String)
         return np.arange(df.height), values.fill_null("<none>").cast(pl.String)
     if df.height <= FEW_ROWS and values.dtype == pl.List(pl.String):  # a served post: no explode
         rows, keys = [], []
@@ -149,7 +150,7 @@ def key_rows(df: pl.DataFrame, column: str) -> tuple[np.ndarray, pl.Series]:
                 if e is not None:
                     rows.append(i)
                     keys.append(e)
-        return np.array(rows, dtype=np.int64), pl.Series(column, keys, dtype=pl.String)
+        return np.array(rows, dtype=np.int64), keys if as_list else pl.Series(column, keys, dtype=pl.String)
     exploded = df.select(pl.int_range(pl.len()).alias("row"), pl.col(column)).explode(column).drop_nulls(column)
     return exploded["row"].to_numpy(), exploded[column].cast(pl.String)
 

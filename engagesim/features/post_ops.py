@@ -17,8 +17,8 @@ import polars as pl
 from engagesim import io
 from engagesim.features import encodings, post_fit
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
-from engagesim.features.lookup import contains, frame, index_of, indexed, left_lookup
-from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows, Snapshot
+from engagesim.features.lookup import contains, frame, index_of, indexed, left_lookup, lookup_values
+from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows, Snapshot, numeric_arrays
 from engagesim.features.post import MEDIA_COLUMNS
 from engagesim.features.post_fit import LIST_SUMMARY, TE_COUNTED, TE_LIST, TE_SCALAR
 from engagesim.features.reach import REACH_COLUMNS, AuthorReach
@@ -27,9 +27,10 @@ from engagesim.features.temporal import (
     AccountsCreated,
     PreviousPosts,
     earlier_posts,
+    few_rows_arrays,
     temporal_features,
 )
-from engagesim.features.text import TEXT_STAT_COLUMNS
+from engagesim.features.text import FEW_ROWS, TEXT_STAT_COLUMNS
 from engagesim.io import read_parquet, write_parquet
 
 EMBEDDING_BLOCKS = (("text_emb", "text"), ("text_sketch", "sketch"), ("image_emb", "image"))
@@ -105,6 +106,9 @@ class RowColumns(FeatureOp):
         text = pl.col("text").fill_null("") if "text" in df.columns else pl.lit("").alias("text")
         return df.select(*ID_COLUMNS[:-1], text, *TEXT_STAT_COLUMNS, *MEDIA_COLUMNS)
 
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        return numeric_arrays(df, [*ID_COLUMNS[:-1], *TEXT_STAT_COLUMNS, *MEDIA_COLUMNS])
+
 
 class Temporal(FeatureOp):
     """Day, hour, month, seconds since the account's previous known post, account age."""
@@ -138,6 +142,14 @@ class Temporal(FeatureOp):
         return temporal_features(df.select("post_id", "author_id", "created_at"), known=self.known,
                                  accounts=self.accounts, earlier=self.earlier(), previous=self._previous,
                                  created=self._created).drop("post_id")
+
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        """A served post's columns in plain Python (``temporal.few_rows_arrays``); the frame's otherwise."""
+        if (self._previous is not None and df.height <= FEW_ROWS
+                and (self._created is not None or self.accounts is None)):
+            if (out := few_rows_arrays(df, self._previous, self._created)) is not None:
+                return out
+        return super().arrays(df, at)
 
     def save(self, uri, storage, skip):
         if "known_posts" not in skip:
@@ -232,24 +244,35 @@ class TargetEncoding(FeatureOp):
             replaced.append(pl.Series(c, values))
         return table.with_columns(replaced)
 
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        """The apply values as numpy (a served post's encodings: its keys looked up by index, no frame)."""
+        if not self.te_scalar:
+            return {}
+        if at.roles is not None and at.roles.train.any():
+            return super().arrays(df, at)
+        return self._apply_arrays(df)
+
     def _apply(self, df: pl.DataFrame) -> pl.DataFrame:
+        return frame(self._apply_arrays(df))
+
+    def _apply_arrays(self, df: pl.DataFrame) -> dict[str, np.ndarray]:
         cols: dict[str, np.ndarray] = {}
         author = None
         for key, stats in self.te_scalar.items():
-            values, counts, sums = stats.apply_counted(post_fit.key_rows(df, key)[1])
+            values, counts, sums = stats.apply_counted(post_fit.key_rows(df, key, as_list=True)[1])
             cols[f"te_{key}"] = values.astype(np.float32)
             if key in TE_COUNTED:
                 cols[f"te_{key}_n"] = counts.astype(np.float32)
             if key == "author_id":
                 author = (sums, counts)
         for key, stats in self.te_list.items():
-            rows, elems = post_fit.key_rows(df, key)
+            rows, elems = post_fit.key_rows(df, key, as_list=True)
             summary = encodings.list_te_summary(rows, stats.apply(elems), df.height, self.prior)
             for k, name in enumerate(LIST_SUMMARY):
                 cols[f"te_{key}_{name}"] = summary[:, k]
         if author is not None and self.hier_smoothing is not None:
             cols["te_author_id_hier"] = post_fit.hierarchical(*author, cols["te_company"], self.hier_smoothing)
-        return frame(cols)
+        return cols
 
     def _past(self, df: pl.DataFrame, roles: Rows) -> pl.DataFrame:
         """``te_mode=past``: each training row sees only strictly earlier rows of its key (in process only)."""
@@ -321,6 +344,9 @@ class Reach(FeatureOp):
     def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame | None:
         return None if self.reach is None else self.reach.features(df)
 
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        return {} if self.reach is None else {c: v.astype(np.float32) for c, v in self.reach.arrays(df).items()}
+
     def save(self, uri, storage, skip):
         if "reach_exposed" not in skip:
             write_parquet(io.join(uri, "reach_exposed.parquet"), self.reach.exposed, storage)
@@ -360,6 +386,15 @@ class AuthorAttributes(FeatureOp):
         author = left_lookup(df.select("author_id"), self.authors, "author_id", unseen)
         return author.select(pl.col(c).alias(f"author_{c}") for c in AUTHOR_ATTRIBUTES)
 
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        """Known accounts' attributes by index (``lookup_values``); a request naming new accounts takes the frame."""
+        new = at.new_accounts
+        if (new is not None and new.height) or df.height > FEW_ROWS or df.schema["author_id"] != pl.String:
+            return super().arrays(df, at)
+        got = lookup_values(self.authors, "author_id", df.get_column("author_id").to_list(), list(AUTHOR_ATTRIBUTES),
+                            dict.fromkeys(AUTHOR_ATTRIBUTES, np.nan))
+        return {f"author_{c}": got[c] for c in AUTHOR_ATTRIBUTES}
+
     def save(self, uri, storage, skip):
         write_parquet(io.join(uri, "authors.parquet"), self.authors, storage)
         return {"has_authors": True}, {}
@@ -396,6 +431,13 @@ class Languages(FeatureOp):
     def transform(self, df: pl.DataFrame, at: Apply) -> pl.DataFrame:
         return encodings.one_hot(df["language"], self.top, "lang")
 
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        language = df.get_column("language")
+        if df.height > FEW_ROWS or language.dtype != pl.String:
+            return super().arrays(df, at)
+        given = language.to_list()  # a served post: as one_hot's few-rows path (an unknown or null value: zeros)
+        return {f"lang={c}": np.array([v == c for v in given], dtype=np.int8) for c in self.top}
+
     def save(self, uri, storage, skip):
         return {"top_langs": self.top}, {}
 
@@ -417,3 +459,11 @@ class ImageStats(FeatureOp):
             return None
         has_image = (df["image_error"].is_null() & df["photo_uri"].is_not_null()).cast(pl.Float32)
         return df.select(pl.col(IMAGE_STAT_COLUMNS).cast(pl.Float32)).with_columns(has_image.alias("has_image"))
+
+    def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
+        if "clarity_contrast" not in df.columns:
+            return {}
+        out = {c: v.astype(np.float32) for c, v in numeric_arrays(df, IMAGE_STAT_COLUMNS).items()}
+        out["has_image"] = (df["image_error"].is_null().to_numpy() & df["photo_uri"].is_not_null().to_numpy()
+                            ).astype(np.float32)
+        return out

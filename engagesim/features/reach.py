@@ -68,6 +68,10 @@ class AuthorReach:
     def features(self, posts: pl.DataFrame) -> pl.DataFrame:
         """Row-aligned with ``posts`` (post_id, author_id): mean log1p impressions of the author's other
         exposed posts (null when there are none) and how many there are."""
+        return float32_frame(self.arrays(posts))
+
+    def arrays(self, posts: pl.DataFrame) -> dict[str, np.ndarray]:
+        """``features`` as float64 numpy (NaN: none)."""
         author = lookup_columns(self._authors, "author_id", posts, ["_sum", "_n"], {"_sum": 0.0, "_n": 0.0})
         own = lookup_columns(self._own, "post_id", posts, ["_own"], {"_own": np.nan})["_own"]
         known = ~np.isnan(own)
@@ -75,4 +79,4 @@ class AuthorReach:
         total = author["_sum"] - np.where(known, own, 0.0)
         mean = np.full(len(others), np.nan)
         np.divide(total, others, out=mean, where=others > 0)
-        return float32_frame({REACH_COLUMNS[0]: mean, REACH_COLUMNS[1]: others})
+        return {REACH_COLUMNS[0]: mean, REACH_COLUMNS[1]: others}

@@ -168,6 +168,12 @@ class PostState:
         """
         return feature_ops.transform(self.ops, df, Apply(roles, new_accounts))
 
+    def arrays(self, df: pl.DataFrame, new_accounts: pl.DataFrame | None = None) -> dict[str, np.ndarray]:
+        """``transform``'s numeric columns as numpy (NaN: null), every row the apply version: what the models
+        read of a served post, without its frame (each op's ``arrays``; ``tests/test_run_api.py`` holds the
+        scores of both forms bit-identical)."""
+        return feature_ops.arrays(self.ops, df, Apply(None, new_accounts))
+
     # -- persistence ----------------------------------------------------------------------------
     def save(self, uri: str, storage=None) -> None:
         meta: dict[str, Any] = {"ops": [op.name for op in self.ops]}

@@ -68,6 +68,26 @@ def _seconds(delta_us: int) -> int:
 def few_rows(posts: pl.DataFrame, previous: PreviousPosts, accounts: AccountsCreated | None) -> pl.DataFrame | None:
     """``temporal_features`` of a few posts in plain Python (a served post: ~0.1 ms where the frame operations
     cost ~1 ms), or None where its arithmetic would not be the polars path's: times other than UTC µs."""
+    cols = _few_rows_lists(posts, previous, accounts)
+    if cols is None:
+        return None
+    return pl.DataFrame([posts["post_id"], *[pl.Series(c, cols[c], dtype=pl.Int8) for c in ("day_of_week", "hour", "month")],
+                         pl.Series("secs_since_prev_post", cols["secs_since_prev_post"], dtype=pl.Int64).cast(pl.Float32),
+                         pl.Series("account_age_days", cols["account_age_days"], dtype=pl.Float64).cast(pl.Float32)])
+
+
+def few_rows_arrays(posts: pl.DataFrame, previous: PreviousPosts,
+                    accounts: AccountsCreated | None) -> dict[str, np.ndarray] | None:
+    """``few_rows`` as float32 numpy columns (NaN: null), the values ``numeric_arrays`` reads from its frame."""
+    cols = _few_rows_lists(posts, previous, accounts)
+    if cols is None:
+        return None
+    return {c: np.array([np.nan if v is None else v for v in cols[c]], dtype=np.float64).astype(np.float32)
+            for c in TEMPORAL_COLUMNS}
+
+
+def _few_rows_lists(posts: pl.DataFrame, previous: PreviousPosts,
+                    accounts: AccountsCreated | None) -> dict[str, list] | None:
     dtype = posts.schema["created_at"]
     if dtype != pl.Datetime("us", "UTC") or previous.dtype != dtype:
         return None
@@ -87,9 +107,7 @@ def few_rows(posts: pl.DataFrame, previous: PreviousPosts, accounts: AccountsCre
         cols["month"].append(int(np.datetime64(t, "us").astype("datetime64[M]").astype(np.int64)) % 12 + 1)
         cols["secs_since_prev_post"].append(None if p is None else _seconds(t - p))
         cols["account_age_days"].append(None if m is None else _seconds(t - m) / 86400.0)
-    return pl.DataFrame([posts["post_id"], *[pl.Series(c, cols[c], dtype=pl.Int8) for c in ("day_of_week", "hour", "month")],
-                         pl.Series("secs_since_prev_post", cols["secs_since_prev_post"], dtype=pl.Int64).cast(pl.Float32),
-                         pl.Series("account_age_days", cols["account_age_days"], dtype=pl.Float64).cast(pl.Float32)])
+    return cols
 
 
 def account_created(users: pl.DataFrame) -> pl.DataFrame:

@@ -124,8 +124,12 @@ def _learn(chars: set[str]) -> None:
 def _is_few_agreed(posts: pl.DataFrame) -> bool:
     if posts.height > FEW_ROWS:
         return False
-    texts = posts["text"].to_list()
-    companies = posts["company"].to_list() if "company" in posts.columns else []
+    return agreed(posts["text"].to_list(), posts["company"].to_list() if "company" in posts.columns else [])
+
+
+def agreed(texts: list[str | None], companies: list[str | None]) -> bool:
+    """Whether Python's re / str methods and polars treat every character of these texts alike (``text_rows``
+    then equals the polars path)."""
     chars = set().union(*(set(v) for v in (*texts, *companies) if v))
     _learn(chars)
     return all(_AGREE[c] for c in chars)
@@ -157,13 +161,18 @@ def _row(text: str | None, company: str | None) -> dict:
             "clean_text": cleaned.strip()}
 
 
-_SCHEMA = {**{c: pl.Float32 for c in TEXT_STAT_COLUMNS}, "hashtags": pl.List(pl.String),
+TEXT_SCHEMA = {**{c: pl.Float32 for c in TEXT_STAT_COLUMNS}, "hashtags": pl.List(pl.String),
            "mentions": pl.List(pl.String), "domains": pl.List(pl.String), "clean_text": pl.String}
 
 
 def _text_rows(posts: pl.DataFrame) -> pl.DataFrame:
     """``text_features`` of a few rows the engines agree on, row by row in Python (equal to the polars path)."""
     companies = posts["company"].to_list() if "company" in posts.columns else [None] * posts.height
-    rows = [_row(t, c) for t, c in zip(posts["text"].to_list(), companies)]
-    columns = {name: [row[name] for row in rows] for name in _SCHEMA}
-    return pl.concat([posts.select("post_id"), pl.DataFrame(columns, schema=_SCHEMA)], how="horizontal")
+    columns = text_rows(posts["text"].to_list(), companies)
+    return pl.concat([posts.select("post_id"), pl.DataFrame(columns, schema=TEXT_SCHEMA)], how="horizontal")
+
+
+def text_rows(texts: list[str | None], companies: list[str | None]) -> dict[str, list]:
+    """The text columns (``TEXT_SCHEMA``'s) of a few rows, as Python lists: call only where ``agreed``."""
+    rows = [_row(t, c) for t, c in zip(texts, companies)]
+    return {name: [row[name] for row in rows] for name in TEXT_SCHEMA}

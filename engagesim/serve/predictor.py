@@ -56,11 +56,11 @@ class RequestPredictor:
         posts, impressions, accounts = to_rows(requests, self.upload_dir)
         post_rows = pa.Table.from_pylist(posts)
         new_accounts = pl.DataFrame(accounts) if accounts else None
-        features = self.run.post_features(post_rows, new_accounts)
+        features = self.run.featurise_posts(post_rows, new_accounts)
         scored = self.run.score_post_features(features, members="served")
         members = [c for c in scored.column_names if c.startswith("log1p_likes_")]
         explain = [i for i, r in enumerate(requests) if r.explain]
-        contributions = (dict(zip(explain, self.run.post_models.contributions(features[explain].to_arrow())))
+        contributions = (dict(zip(explain, self.run.post_models.contributions(features.frame[explain].to_arrow())))
                          if explain else {})
         engagement: dict[int, dict[str, float]] = {}
         if impressions:
