@@ -22,7 +22,7 @@ from engagesim.config import AppConfig
 from engagesim.errors import UserError
 from engagesim.features.impression import impression_arrays, join_impressions, post_side_columns
 from engagesim.features.impression_ops import ExtraPosts, Joins
-from engagesim.features.lookup import contains
+from engagesim.features.lookup import absent
 from engagesim.features.ops import numeric_arrays
 from engagesim.features.post import post_row_features
 from engagesim.features.state import ImpressionState, PostState, Snapshot
@@ -221,21 +221,22 @@ class LoadedRun:
         table = _conform(_as_arrow(impressions), INTERACTIONS)
         state = self.impression_state
         at = Joins(ALWAYS_APPLY)
-        ids = pl.Series(table.column("post_id").to_pylist(), dtype=pl.String)
-        unknown = ids.filter(~contains(state.posts, "post_id", ids)).unique()
-        if len(unknown):
+        unknown_ids = absent(state.posts, "post_id", table.column("post_id").to_pylist())  # first-seen order
+        if unknown_ids:
             if posts is None and featurised_posts is None:
-                raise ValueError(f"{len(unknown)} post(s) unknown to the run and no posts given, e.g. {unknown[0]!r}")
+                raise ValueError(f"{len(unknown_ids)} post(s) unknown to the run and no posts given, "
+                                 f"e.g. {unknown_ids[0]!r}")
             if arrays and featurised_posts is None:  # raw posts: featurised to numpy columns, as Serve's
                 featurised_posts = self.featurise_posts(posts)
             if isinstance(featurised_posts, FeaturisedPosts):
                 if arrays:
-                    featurised_posts.extend(at, unknown.to_list(), state)
+                    featurised_posts.extend(at, unknown_ids, state)
                     return table, at
                 featurised_posts = featurised_posts.frame
+            unknown = pl.Series(unknown_ids, dtype=pl.String)
             new = featurised_posts if featurised_posts is not None else self.post_features(posts)
             given = new["post_id"].to_list()
-            if len(set(given)) != len(given) or set(given) != set(unknown.to_list()):  # else: exactly the new posts
+            if len(set(given)) != len(given) or set(given) != set(unknown_ids):  # else: exactly the new posts
                 new = new.filter(pl.col("post_id").is_in(unknown.implode())).unique("post_id", maintain_order=True)
                 missing = unknown.filter(~unknown.is_in(new["post_id"].implode()))
                 if len(missing):

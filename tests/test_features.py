@@ -489,6 +489,30 @@ def test_post_row_features_of_few_rows_equal_the_polars_path(rows):
         assert few.equals(post._polars_rows(table))
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.floats(0.01, 0.6), st.integers(1, 200))
+def test_cooccurrence_lookups_of_a_few_queries_equal_the_bisection(seed, size, density, queries):
+    """``GraphModel._co_at`` answers a served pair's few queries one searchsorted at a time, a block's by a
+    vectorised bisection: the same values (present entries, absent ones, empty rows, the last column)."""
+    import scipy.sparse as sp
+
+    from engagesim.features import graph
+
+    rng = np.random.default_rng(seed)
+    co = sp.random(size, size, density=density, format="csr", random_state=rng, dtype=np.float64)
+    co.sort_indices()
+    rows, cols = rng.integers(0, size, queries), rng.integers(0, size, queries)
+    dense = co.toarray()[rows, cols]
+    few, kept = graph._co_few(co, rows, cols), graph.FEW_QUERIES
+    try:
+        graph.FEW_QUERIES = -1  # the bisection at any size
+        bisected = graph.GraphModel._co_at(co, rows, cols)
+    finally:
+        graph.FEW_QUERIES = kept
+    np.testing.assert_array_equal(few, dense)
+    np.testing.assert_array_equal(bisected, dense)
+
+
 def test_importing_the_graph_features_leaves_igraph_to_the_fit():
     """igraph imports matplotlib (0.45 s of 1.3 s); every Ray worker, CLI command and Serve replica that reads
     graph features imports this module, and only the Leiden fit needs igraph."""

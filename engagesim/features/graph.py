@@ -120,6 +120,8 @@ class GraphModel:
         queries at once — log2(row length) numpy passes, no row copied."""
         if not co.nnz:
             return np.zeros(len(rows))
+        if len(rows) <= FEW_QUERIES:
+            return _co_few(co, rows, cols)
         lo, hi = co.indptr[rows].astype(np.int64), co.indptr[rows + 1].astype(np.int64)
         end = hi.copy()
         while True:
@@ -200,8 +202,12 @@ class GraphModel:
         if known.any():
             # Each distinct (user, creator) pair once, in bounded chunks: a sparse row selection of
             # creator_co costs memory per selected row, and impressions repeat pairs a lot.
-            pairs = np.unique(np.column_stack([u[known], c[known]]), axis=0, return_inverse=True)
-            unique, inverse = pairs[0], pairs[1].ravel()
+            known_pairs = np.column_stack([u[known], c[known]])
+            if len(known_pairs) == 1:  # a served request's one pair (np.unique along an axis: ~50 µs)
+                unique, inverse = known_pairs, np.zeros(1, dtype=np.int64)
+            else:
+                pairs = np.unique(known_pairs, axis=0, return_inverse=True)
+                unique, inverse = pairs[0], pairs[1].ravel()
             cf_u = np.zeros(len(unique), dtype=np.float32)
             sim_u = np.zeros(len(unique), dtype=np.float32)
             for lo in range(0, len(unique), self.chunk):
@@ -228,6 +234,24 @@ class GraphModel:
             cols[f"same_community_{e}"] = same
             cols[f"inv_community_size_{e}"] = inv_size
         return cols
+
+
+# Up to this many (row, column) queries ``_co_at`` bisects each row's indices with ``np.searchsorted``, one query
+# at a time: a served pair's few dozen queries in ~0.05 ms, where the vectorised bisection's ~12 passes of six
+# array operations each cost ~0.15 ms twice a request (its cost is per pass, not per query).
+FEW_QUERIES = 64
+
+
+def _co_few(co: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``GraphModel._co_at`` for a few queries (the same values: an exact lookup either way)."""
+    out = np.zeros(len(rows))
+    indptr, indices, data = co.indptr, co.indices, co.data
+    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+        a, b = int(indptr[r]), int(indptr[r + 1])
+        j = a + int(np.searchsorted(indices[a:b], c))
+        if j < b and indices[j] == c:
+            out[i] = data[j]
+    return out
 
 
 def _at(table: np.ndarray, i: np.ndarray, row: np.ndarray | None) -> np.ndarray:

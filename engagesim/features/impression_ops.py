@@ -224,8 +224,9 @@ class Accounts(FeatureOp):
         now = df["impression_at"].dt.epoch("us").to_numpy()
         cols: dict[str, np.ndarray] = {}
         for prefix, key in (("user", "user_id"), ("creator", "creator_id")):
-            got = lookup_columns(table, "user_id", df.select(pl.col(key).alias("user_id")), [*ACCOUNT_COLUMNS, "_us"],
-                                 dict.fromkeys([*ACCOUNT_COLUMNS, "_us"], np.nan))
+            # The key as a one-column frame without a select (a select's expression costs ~0.2 ms at one row).
+            got = lookup_columns(table, "user_id", df.get_column(key).alias("user_id").to_frame(),
+                                 [*ACCOUNT_COLUMNS, "_us"], dict.fromkeys([*ACCOUNT_COLUMNS, "_us"], np.nan))
             cols.update({f"{prefix}_{c}": got[c] for c in ACCOUNT_COLUMNS})
             # Whole seconds, as polars' Duration.total_seconds gives them (truncated), then days.
             cols[f"{prefix}_account_age_days"] = np.trunc((now - got["_us"]) / 1e6) / 86400.0
@@ -280,7 +281,7 @@ class PostSide(FeatureOp):
         if self.posts is None:
             return super().arrays(df, at)
         names = self._numeric_names()
-        keys = df.select("post_id")
+        keys = df.get_column("post_id").to_frame()
         got = lookup_columns(self.posts, "post_id", keys, names, dict.fromkeys(names, np.nan))
         extra = at.posts_extra
         if at.extra_posts is not None and names:

@@ -143,7 +143,9 @@ def lookup_columns(table: pl.DataFrame, on: str | list[str], keys: pl.DataFrame,
     on = [on] if isinstance(on, str) else list(on)
     index = index_of(table, on) if keys.height <= INDEX_MAX_KEYS else None
     if index is not None:
-        values = keys.select(on).rows() if len(on) > 1 else keys.get_column(on[0]).to_list()
+        # Tuples of the key columns' values (``keys.select(on).rows()``, without the select: ~0.2 ms at one row).
+        values = (list(zip(*(keys.get_column(k).to_list() for k in on))) if len(on) > 1
+                  else keys.get_column(on[0]).to_list())
         return _indexed_columns(table, index, values, columns, fill)
     joined = keys.select(on).join(table.select(*on, *columns), on=on, how="left", maintain_order="left")
     if joined.height != keys.height:
@@ -207,6 +209,18 @@ def _array(table: pl.DataFrame, column: str) -> np.ndarray | None:
     with _LOCK:
         _ARRAYS[key] = [weakref.ref(table, lambda _, k=key: _ARRAYS.pop(k, None)), values]
     return values
+
+
+def absent(table: pl.DataFrame, on: str, values: list) -> list:
+    """The distinct values (first-seen order) that are not keys of ``table`` (a null is never a key): a served
+    request's posts the snapshot lacks, from the index without a Series operation (~0.3 ms at one row)."""
+    index = index_of(table, [on]) if len(values) <= INDEX_MAX_KEYS else None
+    if index is None:
+        series = pl.Series(values, dtype=table.schema[on])
+        hits = contains(table, on, series).to_list()
+        return list(dict.fromkeys(v for v, hit in zip(values, hits) if not hit))
+    row = index.row
+    return list(dict.fromkeys(v for v in values if v is None or v not in row))
 
 
 def contains(table: pl.DataFrame, on: str, values: pl.Series) -> pl.Series:
