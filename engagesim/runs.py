@@ -202,7 +202,7 @@ class LoadedRun:
         return pl.from_arrow(rows.combine_chunks())
 
     def impression_features(self, impressions: Any, posts: Any | None = None,
-                            featurised_posts: pl.DataFrame | None = None) -> pa.Table:
+                            featurised_posts: pl.DataFrame | FeaturisedPosts | None = None) -> pa.Table:
         """Raw impressions (+ the raw posts they show, for posts the run never saw) → impression features.
 
         Posts the run knows are looked up in its snapshot (as in the batch pipeline); unknown posts are
@@ -255,9 +255,9 @@ class LoadedRun:
         """Post features → the served log1p(likes), expected likes with an 80 % interval, and a column per member
         (``members="served"``: only the members the served ensemble reads; "all": every member the run kept).
 
-        A polars frame (``post_features``' output: ``predict``) is read as numpy columns where every member to
-        run takes them (``numeric_arrays``; no Arrow table of ~100 columns built per request); ``FeaturisedPosts``
-        (Serve) gives them without a frame."""
+        A polars frame (``post_features``' output) is read as numpy columns where every member to run takes them
+        (``numeric_arrays``; no Arrow table of ~100 columns built per request); ``FeaturisedPosts``
+        (``featurise_posts``: ``predict`` and Serve) gives them without a frame."""
         if isinstance(table, FeaturisedPosts):
             if self.post_models.takes_arrays(members):
                 ids, inputs = table.rows.get_column("post_id").to_arrow(), table.arrays
