@@ -13,6 +13,7 @@ from helpers import free_port
 
 from engagesim import io
 from engagesim.schema import ENGAGEMENTS
+from engagesim.serve.api import BatchResponse, Prediction
 
 pytestmark = pytest.mark.ray
 KEY = "test-key-" + "x" * 12
@@ -76,11 +77,13 @@ def test_served_predictions_equal_the_in_process_ones(service):
     rows = [{"post": b} for b in map(_post_body, raw.to_dicts()) if b is not None]
     batch = requests.post(f"{url}/v1/predict:batch", json={"rows": rows}, headers=_auth(), timeout=60)
     assert batch.status_code == 200, batch.text
+    _in_response_shape(batch.json(), BatchResponse)
     for p in batch.json()["predictions"]:
         assert abs(p["likes"]["log1p"] - expected[p["post_id"]]) <= 1e-6
     for i, body in enumerate(rows[:10]):
         root = url if i % 2 else f"{url}/two"  # both topologies answer alike
         one = requests.post(f"{root}/v1/predict", json=body, headers=_auth(), timeout=60).json()
+        _in_response_shape(one, Prediction)
         assert abs(one["likes"]["log1p"] - expected[one["post_id"]]) <= 1e-6
         assert one["likes"]["low"] <= one["likes"]["expected"] <= one["likes"]["high"]
     assert requests.post(f"{url}/two/v1/predict", json=rows[0], timeout=60).status_code == 401  # guarded under /two
@@ -103,6 +106,21 @@ def test_served_predictions_equal_the_in_process_ones(service):
                dt.datetime.fromisoformat(req["viewer"]["impression_at"]))
         for e in ENGAGEMENTS:
             assert abs(pred["engagement"][e] - want[key][f"p_{e}"]) <= 1e-6
+    _in_response_shape(got, BatchResponse)
+    # Rows with and without a viewer in one batch: each row's engagement is its own viewer's (or none).
+    mixed = [rows[0], requests_[1], rows[1], requests_[0]]
+    got = requests.post(f"{url}/v1/predict:batch", json={"rows": mixed}, headers=_auth(), timeout=60).json()
+    assert [p["engagement"] is None for p in got["predictions"]] == [True, False, True, False]
+    for req, pred in zip(mixed[1::2], got["predictions"][1::2]):
+        key = (req["viewer"]["user_id"], req["post"]["post_id"],
+               dt.datetime.fromisoformat(req["viewer"]["impression_at"]))
+        assert all(abs(pred["engagement"][e] - want[key][f"p_{e}"]) <= 1e-6 for e in ENGAGEMENTS)
+
+
+def _in_response_shape(body: dict, model) -> None:
+    """The service encodes its answer itself (serve/app.py ``_json``, not FastAPI's response_model): it must be
+    the documented model, field for field — nothing missing, extra or of another type."""
+    assert body == model.model_validate(body).model_dump(mode="json")
 
 
 def test_auth_and_bad_input_are_4xx_and_the_service_keeps_answering(service):

@@ -11,23 +11,26 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engagesim.schema import ENGAGEMENTS, request_post_id
+from engagesim.schema import ENGAGEMENTS, INTERACTIONS, POSTS, request_post_id
 
 EARLIEST = dt.datetime(2006, 3, 21, tzinfo=dt.timezone.utc)  # the first tweet
 MAX_IMAGE_BYTES = 4 * 1024 * 1024
+LATEST_S = 366 * 86400  # request times up to a year ahead
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
     value = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
-    latest = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=366)
-    if not EARLIEST <= value <= latest:
+    if not EARLIEST <= value or value.timestamp() > time.time() + LATEST_S:  # (no datetime.now per field)
         raise ValueError(f"must be between {EARLIEST.date()} and one year from now")
-    return value.astimezone(dt.timezone.utc)
+    return value if value.tzinfo is dt.timezone.utc else value.astimezone(dt.timezone.utc)
 
 
 class Media(BaseModel):
@@ -122,26 +125,52 @@ def save_upload(data_b64: str, directory: str) -> str:
     return str(path)
 
 
-def to_rows(requests: list[PredictRequest], upload_dir: str) -> tuple[list[dict], list[dict], list[dict]]:
-    """Requests → (post rows, impression rows, account rows for unknown accounts)."""
-    posts, impressions, accounts = [], [], []
-    for req in requests:
+@dataclass
+class RequestRows:
+    """Requests as contract tables (``schema.POSTS`` / ``INTERACTIONS`` types, so ``runs._conform`` casts
+    nothing), built column by column: a list of row dicts through ``Table.from_pylist`` then a cast per
+    untyped column cost ~0.5 ms of a served post."""
+
+    posts: pa.Table
+    post_ids: list[str]
+    impressions: pa.Table | None  # the requests with a viewer, in order
+    with_viewer: list[int]  # their positions among the requests
+    accounts: list[dict]  # attributes of accounts the request describes (follower_count)
+
+
+def to_tables(requests: list[PredictRequest], upload_dir: str) -> RequestRows:
+    """Requests → contract tables of their posts and (those with a viewer) impressions."""
+    post_ids, authors, usernames, companies, texts, media, created, languages = ([] for _ in range(8))
+    accounts, with_viewer = [], []
+    for i, req in enumerate(requests):
         p = req.post
-        media = [m.model_dump() for m in p.media]
+        items = [m.model_dump() for m in p.media]
         if p.image_base64:
-            media.insert(0, {"kind": "photo", "uri": save_upload(p.image_base64, upload_dir)})
-        pid = post_id_for(p)
-        posts.append({"post_id": pid, "author_id": p.account, "username": p.username or p.account,
-                      "company": p.company, "text": p.text, "media": media, "created_at": p.created_at,
-                      "language": p.language})
+            items.insert(0, {"kind": "photo", "uri": save_upload(p.image_base64, upload_dir)})
+        post_ids.append(post_id_for(p))
+        authors.append(p.account)
+        usernames.append(p.username or p.account)
+        companies.append(p.company)
+        texts.append(p.text)
+        media.append(items)
+        created.append(p.created_at)
+        languages.append(p.language)
         if p.follower_count is not None:
             accounts.append({"author_id": p.account, "follower_count": float(p.follower_count)})
         if req.viewer is not None:
-            v = req.viewer
-            impressions.append({"user_id": v.user_id, "post_id": pid, "creator_id": p.account,
-                                "impression_at": v.impression_at or p.created_at, "follows_creator": v.follows_creator,
-                                **{f"{e}_at": None for e in ENGAGEMENTS}})
-    return posts, impressions, accounts
+            with_viewer.append(i)
+    n = len(requests)
+    posts = pa.table([post_ids, authors, usernames, companies, texts, media, created, languages,
+                      *([None] * n for _ in range(4))], schema=POSTS)
+    impressions = None
+    if with_viewer:
+        viewers = [requests[i].viewer for i in with_viewer]
+        impressions = pa.table([[v.user_id for v in viewers], [post_ids[i] for i in with_viewer],
+                                [authors[i] for i in with_viewer],
+                                [v.impression_at or created[i] for v, i in zip(viewers, with_viewer)],
+                                *([None] * len(viewers) for _ in ENGAGEMENTS),
+                                [v.follows_creator for v in viewers]], schema=INTERACTIONS)
+    return RequestRows(posts, post_ids, impressions, with_viewer, accounts)
 
 
 class GenerateRequest(BaseModel):

@@ -28,9 +28,10 @@ from importlib import resources
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -65,6 +66,14 @@ class ApiError(Exception):
 
 def _error(status: int, error: str, detail: Any, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def _json(content: dict) -> Response:
+    """A prediction response, encoded as it is: the scorer builds it in ``response_model``'s shape
+    (``tests/test_serve.py`` validates it), so FastAPI's validation of it against the model and its encoding
+    are skipped — 9.6 + 2 ms for a batch of 1,000 rows, where orjson takes ~1 ms (NaN → null, as pydantic).
+    Defined above the routes: below them, the replica raised NameError (the ingress class travels by value)."""
+    return Response(orjson.dumps(content), media_type="application/json")
 
 
 @app.exception_handler(ApiError)
@@ -316,7 +325,7 @@ class Gateway:
     async def predict(self, body: PredictRequest, request: Request) -> dict:
         self._authorise(request)
         self._check([body], "")
-        return await self._call(self.scorer.predict_one.remote, body)
+        return _json(await self._call(self.scorer.predict_one.remote, body))
 
     @app.post("/v1/predict:batch", response_model=BatchResponse, summary="Predict many rows in one call.")
     async def predict_batch(self, body: BatchRequest, request: Request) -> dict:
@@ -325,7 +334,7 @@ class Gateway:
             raise ApiError(413, "payload_too_large", f"rows: at most {self.max_batch_rows} per call")
         self._check(body.rows, "rows[")
         predictions = await self._call(self.scorer.predict_many.remote, body.rows)
-        return {"predictions": predictions, "model_version": predictions[0]["model_version"]}
+        return _json({"predictions": predictions, "model_version": predictions[0]["model_version"]})
 
     @app.post("/v1/generate", response_model=GenerateResponse,
               summary="Best-of-N: generated posts for an account and time, ranked by predicted likes.")

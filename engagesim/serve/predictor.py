@@ -11,13 +11,11 @@ import dataclasses
 import os
 import tempfile
 
-import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from engagesim.runs import LoadedRun, load_run
 from engagesim.schema import ENGAGEMENTS
-from engagesim.serve.api import PredictRequest, to_rows
+from engagesim.serve.api import PredictRequest, to_tables
 from engagesim.serve.media import MediaFetcher, MediaPolicy
 
 
@@ -53,40 +51,30 @@ class RequestPredictor:
                 os.remove(os.path.join(self.upload_dir, name))
 
     def _predict(self, requests: list[PredictRequest]) -> list[dict]:
-        posts, impressions, accounts = to_rows(requests, self.upload_dir)
-        post_rows = pa.Table.from_pylist(posts)
-        new_accounts = pl.DataFrame(accounts) if accounts else None
-        features = self.run.featurise_posts(post_rows, new_accounts)
+        rows = to_tables(requests, self.upload_dir)
+        new_accounts = pl.DataFrame(rows.accounts) if rows.accounts else None
+        features = self.run.featurise_posts(rows.posts, new_accounts)
         scored = self.run.score_post_features(features, members="served")
         members = [c for c in scored.column_names if c.startswith("log1p_likes_")]
         explain = [i for i, r in enumerate(requests) if r.explain]
         contributions = (dict(zip(explain, self.run.post_models.contributions(features.frame[explain].to_arrow())))
                          if explain else {})
         engagement: dict[int, dict[str, float]] = {}
-        if impressions:
+        if rows.impressions is not None:
             if not self.has_impressions:
                 raise ValueError("viewer: this run has no impression-level models")
-            imp = self.run.score_impressions(pa.Table.from_pylist(impressions), featurised_posts=features,
+            imp = self.run.score_impressions(rows.impressions, featurised_posts=features,
                                              members="served")  # what the ensemble reads, no more
-            with_viewer = [i for i, r in enumerate(requests) if r.viewer is not None]
-            p = {e: imp.column(f"p_{e}").to_numpy().tolist() for e in ENGAGEMENTS}  # not a pyarrow scalar per cell
-            for row, i in enumerate(with_viewer):
-                engagement[i] = {e: p[e][row] for e in ENGAGEMENTS}
-        cols = {c: scored.column(c).to_numpy().tolist() for c in ["log1p_likes", "expected_likes", "likes_low",
-                                                                  "likes_high", *members]}
-        out = []
-        for i, post in enumerate(posts):
-            out.append({
-                "post_id": post["post_id"],
-                "likes": {"expected": _f(cols["expected_likes"][i]), "low": _f(cols["likes_low"][i]),
-                          "high": _f(cols["likes_high"][i]), "log1p": _f(cols["log1p_likes"][i])},
-                "engagement": engagement.get(i),
-                "members": {c[len("log1p_likes_"):]: _f(cols[c][i]) for c in members},
-                "top_features": contributions.get(i),
-                "model_version": self.version,
-            })
-        return out
-
-
-def _f(value: np.floating) -> float:
-    return float(value)
+            p = [imp.column(f"p_{e}").to_numpy().tolist() for e in ENGAGEMENTS]  # not a pyarrow scalar per cell
+            for row, i in enumerate(rows.with_viewer):
+                engagement[i] = dict(zip(ENGAGEMENTS, (values[row] for values in p)))
+        cols = [scored.column(c).to_numpy().tolist() for c in ["expected_likes", "likes_low", "likes_high",
+                                                               "log1p_likes"]]
+        member_cols = [(c[len("log1p_likes_"):], scored.column(c).to_numpy().tolist()) for c in members]
+        return [{"post_id": post_id,
+                 "likes": {"expected": expected, "low": low, "high": high, "log1p": log1p},
+                 "engagement": engagement.get(i),
+                 "members": {name: values[i] for name, values in member_cols},
+                 "top_features": contributions.get(i),
+                 "model_version": self.version}
+                for i, (post_id, expected, low, high, log1p) in enumerate(zip(rows.post_ids, *cols))]
