@@ -52,13 +52,14 @@ def matrix(table: pa.Table | FeatureArrays, columns: list[str]) -> np.ndarray:
     """(n, len(columns)) float32; nulls become NaN (XGBoost's missing value; the NN imputes).
 
     One columnar conversion for the whole block (not one cast per column), which is what keeps
-    single-row scoring cheap. From ``FeatureArrays``, a stack of the columns (0.1 ms for 170 columns of one row,
+    single-row scoring cheap. From ``FeatureArrays``, one array of the columns (0.1 ms for 170 columns of one row,
     where an Arrow table of them cost 0.7 ms to build and 0.4 ms to convert).
     """
     if isinstance(table, Mapping):
         if not columns:
             return np.empty((num_rows(table), 0), dtype=np.float32)
-        return np.ascontiguousarray(np.column_stack([table[c] for c in columns]), dtype=np.float32)
+        # (k, n) then transposed: ~5x cheaper than column_stack at one row (31 vs 151 µs for 142 columns).
+        return np.ascontiguousarray(np.array([table[c] for c in columns], dtype=np.float32).T)
     if not columns:
         return np.empty((table.num_rows, 0), dtype=np.float32)
     if table.num_rows <= FEW_ROWS:
