@@ -104,14 +104,15 @@ class ImageFeaturizer:
             emb[ok] = self.cache.lookup([hashes[i] for i in ok], self.encoder.dim)
         valid = np.zeros(n, dtype=bool)
         valid[ok] = True
-        out = batch
-        for k, name in enumerate(IMAGE_STAT_COLUMNS):
-            out = out.append_column(name, pa.array(stats[:, k], mask=~valid))
-        emb_arr = pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), self.encoder.dim, mask=pa.array(~valid))
-        out = out.append_column("image_emb", emb_arr)
         new = set(missing)
-        out = out.append_column("image_emb_computed", pa.array([h in new for h in hashes]))
-        return out.append_column("image_error", pa.array(errors, type=pa.string()))
+        added = {**{name: pa.array(stats[:, k], mask=~valid) for k, name in enumerate(IMAGE_STAT_COLUMNS)},
+                 "image_emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), self.encoder.dim,
+                                                                mask=pa.array(~valid)),
+                 "image_emb_computed": pa.array([h in new for h in hashes]),
+                 "image_error": pa.array(errors, type=pa.string())}
+        # One table, not a table per appended column (a served post's eight appends cost ~0.1 ms).
+        schema = pa.schema([*batch.schema, *(pa.field(k, v.type) for k, v in added.items())], batch.schema.metadata)
+        return pa.Table.from_arrays([*batch.columns, *added.values()], schema=schema)
 
 
 def encoder_specs(embed, storage=None) -> list[tuple[type, dict]]:
