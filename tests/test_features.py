@@ -567,3 +567,27 @@ def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp
     assert GraphModel.load(str(tmp_path / "two")).features(*everyone).equals(two.features(*everyone))
     model.save(str(tmp_path / "one"))
     assert GraphModel.load(str(tmp_path / "one")).features(*everyone).equals(model.features(*everyone))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(-10**13, 10**13), *[st.none() | st.integers(0, 10**13)] * len(ENGAGEMENTS)),
+                min_size=1, max_size=70),
+       st.integers(-10**12, 10**12), st.sampled_from([1, 6, 24]))
+def test_few_impression_rows_prepared_in_arrow_equal_the_polars_path(rows, origin_us, hours):
+    """A served request's impressions get their labels, µs time and window in Arrow (``_few_labels_and_windows``):
+    the same frame as polars' ``with_labels_and_windows`` — times before the origin (negative windows), nulls."""
+    import pyarrow as pa
+
+    from engagesim.features.impression import FEW_ROWS, _few_labels_and_windows, prepare
+    from engagesim.schema import INTERACTIONS
+
+    stamp = INTERACTIONS.field("impression_at").type
+    columns = list(zip(*rows))
+    table = pa.table({"user_id": [f"u{i}" for i in range(len(rows))], "post_id": ["p"] * len(rows),
+                      "impression_at": pa.array(columns[0], pa.int64()).cast(stamp),
+                      **{f"{e}_at": pa.array(columns[1 + k], pa.int64()).cast(stamp) for k, e in enumerate(ENGAGEMENTS)},
+                      "follows_creator": [True] * len(rows)})
+    assert (_few_labels_and_windows(table, origin_us, hours) is not None) == (len(rows) <= FEW_ROWS)
+    got = prepare(table, origin_us, hours)
+    want = history.with_labels_and_windows(pl.from_arrow(table), origin_us, hours)
+    assert got.equals(want) and got.schema == want.schema
