@@ -79,8 +79,9 @@ def _like(rows: Any, result: pa.Table) -> Any:
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Fill optional contract columns the caller left out with nulls, then cast to the contract."""
+    given = set(table.column_names)  # once: ``column_names`` is a new list on every access
     for f in schema:
-        if f.name not in table.column_names:
+        if f.name not in given:
             if not f.nullable and f.name not in ("media", "follows_creator"):
                 raise ValueError(f"missing required column {f.name!r}")
             fill = (pa.array([[]] * table.num_rows, type=f.type) if f.name == "media"
