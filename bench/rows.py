@@ -41,10 +41,15 @@ class DriverSteps:
     """The driver's peak RSS between consecutive log lines of the job: which step of which stage holds the most
     (sampled every 0.1 s; a step is named by the log line that ends it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trace: bool = False) -> None:
         import psutil
 
-        self._proc, self._peak, self.steps = psutil.Process(), 0, []
+        self._proc, self._peak, self.steps, self.traced = psutil.Process(), 0, [], []
+        self._trace = trace
+        if trace:  # Python's own allocations (numpy's included): which lines hold the driver's heap at each step
+            import tracemalloc
+
+            tracemalloc.start(4)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -63,6 +68,14 @@ class DriverSteps:
         uss = self._proc.memory_full_info().uss
         self.steps.append((message.strip()[:90], round(self._peak / 2**20, 1), round(uss / 2**20, 1),
                            round(pa.total_allocated_bytes() / 2**20, 1)))
+        if self._trace:
+            import tracemalloc
+
+            top = tracemalloc.take_snapshot().statistics("traceback")[:4]
+            self.traced.append((message.strip()[:60], round(tracemalloc.get_traced_memory()[0] / 2**20, 1),
+                                [(round(s.size / 2**20, 1), " < ".join(f"{f.filename.split('site-packages/')[-1]}:"
+                                                                       f"{f.lineno}" for f in s.traceback))
+                                 for s in top]))
         self._peak = 0
         print(message, file=sys.stderr, flush=True)
 
@@ -71,7 +84,7 @@ class DriverSteps:
         return sorted(self.steps, key=lambda s: -s[1])[:k]
 
 
-def child(impressions: int, out: str, rounds: int, overrides: list[str]) -> None:
+def child(impressions: int, out: str, rounds: int, overrides: list[str], trace: bool = False) -> None:
     """One job in this process; prints one JSON line."""
     from engagesim.config import load_config
     from engagesim.pipeline import behaviour
@@ -79,7 +92,7 @@ def child(impressions: int, out: str, rounds: int, overrides: list[str]) -> None
     cfg = load_config(None, [*world(impressions), f"output_root={out}", "embed.text=false", "embed.image=false",
                              "embed.sketch=false", "train.models=['xgb']", f"train.xgb.rounds={rounds}",
                              f"train.xgb.checkpoint_every={rounds}", *overrides])
-    steps = DriverSteps()
+    steps = DriverSteps(trace)
     with PeakMemory() as peak:
         started = time.perf_counter()
         job = behaviour.run(cfg, f"rows{impressions}", log=steps.log)
@@ -93,6 +106,8 @@ def child(impressions: int, out: str, rounds: int, overrides: list[str]) -> None
         "driver_peak_steps_mb": steps.top(),
         # Every step in order: (the log line ending it, peak RSS in it, USS and Arrow's live bytes at its end; MB).
         "driver_steps": steps.steps,
+        # With --trace-python: per step, the driver's traced Python heap (MB) and its four largest holders.
+        **({"driver_python_heap": steps.traced} if trace else {}),
         "all_peak_mb": peak.peak_mb, "all_peak_pss_mb": peak.pss_mb, "largest_worker_mb": peak.worker_mb,
         "largest_worker_uss_mb": peak.worker_uss_mb,
         "train_input": imp.get("train_input"), "validation": imp.get("validation"),
@@ -107,17 +122,21 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every size, e.g. --set train.stream_rows=1 (the streamed path "
                              "at any size); repeatable")
+    parser.add_argument("--trace-python", action="store_true",
+                        help="also trace the driver's Python allocations (tracemalloc; slower): per step, its heap "
+                             "and the four lines holding most of it")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.out, args.rounds, args.overrides)
+        child(args.child, args.out, args.rounds, args.overrides, args.trace_python)
         return
     results = {}
     for n in sorted(args.impressions):
         with tempfile.TemporaryDirectory() as out:
             done = subprocess.run([sys.executable, __file__, "--child", str(n), "--out", out, "--rounds",
-                                   str(args.rounds), *(f"--set={o}" for o in args.overrides)],
+                                   str(args.rounds), *(f"--set={o}" for o in args.overrides),
+                                   *(["--trace-python"] if args.trace_python else [])],
                                   capture_output=True, text=True)
         if done.returncode:
             emit(bench="rows", impressions=n, failed=done.returncode, stderr_tail=done.stderr[-2000:])

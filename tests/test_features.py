@@ -108,14 +108,15 @@ def test_list_summary_equals_a_row_by_row_reference(elements):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 20)), max_size=25),
        st.lists(st.tuples(st.sampled_from(["a", "b", "d", None]), st.one_of(st.none(), st.integers(-2, 22))),
-                min_size=1, max_size=8),
+                min_size=1, max_size=24),
        st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.one_of(st.none(), st.integers(-400, 400))),
                 max_size=3, unique_by=lambda r: r[0]))
 def test_previous_post_by_index_equals_the_as_of_join(known_rows, new_rows, account_rows):
     """A served post's previous post (binary search per account) is the batch's as-of join: strictly earlier
     posts only (ties excluded), unknown accounts and accounts without an earlier post get null. A few posts'
     whole temporal row (``temporal.few_rows``: day, hour, month, account age — made before or after the post,
-    unknown or null) equals the frame path's."""
+    unknown or null) equals the frame path's. The row-by-row search and the all-rows bisection (more than
+    ``temporal._LOOP_ROWS`` rows) agree."""
     from engagesim.features.lookup import KeyIndex
     from engagesim.features.temporal import AccountsCreated, PreviousPosts, earlier_posts
 
@@ -138,6 +139,9 @@ def test_previous_post_by_index_equals_the_as_of_join(known_rows, new_rows, acco
     joined = temporal_features(new, None, known, earlier=earlier)
     indexed = temporal_features(new, None, known, earlier=earlier, previous=PreviousPosts(earlier))
     assert joined.equals(indexed), (joined, indexed)
+    previous, times = PreviousPosts(earlier), new["created_at"].dt.epoch("us").to_list()
+    assert previous._before_loop(new["author_id"].to_list(), times) == \
+        previous._before_vectorised(new["author_id"].to_list(), times)
     joined = temporal_features(new, None, known, earlier=earlier, accounts=accounts)
     few = temporal_features(new, None, known, earlier=earlier, accounts=accounts, previous=PreviousPosts(earlier),
                             created=AccountsCreated(accounts, KeyIndex(accounts, ["author_id"])))
