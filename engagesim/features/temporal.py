@@ -44,22 +44,24 @@ class PreviousPosts:
         return out
 
     def _before_vectorised(self, authors: list, times: list) -> list[int | None]:
-        """``before`` as one bisection over every row's own account span at once (1,000 served posts: one
-        ``searchsorted`` each cost ~6 ms, this ~0.5 ms): the first index of the span whose time is ≥ the row's."""
+        """``before`` as one bisection over every row's own account span at once (1,000 served posts: 1.2 ms
+        where one ``searchsorted`` per row cost 4.6 ms): the first index of the span whose time is ≥ the row's."""
+        if not len(self.t):
+            return [None] * len(authors)
         get = self.span.get
         spans = np.array([get(a, (0, 0)) for a in authors], dtype=np.int64).reshape(-1, 2)
         known = np.array([t is not None for t in times])
         t = np.array([0 if v is None else v for v in times], dtype=np.int64)
         start = spans[:, 0]
         lo, hi = start.copy(), np.where(known, start + spans[:, 1], start)
-        last = max(len(self.t) - 1, 0)
+        last = len(self.t) - 1
         while (active := lo < hi).any():
             mid = (lo + hi) // 2
-            right = active & (self.t[np.minimum(mid, last)] < t) if len(self.t) else active & False
+            right = active & (self.t[np.minimum(mid, last)] < t)
             lo = np.where(right, mid + 1, lo)
             hi = np.where(active & ~right, mid, hi)
         found = lo > start  # lo is the span's first time ≥ t: the one before it, if inside the span, is the answer
-        prev = self.t[np.maximum(lo - 1, 0)] if len(self.t) else t
+        prev = self.t[np.maximum(lo - 1, 0)]
         return [int(p) if f else None for p, f in zip(prev.tolist(), found.tolist())]
 
     def previous(self, posts: pl.DataFrame) -> pl.Series:
