@@ -578,11 +578,12 @@ def test_community_folds_keep_a_pairs_own_edge_out_of_its_community_features(tmp
                 min_size=1, max_size=70),
        st.integers(-10**12, 10**12), st.sampled_from([1, 6, 24]))
 def test_few_impression_rows_prepared_in_arrow_equal_the_polars_path(rows, origin_us, hours):
-    """A served request's impressions get their labels, µs time and window in Arrow (``_few_labels_and_windows``):
+    """A served request's impressions get their labels, µs time and window in Arrow (``few_labels_and_windows``):
     the same frame as polars' ``with_labels_and_windows`` — times before the origin (negative windows), nulls."""
     import pyarrow as pa
 
-    from engagesim.features.impression import FEW_ROWS, _few_labels_and_windows, prepare
+    from engagesim.features.impression import prepare
+    from engagesim.features.text import FEW_ROWS
     from engagesim.schema import INTERACTIONS
 
     stamp = INTERACTIONS.field("impression_at").type
@@ -591,7 +592,7 @@ def test_few_impression_rows_prepared_in_arrow_equal_the_polars_path(rows, origi
                       "impression_at": pa.array(columns[0], pa.int64()).cast(stamp),
                       **{f"{e}_at": pa.array(columns[1 + k], pa.int64()).cast(stamp) for k, e in enumerate(ENGAGEMENTS)},
                       "follows_creator": [True] * len(rows)})
-    assert (_few_labels_and_windows(table, origin_us, hours) is not None) == (len(rows) <= FEW_ROWS)
+    assert (history.few_labels_and_windows(table, origin_us, hours) is not None) == (len(rows) <= FEW_ROWS)
     got = prepare(table, origin_us, hours)
     want = history.with_labels_and_windows(pl.from_arrow(table), origin_us, hours)
     assert got.equals(want) and got.schema == want.schema

@@ -54,31 +54,10 @@ def with_topic(df: pl.DataFrame, topics: pl.DataFrame | None, extra: pl.DataFram
 def prepare(batch: pa.Table, origin_us: int, window_hours: int, topics: pl.DataFrame | None = None,
             topics_extra: pl.DataFrame | None = None) -> pl.DataFrame:
     """Labels, µs time, window index and topic of each impression row (the history join's inputs)."""
-    few = _few_labels_and_windows(batch, origin_us, window_hours)
+    few = history.few_labels_and_windows(batch, origin_us, window_hours)
     df = (pl.from_arrow(few) if few is not None
           else history.with_labels_and_windows(pl.from_arrow(batch), origin_us, window_hours))
     return with_topic(df, topics, topics_extra)
-
-
-FEW_ROWS = 64
-_PREPARED = [*(f"y_{e}" for e in ENGAGEMENTS), "t_us", "window"]
-
-
-def _few_labels_and_windows(batch: pa.Table, origin_us: int, hours: int) -> pa.Table | None:
-    """``with_labels_and_windows`` of a served request's few rows in Arrow and numpy, before the one conversion to
-    polars (its ``with_columns`` cost ~0.4 ms of a request); None where the polars path must run: more rows, a
-    time that is not µs or has nulls, or columns it would replace. ``tests/test_features.py`` holds both equal."""
-    names = batch.column_names
-    at = batch.column("impression_at") if "impression_at" in names else None
-    if (batch.num_rows > FEW_ROWS or at is None or at.null_count or not pa.types.is_timestamp(at.type)
-            or at.type.unit != "us" or any(c in names for c in _PREPARED)
-            or not all(f"{e}_at" in names for e in ENGAGEMENTS)):
-        return None
-    t = at.cast(pa.int64()).to_numpy()
-    added = [*(pa.array(batch.column(f"{e}_at").is_valid().to_numpy(zero_copy_only=False).astype(np.int8))
-               for e in ENGAGEMENTS),
-             pa.array(t), pa.array(((t - origin_us) // (hours * history.HOUR_US)).astype(np.int32))]
-    return pa.Table.from_arrays([*batch.columns, *added], names=[*names, *_PREPARED])
 
 
 def history_columns(df: pl.DataFrame, train_tables: dict, apply_tables: dict, cutoff_us: int,
