@@ -22,7 +22,7 @@ import scipy.sparse as sp
 from safetensors.numpy import load as load_arrays
 
 from engagesim import io
-from engagesim.features.lookup import frame, lookup_columns
+from engagesim.features.lookup import frame, lookup_columns, segment_left
 from engagesim.schema import ENGAGEMENTS
 
 
@@ -122,16 +122,8 @@ class GraphModel:
             return np.zeros(len(rows))
         if len(rows) <= FEW_QUERIES:
             return _co_few(co, rows, cols)
-        lo, hi = co.indptr[rows].astype(np.int64), co.indptr[rows + 1].astype(np.int64)
-        end = hi.copy()
-        while True:
-            open_ = lo < hi
-            if not open_.any():
-                break
-            mid = (lo + hi) // 2
-            below = open_ & (co.indices[np.minimum(mid, len(co.indices) - 1)] < cols)
-            lo = np.where(below, mid + 1, lo)
-            hi = np.where(open_ & ~below, mid, hi)
+        end = co.indptr[rows + 1].astype(np.int64)
+        lo = segment_left(co.indices, co.indptr[rows].astype(np.int64), end, cols)
         found = lo < end
         found[found] = co.indices[lo[found]] == cols[found]
         return np.where(found, co.data[np.where(found, lo, 0)], 0).astype(np.float64)

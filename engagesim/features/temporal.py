@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from engagesim.features.lookup import INDEX_MAX_KEYS, KeyIndex, left_lookup
+from engagesim.features.lookup import INDEX_MAX_KEYS, KeyIndex, left_lookup, segment_left
 from engagesim.features.text import FEW_ROWS  # the served-request paths' one bound
 
 TEMPORAL_COLUMNS = ["day_of_week", "hour", "month", "secs_since_prev_post", "account_age_days"]
@@ -53,13 +53,7 @@ class PreviousPosts:
         known = np.array([t is not None for t in times])
         t = np.array([0 if v is None else v for v in times], dtype=np.int64)
         start = spans[:, 0]
-        lo, hi = start.copy(), np.where(known, start + spans[:, 1], start)
-        last = len(self.t) - 1
-        while (active := lo < hi).any():
-            mid = (lo + hi) // 2
-            right = active & (self.t[np.minimum(mid, last)] < t)
-            lo = np.where(right, mid + 1, lo)
-            hi = np.where(active & ~right, mid, hi)
+        lo = segment_left(self.t, start, np.where(known, start + spans[:, 1], start), t)
         found = lo > start  # lo is the span's first time ≥ t: the one before it, if inside the span, is the answer
         prev = self.t[np.maximum(lo - 1, 0)]
         return [int(p) if f else None for p, f in zip(prev.tolist(), found.tolist())]
