@@ -595,4 +595,6 @@ def test_few_impression_rows_prepared_in_arrow_equal_the_polars_path(rows, origi
     assert (history.few_labels_and_windows(table, origin_us, hours) is not None) == (len(rows) <= FEW_ROWS)
     got = prepare(table, origin_us, hours)
     want = history.with_labels_and_windows(pl.from_arrow(table), origin_us, hours)
+    if len(rows) <= FEW_ROWS:  # the few rows' frame leaves the engagement times out (their labels stay)
+        want = want.drop([f"{e}_at" for e in ENGAGEMENTS])
     assert got.equals(want) and got.schema == want.schema

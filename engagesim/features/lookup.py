@@ -171,20 +171,19 @@ def _indexed_columns(table: pl.DataFrame, index: KeyIndex, values: list, columns
     get = index.row.get
     rows = np.fromiter((get(k, -1) for k in values), dtype=np.int64, count=len(values))
     missing = rows < 0
-    some_missing = bool(missing.any())  # mostly not: the masked writes below are then skipped (~1 ms a request)
-    at = np.maximum(rows, 0) if some_missing else rows
-    out = {}
-    for c in columns:
-        # Indexing by an array copies: the fills below never write into the table's memory.
-        values_c = (_array(table, c)[at] if table.height else np.zeros(len(rows))).astype(np.float64, copy=False)
-        if some_missing:
-            values_c[missing] = np.nan
-        if (f := fill[c]) == f:  # a fill that is not NaN replaces NaN (null) values
-            nan = np.isnan(values_c)
-            if nan.any():
-                values_c[nan] = f
-        out[c] = values_c
-    return out
+    some_missing = bool(missing.any())  # mostly not: the masked write below is then skipped
+    block, fills, fillable = _block(table, columns, fill)
+    # One gather of every column (a copy: the fills below never write into the table's memory); the columns
+    # one by one cost ~25 µs a request's lookup of nine (17 lookups a request).
+    got = (block[:, np.maximum(rows, 0) if some_missing else rows] if table.height
+           else np.zeros((len(columns), len(rows)))).astype(np.float64, copy=False)
+    if some_missing:
+        got[:, missing] = np.nan
+    if fillable is not None:  # a fill that is not NaN replaces NaN (null) values
+        nan = np.isnan(got) & fillable
+        if nan.any():
+            got = np.where(nan, fills, got)
+    return dict(zip(columns, got))
 
 
 def segment_left(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -213,21 +212,24 @@ def float32_frame(columns: dict[str, np.ndarray]) -> pl.DataFrame:
                          for name, values in columns.items()])
 
 
-_ARRAYS: dict[tuple[int, str], list] = {}  # (id, column) of a marked table → [weakref to it, numpy values]
+_BLOCKS: dict[tuple[int, tuple[str, ...]], list] = {}  # (id, columns) of a marked table → [weakref, block]
 
 
-def _array(table: pl.DataFrame, column: str) -> np.ndarray | None:
-    """A marked table's column as numpy (nulls as NaN), kept while the table lives; None for other tables."""
-    key = (id(table), column)
-    entry = _ARRAYS.get(key)
-    if entry is not None and entry[0]() is table:
-        return entry[1]
-    if not any(k[0] == id(table) and v[0]() is table for k, v in list(_INDEXES.items())):
-        return None
-    values = table[column].to_numpy()
-    with _LOCK:
-        _ARRAYS[key] = [weakref.ref(table, lambda _, k=key: _ARRAYS.pop(k, None)), values]
-    return values
+def _block(table: pl.DataFrame, columns: list[str], fill: dict[str, float]):
+    """A marked table's ``columns`` as one (columns, rows) numpy array in their common type (nulls as NaN; the
+    posts' float32 and int8 stay float32), with the fills as a column vector and which of them are not NaN
+    (None: all NaN), kept while the table lives. A lookup site asks for the same columns of a table each time."""
+    key = (id(table), tuple(columns))
+    entry = _BLOCKS.get(key)
+    if entry is None or entry[0]() is not table:
+        arrays = [table[c].to_numpy() for c in columns]
+        block = np.stack(arrays).astype(np.result_type(*arrays), copy=False) if arrays else np.zeros((0, table.height))
+        entry = [weakref.ref(table, lambda _, k=key: _BLOCKS.pop(k, None)), block]
+        with _LOCK:
+            _BLOCKS[key] = entry
+    fills = np.array([fill[c] for c in columns], dtype=np.float64)[:, None]
+    fillable = ~np.isnan(fills)
+    return entry[1], fills, (fillable if fillable.any() else None)
 
 
 def absent(table: pl.DataFrame, on: str, values: list) -> list:

@@ -137,14 +137,18 @@ def numeric_arrays(df: pl.DataFrame, names: Iterable[str] | None = None) -> dict
     held nulls or booleans, NaN for null; a model matrix converts every column to float32 anyway).
 
     Column by column: a served post's 20 columns cost ~0.1 ms so, where one ``select`` of them alone cost 0.2 ms
-    (and the frame's ``schema`` is a new dict on every access: read once)."""
+    (and the frame's ``schema`` builds a dict of every column on each access: ~40 µs on a post's 40 columns, where
+    a column's own dtype is 1 µs)."""
     out = {}
-    schema = df.schema
-    for name in schema if names is None else names:
-        dtype = schema.get(name)
-        if dtype is None or not (dtype.is_numeric() or dtype == pl.Boolean):
-            continue
+    present = df.columns
+    if names is not None:
+        has = set(present)
+        present = [n for n in names if n in has]
+    for name in present:
         column = df.get_column(name)
+        dtype = column.dtype
+        if not (dtype.is_numeric() or dtype == pl.Boolean):
+            continue
         nulls = column.null_count()
         if dtype == pl.Boolean or (nulls and not dtype.is_float()):
             out[name] = column.cast(pl.Float32).to_numpy()
@@ -153,6 +157,24 @@ def numeric_arrays(df: pl.DataFrame, names: Iterable[str] | None = None) -> dict
         else:
             out[name] = column.to_numpy()
     return out
+
+
+def null_mask(series: pl.Series) -> np.ndarray:
+    """``series.is_null()`` as numpy. A Series method that is an expression costs ~85 µs at one row (a served
+    request's frames); a column without nulls, or all null, is known from its null count (1 µs)."""
+    nulls = series.null_count()
+    if nulls == 0 or nulls == len(series):
+        return np.full(len(series), bool(nulls))
+    return series.is_null().to_numpy()
+
+
+def epoch_us(series: pl.Series) -> np.ndarray:
+    """A datetime column as µs since the epoch (int64; null: a float NaN column). A µs column's physical values
+    are those (a cast: 4 µs at one row, where ``dt.epoch`` is an expression: 72 µs)."""
+    dtype = series.dtype
+    if isinstance(dtype, pl.Datetime) and dtype.time_unit == "us":
+        return series.cast(pl.Int64).to_numpy()
+    return series.dt.epoch("us").to_numpy()
 
 
 def first(ops: list[FeatureOp], kind: type[FeatureOp]) -> Any:

@@ -18,7 +18,7 @@ from engagesim import io
 from engagesim.features import encodings, post_fit
 from engagesim.features.image_stats import IMAGE_STAT_COLUMNS
 from engagesim.features.lookup import contains, frame, index_of, indexed, left_lookup, lookup_values
-from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows, Snapshot, numeric_arrays
+from engagesim.features.ops import Apply, FeatureOp, Provenance, Rows, Snapshot, null_mask, numeric_arrays
 from engagesim.features.post import MEDIA_COLUMNS
 from engagesim.features.post_fit import LIST_SUMMARY, TE_COUNTED, TE_LIST, TE_SCALAR
 from engagesim.features.reach import REACH_COLUMNS, AuthorReach
@@ -389,7 +389,7 @@ class AuthorAttributes(FeatureOp):
     def arrays(self, df: pl.DataFrame, at: Apply) -> dict[str, np.ndarray]:
         """Known accounts' attributes by index (``lookup_values``); a request naming new accounts takes the frame."""
         new = at.new_accounts
-        if (new is not None and new.height) or df.height > FEW_ROWS or df.schema["author_id"] != pl.String:
+        if (new is not None and new.height) or df.height > FEW_ROWS or df.get_column("author_id").dtype != pl.String:
             return super().arrays(df, at)
         got = lookup_values(self.authors, "author_id", df.get_column("author_id").to_list(), list(AUTHOR_ATTRIBUTES),
                             dict.fromkeys(AUTHOR_ATTRIBUTES, np.nan))
@@ -464,6 +464,6 @@ class ImageStats(FeatureOp):
         if "clarity_contrast" not in df.columns:
             return {}
         out = {c: v.astype(np.float32) for c, v in numeric_arrays(df, IMAGE_STAT_COLUMNS).items()}
-        out["has_image"] = (df["image_error"].is_null().to_numpy() & df["photo_uri"].is_not_null().to_numpy()
+        out["has_image"] = (null_mask(df.get_column("image_error")) & ~null_mask(df.get_column("photo_uri"))
                             ).astype(np.float32)
         return out

@@ -109,10 +109,11 @@ def few_rows_arrays(posts: pl.DataFrame, previous: PreviousPosts,
 
 def _few_rows_lists(posts: pl.DataFrame, previous: PreviousPosts,
                     accounts: AccountsCreated | None) -> dict[str, list] | None:
-    dtype = posts.schema["created_at"]
+    created = posts.get_column("created_at")
+    dtype = created.dtype
     if dtype != pl.Datetime("us", "UTC") or previous.dtype != dtype:
         return None
-    times = posts["created_at"].dt.epoch("us").to_list()
+    times = created.cast(pl.Int64).to_list()  # a µs column's physical values (``dt.epoch``: an expression, 72 µs)
     authors = posts["author_id"].to_list()
     prev = previous.before(authors, times)
     made = accounts.created(authors) if accounts is not None else [None] * len(times)
