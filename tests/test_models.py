@@ -187,6 +187,32 @@ def test_nn_learns_and_round_trips(tmp_path, arch):
     assert (tmp_path / "nn" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("arch", ["layer6_mlp", "synerise_ffn"])
+def test_a_few_rows_run_the_nets_trace_with_the_eager_outputs(arch):
+    """Up to ``nn.TRACE_MAX_ROWS`` rows a net runs as its TorchScript trace (a served request): the eager pass's
+    outputs, rows alone as inside a batch, NaN inputs included; and a training step taken after the trace was
+    made is seen by it (it reads the net's parameters)."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, 6)).astype(np.float32) * 3
+    x[rng.random(x.shape) < 0.1] = np.nan
+    mean, std = nn.fit_normaliser(x)
+    model = nn.EngagementNet(nn.NNSpec(arch=arch, n_inputs=6, n_outputs=2, hidden=[16, 8], width=16,
+                                       mean=mean, std=std))
+    for _ in range(2):
+        batch = model.predict(x)  # 200 rows: eager
+        assert len(x) > nn.TRACE_MAX_ROWS
+        few = np.concatenate([model.predict(x[i:i + 10]) for i in range(0, len(x), 10)])
+        np.testing.assert_allclose(few, batch, rtol=0, atol=1e-6)
+        assert model in nn._TRACES
+        model.train()
+        with torch.no_grad():  # a training step after the trace was made
+            for p in model.parameters():
+                p.add_(0.05)
+    assert not np.allclose(model.predict(x[:3]), few[:3])
+
+
 def test_layer6_presets_shape():
     spec = nn.NNSpec(n_inputs=5, hidden=nn.LAYER6_PRESETS[2], mean=[0] * 5, std=[1] * 5)
     linear = [m for m in nn.EngagementNet(spec).modules() if isinstance(m, nn.nn.Linear)]
