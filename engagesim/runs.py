@@ -272,12 +272,22 @@ class LoadedRun:
         return self._post_scores(ids, self.post_models.predict(inputs, members))
 
     def _post_scores(self, ids: pa.Array, preds: dict[str, np.ndarray]) -> pa.Table:
+        return pa.table({"post_id": ids, **self.post_score_columns(preds)})
+
+    def post_score_columns(self, preds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``score_post_features``' columns but the ids, from the members' predictions (``PostModels.predict``)."""
         low, high = self.post_models.interval(preds["ensemble"])
-        cols = {"post_id": ids, "log1p_likes": preds["ensemble"],
-                "expected_likes": np.expm1(preds["ensemble"]).astype(np.float32),
+        cols = {"log1p_likes": preds["ensemble"], "expected_likes": np.expm1(preds["ensemble"]).astype(np.float32),
                 "likes_low": low.astype(np.float32), "likes_high": high.astype(np.float32)}
         cols.update({f"log1p_likes_{k}": v for k, v in preds.items() if k != "ensemble"})
-        return pa.table(cols)
+        return cols
+
+    def post_predictions(self, posts: FeaturisedPosts, members: Members = "all") -> dict[str, np.ndarray]:
+        """The members' and the ensemble's log1p(likes) of featurised posts: ``score_post_features`` without its
+        table (what a Serve replica answers from)."""
+        if self.post_models.takes_arrays(members):
+            return self.post_models.predict(posts.arrays, members)
+        return self.post_models.predict(_as_arrow(posts.frame), members)
 
     def score_impression_features(self, table: pa.Table | pl.DataFrame, members: Members = "all") -> pa.Table:
         """Impression features → P(engagement) of the served ensemble, and of each member (``members`` as above)."""
@@ -290,14 +300,21 @@ class LoadedRun:
         """Raw impressions → ``score_impression_features(impression_features(…))``, the features as numpy columns
         (``impression_arrays``) where every member to run takes them: no feature table is built. What ``predict``
         and Serve call."""
+        return _impression_scores(*self.impression_predictions(impressions, posts, featurised_posts, members))
+
+    def impression_predictions(self, impressions: Any, posts: Any | None = None,
+                               featurised_posts: pl.DataFrame | FeaturisedPosts | None = None,
+                               members: Members = "all") -> tuple[pa.Table, dict[str, np.ndarray]]:
+        """``score_impressions`` without its table: the rows (conformed, or their feature table) and each member's
+        and the ensemble's (n, 4) P(engagement) (what a Serve replica answers from)."""
         models = self.impression_models
         if not models.takes_arrays(members):
-            return self.score_impression_features(self.impression_features(impressions, posts, featurised_posts),
-                                                  members)
+            features = self.impression_features(impressions, posts, featurised_posts)
+            return features, models.predict(features, members)
         table, at = self._impression_inputs(impressions, posts, featurised_posts, arrays=True)
         state = self.impression_state
         arrays = impression_arrays(table, state.ops, state.origin_us, state.window_hours, at)
-        return _impression_scores(table, models.predict(arrays, members))
+        return table, models.predict(arrays, members)
 
     def predict(self, rows: Any, posts: Any | None = None, members: Members = "all") -> Any:
         """Raw rows → predictions. Impression rows (user_id, post_id, impression_at, …) give P(engagement);

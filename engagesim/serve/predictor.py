@@ -55,8 +55,9 @@ class RequestPredictor:
         rows = to_tables(requests, self.upload_dir)
         new_accounts = pl.DataFrame(rows.accounts) if rows.accounts else None
         features = self.run.featurise_posts(rows.posts, new_accounts)
-        scored = self.run.score_post_features(features, members="served")
-        members = [c for c in scored.column_names if c.startswith("log1p_likes_")]
+        # Numpy columns, not score_post_features' table (its columns were read back one by one)
+        scored = self.run.post_score_columns(self.run.post_predictions(features, members="served"))
+        members = [c for c in scored if c.startswith("log1p_likes_")]
         explain = [i for i, r in enumerate(requests) if r.explain]
         contributions = (dict(zip(explain, self.run.post_models.contributions(features.frame[explain].to_arrow())))
                          if explain else {})
@@ -64,14 +65,12 @@ class RequestPredictor:
         if rows.impressions is not None:
             if not self.has_impressions:
                 raise ValueError("viewer: this run has no impression-level models")
-            imp = self.run.score_impressions(rows.impressions, featurised_posts=features,
-                                             members="served")  # what the ensemble reads, no more
-            p = [imp.column(f"p_{e}").to_numpy().tolist() for e in ENGAGEMENTS]  # not a pyarrow scalar per cell
-            for row, i in enumerate(rows.with_viewer):
-                engagement[i] = dict(zip(ENGAGEMENTS, (values[row] for values in p)))
-        cols = [scored.column(c).to_numpy().tolist() for c in ["expected_likes", "likes_low", "likes_high",
-                                                               "log1p_likes"]]
-        member_cols = [(c[len("log1p_likes_"):], scored.column(c).to_numpy().tolist()) for c in members]
+            _, p = self.run.impression_predictions(rows.impressions, featurised_posts=features,
+                                                   members="served")  # what the ensemble reads, no more
+            for row, i in zip(p["ensemble"].tolist(), rows.with_viewer):  # Python floats, not a scalar per cell
+                engagement[i] = dict(zip(ENGAGEMENTS, row))
+        cols = [scored[c].tolist() for c in ["expected_likes", "likes_low", "likes_high", "log1p_likes"]]
+        member_cols = [(c[len("log1p_likes_"):], scored[c].tolist()) for c in members]
         return [{"post_id": post_id,
                  "likes": {"expected": expected, "low": low, "high": high, "log1p": log1p},
                  "engagement": engagement.get(i),
