@@ -169,20 +169,19 @@ def lookup_values(table: pl.DataFrame, on: str, values: list, columns: list[str]
 def _indexed_columns(table: pl.DataFrame, index: KeyIndex, values: list, columns: list[str],
                      fill: dict[str, float]) -> dict[str, np.ndarray]:
     get = index.row.get
-    rows = np.fromiter((get(k, -1) for k in values), dtype=np.int64, count=len(values))
-    missing = rows < 0
-    some_missing = bool(missing.any())  # mostly not: the masked write below is then skipped
+    rows = [get(k, -1) for k in values]
     block, fills, fillable = _block(table, columns, fill)
-    # One gather of every column (a copy: the fills below never write into the table's memory); the columns
-    # one by one cost ~25 µs a request's lookup of nine (17 lookups a request).
-    got = (block[:, np.maximum(rows, 0) if some_missing else rows] if table.height
+    missing = [i for i, r in enumerate(rows) if r < 0]  # mostly none: the masked write below is then skipped
+    # One gather of every column (a copy: the fills below never write into the table's memory), the fills in
+    # place: a served request's 17 lookups took 384 µs column by column, 150 µs so (identical values).
+    got = (block.take([max(r, 0) for r in rows] if missing else rows, axis=1) if table.height
            else np.zeros((len(columns), len(rows)))).astype(np.float64, copy=False)
-    if some_missing:
+    if missing:
         got[:, missing] = np.nan
     if fillable is not None:  # a fill that is not NaN replaces NaN (null) values
-        nan = np.isnan(got) & fillable
-        if nan.any():
-            got = np.where(nan, fills, got)
+        nan = np.isnan(got)
+        nan &= fillable
+        np.copyto(got, fills, where=nan)
     return dict(zip(columns, got))
 
 
@@ -217,19 +216,23 @@ _BLOCKS: dict[tuple[int, tuple[str, ...]], list] = {}  # (id, columns) of a mark
 
 def _block(table: pl.DataFrame, columns: list[str], fill: dict[str, float]):
     """A marked table's ``columns`` as one (columns, rows) numpy array in their common type (nulls as NaN; the
-    posts' float32 and int8 stay float32), with the fills as a column vector and which of them are not NaN
-    (None: all NaN), kept while the table lives. A lookup site asks for the same columns of a table each time."""
+    posts' float32 and int8 stay float32), kept while the table lives, with the fills as a column vector and
+    which of them are not NaN (None: all NaN). A lookup site asks for the same columns and fills each time."""
     key = (id(table), tuple(columns))
+    fills = tuple(fill[c] for c in columns)
     entry = _BLOCKS.get(key)
     if entry is None or entry[0]() is not table:
         arrays = [table[c].to_numpy() for c in columns]
         block = np.stack(arrays).astype(np.result_type(*arrays), copy=False) if arrays else np.zeros((0, table.height))
-        entry = [weakref.ref(table, lambda _, k=key: _BLOCKS.pop(k, None)), block]
+        entry = [weakref.ref(table, lambda _, k=key: _BLOCKS.pop(k, None)), block, (None, None, None)]
         with _LOCK:
             _BLOCKS[key] = entry
-    fills = np.array([fill[c] for c in columns], dtype=np.float64)[:, None]
-    fillable = ~np.isnan(fills)
-    return entry[1], fills, (fillable if fillable.any() else None)
+    made = entry[2]  # read once: another thread may replace it
+    if made[0] != fills:  # a NaN made anew compares unequal: recomputed, never wrong
+        vector = np.array(fills, dtype=np.float64)[:, None]
+        fillable = ~np.isnan(vector)
+        made = entry[2] = (fills, vector, fillable if fillable.any() else None)
+    return entry[1], made[1], made[2]
 
 
 def absent(table: pl.DataFrame, on: str, values: list) -> list:
