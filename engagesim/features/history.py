@@ -76,11 +76,18 @@ def few_labels_and_windows(batch: pa.Table, origin_us: int, hours: int) -> pa.Ta
             or not all(f"{e}_at" in names for e in ENGAGEMENTS)):
         return None
     t = at.cast(pa.int64()).to_numpy()
-    added = [*(pa.array(batch.column(f"{e}_at").is_valid().to_numpy(zero_copy_only=False).astype(np.int8))
-               for e in ENGAGEMENTS),
+    added = [*(pa.array(_engaged(batch.column(f"{e}_at"))) for e in ENGAGEMENTS),
              pa.array(t), pa.array(((t - origin_us) // (hours * HOUR_US)).astype(np.int32))]
     kept = [n for n in names if n not in _ENGAGED_AT]
     return pa.Table.from_arrays([*(batch.column(n) for n in kept), *added], names=[*kept, *_PREPARED])
+
+
+def _engaged(times: pa.ChunkedArray) -> np.ndarray:
+    """1 where an engagement time is set (int8). A served impression has none: known from the null count, without
+    ``is_valid``'s compute call (~10 µs)."""
+    if times.null_count == len(times):
+        return np.zeros(len(times), np.int8)
+    return times.is_valid().to_numpy(zero_copy_only=False).astype(np.int8)
 
 
 def window_aggregates(events: pl.DataFrame, prefixes: list[str] | None = None) -> dict[str, pl.DataFrame]:
