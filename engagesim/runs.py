@@ -79,6 +79,8 @@ def _like(rows: Any, result: pa.Table) -> Any:
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Fill optional contract columns the caller left out with nulls, then cast to the contract."""
+    if table.schema.equals(schema, check_metadata=True):  # a served request (serve.api.to_tables): 63 + 36 µs -> 1
+        return table
     given = set(table.column_names)  # once: ``column_names`` is a new list on every access
     for f in schema:
         if f.name not in given:
