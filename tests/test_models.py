@@ -213,6 +213,21 @@ def test_a_few_rows_run_the_nets_trace_with_the_eager_outputs(arch):
     assert not np.allclose(model.predict(x[:3]), few[:3])
 
 
+def test_a_net_that_cannot_be_traced_runs_eager(monkeypatch):
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    x = np.random.default_rng(6).normal(size=(5, 4)).astype(np.float32)
+    model = nn.EngagementNet(nn.NNSpec(n_inputs=4, n_outputs=1, hidden=[8], mean=[0.0] * 4, std=[1.0] * 4))
+    with torch.inference_mode():
+        eager = torch.sigmoid(model.eval()(torch.from_numpy(x))).numpy()
+    np.testing.assert_array_equal(model.predict(x), eager)
+    assert nn._TRACES[model] is False and model.predict(x[:1]).shape == (1, 1)
+
+
 def test_layer6_presets_shape():
     spec = nn.NNSpec(n_inputs=5, hidden=nn.LAYER6_PRESETS[2], mean=[0] * 5, std=[1] * 5)
     linear = [m for m in nn.EngagementNet(spec).modules() if isinstance(m, nn.nn.Linear)]

@@ -127,7 +127,7 @@ class EngagementNet(nn.Module):
     def predict(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
         if self.training:  # eval() walks every module (~0.25 ms a call): once, not per request
             self.eval()
-        forward = self._traced(x) if 0 < len(x) <= TRACE_MAX_ROWS else self
+        forward = (self._traced(x) or self) if 0 < len(x) <= TRACE_MAX_ROWS else self
         outs = []
         with threads_for(len(x)):
             for lo in range(0, len(x), batch_size):
@@ -137,18 +137,23 @@ class EngagementNet(nn.Module):
             return outs[0].numpy()
         return torch.cat(outs).numpy() if outs else np.zeros((0, self.spec.n_outputs), np.float32)
 
-    def _traced(self, x: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _traced(self, x: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """This net as a TorchScript trace, made on the first few-row call and kept beside the net (not on it: the
         net stays picklable and its state dict its own). Not frozen: it reads the net's own parameters, so a
-        later training step is seen."""
+        later training step is seen. None where tracing fails (TorchScript is in maintenance upstream): eager."""
         traced = _TRACES.get(self)
         if traced is None:
             with _TRACE_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                traced = _TRACES.get(self) or torch.jit.trace(
-                    self, torch.from_numpy(np.ascontiguousarray(x[:1], dtype=np.float32)), check_trace=False)
-                _TRACES[self] = traced
-        return traced
+                traced = _TRACES.get(self)
+                if traced is None:
+                    try:
+                        traced = torch.jit.trace(self, torch.from_numpy(np.ascontiguousarray(x[:1], dtype=np.float32)),
+                                                 check_trace=False)
+                    except Exception:  # noqa: BLE001 - any failure to trace leaves the eager module, never an error
+                        traced = False
+                    _TRACES[self] = traced
+        return traced or None
 
 
 # Up to this many rows a forward pass runs as a TorchScript trace of the net. A module call's Python dispatch is
