@@ -221,7 +221,8 @@ def test_a_net_that_cannot_be_traced_runs_eager(monkeypatch):
 
     monkeypatch.setattr(torch.jit, "trace", refuse)
     x = np.random.default_rng(6).normal(size=(5, 4)).astype(np.float32)
-    model = nn.EngagementNet(nn.NNSpec(n_inputs=4, n_outputs=1, hidden=[8], mean=[0.0] * 4, std=[1.0] * 4))
+    with torch.random.fork_rng():  # the later tests' nets start from the torch RNG state they had without this one
+        model = nn.EngagementNet(nn.NNSpec(n_inputs=4, n_outputs=1, hidden=[8], mean=[0.0] * 4, std=[1.0] * 4))
     with torch.inference_mode():
         eager = torch.sigmoid(model.eval()(torch.from_numpy(x))).numpy()
     np.testing.assert_array_equal(model.predict(x), eager)
