@@ -127,7 +127,8 @@ class EngagementNet(nn.Module):
     def predict(self, x: np.ndarray, batch_size: int = 65536) -> np.ndarray:
         if self.training:  # eval() walks every module (~0.25 ms a call): once, not per request
             self.eval()
-        forward = (self._traced(x) or self) if 0 < len(x) <= TRACE_MAX_ROWS else self
+        traced = self._traced(x) if 0 < len(x) <= TRACE_MAX_ROWS else None
+        forward = self if traced is None else traced
         outs = []
         with threads_for(len(x)):
             for lo in range(0, len(x), batch_size):
@@ -153,7 +154,7 @@ class EngagementNet(nn.Module):
                     except Exception:  # noqa: BLE001 - any failure to trace leaves the eager module, never an error
                         traced = False
                     _TRACES[self] = traced
-        return traced or None
+        return None if traced is False else traced
 
 
 # Up to this many rows a forward pass runs as a TorchScript trace of the net. A module call's Python dispatch is
