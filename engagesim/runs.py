@@ -262,10 +262,7 @@ class LoadedRun:
         (``numeric_arrays``; no Arrow table of ~100 columns built per request); ``FeaturisedPosts``
         (``featurise_posts``: ``predict`` and Serve) gives them without a frame."""
         if isinstance(table, FeaturisedPosts):
-            if self.post_models.takes_arrays(members):
-                ids, inputs = table.rows.get_column("post_id").to_arrow(), table.arrays
-                return self._post_scores(ids, self.post_models.predict(inputs, members))
-            table = table.frame
+            return self._post_scores(table.rows.get_column("post_id").to_arrow(), self.post_predictions(table, members))
         if isinstance(table, pl.DataFrame) and self.post_models.takes_arrays(members):
             ids, inputs = table.get_column("post_id").to_arrow(), numeric_arrays(table)
         else:
